@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints to keras_t5gemma models."""

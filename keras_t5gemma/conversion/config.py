@@ -1,0 +1,154 @@
+"""Hugging Face `config.json` of T5Gemma 2 to `T5Gemma2Backbone` arguments.
+
+Accepts the current spelling (`rope_parameters` per layer type, `layer_types`)
+and the earlier one (`rope_theta`, `rope_local_base_freq`, `rope_scaling`,
+`sliding_window_pattern`).
+"""
+
+import warnings
+
+from keras_t5gemma.layers.masks import FULL
+from keras_t5gemma.layers.masks import SLIDING
+
+# Defaults of the reference config classes, used when a field is absent.
+_DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
+_TEXT_DEFAULTS = {
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "head_dim": 256,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "attention_bias": False,
+}
+# Fields the encoder and decoder must agree on, because the backbone shares them.
+_SHARED_FIELDS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "vocab_size", "rms_norm_eps", "query_pre_attn_scalar", "sliding_window",
+)
+
+
+def _get(text_config, name):
+    return text_config.get(name, _TEXT_DEFAULTS.get(name))
+
+
+def _rope(text_config):
+    """`{layer type: (wavelength, linear scaling factor)}` from either spelling."""
+    parameters = text_config.get("rope_parameters")
+    if parameters is None or not any(t in parameters for t in (FULL, SLIDING)):
+        full = {"rope_type": "default", "rope_theta": text_config.get("rope_theta", _DEFAULT_THETA[FULL])}
+        scaling = text_config.get("rope_scaling") or parameters or {}
+        full.update(scaling)
+        if "type" in scaling:
+            full["rope_type"] = scaling["type"]
+        sliding = {
+            "rope_type": "default",
+            "rope_theta": text_config.get("rope_local_base_freq", _DEFAULT_THETA[SLIDING]),
+        }
+        parameters = {FULL: full, SLIDING: sliding}
+    rope = {}
+    for layer_type in (SLIDING, FULL):
+        entry = dict(parameters.get(layer_type) or {})
+        rope_type = entry.get("rope_type", entry.get("type", "default"))
+        if rope_type not in ("default", "linear"):
+            raise ValueError(
+                f"RoPE type `{rope_type}` for {layer_type} layers is not supported; "
+                "T5Gemma 2 uses `default` and `linear`."
+            )
+        factor = float(entry.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        rope[layer_type] = (float(entry.get("rope_theta", _DEFAULT_THETA[layer_type])), factor)
+    return rope
+
+
+def _layer_types(text_config):
+    layer_types = text_config.get("layer_types")
+    if layer_types is None:
+        pattern = text_config.get("sliding_window_pattern", text_config.get("_sliding_window_pattern", 6))
+        layer_types = [
+            FULL if (i + 1) % pattern == 0 else SLIDING
+            for i in range(text_config["num_hidden_layers"])
+        ]
+    return list(layer_types)
+
+
+def check_t5gemma2_config(config):
+    """Raises a clear error unless `config` is a T5Gemma 2 `config.json`."""
+    model_type = config.get("model_type")
+    if model_type != "t5gemma2":
+        raise ValueError(
+            f"Expected a T5Gemma 2 checkpoint (`model_type` \"t5gemma2\"), got `model_type` "
+            f"{model_type!r}. T5Gemma (version 1) and Gemma 3 checkpoints are different models."
+        )
+    for section in ("encoder", "decoder"):
+        if not isinstance(config.get(section), dict):
+            raise ValueError(f"The T5Gemma 2 config has no `{section}` section.")
+
+
+def backbone_kwargs_from_hf_config(config):
+    """Backbone keyword arguments for a T5Gemma 2 `config.json` (a dict).
+
+    The vision tower's arguments are returned under `"vision_config"` (a dict
+    of the SigLIP config) when present; the caller builds the vision encoder.
+    """
+    check_t5gemma2_config(config)
+    encoder_config = config["encoder"]
+    encoder_text = encoder_config.get("text_config", encoder_config)
+    decoder_text = config["decoder"]
+    for name in _SHARED_FIELDS:
+        if _get(encoder_text, name) != _get(decoder_text, name):
+            raise ValueError(
+                f"Encoder and decoder differ in `{name}` ({_get(encoder_text, name)} vs "
+                f"{_get(decoder_text, name)}); this port shares it between them."
+            )
+    if _rope(encoder_text) != _rope(decoder_text):
+        raise ValueError("Encoder and decoder use different RoPE settings; this port shares them.")
+    for text_config in (encoder_text, decoder_text):
+        activation = _get(text_config, "hidden_activation")
+        if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"Unsupported activation `{activation}`; T5Gemma 2 uses tanh-approximate GeLU.")
+        if _get(text_config, "attention_bias"):
+            raise ValueError("Attention biases are not supported; T5Gemma 2 has none.")
+    if not config.get("tie_word_embeddings", True):
+        raise ValueError(
+            "Untied word embeddings are not supported: T5Gemma 2 shares one table between the "
+            "encoder, the decoder and the output projection."
+        )
+    if _get(decoder_text, "attn_logit_softcapping") is not None or _get(encoder_text, "attn_logit_softcapping") is not None:
+        warnings.warn(
+            "The config sets `attn_logit_softcapping`, which the reference T5Gemma 2 "
+            "implementation (transformers 5.23) does not apply; the converted model does not "
+            "apply it either, so its outputs match the reference."
+        )
+
+    rope = _rope(encoder_text)
+    eoi_token_id = config.get("eoi_token_index", encoder_config.get("eoi_token_index", 256_000))
+    kwargs = {
+        "vocabulary_size": decoder_text["vocab_size"],
+        "hidden_dim": decoder_text["hidden_size"],
+        "intermediate_dim": decoder_text["intermediate_size"],
+        "num_heads": decoder_text["num_attention_heads"],
+        "num_key_value_heads": decoder_text["num_key_value_heads"],
+        "head_dim": _get(decoder_text, "head_dim"),
+        "num_encoder_layers": encoder_text["num_hidden_layers"],
+        "num_decoder_layers": decoder_text["num_hidden_layers"],
+        "encoder_layer_types": _layer_types(encoder_text),
+        "decoder_layer_types": _layer_types(decoder_text),
+        "sliding_window": _get(decoder_text, "sliding_window"),
+        "query_pre_attn_scalar": _get(decoder_text, "query_pre_attn_scalar"),
+        "local_rope_wavelength": rope[SLIDING][0],
+        "local_rope_scaling_factor": rope[SLIDING][1],
+        "global_rope_wavelength": rope[FULL][0],
+        "global_rope_scaling_factor": rope[FULL][1],
+        "layer_norm_epsilon": _get(decoder_text, "rms_norm_eps"),
+        "final_logit_soft_cap": _get(decoder_text, "final_logit_softcapping"),
+        "dropout": float(config.get("dropout_rate", 0.0)),
+        "attention_dropout": float(config.get("attention_dropout", 0.0)),
+        "eoi_token_id": eoi_token_id,
+        "image_token_id": config.get("image_token_index", encoder_config.get("image_token_index", 256_001)),
+    }
+    vision_config = encoder_config.get("vision_config")
+    if vision_config is not None:
+        kwargs["vision_config"] = dict(vision_config)
+        kwargs["mm_tokens_per_image"] = encoder_config.get("mm_tokens_per_image", 256)
+    return kwargs

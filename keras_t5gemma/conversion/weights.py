@@ -1,0 +1,132 @@
+"""Which Hugging Face tensor fills which backbone variable, and how.
+
+Keys follow the layout `transformers` 5.23 writes (`model.encoder.layers.N...`,
+`model.encoder.vision_tower.encoder...`). Checkpoints of earlier releases are
+brought to it by `canonical_key` before lookup.
+"""
+
+import dataclasses
+import re
+
+import numpy as np
+
+# torch Linear weights are `[out, in]`; Keras kernels are `[in, ...out]`.
+LINEAR = (1, 0)
+# torch Conv2d weights are `[out, in, kh, kw]`; Keras Conv2D kernels are `[kh, kw, in, out]`.
+CONV2D = (2, 3, 1, 0)
+
+_LEGACY_PREFIXES = (
+    # Earlier releases nested the vision transformer one level deeper.
+    (re.compile(r"vision_tower\.vision_model\."), "vision_tower."),
+    # The in-memory module path of the text encoder, as `state_dict()` spells it.
+    (re.compile(r"encoder\.text_model\."), "encoder."),
+)
+
+
+def canonical_key(key):
+    """Maps any supported spelling of a checkpoint key to the 5.23 on-disk one."""
+    for pattern, replacement in _LEGACY_PREFIXES:
+        key = pattern.sub(replacement, key)
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """One variable, the checkpoint key that fills it, and the axis permutation."""
+
+    variable: object
+    key: str
+    permutation: tuple = None
+
+    def convert(self, array):
+        array = np.asarray(array)
+        if self.permutation is not None:
+            array = np.transpose(array, self.permutation)
+        target = tuple(self.variable.shape)
+        if int(np.prod(array.shape)) != int(np.prod(target)):
+            raise ValueError(
+                f"Checkpoint tensor `{self.key}` has shape {array.shape}, which does not fit "
+                f"variable `{self.variable.path}` of shape {target}. Does the config match the weights?"
+            )
+        return array.reshape(target)
+
+
+def _text_layer_specs(layer, prefix):
+    attention = layer.attention
+    yield WeightSpec(layer.pre_attention_norm.scale, f"{prefix}.pre_self_attn_layernorm.weight")
+    yield WeightSpec(layer.post_attention_norm.scale, f"{prefix}.post_self_attn_layernorm.weight")
+    yield WeightSpec(layer.pre_feedforward_norm.scale, f"{prefix}.pre_feedforward_layernorm.weight")
+    yield WeightSpec(layer.post_feedforward_norm.scale, f"{prefix}.post_feedforward_layernorm.weight")
+    yield WeightSpec(attention.query_dense.kernel, f"{prefix}.self_attn.q_proj.weight", LINEAR)
+    yield WeightSpec(attention.key_dense.kernel, f"{prefix}.self_attn.k_proj.weight", LINEAR)
+    yield WeightSpec(attention.value_dense.kernel, f"{prefix}.self_attn.v_proj.weight", LINEAR)
+    yield WeightSpec(attention.output_dense.kernel, f"{prefix}.self_attn.o_proj.weight", LINEAR)
+    yield WeightSpec(attention.query_norm.scale, f"{prefix}.self_attn.q_norm.weight")
+    yield WeightSpec(attention.key_norm.scale, f"{prefix}.self_attn.k_norm.weight")
+    yield WeightSpec(layer.feedforward.gate_dense.kernel, f"{prefix}.mlp.gate_proj.weight", LINEAR)
+    yield WeightSpec(layer.feedforward.up_dense.kernel, f"{prefix}.mlp.up_proj.weight", LINEAR)
+    yield WeightSpec(layer.feedforward.down_dense.kernel, f"{prefix}.mlp.down_proj.weight", LINEAR)
+
+
+def weight_specs(backbone):
+    """Every variable of `backbone` with the checkpoint key that fills it."""
+    embedding = backbone.token_embedding
+    yield WeightSpec(embedding.table.embeddings, "model.encoder.embed_tokens.weight")
+    yield WeightSpec(embedding.eoi_embedding, "model.encoder.embed_tokens.eoi_embedding")
+    for side, stack in (("encoder", backbone.encoder), ("decoder", backbone.decoder)):
+        for i, layer in enumerate(stack.transformer_layers):
+            yield from _text_layer_specs(layer, f"model.{side}.layers.{i}")
+        yield WeightSpec(stack.final_norm.scale, f"model.{side}.norm.weight")
+
+
+# Checkpoint tensors that carry no information for the backbone: copies of the
+# tied embedding, and the SigLIP pooling head the projector does not use.
+_IGNORED = re.compile(
+    r"^(model\.decoder\.embed_tokens\.(weight|eoi_embedding)|lm_head\.out_proj\.weight"
+    r"|model\.encoder\.vision_tower\.head\..*)$"
+)
+
+
+# Vision tensors, skipped when loading into a text-only backbone.
+_VISION = re.compile(r"^model\.encoder\.(vision_tower|multi_modal_projector)\.")
+
+
+def load_weights(backbone, keys, get_tensor, progress=None):
+    """Assigns every backbone variable from a checkpoint.
+
+    Args:
+        backbone: a `T5Gemma2Backbone`.
+        keys: iterable of the checkpoint's keys, in any supported spelling.
+        get_tensor: callable key -> array (a key as spelled in `keys`).
+        progress: optional callable advanced by one per assigned tensor.
+
+    Raises:
+        ValueError: naming missing or unexpected tensors, or a shape mismatch.
+    """
+    by_canonical = {canonical_key(key): key for key in keys}
+    specs = list(weight_specs(backbone))
+    expected = {spec.key for spec in specs}
+    missing = sorted(expected - set(by_canonical))
+    if missing:
+        raise ValueError(
+            f"The checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}. "
+            "Is it a T5Gemma 2 checkpoint matching its config (and does it include the vision "
+            "tower, if the config has one)?"
+        )
+    text_only = getattr(backbone, "vision_encoder", None) is None
+    unexpected = sorted(
+        key
+        for key in by_canonical
+        if key not in expected
+        and not _IGNORED.match(key)
+        and not (text_only and _VISION.match(key))
+    )
+    if unexpected:
+        raise ValueError(
+            f"The checkpoint has {len(unexpected)} tensors this model has no place for, "
+            f"e.g. {unexpected[:5]}. Does the config match the weights?"
+        )
+    for spec in specs:
+        spec.variable.assign(spec.convert(get_tensor(by_canonical[spec.key])))
+        if progress is not None:
+            progress(1)

@@ -1,0 +1,1 @@
+"""Building blocks: attention, masks, RoPE, norms, feed-forward, embeddings, stacks."""

@@ -1,0 +1,218 @@
+"""Grouped-query attention shared by the encoder, the decoder and the vision tower.
+
+Shape letters: B batch, T queries, S keys, N query heads, K key/value heads,
+G = N // K query heads per key/value head, H head size, D model width.
+"""
+
+import keras
+from keras import ops
+
+from keras_t5gemma.layers.normalization import RMSNormalization
+from keras_t5gemma.layers.rotary import apply_rotary
+
+# Large but finite, so a row whose keys are all masked gives a uniform softmax
+# instead of NaN (NaN would leak through `0 * NaN` into the values).
+MASKED_LOGIT = -1e30
+
+
+def grouped_attention(query, key, value, mask, scale, soft_cap=None, dropout=None, training=False):
+    """Softmax attention with query heads grouped over shared key/value heads.
+
+    Args:
+        query: `(B, T, N, H)`.
+        key, value: `(B, S, K, H)` with `N % K == 0`.
+        mask: bool, broadcastable to `(B, T, S)`; `True` may attend.
+        scale: float multiplied into the logits.
+        soft_cap: optional float; logits become `cap * tanh(logits / cap)`.
+        dropout: optional `keras.layers.Dropout` applied to the probabilities.
+
+    Returns:
+        `(B, T, N, H)` in the query dtype. Logits and softmax are float32.
+    """
+    batch, length, num_heads, head_dim = ops.shape(query)
+    num_kv_heads = ops.shape(key)[2]
+    grouped = ops.reshape(
+        query, (batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    )
+    logits = ops.einsum("btkgh,bskh->bkgts", grouped, key)
+    logits = ops.cast(logits, "float32") * scale
+    if soft_cap is not None:
+        logits = ops.tanh(logits / soft_cap) * soft_cap
+    mask = ops.cast(mask, "bool")[:, None, None, :, :]
+    logits = ops.where(mask, logits, MASKED_LOGIT)
+    probabilities = ops.cast(ops.softmax(logits, axis=-1), query.dtype)
+    if dropout is not None:
+        probabilities = dropout(probabilities, training=training)
+    output = ops.einsum("bkgts,bskh->btkgh", probabilities, value)
+    return ops.reshape(output, (batch, length, num_heads, head_dim))
+
+
+class Attention(keras.layers.Layer):
+    """Multi-head attention with grouped key/value heads.
+
+    The text encoder uses it with q/k RMSNorm, RoPE and a bidirectional mask;
+    the decoder adds encoder keys/values after its own (merged self+cross
+    attention, one softmax); the vision tower uses biases and no RoPE.
+
+    Args:
+        num_heads: int, query heads N.
+        num_key_value_heads: int, key/value heads K; N must be a multiple.
+        head_dim: int, H.
+        query_scale: float multiplied into the attention logits.
+        use_bias: bool, biases on the projections (vision tower).
+        use_query_key_norm: bool, RMSNorm over H on queries and keys.
+        layer_norm_epsilon: float, for the q/k norms.
+        soft_cap: optional attention-logit soft cap.
+        dropout: float, dropout on the attention probabilities.
+
+    Example:
+    >>> attention = Attention(num_heads=4, num_key_value_heads=2, head_dim=8, query_scale=8**-0.5)
+    >>> x = keras.ops.ones((2, 5, 16))
+    >>> attention(x, mask=keras.ops.ones((1, 5, 5), "bool")).shape
+    (2, 5, 16)
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        num_key_value_heads,
+        head_dim,
+        query_scale,
+        use_bias=False,
+        use_query_key_norm=True,
+        layer_norm_epsilon=1e-6,
+        soft_cap=None,
+        dropout=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if num_heads % num_key_value_heads:
+            raise ValueError(
+                f"`num_heads` ({num_heads}) must be a multiple of "
+                f"`num_key_value_heads` ({num_key_value_heads})."
+            )
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_scale = query_scale
+        self.use_bias = use_bias
+        self.use_query_key_norm = use_query_key_norm
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.soft_cap = soft_cap
+        self.dropout = dropout
+
+        def projection(name, equation, output_shape, bias_axes):
+            return keras.layers.EinsumDense(
+                equation,
+                output_shape=output_shape,
+                bias_axes=bias_axes if use_bias else None,
+                kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
+                dtype=self.dtype_policy,
+                name=name,
+            )
+
+        self.query_dense = projection("query", "btd,dnh->btnh", (None, num_heads, head_dim), "nh")
+        self.key_dense = projection("key", "bsd,dkh->bskh", (None, num_key_value_heads, head_dim), "kh")
+        self.value_dense = projection("value", "bsd,dkh->bskh", (None, num_key_value_heads, head_dim), "kh")
+        if use_query_key_norm:
+            self.query_norm = RMSNormalization(layer_norm_epsilon, dtype=self.dtype_policy, name="query_norm")
+            self.key_norm = RMSNormalization(layer_norm_epsilon, dtype=self.dtype_policy, name="key_norm")
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy) if dropout else None
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        self.output_dense = keras.layers.EinsumDense(
+            "btnh,nhd->btd",
+            output_shape=(None, hidden_dim),
+            bias_axes="d" if self.use_bias else None,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
+            dtype=self.dtype_policy,
+            name="attention_output",
+        )
+        self.query_dense.build(input_shape)
+        self.key_dense.build(input_shape)
+        self.value_dense.build(input_shape)
+        self.output_dense.build((None, None, self.num_heads, self.head_dim))
+        if self.use_query_key_norm:
+            self.query_norm.build((None, None, self.num_heads, self.head_dim))
+            self.key_norm.build((None, None, self.num_key_value_heads, self.head_dim))
+        self.built = True
+
+    def key_value(self, x):
+        """Keys `(B, S, K, H)` (normed, no RoPE) and values for `x` `(B, S, D)`.
+
+        The decoder appends these, computed from the encoder output, to its own
+        keys and values; they depend only on the encoder output, so generation
+        computes them once.
+        """
+        key = self.key_dense(x)
+        if self.use_query_key_norm:
+            key = self.key_norm(key)
+        return key, self.value_dense(x)
+
+    def call(
+        self,
+        x,
+        mask,
+        rope=None,
+        cache=None,
+        cache_update_index=None,
+        cross_key_value=None,
+        training=False,
+    ):
+        """Attends from `x` `(B, T, D)`.
+
+        Args:
+            mask: bool `(B, T, S_total)`: over the self keys (the cache length
+                when a cache is given), followed by the cross keys if any.
+            rope: optional `(cos, sin)` for the positions of `x`.
+            cache: optional `(key_cache, value_cache)`, each `(B, T_max, K, H)`;
+                the new keys/values are written at `cache_update_index`.
+            cross_key_value: optional `(key, value)` appended after the self
+                keys (merged self+cross attention).
+
+        Returns:
+            `(B, T, D)`, and the updated cache when one was given.
+        """
+        query = self.query_dense(x)
+        key, value = self.key_value(x)
+        if self.use_query_key_norm:
+            query = self.query_norm(query)
+        if rope is not None:
+            query = apply_rotary(query, *rope)
+            key = apply_rotary(key, *rope)
+        if cache is not None:
+            key_cache, value_cache = cache
+            start = [0, cache_update_index, 0, 0]
+            key = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
+            value = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
+            cache = (key, value)
+        if cross_key_value is not None:
+            key = ops.concatenate([key, cross_key_value[0]], axis=1)
+            value = ops.concatenate([value, cross_key_value[1]], axis=1)
+        attended = grouped_attention(
+            query,
+            key,
+            value,
+            mask,
+            scale=self.query_scale,
+            soft_cap=self.soft_cap,
+            dropout=self.dropout_layer,
+            training=training,
+        )
+        output = self.output_dense(attended)
+        return output if cache is None else (output, cache)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_scale": self.query_scale,
+            "use_bias": self.use_bias,
+            "use_query_key_norm": self.use_query_key_norm,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "soft_cap": self.soft_cap,
+            "dropout": self.dropout,
+        }

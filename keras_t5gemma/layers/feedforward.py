@@ -1,0 +1,67 @@
+"""Feed-forward blocks: gated GeLU for the text stacks, plain MLP for SigLIP."""
+
+import keras
+
+
+def gelu_tanh(x):
+    return keras.activations.gelu(x, approximate=True)
+
+
+class FeedForward(keras.layers.Layer):
+    """`down(gelu(gate(x)) * up(x))` when gated, else `down(gelu(up(x)))`.
+
+    Args:
+        intermediate_dim: int, width of the hidden layer.
+        gated: bool, GeGLU (text) or plain two-layer MLP (vision).
+        use_bias: bool.
+        dropout: float, applied to the hidden activations.
+
+    Example:
+    >>> FeedForward(32)(keras.ops.ones((2, 3, 8))).shape
+    (2, 3, 8)
+    """
+
+    def __init__(self, intermediate_dim, gated=True, use_bias=False, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.intermediate_dim = intermediate_dim
+        self.gated = gated
+        self.use_bias = use_bias
+        self.dropout = dropout
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+
+    def _dense(self, name, units):
+        return keras.layers.Dense(
+            units,
+            use_bias=self.use_bias,
+            kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
+            dtype=self.dtype_policy,
+            name=name,
+        )
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        self.gate_dense = self._dense("gate", self.intermediate_dim) if self.gated else None
+        self.up_dense = self._dense("up", self.intermediate_dim)
+        self.down_dense = self._dense("down", hidden_dim)
+        if self.gated:
+            self.gate_dense.build(input_shape)
+        self.up_dense.build(input_shape)
+        self.down_dense.build((*input_shape[:-1], self.intermediate_dim))
+        self.built = True
+
+    def call(self, x, training=False):
+        if self.gated:
+            hidden = gelu_tanh(self.gate_dense(x)) * self.up_dense(x)
+        else:
+            hidden = gelu_tanh(self.up_dense(x))
+        hidden = self.dropout_layer(hidden, training=training)
+        return self.down_dense(hidden)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "intermediate_dim": self.intermediate_dim,
+            "gated": self.gated,
+            "use_bias": self.use_bias,
+            "dropout": self.dropout,
+        }

@@ -1,0 +1,262 @@
+"""Text transformer layers and the encoder/decoder stacks built from them.
+
+What T5Gemma 2 changes from a Gemma 3 stack is confined to `TransformerStack`:
+the encoder's masks are bidirectional (its sliding window split around the
+query), and the decoder appends the encoder's keys/values to its own inside
+the same softmax ("merged attention").
+"""
+
+import keras
+from keras import ops
+
+from keras_t5gemma.layers.attention import Attention
+from keras_t5gemma.layers.feedforward import FeedForward
+from keras_t5gemma.layers.masks import SLIDING
+from keras_t5gemma.layers.masks import attention_mask
+from keras_t5gemma.layers.masks import padding_mask_for_keys
+from keras_t5gemma.layers.normalization import RMSNormalization
+from keras_t5gemma.layers.rotary import rotary_cos_sin
+
+
+class TransformerLayer(keras.layers.Layer):
+    """Pre- and post-normed attention and GeGLU blocks (Gemma 3 layer).
+
+    `x + post_norm(attention(pre_norm(x)))`, then the same around the MLP.
+
+    Args:
+        intermediate_dim, num_heads, num_key_value_heads, head_dim: sizes.
+        query_scale: float multiplied into the attention logits.
+        layer_norm_epsilon: float.
+        attention_soft_cap: optional float.
+        dropout: float, on the block outputs and MLP activations.
+        attention_dropout: float, on the attention probabilities.
+    """
+
+    def __init__(
+        self,
+        intermediate_dim,
+        num_heads,
+        num_key_value_heads,
+        head_dim,
+        query_scale,
+        layer_norm_epsilon=1e-6,
+        attention_soft_cap=None,
+        dropout=0.0,
+        attention_dropout=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.intermediate_dim = intermediate_dim
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_scale = query_scale
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.attention_soft_cap = attention_soft_cap
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+
+        def norm(name):
+            return RMSNormalization(layer_norm_epsilon, dtype=self.dtype_policy, name=name)
+
+        self.pre_attention_norm = norm("pre_attention_norm")
+        self.post_attention_norm = norm("post_attention_norm")
+        self.pre_feedforward_norm = norm("pre_feedforward_norm")
+        self.post_feedforward_norm = norm("post_feedforward_norm")
+        self.attention = Attention(
+            num_heads,
+            num_key_value_heads,
+            head_dim,
+            query_scale=query_scale,
+            layer_norm_epsilon=layer_norm_epsilon,
+            soft_cap=attention_soft_cap,
+            dropout=attention_dropout,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        self.feedforward = FeedForward(intermediate_dim, dropout=dropout, dtype=self.dtype_policy, name="feedforward")
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        for norm in (self.pre_attention_norm, self.post_attention_norm,
+                     self.pre_feedforward_norm, self.post_feedforward_norm):
+            norm.build(input_shape)
+        self.attention.build(input_shape)
+        self.feedforward.build(input_shape)
+        self.built = True
+
+    def call(self, x, mask, rope, cache=None, cache_update_index=None, cross_key_value=None, training=False):
+        """See `Attention.call` for `mask`, `cache` and `cross_key_value`."""
+        attended = self.attention(
+            self.pre_attention_norm(x),
+            mask,
+            rope=rope,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            cross_key_value=cross_key_value,
+            training=training,
+        )
+        if cache is not None:
+            attended, cache = attended
+        x = x + self.dropout_layer(self.post_attention_norm(attended), training=training)
+        fed = self.feedforward(self.pre_feedforward_norm(x), training=training)
+        x = x + self.dropout_layer(self.post_feedforward_norm(fed), training=training)
+        return x if cache is None else (x, cache)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "intermediate_dim": self.intermediate_dim,
+            "num_heads": self.num_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_scale": self.query_scale,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "attention_soft_cap": self.attention_soft_cap,
+            "dropout": self.dropout,
+            "attention_dropout": self.attention_dropout,
+        }
+
+
+class TransformerStack(keras.layers.Layer):
+    """The encoder (`causal=False`) or decoder (`causal=True`) text stack.
+
+    Runs input dropout, the layers, a final RMSNorm and output dropout. RoPE
+    tables and masks are built once per layer type and shared by the layers of
+    that type.
+
+    Args:
+        layer_types: list of `"sliding_attention"` / `"full_attention"`.
+        causal: bool, decoder (causal self-attention plus encoder keys) or
+            encoder (bidirectional).
+        sliding_window: int, the window of sliding layers.
+        rope: dict layer type -> `(wavelength, scaling_factor)`.
+        layer_kwargs: dict of `TransformerLayer` arguments.
+        dropout: float.
+    """
+
+    def __init__(self, layer_types, causal, sliding_window, rope, layer_kwargs, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.layer_types = list(layer_types)
+        self.causal = causal
+        self.sliding_window = sliding_window
+        self.rope = {key: tuple(value) for key, value in rope.items()}
+        self.layer_kwargs = dict(layer_kwargs)
+        self.dropout = dropout
+        self.transformer_layers = [
+            TransformerLayer(**layer_kwargs, dropout=dropout, dtype=self.dtype_policy, name=f"layer_{i}")
+            for i in range(len(self.layer_types))
+        ]
+        self.final_norm = RMSNormalization(
+            layer_kwargs.get("layer_norm_epsilon", 1e-6), dtype=self.dtype_policy, name="final_norm"
+        )
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        for layer in self.transformer_layers:
+            layer.build(input_shape)
+        self.final_norm.build(input_shape)
+        self.built = True
+
+    def cross_key_values(self, encoder_output):
+        """Per-layer `(key, value)` of the encoder output, `(B, S, K, H)` each."""
+        return [layer.attention.key_value(encoder_output) for layer in self.transformer_layers]
+
+    def _window(self, layer_type):
+        return self.sliding_window if layer_type == SLIDING else None
+
+    def _run(self, x, query_positions, key_positions, key_padding_mask,
+             caches=None, cache_update_index=None, cross_key_values=None,
+             encoder_padding_mask=None, training=False):
+        head_dim = self.layer_kwargs["head_dim"]
+        batch = ops.shape(x)[0]
+        ropes, masks = {}, {}
+        for layer_type in set(self.layer_types):
+            wavelength, scaling = self.rope[layer_type]
+            ropes[layer_type] = rotary_cos_sin(query_positions, head_dim, wavelength, scaling, self.compute_dtype)
+            mask = attention_mask(
+                query_positions,
+                key_positions,
+                causal=self.causal,
+                sliding_window=self._window(layer_type),
+                key_padding_mask=key_padding_mask,
+            )
+            if cross_key_values is not None:
+                mask = ops.broadcast_to(mask, (batch, *ops.shape(mask)[1:]))
+                cross = ops.broadcast_to(
+                    padding_mask_for_keys(encoder_padding_mask),
+                    (batch, ops.shape(mask)[1], ops.shape(encoder_padding_mask)[1]),
+                )
+                mask = ops.concatenate([mask, cross], axis=-1)
+            masks[layer_type] = mask
+
+        x = self.dropout_layer(x, training=training)
+        new_caches = []
+        for i, (layer, layer_type) in enumerate(zip(self.transformer_layers, self.layer_types)):
+            x = layer(
+                x,
+                masks[layer_type],
+                ropes[layer_type],
+                cache=None if caches is None else caches[i],
+                cache_update_index=cache_update_index,
+                cross_key_value=None if cross_key_values is None else cross_key_values[i],
+                training=training,
+            )
+            if caches is not None:
+                x, cache = x
+                new_caches.append(cache)
+        x = self.dropout_layer(self.final_norm(x), training=training)
+        return x if caches is None else (x, new_caches)
+
+    def call(self, x, padding_mask, encoder_output=None, encoder_padding_mask=None, training=False):
+        """Full-sequence pass over `x` `(B, T, D)`; returns `(B, T, D)`.
+
+        The decoder needs `encoder_output` `(B, S, D)` and its padding mask.
+        """
+        positions = ops.arange(ops.shape(x)[1], dtype="int32")
+        cross = None if encoder_output is None else self.cross_key_values(encoder_output)
+        return self._run(
+            x,
+            positions,
+            positions,
+            padding_mask,
+            cross_key_values=cross,
+            encoder_padding_mask=encoder_padding_mask,
+            training=training,
+        )
+
+    def call_with_cache(self, x, cache_update_index, caches, cross_key_values, encoder_padding_mask):
+        """Decoder pass over `x` `(B, T, D)` at positions `cache_update_index + t`.
+
+        Args:
+            caches: per-layer `(key_cache, value_cache)`, `(B, T_max, K, H)`.
+            cross_key_values: per-layer encoder `(key, value)`.
+            encoder_padding_mask: `(B, S)`.
+
+        Returns:
+            `(hidden (B, T, D), updated caches)`.
+        """
+        length = ops.shape(x)[1]
+        query_positions = cache_update_index + ops.arange(length, dtype="int32")
+        key_positions = ops.arange(ops.shape(caches[0][0])[1], dtype="int32")
+        return self._run(
+            x,
+            query_positions,
+            key_positions,
+            None,
+            caches=caches,
+            cache_update_index=cache_update_index,
+            cross_key_values=cross_key_values,
+            encoder_padding_mask=encoder_padding_mask,
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "layer_types": self.layer_types,
+            "causal": self.causal,
+            "sliding_window": self.sliding_window,
+            "rope": {key: list(value) for key, value in self.rope.items()},
+            "layer_kwargs": self.layer_kwargs,
+            "dropout": self.dropout,
+        }

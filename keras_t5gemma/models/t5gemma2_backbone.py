@@ -1,0 +1,257 @@
+"""T5Gemma 2 backbone: a Gemma 3 encoder and decoder sharing one embedding."""
+
+import keras
+from keras_hub.models import Backbone
+
+from keras_t5gemma.layers.masks import FULL
+from keras_t5gemma.layers.masks import LAYER_TYPES
+from keras_t5gemma.layers.masks import SLIDING
+from keras_t5gemma.layers.token_embedding import TokenEmbedding
+from keras_t5gemma.layers.transformer import TransformerStack
+
+
+def default_layer_types(num_layers, full_attention_every=6):
+    """Gemma 3's pattern: every sixth layer attends fully, the others slide."""
+    return [FULL if (i + 1) % full_attention_every == 0 else SLIDING for i in range(num_layers)]
+
+
+def _check_layer_types(name, layer_types, num_layers):
+    if len(layer_types) != num_layers:
+        raise ValueError(
+            f"`{name}` has {len(layer_types)} entries but the stack has {num_layers} layers."
+        )
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"`{name}` has unknown layer types {unknown}; expected {list(LAYER_TYPES)}.")
+
+
+@keras.saving.register_keras_serializable(package="keras_t5gemma")
+class T5Gemma2Backbone(Backbone):
+    """T5Gemma 2 encoder-decoder backbone.
+
+    A bidirectional Gemma 3 encoder and a Gemma 3 decoder whose attention
+    covers its own (causal) keys and the encoder's keys in one softmax. One
+    token embedding table serves the encoder input, the decoder input and the
+    output projection (see `T5Gemma2Backbone.token_embedding.logits`).
+
+    Inputs:
+        encoder_token_ids: int `(B, S)`.
+        encoder_padding_mask: int/bool `(B, S)`, 1 for real tokens.
+        decoder_token_ids: int `(B, T)`.
+        decoder_padding_mask: int/bool `(B, T)`.
+
+    Outputs (dict):
+        encoder_sequence_output: `(B, S, hidden_dim)`.
+        decoder_sequence_output: `(B, T, hidden_dim)`, after the final norm.
+
+    Args:
+        vocabulary_size: int.
+        hidden_dim: int, model width of both stacks.
+        intermediate_dim: int, GeGLU width.
+        num_heads: int, query heads.
+        num_key_value_heads: int, key/value heads (grouped-query attention).
+        head_dim: int.
+        num_encoder_layers, num_decoder_layers: int.
+        encoder_layer_types, decoder_layer_types: optional lists of
+            `"sliding_attention"` / `"full_attention"`; default every sixth
+            layer full.
+        sliding_window: int, the stored window. The decoder sees the last
+            `sliding_window` keys; the encoder splits it around each query.
+        query_pre_attn_scalar: float, logits are scaled by its inverse square
+            root. Defaults to `head_dim`.
+        local_rope_wavelength, global_rope_wavelength: RoPE bases of sliding
+            and full layers.
+        local_rope_scaling_factor, global_rope_scaling_factor: linear RoPE
+            scaling of sliding and full layers.
+        layer_norm_epsilon: float.
+        attention_logit_soft_cap, final_logit_soft_cap: optional floats.
+        dropout: float, on embeddings, block outputs, MLP activations and the
+            stack outputs.
+        attention_dropout: float, on attention probabilities.
+        eoi_token_id: int, the end-of-image token with a learned embedding.
+        image_token_id: int, the image placeholder token.
+        dtype: dtype policy, e.g. `"float32"`, `"bfloat16"`, `"mixed_bfloat16"`.
+
+    Example:
+    ```python
+    backbone = T5Gemma2Backbone(
+        vocabulary_size=300, hidden_dim=32, intermediate_dim=64, num_heads=4,
+        num_key_value_heads=2, head_dim=8, num_encoder_layers=2,
+        num_decoder_layers=2, sliding_window=4, eoi_token_id=298,
+        image_token_id=299,
+    )
+    outputs = backbone({
+        "encoder_token_ids": np.ones((1, 6), "int32"),
+        "encoder_padding_mask": np.ones((1, 6), "int32"),
+        "decoder_token_ids": np.ones((1, 3), "int32"),
+        "decoder_padding_mask": np.ones((1, 3), "int32"),
+    })
+    logits = backbone.token_embedding.logits(outputs["decoder_sequence_output"])
+    ```
+    """
+
+    def __init__(
+        self,
+        vocabulary_size,
+        hidden_dim,
+        intermediate_dim,
+        num_heads,
+        num_key_value_heads,
+        head_dim,
+        num_encoder_layers,
+        num_decoder_layers,
+        encoder_layer_types=None,
+        decoder_layer_types=None,
+        sliding_window=512,
+        query_pre_attn_scalar=None,
+        local_rope_wavelength=10_000.0,
+        global_rope_wavelength=1_000_000.0,
+        local_rope_scaling_factor=1.0,
+        global_rope_scaling_factor=1.0,
+        layer_norm_epsilon=1e-6,
+        attention_logit_soft_cap=None,
+        final_logit_soft_cap=None,
+        dropout=0.0,
+        attention_dropout=0.0,
+        eoi_token_id=256_000,
+        image_token_id=256_001,
+        dtype=None,
+        **kwargs,
+    ):
+        if num_heads % num_key_value_heads:
+            raise ValueError(
+                f"`num_heads` ({num_heads}) must be a multiple of "
+                f"`num_key_value_heads` ({num_key_value_heads})."
+            )
+        if head_dim % 2:
+            raise ValueError(f"`head_dim` must be even for rotary embeddings; got {head_dim}.")
+        if not sliding_window or sliding_window < 1:
+            raise ValueError(f"`sliding_window` must be a positive integer; got {sliding_window}.")
+        for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1); got {rate}.")
+        encoder_layer_types = list(encoder_layer_types or default_layer_types(num_encoder_layers))
+        decoder_layer_types = list(decoder_layer_types or default_layer_types(num_decoder_layers))
+        _check_layer_types("encoder_layer_types", encoder_layer_types, num_encoder_layers)
+        _check_layer_types("decoder_layer_types", decoder_layer_types, num_decoder_layers)
+        if query_pre_attn_scalar is None:
+            query_pre_attn_scalar = head_dim
+
+        # === Layers ===
+        self.token_embedding = TokenEmbedding(
+            vocabulary_size,
+            hidden_dim,
+            eoi_token_id=eoi_token_id,
+            logit_soft_cap=final_logit_soft_cap,
+            dtype=dtype,
+            name="token_embedding",
+        )
+        layer_kwargs = {
+            "intermediate_dim": intermediate_dim,
+            "num_heads": num_heads,
+            "num_key_value_heads": num_key_value_heads,
+            "head_dim": head_dim,
+            "query_scale": float(query_pre_attn_scalar) ** -0.5,
+            "layer_norm_epsilon": layer_norm_epsilon,
+            "attention_soft_cap": attention_logit_soft_cap,
+            "attention_dropout": attention_dropout,
+        }
+        rope = {
+            SLIDING: (local_rope_wavelength, local_rope_scaling_factor),
+            FULL: (global_rope_wavelength, global_rope_scaling_factor),
+        }
+
+        def stack(name, layer_types, causal):
+            return TransformerStack(
+                layer_types,
+                causal=causal,
+                sliding_window=sliding_window,
+                rope=rope,
+                layer_kwargs=layer_kwargs,
+                dropout=dropout,
+                dtype=dtype,
+                name=name,
+            )
+
+        self.encoder = stack("encoder", encoder_layer_types, causal=False)
+        self.decoder = stack("decoder", decoder_layer_types, causal=True)
+
+        # === Functional model ===
+        encoder_token_ids = keras.Input((None,), dtype="int32", name="encoder_token_ids")
+        encoder_padding_mask = keras.Input((None,), dtype="int32", name="encoder_padding_mask")
+        decoder_token_ids = keras.Input((None,), dtype="int32", name="decoder_token_ids")
+        decoder_padding_mask = keras.Input((None,), dtype="int32", name="decoder_padding_mask")
+        encoder_output = self.encoder(self.token_embedding(encoder_token_ids), encoder_padding_mask)
+        decoder_output = self.decoder(
+            self.token_embedding(decoder_token_ids),
+            decoder_padding_mask,
+            encoder_output,
+            encoder_padding_mask,
+        )
+        super().__init__(
+            inputs={
+                "encoder_token_ids": encoder_token_ids,
+                "encoder_padding_mask": encoder_padding_mask,
+                "decoder_token_ids": decoder_token_ids,
+                "decoder_padding_mask": decoder_padding_mask,
+            },
+            outputs={
+                "encoder_sequence_output": encoder_output,
+                "decoder_sequence_output": decoder_output,
+            },
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.num_encoder_layers = num_encoder_layers
+        self.num_decoder_layers = num_decoder_layers
+        self.encoder_layer_types = encoder_layer_types
+        self.decoder_layer_types = decoder_layer_types
+        self.sliding_window = sliding_window
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.local_rope_wavelength = local_rope_wavelength
+        self.global_rope_wavelength = global_rope_wavelength
+        self.local_rope_scaling_factor = local_rope_scaling_factor
+        self.global_rope_scaling_factor = global_rope_scaling_factor
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.final_logit_soft_cap = final_logit_soft_cap
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.eoi_token_id = eoi_token_id
+        self.image_token_id = image_token_id
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocabulary_size": self.vocabulary_size,
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "num_heads": self.num_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "num_encoder_layers": self.num_encoder_layers,
+            "num_decoder_layers": self.num_decoder_layers,
+            "encoder_layer_types": self.encoder_layer_types,
+            "decoder_layer_types": self.decoder_layer_types,
+            "sliding_window": self.sliding_window,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "local_rope_wavelength": self.local_rope_wavelength,
+            "global_rope_wavelength": self.global_rope_wavelength,
+            "local_rope_scaling_factor": self.local_rope_scaling_factor,
+            "global_rope_scaling_factor": self.global_rope_scaling_factor,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "attention_logit_soft_cap": self.attention_logit_soft_cap,
+            "final_logit_soft_cap": self.final_logit_soft_cap,
+            "dropout": self.dropout,
+            "attention_dropout": self.attention_dropout,
+            "eoi_token_id": self.eoi_token_id,
+            "image_token_id": self.image_token_id,
+        }
