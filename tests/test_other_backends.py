@@ -5,6 +5,7 @@ pytest process.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,4 +28,5 @@ def test_parity_smoke_on_backend(backend):
         timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    summary = result.stdout.strip().splitlines()[-1]
+    assert re.match(r"\d+ passed", summary), summary
