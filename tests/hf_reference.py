@@ -7,7 +7,7 @@ import torch
 from transformers import T5Gemma2Config
 from transformers import T5Gemma2ForConditionalGeneration
 
-from keras_t5gemma.conversion.config import backbone_kwargs_from_hf_config
+from keras_t5gemma.conversion.config import backbone_from_hf_config
 from keras_t5gemma.conversion.weights import load_weights
 
 TINY_TEXT = {
@@ -78,12 +78,7 @@ def reference_model(config, seed=0):
 
 def backbone_from_reference(model, config, text_only=True, dtype="float32"):
     """Builds a `T5Gemma2Backbone` and copies the reference weights into it."""
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-
-    kwargs = backbone_kwargs_from_hf_config(config)
-    kwargs.pop("vision_config", None)
-    kwargs.pop("mm_tokens_per_image", None)
-    backbone = T5Gemma2Backbone(**kwargs, dtype=dtype)
+    backbone = backbone_from_hf_config(config, text_only=text_only, dtype=dtype)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     load_weights(backbone, state.keys(), state.__getitem__)
     return backbone

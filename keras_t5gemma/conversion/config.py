@@ -85,6 +85,44 @@ def check_t5gemma2_config(config):
             raise ValueError(f"The T5Gemma 2 config has no `{section}` section.")
 
 
+def vision_encoder_kwargs_from_hf_config(vision_config, mm_tokens_per_image, output_dim):
+    """`T5Gemma2VisionEncoder` arguments for a SigLIP vision config (a dict)."""
+    activation = vision_config.get("hidden_act", "gelu_pytorch_tanh")
+    if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"Unsupported vision activation `{activation}`; SigLIP uses tanh-approximate GeLU.")
+    if vision_config.get("num_channels", 3) != 3:
+        raise ValueError("Only 3-channel (RGB) vision towers are supported.")
+    return {
+        "image_size": vision_config.get("image_size", 224),
+        "patch_size": vision_config.get("patch_size", 16),
+        "hidden_dim": vision_config.get("hidden_size", 768),
+        "intermediate_dim": vision_config.get("intermediate_size", 3072),
+        "num_layers": vision_config.get("num_hidden_layers", 12),
+        "num_heads": vision_config.get("num_attention_heads", 12),
+        "output_dim": output_dim,
+        "mm_tokens_per_image": mm_tokens_per_image,
+        "layer_norm_epsilon": vision_config.get("layer_norm_eps", 1e-6),
+        "attention_dropout": float(vision_config.get("attention_dropout", 0.0)),
+    }
+
+
+def backbone_from_hf_config(config, text_only=False, dtype=None):
+    """A `T5Gemma2Backbone` (random weights) for a T5Gemma 2 `config.json` dict."""
+    from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
+    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+
+    kwargs = backbone_kwargs_from_hf_config(config)
+    vision_config = kwargs.pop("vision_config", None)
+    mm_tokens_per_image = kwargs.pop("mm_tokens_per_image", None)
+    if vision_config is not None and not text_only:
+        kwargs["vision_encoder"] = T5Gemma2VisionEncoder(
+            **vision_encoder_kwargs_from_hf_config(vision_config, mm_tokens_per_image, kwargs["hidden_dim"]),
+            dtype=dtype,
+            name="vision_encoder",
+        )
+    return T5Gemma2Backbone(**kwargs, dtype=dtype)
+
+
 def backbone_kwargs_from_hf_config(config):
     """Backbone keyword arguments for a T5Gemma 2 `config.json` (a dict).
 

@@ -68,6 +68,36 @@ def _text_layer_specs(layer, prefix):
     yield WeightSpec(layer.feedforward.down_dense.kernel, f"{prefix}.mlp.down_proj.weight", LINEAR)
 
 
+def _dense_specs(layer, prefix, permutation=LINEAR):
+    yield WeightSpec(layer.kernel, f"{prefix}.weight", permutation)
+    yield WeightSpec(layer.bias, f"{prefix}.bias")
+
+
+def _layer_norm_specs(layer, prefix):
+    yield WeightSpec(layer.gamma, f"{prefix}.weight")
+    yield WeightSpec(layer.beta, f"{prefix}.bias")
+
+
+def _vision_specs(vision, prefix):
+    yield from _dense_specs(vision.patch_embedding, f"{prefix}.vision_tower.embeddings.patch_embedding", CONV2D)
+    yield WeightSpec(vision.position_embedding, f"{prefix}.vision_tower.embeddings.position_embedding.weight")
+    for i, layer in enumerate(vision.vision_layers):
+        layer_prefix = f"{prefix}.vision_tower.encoder.layers.{i}"
+        attention = layer.attention
+        yield from _layer_norm_specs(layer.attention_norm, f"{layer_prefix}.layer_norm1")
+        yield from _dense_specs(attention.query_dense, f"{layer_prefix}.self_attn.q_proj")
+        yield from _dense_specs(attention.key_dense, f"{layer_prefix}.self_attn.k_proj")
+        yield from _dense_specs(attention.value_dense, f"{layer_prefix}.self_attn.v_proj")
+        yield from _dense_specs(attention.output_dense, f"{layer_prefix}.self_attn.out_proj")
+        yield from _layer_norm_specs(layer.feedforward_norm, f"{layer_prefix}.layer_norm2")
+        yield from _dense_specs(layer.feedforward.up_dense, f"{layer_prefix}.mlp.fc1")
+        yield from _dense_specs(layer.feedforward.down_dense, f"{layer_prefix}.mlp.fc2")
+    yield from _layer_norm_specs(vision.final_norm, f"{prefix}.vision_tower.post_layernorm")
+    # The projection is stored `[vision, text]`, already the Keras kernel layout.
+    yield WeightSpec(vision.projection.kernel, f"{prefix}.multi_modal_projector.mm_input_projection_weight")
+    yield WeightSpec(vision.projector_norm.scale, f"{prefix}.multi_modal_projector.mm_soft_emb_norm.weight")
+
+
 def weight_specs(backbone):
     """Every variable of `backbone` with the checkpoint key that fills it."""
     embedding = backbone.token_embedding
@@ -77,6 +107,8 @@ def weight_specs(backbone):
         for i, layer in enumerate(stack.transformer_layers):
             yield from _text_layer_specs(layer, f"model.{side}.layers.{i}")
         yield WeightSpec(stack.final_norm.scale, f"model.{side}.norm.weight")
+    if backbone.vision_encoder is not None:
+        yield from _vision_specs(backbone.vision_encoder, "model.encoder")
 
 
 # Checkpoint tensors that carry no information for the backbone: copies of the
@@ -113,7 +145,7 @@ def load_weights(backbone, keys, get_tensor, progress=None):
             "Is it a T5Gemma 2 checkpoint matching its config (and does it include the vision "
             "tower, if the config has one)?"
         )
-    text_only = getattr(backbone, "vision_encoder", None) is None
+    text_only = backbone.vision_encoder is None
     unexpected = sorted(
         key
         for key in by_canonical

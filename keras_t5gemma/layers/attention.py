@@ -21,7 +21,8 @@ def grouped_attention(query, key, value, mask, scale, soft_cap=None, dropout=Non
     Args:
         query: `(B, T, N, H)`.
         key, value: `(B, S, K, H)` with `N % K == 0`.
-        mask: bool, broadcastable to `(B, T, S)`; `True` may attend.
+        mask: bool, broadcastable to `(B, T, S)`; `True` may attend. `None`
+            attends everywhere.
         scale: float multiplied into the logits.
         soft_cap: optional float; logits become `cap * tanh(logits / cap)`.
         dropout: optional `keras.layers.Dropout` applied to the probabilities.
@@ -38,8 +39,9 @@ def grouped_attention(query, key, value, mask, scale, soft_cap=None, dropout=Non
     logits = ops.cast(logits, "float32") * scale
     if soft_cap is not None:
         logits = ops.tanh(logits / soft_cap) * soft_cap
-    mask = ops.cast(mask, "bool")[:, None, None, :, :]
-    logits = ops.where(mask, logits, MASKED_LOGIT)
+    if mask is not None:
+        mask = ops.cast(mask, "bool")[:, None, None, :, :]
+        logits = ops.where(mask, logits, MASKED_LOGIT)
     probabilities = ops.cast(ops.softmax(logits, axis=-1), query.dtype)
     if dropout is not None:
         probabilities = dropout(probabilities, training=training)
@@ -163,8 +165,8 @@ class Attention(keras.layers.Layer):
         """Attends from `x` `(B, T, D)`.
 
         Args:
-            mask: bool `(B, T, S_total)`: over the self keys (the cache length
-                when a cache is given), followed by the cross keys if any.
+            mask: bool `(B, T, S_total)` or None: over the self keys (the
+                cache length when a cache is given), then the cross keys if any.
             rope: optional `(cos, sin)` for the positions of `x`.
             cache: optional `(key_cache, value_cache)`, each `(B, T_max, K, H)`;
                 the new keys/values are written at `cache_update_index`.

@@ -1,6 +1,8 @@
 """T5Gemma 2 backbone: a Gemma 3 encoder and decoder sharing one embedding."""
 
 import keras
+import numpy as np
+from keras import ops
 from keras_hub.models import Backbone
 
 from keras_t5gemma.layers.masks import FULL
@@ -8,6 +10,8 @@ from keras_t5gemma.layers.masks import LAYER_TYPES
 from keras_t5gemma.layers.masks import SLIDING
 from keras_t5gemma.layers.token_embedding import TokenEmbedding
 from keras_t5gemma.layers.transformer import TransformerStack
+from keras_t5gemma.layers.vision import ImageMerge
+from keras_t5gemma.layers.vision import check_image_placeholders
 
 
 def default_layer_types(num_layers, full_attention_every=6):
@@ -39,6 +43,12 @@ class T5Gemma2Backbone(Backbone):
         encoder_padding_mask: int/bool `(B, S)`, 1 for real tokens.
         decoder_token_ids: int `(B, T)`.
         decoder_padding_mask: int/bool `(B, T)`.
+        images: (only with a `vision_encoder`) float `(B, N, H, W, 3)`, N image
+            slots per sample, converted by `T5Gemma2ImageConverter`. The k-th
+            run of `mm_tokens_per_image` image placeholder tokens in a sample
+            takes its k-th image; unused slots are padding. Samples may have 0,
+            1 or several images; `N` may be 0, and `images` may be left out
+            for text-only input, in which case the vision tower runs on no images.
 
     Outputs (dict):
         encoder_sequence_output: `(B, S, hidden_dim)`.
@@ -70,6 +80,8 @@ class T5Gemma2Backbone(Backbone):
         attention_dropout: float, on attention probabilities.
         eoi_token_id: int, the end-of-image token with a learned embedding.
         image_token_id: int, the image placeholder token.
+        vision_encoder: optional `T5Gemma2VisionEncoder`; without it the
+            backbone is text-only.
         dtype: dtype policy, e.g. `"float32"`, `"bfloat16"`, `"mixed_bfloat16"`.
 
     Example:
@@ -115,6 +127,7 @@ class T5Gemma2Backbone(Backbone):
         attention_dropout=0.0,
         eoi_token_id=256_000,
         image_token_id=256_001,
+        vision_encoder=None,
         dtype=None,
         **kwargs,
     ):
@@ -175,13 +188,32 @@ class T5Gemma2Backbone(Backbone):
 
         self.encoder = stack("encoder", encoder_layer_types, causal=False)
         self.decoder = stack("decoder", decoder_layer_types, causal=True)
+        self.vision_encoder = vision_encoder
+        if vision_encoder is not None:
+            if vision_encoder.output_dim != hidden_dim:
+                raise ValueError(
+                    f"The vision encoder projects to {vision_encoder.output_dim} but the text width "
+                    f"is {hidden_dim}."
+                )
+            self.image_merge = ImageMerge(image_token_id, dtype=dtype, name="image_merge")
 
         # === Functional model ===
         encoder_token_ids = keras.Input((None,), dtype="int32", name="encoder_token_ids")
         encoder_padding_mask = keras.Input((None,), dtype="int32", name="encoder_padding_mask")
         decoder_token_ids = keras.Input((None,), dtype="int32", name="decoder_token_ids")
         decoder_padding_mask = keras.Input((None,), dtype="int32", name="decoder_padding_mask")
-        encoder_output = self.encoder(self.token_embedding(encoder_token_ids), encoder_padding_mask)
+        inputs = {
+            "encoder_token_ids": encoder_token_ids,
+            "encoder_padding_mask": encoder_padding_mask,
+            "decoder_token_ids": decoder_token_ids,
+            "decoder_padding_mask": decoder_padding_mask,
+        }
+        images = None
+        if vision_encoder is not None:
+            size = vision_encoder.image_size
+            images = keras.Input((None, size, size, 3), name="images")
+            inputs["images"] = images
+        encoder_output = self.encode(encoder_token_ids, encoder_padding_mask, images)
         decoder_output = self.decoder(
             self.token_embedding(decoder_token_ids),
             decoder_padding_mask,
@@ -189,12 +221,7 @@ class T5Gemma2Backbone(Backbone):
             encoder_padding_mask,
         )
         super().__init__(
-            inputs={
-                "encoder_token_ids": encoder_token_ids,
-                "encoder_padding_mask": encoder_padding_mask,
-                "decoder_token_ids": decoder_token_ids,
-                "decoder_padding_mask": decoder_padding_mask,
-            },
+            inputs=inputs,
             outputs={
                 "encoder_sequence_output": encoder_output,
                 "decoder_sequence_output": decoder_output,
@@ -228,6 +255,44 @@ class T5Gemma2Backbone(Backbone):
         self.eoi_token_id = eoi_token_id
         self.image_token_id = image_token_id
 
+    def encode(self, token_ids, padding_mask, images=None, training=False):
+        """Encoder output `(B, S, D)`; images (if any) replace their placeholders.
+
+        With `images=None` the vision tower is skipped.
+        """
+        embeddings = self.token_embedding(token_ids)
+        if images is not None and self.vision_encoder is not None:
+            features = self.vision_encoder(images, training=training)
+            embeddings = self.image_merge(embeddings, token_ids, features)
+        return self.encoder(embeddings, padding_mask, training=training)
+
+    def __call__(self, inputs, *args, **kwargs):
+        # Text-only input to a vision backbone: an empty image tensor keeps the
+        # functional signature, and the vision tower runs on no images.
+        if self.vision_encoder is not None and isinstance(inputs, dict) and inputs.get("images") is None:
+            token_ids = inputs["encoder_token_ids"]
+            size = self.vision_encoder.image_size
+            shape = (ops.shape(token_ids)[0], 0, size, size, 3)
+            # Keras will not mix numpy and backend tensors in one call argument.
+            zeros = np.zeros if isinstance(token_ids, np.ndarray) else ops.zeros
+            inputs = {**inputs, "images": zeros(shape, "float32")}
+        return super().__call__(inputs, *args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        if self.vision_encoder is not None and isinstance(inputs, dict):
+            self._check_placeholders(inputs["encoder_token_ids"], inputs["images"])
+        return super().call(inputs, training=training, mask=mask)
+
+    def _check_placeholders(self, token_ids, images):
+        """Checks placeholder counts when the inputs are concrete (not traced)."""
+        try:
+            token_ids = ops.convert_to_numpy(token_ids)
+        except Exception:
+            return
+        check_image_placeholders(
+            token_ids, ops.shape(images)[1], self.image_token_id, self.vision_encoder.mm_tokens_per_image
+        )
+
     def get_config(self):
         return {
             **super().get_config(),
@@ -254,4 +319,14 @@ class T5Gemma2Backbone(Backbone):
             "attention_dropout": self.attention_dropout,
             "eoi_token_id": self.eoi_token_id,
             "image_token_id": self.image_token_id,
+            "vision_encoder": None
+            if self.vision_encoder is None
+            else keras.layers.serialize(self.vision_encoder),
         }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("vision_encoder"), dict):
+            config["vision_encoder"] = keras.layers.deserialize(config["vision_encoder"])
+        return super().from_config(config)
