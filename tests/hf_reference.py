@@ -72,6 +72,10 @@ def reference_model(config, seed=0):
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             std = 0.3 if parameter.ndim == 1 else 0.15
+            if name.endswith("embed_tokens.weight"):
+                # A small table keeps the residual stream from echoing the input
+                # token, so random models generate varied sequences.
+                std = 0.02
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
     return model
 

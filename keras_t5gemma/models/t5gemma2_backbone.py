@@ -266,17 +266,23 @@ class T5Gemma2Backbone(Backbone):
             embeddings = self.image_merge(embeddings, token_ids, features)
         return self.encoder(embeddings, padding_mask, training=training)
 
+    def with_default_images(self, inputs):
+        """`inputs` with an empty `(B, 0, H, W, 3)` `images` entry if a vision model lacks one.
+
+        Text-only input to a vision backbone keeps the functional signature this
+        way, and the vision tower runs on no images.
+        """
+        if self.vision_encoder is None or not isinstance(inputs, dict) or inputs.get("images") is not None:
+            return inputs
+        token_ids = inputs["encoder_token_ids"]
+        size = self.vision_encoder.image_size
+        shape = (ops.shape(token_ids)[0], 0, size, size, 3)
+        # Keras will not mix numpy and backend tensors in one call argument.
+        zeros = np.zeros if isinstance(token_ids, np.ndarray) else ops.zeros
+        return {**inputs, "images": zeros(shape, "float32")}
+
     def __call__(self, inputs, *args, **kwargs):
-        # Text-only input to a vision backbone: an empty image tensor keeps the
-        # functional signature, and the vision tower runs on no images.
-        if self.vision_encoder is not None and isinstance(inputs, dict) and inputs.get("images") is None:
-            token_ids = inputs["encoder_token_ids"]
-            size = self.vision_encoder.image_size
-            shape = (ops.shape(token_ids)[0], 0, size, size, 3)
-            # Keras will not mix numpy and backend tensors in one call argument.
-            zeros = np.zeros if isinstance(token_ids, np.ndarray) else ops.zeros
-            inputs = {**inputs, "images": zeros(shape, "float32")}
-        return super().__call__(inputs, *args, **kwargs)
+        return super().__call__(self.with_default_images(inputs), *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
         if self.vision_encoder is not None and isinstance(inputs, dict):

@@ -1,0 +1,137 @@
+"""T5Gemma 2 sequence-to-sequence language model: `generate` and `fit`."""
+
+import keras
+from keras import ops
+from keras_hub.models import Seq2SeqLM
+from keras_hub.src.utils.tensor_utils import any_equal
+
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+
+
+@keras.saving.register_keras_serializable(package="keras_t5gemma")
+class T5Gemma2Seq2SeqLM(Seq2SeqLM):
+    """T5Gemma 2 with a language-modelling head, for generation and fine-tuning.
+
+    `fit` trains on `(x, y, sample_weight)` from the preprocessor: `x` holds the
+    encoder and decoder inputs (and `images` for a vision model), `y` the next
+    decoder tokens. `generate` runs the encoder and computes the decoder's
+    cross keys/values once per call, then samples one token per step with a
+    self-attention cache; the step is compiled once per input shape.
+
+    Args:
+        backbone: a `T5Gemma2Backbone`.
+        preprocessor: a `T5Gemma2Seq2SeqLMPreprocessor` or `None` (then inputs
+            are token-id dicts as the backbone takes them).
+
+    Example:
+    ```python
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
+    seq_2_seq_lm.generate("reverse: 1 2 3", max_length=16)
+
+    seq_2_seq_lm.compile(sampler="greedy")
+    seq_2_seq_lm.fit(x={"encoder_text": ["a"], "decoder_text": ["b"]}, batch_size=1)
+    ```
+    """
+
+    backbone_cls = T5Gemma2Backbone
+    preprocessor_cls = None
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional model ===
+        inputs = backbone.input
+        hidden = backbone(inputs)["decoder_sequence_output"]
+        logits = backbone.token_embedding.logits(hidden)
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+
+    def __call__(self, inputs, *args, **kwargs):
+        return super().__call__(self.backbone.with_default_images(inputs), *args, **kwargs)
+
+    # === Generation ===
+
+    def _decoder_step(self, token_ids, cache, cache_update_index):
+        """Runs `token_ids` `(B, T)` at positions `cache_update_index + t` against the cache.
+
+        `cache` is `(self_caches, cross_key_values, encoder_padding_mask)`; only
+        the self-attention caches change.
+        """
+        self_caches, cross_key_values, encoder_padding_mask = cache
+        embeddings = self.backbone.token_embedding(token_ids)
+        hidden, self_caches = self.backbone.decoder.call_with_cache(
+            embeddings, cache_update_index, self_caches, cross_key_values, encoder_padding_mask
+        )
+        return hidden, (self_caches, cross_key_values, encoder_padding_mask)
+
+    def _initial_cache(self, inputs, max_length):
+        """Encodes once and computes every decoder layer's cross keys/values once."""
+        backbone = self.backbone
+        encoder_padding_mask = inputs["encoder_padding_mask"]
+        encoder_output = backbone.encode(
+            inputs["encoder_token_ids"], encoder_padding_mask, inputs.get("images")
+        )
+        cross_key_values = backbone.decoder.cross_key_values(encoder_output)
+        batch = ops.shape(encoder_output)[0]
+        shape = (batch, max_length, backbone.num_key_value_heads, backbone.head_dim)
+        self_caches = [
+            (ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
+            for _ in range(backbone.num_decoder_layers)
+        ]
+        return self_caches, cross_key_values, encoder_padding_mask
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """Generates one batch of decoder tokens.
+
+        Args:
+            inputs: dict with `encoder_token_ids`, `encoder_padding_mask`,
+                `decoder_token_ids` and `decoder_padding_mask` (the decoder
+                prompt, right-padded to the output length), and `images` for
+                a vision model.
+            stop_token_ids: tuple of ids that end a sequence, or `None`.
+
+        Returns:
+            dict with `decoder_token_ids` and `decoder_padding_mask`, where
+            positions after a stop token are masked.
+        """
+        token_ids = inputs["decoder_token_ids"]
+        padding_mask = inputs["decoder_padding_mask"]
+        max_length = ops.shape(token_ids)[1]
+        cache = self._initial_cache(inputs, max_length)
+        # The first sampled position; shorter prompts in a ragged batch keep
+        # their own tokens until the sampler reaches their end.
+        index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
+
+        # Prompt positions before `index - 1` are cached in one pass; the loop
+        # (re)computes from `index - 1` on. A prompt of one token needs none.
+        cache = ops.cond(
+            index > 1,
+            lambda: self._decoder_step(token_ids, cache, 0)[1],
+            lambda: cache,
+        )
+
+        def next(prompt, cache, index):
+            token = ops.slice(prompt, (0, index - 1), (ops.shape(prompt)[0], 1))
+            hidden, cache = self._decoder_step(token, cache, index - 1)
+            logits = self.backbone.token_embedding.logits(hidden[:, 0, :])
+            return logits, hidden, cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            model=self,
+        )
+
+        if stop_token_ids is None:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        else:
+            # Keep everything up to and including the first stop token.
+            is_stop = ops.cast(any_equal(token_ids, stop_token_ids, ops.logical_not(padding_mask)), "int32")
+            stops_before = ops.cumsum(is_stop, axis=-1) - is_stop
+            padding_mask = ops.equal(stops_before, 0)
+        return {"decoder_token_ids": token_ids, "decoder_padding_mask": padding_mask}
