@@ -1,5 +1,8 @@
 """T5Gemma 2 for Keras 3."""
 
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
+from keras_t5gemma.models import T5Gemma2Backbone
+from keras_t5gemma.models import T5Gemma2ImageConverter
+from keras_t5gemma.models import T5Gemma2Seq2SeqLM
 
-__all__ = ["T5Gemma2Backbone"]
+__all__ = ["T5Gemma2Backbone", "T5Gemma2ImageConverter", "T5Gemma2Seq2SeqLM", "T5Gemma2VisionEncoder"]
