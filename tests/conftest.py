@@ -31,3 +31,17 @@ def assert_matches_reference(ours, reference, mask=None, atol=1e-4, rtol_to_scal
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def small_proto():
+    from vocabularies import train_vocabulary
+
+    return train_vocabulary()
+
+
+@pytest.fixture(scope="session")
+def gemma3_proto():
+    from vocabularies import gemma3_vocabulary
+
+    return gemma3_vocabulary()

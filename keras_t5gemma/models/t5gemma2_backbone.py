@@ -12,6 +12,9 @@ from keras_t5gemma.layers.token_embedding import TokenEmbedding
 from keras_t5gemma.layers.transformer import TransformerStack
 from keras_t5gemma.layers.vision import ImageMerge
 from keras_t5gemma.layers.vision import check_image_placeholders
+from keras_hub.src.utils.python_utils import classproperty
+from keras_t5gemma.conversion.preset_loader import get_preset_loader
+from keras_t5gemma.conversion.preset_loader import known_presets
 
 
 def default_layer_types(num_layers, full_attention_every=6):
@@ -336,3 +339,19 @@ class T5Gemma2Backbone(Backbone):
         if isinstance(config.get("vision_encoder"), dict):
             config["vision_encoder"] = keras.layers.deserialize(config["vision_encoder"])
         return super().from_config(config)
+
+    @classproperty
+    def presets(cls):
+        return known_presets()
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Loads a named preset, a Keras preset folder or a Hugging Face T5Gemma 2 checkpoint.
+
+        `preset` is a name from `T5Gemma2Backbone.presets`, a folder written by
+        `save_to_preset`, an `hf://` handle or a local Hugging Face folder.
+        Hugging Face checkpoints also take `text_only=True` (no vision tower)
+        and `dtype`.
+        """
+        return get_preset_loader(preset).load_backbone(cls, load_weights, **kwargs)
+

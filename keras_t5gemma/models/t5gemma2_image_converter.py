@@ -25,6 +25,9 @@ from keras_hub.src.utils.tensor_utils import in_grain_data_pipeline
 from keras_hub.src.utils.tensor_utils import in_tf_function
 
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_hub.src.utils.python_utils import classproperty
+from keras_t5gemma.conversion.preset_loader import get_preset_loader
+from keras_t5gemma.conversion.preset_loader import known_presets
 
 # Pillow's fixed point for 8-bit images: 32 bits less 8 for the pixel, 2 for overflow.
 _PRECISION_BITS = 22
@@ -329,3 +332,13 @@ class T5Gemma2ImageConverter(ImageConverter):
         for name in _FIXED_RESIZING_ARGUMENTS + ("dtype",):
             config.pop(name, None)
         return config
+
+    @classproperty
+    def presets(cls):
+        return known_presets()
+
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """Loads the image converter of a preset; see `T5Gemma2Backbone.from_preset`."""
+        return get_preset_loader(preset).load_image_converter(cls, **kwargs)
+

@@ -6,6 +6,10 @@ from keras_hub.models import Seq2SeqLM
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+from keras_hub.src.utils.python_utils import classproperty
+from keras_t5gemma.conversion.preset_loader import get_preset_loader
+from keras_t5gemma.conversion.preset_loader import known_presets
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
@@ -34,7 +38,7 @@ class T5Gemma2Seq2SeqLM(Seq2SeqLM):
     """
 
     backbone_cls = T5Gemma2Backbone
-    preprocessor_cls = None
+    preprocessor_cls = T5Gemma2Seq2SeqLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         # === Layers ===
@@ -135,3 +139,13 @@ class T5Gemma2Seq2SeqLM(Seq2SeqLM):
             stops_before = ops.cumsum(is_stop, axis=-1) - is_stop
             padding_mask = ops.equal(stops_before, 0)
         return {"decoder_token_ids": token_ids, "decoder_padding_mask": padding_mask}
+
+    @classproperty
+    def presets(cls):
+        return known_presets()
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Loads the model and its preprocessor; see `T5Gemma2Backbone.from_preset`."""
+        return get_preset_loader(preset).load_task(cls, load_weights, True, **kwargs)
+

@@ -4,6 +4,9 @@ import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_hub.src.utils.python_utils import classproperty
+from keras_t5gemma.conversion.preset_loader import get_preset_loader
+from keras_t5gemma.conversion.preset_loader import known_presets
 
 START_OF_IMAGE_PIECE = "<start_of_image>"
 END_OF_IMAGE_PIECE = "<end_of_image>"
@@ -94,3 +97,13 @@ class T5Gemma2Tokenizer(SentencePieceTokenizer):
         config = super().get_config()
         config["image_placeholder"] = self.image_placeholder
         return config
+
+    @classproperty
+    def presets(cls):
+        return known_presets()
+
+    @classmethod
+    def from_preset(cls, preset, config_file="tokenizer.json", **kwargs):
+        """Loads the tokenizer of a preset; see `T5Gemma2Backbone.from_preset`."""
+        return get_preset_loader(preset).load_tokenizer(cls, config_file, **kwargs)
+

@@ -1,0 +1,172 @@
+"""Reading Hugging Face T5Gemma 2 checkpoints: files, config and tensors.
+
+Tensors are read one at a time from memory-mapped safetensors files, so
+converting a model needs little memory beyond the model itself.
+"""
+
+import json
+import mmap
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from keras_t5gemma.conversion.config import check_t5gemma2_config
+
+_DTYPES = {
+    "BF16": ml_dtypes.bfloat16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class SafetensorsFile:
+    """A memory-mapped `.safetensors` file.
+
+    The format is an 8-byte little-endian header length, a JSON header mapping
+    names to dtype, shape and byte offsets, then the raw data.
+
+    Example:
+    >>> checkpoint = SafetensorsFile("model.safetensors")  # doctest: +SKIP
+    >>> checkpoint.read("model.encoder.norm.weight").shape  # doctest: +SKIP
+    (640,)
+    """
+
+    def __init__(self, path):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"`{path}` is not a safetensors file: it is only {size} bytes long.")
+            (header_length,) = struct.unpack("<Q", prefix)
+            if header_length > size - 8:
+                raise ValueError(f"`{path}` is corrupt or truncated: its header claims {header_length} bytes.")
+            try:
+                header = json.loads(file.read(header_length))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise ValueError(f"`{path}` is corrupt: its header is not valid JSON ({error}).") from None
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_length
+        self._entries = header
+        for name, entry in header.items():
+            if entry.get("dtype") not in _DTYPES:
+                raise ValueError(f"`{path}`: tensor `{name}` has unsupported dtype {entry.get('dtype')!r}.")
+            begin, end = entry["data_offsets"]
+            expected = int(np.prod(entry["shape"])) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
+            if end - begin != expected or self._data_start + end > size:
+                raise ValueError(
+                    f"`{path}` is corrupt or truncated: tensor `{name}` needs bytes {begin}-{end} "
+                    f"({expected} expected) of a {size - self._data_start}-byte data section."
+                )
+        self._map = None
+
+    def keys(self):
+        return list(self._entries)
+
+    def shape(self, name):
+        return tuple(self._entries[name]["shape"])
+
+    def read(self, name):
+        """The tensor `name` as a NumPy array (bfloat16 via `ml_dtypes`)."""
+        if self._map is None:
+            with open(self.path, "rb") as file:
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        data = self._map[self._data_start + begin : self._data_start + end]
+        return np.frombuffer(data, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+class HFCheckpoint:
+    """A Hugging Face T5Gemma 2 checkpoint: a local folder or an `hf://` handle.
+
+    Files are fetched through KerasHub's `get_file` (which downloads `hf://`
+    handles), with clear errors for gated or missing repositories.
+
+    Args:
+        preset: local folder path or `hf://org/name`.
+    """
+
+    def __init__(self, preset, config=None):
+        self.preset = preset
+        self.config = config if config is not None else self.json("config.json")
+        check_t5gemma2_config(self.config)
+        self._files = {}
+        self._weight_map = None
+
+    def path(self, name):
+        """Local path of file `name` of the checkpoint (downloading it if needed)."""
+        return fetch_file(self.preset, name)
+
+    def has(self, name):
+        try:
+            self.path(name)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def json(self, name):
+        with open(self.path(name), encoding="utf-8") as file:
+            return json.load(file)
+
+    def _index(self):
+        if self._weight_map is None:
+            if self.has(SAFETENSORS_INDEX):
+                self._weight_map = self.json(SAFETENSORS_INDEX)["weight_map"]
+            elif self.has(SAFETENSORS_FILE):
+                self._weight_map = {key: SAFETENSORS_FILE for key in self._file(SAFETENSORS_FILE).keys()}
+            else:
+                raise FileNotFoundError(
+                    f"`{self.preset}` has neither `{SAFETENSORS_FILE}` nor `{SAFETENSORS_INDEX}`; "
+                    "only safetensors checkpoints are supported."
+                )
+        return self._weight_map
+
+    def _file(self, name):
+        if name not in self._files:
+            self._files[name] = SafetensorsFile(self.path(name))
+        return self._files[name]
+
+    def keys(self):
+        return list(self._index())
+
+    def read(self, key):
+        return self._file(self._index()[key]).read(key)
+
+
+def fetch_file(preset, name):
+    """KerasHub's `get_file`, with hub errors turned into messages that say what to do."""
+    from keras_hub.src.utils.preset_utils import get_file
+
+    try:
+        return get_file(preset, name)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        kind = type(error).__name__
+        if kind == "GatedRepoError":
+            raise PermissionError(
+                f"`{preset}` is gated. Accept the Gemma license on its Hugging Face page, then log "
+                "in with `hf auth login` or set the `HF_TOKEN` environment variable."
+            ) from error
+        if kind == "RepositoryNotFoundError":
+            raise FileNotFoundError(
+                f"`{preset}` was not found on the Hugging Face Hub (or is private and no token is set)."
+            ) from error
+        if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+            raise ConnectionError(
+                f"Could not download `{name}` of `{preset}`: the hub is unreachable or offline mode is "
+                "on. Download the checkpoint elsewhere and pass its local folder instead."
+            ) from error
+        raise

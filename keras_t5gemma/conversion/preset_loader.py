@@ -1,0 +1,138 @@
+"""`from_preset` for T5Gemma 2: named presets, Keras preset folders and Hugging Face checkpoints.
+
+A preset is one of:
+- a name from `keras_t5gemma.presets.PRESETS` (released checkpoints resolve to
+  their `hf://` handles, bundled ones to folders shipped with the package);
+- a Keras preset folder written by `save_to_preset` (loaded by KerasHub);
+- a Hugging Face T5Gemma 2 checkpoint: an `hf://org/name` handle or a local
+  folder with `config.json` and safetensors weights, converted on load.
+"""
+
+import os
+
+from keras_hub.src.utils.preset_utils import KerasPresetLoader
+from keras_hub.src.utils.preset_utils import PresetLoader
+
+from keras_t5gemma.conversion.checkpoint import HFCheckpoint
+from keras_t5gemma.conversion.config import backbone_from_hf_config
+from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
+from keras_t5gemma.conversion.weights import load_weights
+
+
+def resolve_preset(preset):
+    """Maps a preset name to its handle or folder; other presets pass through.
+
+    Raises:
+        ValueError: for a name that is neither a known preset, a handle nor
+            an existing folder, listing the known names.
+    """
+    from keras_t5gemma.presets import PRESETS
+
+    if not isinstance(preset, (str, os.PathLike)):
+        raise ValueError(f"A preset must be a name, a folder or a handle; got {type(preset).__name__}.")
+    preset = os.fspath(preset)
+    if preset in PRESETS:
+        return PRESETS[preset]["handle"]
+    if "://" in preset or os.path.exists(preset):
+        return preset
+    raise ValueError(
+        f"Unknown preset `{preset}`: not a known name, an `hf://` handle or an existing folder. "
+        f"Known presets: {', '.join(PRESETS)}."
+    )
+
+
+def get_preset_loader(preset):
+    """The loader for `preset` (see the module docstring)."""
+    from keras_t5gemma.conversion.checkpoint import fetch_file
+
+    preset = resolve_preset(preset)
+    import json
+
+    with open(fetch_file(preset, "config.json"), encoding="utf-8") as file:
+        config = json.load(file)
+    if "registered_name" in config:
+        return KerasPresetLoader(preset, config)
+    if "model_type" in config:
+        return T5Gemma2CheckpointLoader(preset, config)
+    raise ValueError(
+        f"`{preset}/config.json` is neither a Keras preset config nor a Hugging Face model config."
+    )
+
+
+class T5Gemma2CheckpointLoader(PresetLoader):
+    """Builds T5Gemma 2 models from a Hugging Face checkpoint.
+
+    Extra `load_backbone` arguments: `text_only` (skip the vision tower and its
+    weights) and `progress` (a callable advanced once per loaded tensor).
+    """
+
+    def __init__(self, preset, config):
+        super().__init__(preset, config)
+        self.checkpoint = HFCheckpoint(preset, config)
+
+    def check_backbone_class(self):
+        from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+
+        return T5Gemma2Backbone
+
+    def get_backbone_kwargs(self, **kwargs):
+        backbone_kwargs, kwargs = super().get_backbone_kwargs(**kwargs)
+        for name in ("text_only", "progress"):
+            if name in kwargs:
+                backbone_kwargs[name] = kwargs.pop(name)
+        return backbone_kwargs, kwargs
+
+    def load_backbone(self, cls, load_weights_=True, text_only=False, progress=None, dtype=None, **kwargs):
+        if kwargs:
+            raise ValueError(f"Unexpected arguments for a T5Gemma 2 checkpoint: {sorted(kwargs)}.")
+        backbone = backbone_from_hf_config(self.config, text_only=text_only, dtype=dtype)
+        if load_weights_:
+            checkpoint = self.checkpoint
+            load_weights(backbone, checkpoint.keys(), checkpoint.read, progress=progress)
+        return backbone
+
+    def load_tokenizer(self, cls, config_file=None, **kwargs):
+        from keras_t5gemma.conversion.vocabulary import proto_from_tokenizer_json
+
+        if self.checkpoint.has("tokenizer.model"):
+            with open(self.checkpoint.path("tokenizer.model"), "rb") as file:
+                proto = file.read()
+        elif self.checkpoint.has("tokenizer.json"):
+            proto = proto_from_tokenizer_json(self.checkpoint.json("tokenizer.json"))
+        else:
+            raise FileNotFoundError(f"`{self.preset}` has neither `tokenizer.model` nor `tokenizer.json`.")
+        image_token_id = self.config.get("image_token_index", 256_001)
+        return cls(proto=proto, image_placeholder=image_token_id, **kwargs)
+
+    def load_image_converter(self, cls, **kwargs):
+        encoder = self.config.get("encoder", {})
+        if encoder.get("vision_config") is None:
+            return None
+        for name in ("preprocessor_config.json", "processor_config.json"):
+            if self.checkpoint.has(name):
+                return cls(**image_converter_kwargs_from_hf(self.checkpoint.json(name)), **kwargs)
+        size = encoder["vision_config"].get("image_size", 896)
+        return cls(image_size=(size, size), **kwargs)
+
+    def load_preprocessor(self, cls, config_file=None, **kwargs):
+        kwargs = cls._add_missing_kwargs(self, kwargs)
+        encoder = self.config.get("encoder", {})
+        kwargs.setdefault("mm_tokens_per_image", encoder.get("mm_tokens_per_image", 256))
+        if self.checkpoint.has("tokenizer_config.json"):
+            tokenizer_config = self.checkpoint.json("tokenizer_config.json")
+            kwargs.setdefault("add_start_token", tokenizer_config.get("add_bos_token", True))
+            kwargs.setdefault("add_end_token", tokenizer_config.get("add_eos_token", False))
+        return cls(**kwargs)
+
+    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
+        # A text-only model gets a preprocessor without an image converter.
+        if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
+            kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
+        return super().load_task(cls, load_weights, load_task_weights, **kwargs)
+
+
+def known_presets():
+    """`{name: metadata}` of the named presets (the `presets` property of every class)."""
+    from keras_t5gemma.presets import PRESETS
+
+    return dict(PRESETS)

@@ -1,0 +1,366 @@
+"""Strings (and images) to T5Gemma 2 encoder/decoder inputs, labels and weights."""
+
+import keras
+import numpy as np
+from keras_hub.layers import StartEndPacker
+from keras_hub.models import Seq2SeqLMPreprocessor
+from keras_hub.src.utils.tensor_utils import preprocessing_function
+from keras_hub.src.utils.tensor_utils import tf
+
+from keras_t5gemma.layers.vision import check_image_placeholders
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
+from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE
+from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from keras_hub.src.utils.python_utils import classproperty
+from keras_t5gemma.conversion.preset_loader import get_preset_loader
+from keras_t5gemma.conversion.preset_loader import known_presets
+
+# What the reference processor puts around each image (`<start_of_image>` in a
+# prompt marks where an image goes); the placeholders go between the markers.
+IMAGE_BLOCK = f"\n\n{START_OF_IMAGE_PIECE}<end_of_image>\n\n"
+
+
+@keras.saving.register_keras_serializable(package="keras_t5gemma")
+class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
+    """Prepares T5Gemma 2 inputs as the reference trains and generates.
+
+    - Encoder: `<bos>` + prompt (the reference tokenizer adds `<bos>` and no
+      `<eos>`; both are configurable). Each `<start_of_image>` in a prompt is
+      expanded as the reference processor does, to `"\\n\\n<start_of_image>"`,
+      `mm_tokens_per_image` image placeholders, `"<end_of_image>\\n\\n"`; it
+      takes the sample's next image.
+    - Decoder: `<bos>` + target; labels are the target followed by `<eos>`
+      (the reference's right shift of `target + <eos>` with `<bos>` as the
+      decoder start token); `sample_weight` is 0 on padding.
+    - Images (optional), converted by the image converter and padded to
+      `(B, N, H, W, 3)`: either per sample a list of images (any sizes; the
+      number of images must equal the sample's markers), or a dense
+      `(B, N, H, W, 3)` array of N image slots per sample, of which each
+      sample uses as many as it has markers (what `fit` on in-memory data
+      and `tf.data` need). N is `max_images_per_prompt` if set, else the
+      most images of any sample.
+
+    Inputs are a dict with `"encoder_text"`, `"decoder_text"` and optionally
+    `"images"`, or encoder strings as `x` and decoder strings as `y`. Strings
+    may be scalars, lists or tensors; this works inside `tf.data`.
+
+    Args:
+        tokenizer: a `T5Gemma2Tokenizer`.
+        image_converter: a `T5Gemma2ImageConverter`, or `None` for text-only.
+        encoder_sequence_length, decoder_sequence_length: padded lengths.
+            Longer inputs are truncated when training; `generate` refuses
+            prompts that do not fit.
+        mm_tokens_per_image: int, placeholders per image (the model's).
+        max_images_per_prompt: optional int, a fixed image slot count.
+        add_start_token, add_end_token: `<bos>`/`<eos>` around the prompt.
+
+    Example:
+    ```python
+    preprocessor = T5Gemma2Seq2SeqLMPreprocessor.from_preset("t5gemma2_tiny_digits")
+    x, y, sample_weight = preprocessor(
+        {"encoder_text": ["reverse: 1 2 3"], "decoder_text": ["3 2 1"]}
+    )
+    ```
+    """
+
+    backbone_cls = T5Gemma2Backbone
+    tokenizer_cls = T5Gemma2Tokenizer
+    image_converter_cls = T5Gemma2ImageConverter
+
+    def __init__(
+        self,
+        tokenizer,
+        image_converter=None,
+        encoder_sequence_length=512,
+        decoder_sequence_length=512,
+        mm_tokens_per_image=256,
+        max_images_per_prompt=None,
+        add_start_token=True,
+        add_end_token=False,
+        **kwargs,
+    ):
+        super().__init__(
+            tokenizer,
+            encoder_sequence_length=encoder_sequence_length,
+            decoder_sequence_length=decoder_sequence_length,
+            **kwargs,
+        )
+        self.image_converter = image_converter
+        self.mm_tokens_per_image = mm_tokens_per_image
+        self.max_images_per_prompt = max_images_per_prompt
+        self.add_start_token = add_start_token
+        self.add_end_token = add_end_token
+
+    def build(self, input_shape):
+        tokenizer = self.tokenizer
+        self.encoder_packer = StartEndPacker(
+            start_value=tokenizer.start_token_id if self.add_start_token else None,
+            end_value=tokenizer.end_token_id if self.add_end_token else None,
+            pad_value=tokenizer.pad_token_id,
+            sequence_length=self.encoder_sequence_length,
+            return_padding_mask=True,
+        )
+        self.decoder_packer = StartEndPacker(
+            start_value=tokenizer.start_token_id,
+            end_value=tokenizer.end_token_id,
+            pad_value=tokenizer.pad_token_id,
+            sequence_length=self.decoder_sequence_length,
+            return_padding_mask=True,
+        )
+        self.built = True
+
+    # === Images ===
+
+    def _images(self, images, batched):
+        """Converted images `(B, N, H, W, 3)` and per-sample counts, or `(None, None)`."""
+        if images is None:
+            return None, None
+        if self.image_converter is None:
+            raise ValueError("Images were given but this preprocessor has no image converter (text-only model).")
+        if tf.is_tensor(images) and not tf.executing_eagerly():
+            return self._graph_images(images, batched)
+        if hasattr(images, "ndim") and images.ndim == (5 if batched else 4):
+            # A dense array: N image slots per sample, of which each sample
+            # uses as many as it has markers.
+            flat = np.reshape(np.asarray(images), (-1, *np.shape(images)[-3:]))
+            converted = np.asarray(self.image_converter(flat)) if len(flat) else None
+            slots = self._slots(np.shape(images)[-4])
+            shape = (*np.shape(images)[:-4], slots, *self.image_converter.image_size, 3)
+            dense = np.zeros(shape, "float32")
+            if converted is not None:
+                dense[..., : np.shape(images)[-4], :, :, :] = converted.reshape(
+                    (*np.shape(images)[:-3], *converted.shape[-3:])
+                )
+            return dense, slots
+        samples = list(images) if batched else [images]
+        converted = []
+        for sample in samples:
+            if sample is None:
+                sample = []
+            elif hasattr(sample, "ndim") and getattr(sample, "ndim") == 4:
+                sample = list(sample)
+            elif not isinstance(sample, (list, tuple)):
+                sample = [sample]
+            converted.append([np.asarray(self.image_converter(image)) for image in sample])
+        counts = [len(sample) for sample in converted]
+        slots = self._slots(max(counts, default=0))
+        size = self.image_converter.image_size
+        dense = np.zeros((len(converted), slots, *size, 3), "float32")
+        for row, sample in enumerate(converted):
+            for column, image in enumerate(sample):
+                dense[row, column] = image
+        return (dense if batched else dense[0]), counts
+
+    def _graph_images(self, images, batched):
+        """`tf.data` path: a dense tensor of N images per sample."""
+        rank = 5 if batched else 4
+        if images.shape.rank == rank - 1:
+            images = images[:, None] if batched else images[None]
+        flat = tf.reshape(images, tf.concat([[-1], tf.shape(images)[-3:]], 0))
+        converted = self.image_converter(flat)
+        shape = tf.concat([tf.shape(images)[:-3], tf.shape(converted)[1:]], 0)
+        converted = tf.reshape(converted, shape)
+        count = tf.shape(images)[-4]
+        slots = self.max_images_per_prompt
+        if slots is not None:
+            padding = [[0, 0]] * (rank - 4) + [[0, slots - count], [0, 0], [0, 0], [0, 0]]
+            converted = tf.pad(converted, padding)
+        return converted, count
+
+    def _slots(self, most):
+        if self.max_images_per_prompt is None:
+            return most
+        if most > self.max_images_per_prompt:
+            raise ValueError(
+                f"A sample has {most} images but `max_images_per_prompt` is {self.max_images_per_prompt}."
+            )
+        return self.max_images_per_prompt
+
+    # === Text ===
+
+    def _tokenize(self, text):
+        """Token ids as TF tensors (eagerly, KerasHub tokenizers return Python lists)."""
+        token_ids = self.tokenizer(text)
+        if isinstance(token_ids, list):
+            batched = bool(token_ids) and isinstance(token_ids[0], list)
+            make = tf.ragged.constant if batched else tf.constant
+            token_ids = make(token_ids, dtype="int32")
+        return token_ids
+
+    def _expanded_prompts(self, text):
+        """Tokenized prompts with each image marker expanded to its block."""
+        text = tf.strings.regex_replace(text, START_OF_IMAGE_PIECE, IMAGE_BLOCK)
+        token_ids = self._tokenize(text)
+        return self._insert_placeholders(token_ids) if self.image_converter is not None else token_ids
+
+    def _insert_placeholders(self, token_ids):
+        """Puts `mm_tokens_per_image` placeholders after every `<start_of_image>` id."""
+        ragged = isinstance(token_ids, tf.RaggedTensor)
+        if not ragged:
+            token_ids = tf.RaggedTensor.from_tensor(token_ids[None])
+        flat = token_ids.flat_values
+        is_start = tf.cast(tf.equal(flat, self.tokenizer.start_of_image_token_id), flat.dtype)
+        copies = 1 + self.mm_tokens_per_image * is_start
+        repeated = tf.repeat(flat, copies)
+        block_start = tf.repeat(tf.cumsum(copies, exclusive=True), copies)
+        within_block = tf.range(tf.shape(repeated, out_type=copies.dtype)[0]) - block_start
+        placeholder = tf.cast(self.tokenizer.image_placeholder_token_id, flat.dtype)
+        expanded = tf.where(within_block > 0, placeholder, repeated)
+        row_lengths = tf.math.segment_sum(copies, token_ids.value_rowids())
+        result = tf.RaggedTensor.from_row_lengths(expanded, row_lengths)
+        return result if ragged else result[0]
+
+    def _check_images(self, encoder_token_ids, counts):
+        """Exact per-sample counts for image lists; at most the slot count for arrays."""
+        if counts is None or self.image_converter is None or tf.is_tensor(counts):
+            return
+        token_ids = np.asarray(encoder_token_ids)
+        check_image_placeholders(
+            token_ids.reshape(-1, token_ids.shape[-1]),
+            counts,
+            self.tokenizer.image_placeholder_token_id,
+            self.mm_tokens_per_image,
+        )
+
+    @staticmethod
+    def _split(x, y):
+        """`(encoder_text, decoder_text or None, images or None)` from either input form."""
+        if isinstance(x, dict):
+            if "encoder_text" not in x:
+                raise ValueError(f"Expected a dict with `encoder_text`; got keys {sorted(x)}.")
+            return x["encoder_text"], x.get("decoder_text", y), x.get("images")
+        return x, y, None
+
+    @staticmethod
+    def _is_batched(text):
+        if isinstance(text, (str, bytes)):
+            return False
+        if tf.is_tensor(text):
+            return text.shape.rank == 1
+        return True
+
+    def _empty_images(self, batch_shape):
+        size = self.image_converter.image_size
+        return tf.zeros((*batch_shape, self.max_images_per_prompt or 0, *size, 3))
+
+    def call(self, x, y=None, sample_weight=None, *, encoder_sequence_length=None,
+             decoder_sequence_length=None, sequence_length=None):
+        encoder_text, decoder_text, images = self._split(x, y)
+        if decoder_text is None:
+            raise ValueError("Training needs targets: pass `decoder_text` in `x`, or target strings as `y`.")
+        batched = self._is_batched(encoder_text)
+        images, counts = self._images(images, batched)
+        outputs = self._preprocess(
+            self._pack(encoder_text, decoder_text, images),
+            encoder_sequence_length=encoder_sequence_length or self.encoder_sequence_length,
+            decoder_sequence_length=decoder_sequence_length or sequence_length or self.decoder_sequence_length,
+        )
+        self._check_images(outputs[0]["encoder_token_ids"], counts)
+        return outputs
+
+    @staticmethod
+    def _pack(encoder_text, decoder_text, images):
+        """One dict for `preprocessing_function`, which converts only its first argument."""
+        packed = {"encoder_text": encoder_text, "decoder_text": decoder_text}
+        if images is not None:
+            packed["images"] = images
+        return packed
+
+    @preprocessing_function
+    def _preprocess(self, x, encoder_sequence_length, decoder_sequence_length):
+        images = x.get("images")
+        encoder_token_ids, encoder_padding_mask = self.encoder_packer(
+            self._expanded_prompts(x["encoder_text"]), sequence_length=encoder_sequence_length
+        )
+        decoder_token_ids, decoder_padding_mask = self.decoder_packer(
+            self._tokenize(x["decoder_text"]), sequence_length=decoder_sequence_length + 1
+        )
+        x = {
+            "encoder_token_ids": encoder_token_ids,
+            "encoder_padding_mask": encoder_padding_mask,
+            "decoder_token_ids": decoder_token_ids[..., :-1],
+            "decoder_padding_mask": decoder_padding_mask[..., :-1],
+        }
+        if self.image_converter is not None:
+            x["images"] = images if images is not None else self._empty_images(encoder_token_ids.shape[:-1])
+        return keras.utils.pack_x_y_sample_weight(x, decoder_token_ids[..., 1:], decoder_padding_mask[..., 1:])
+
+    def generate_preprocess(self, x, *, encoder_sequence_length=None, decoder_sequence_length=None,
+                            sequence_length=None):
+        """Prompts to generation inputs; the decoder prompt gets `<bos>` and no `<eos>`.
+
+        Raises:
+            ValueError: if a prompt does not fit its sequence length, or
+                image markers and images do not match.
+        """
+        if not self.built:
+            self.build(None)
+        encoder_text, decoder_text, images = self._split(x, None)
+        batched = self._is_batched(encoder_text)
+        if decoder_text is None:
+            decoder_text = [""] * len(encoder_text) if batched else ""
+        images, counts = self._images(images, batched)
+        encoder_sequence_length = encoder_sequence_length or self.encoder_sequence_length
+        decoder_sequence_length = decoder_sequence_length or sequence_length or self.decoder_sequence_length
+        outputs = self._generate_inputs(
+            self._pack(encoder_text, decoder_text, images),
+            encoder_sequence_length=encoder_sequence_length,
+            decoder_sequence_length=decoder_sequence_length,
+        )
+        self._check_images(outputs["encoder_token_ids"], counts)
+        return outputs
+
+    @preprocessing_function
+    def _generate_inputs(self, x, encoder_sequence_length, decoder_sequence_length):
+        images = x.get("images")
+        encoder_token_ids = self._expanded_prompts(x["encoder_text"])
+        decoder_token_ids = self._tokenize(x["decoder_text"])
+        self._check_fits(encoder_token_ids, encoder_sequence_length, "encoder", self.add_start_token + self.add_end_token)
+        self._check_fits(decoder_token_ids, decoder_sequence_length, "decoder", 1)
+        encoder_token_ids, encoder_padding_mask = self.encoder_packer(
+            encoder_token_ids, sequence_length=encoder_sequence_length
+        )
+        decoder_token_ids, decoder_padding_mask = self.decoder_packer(
+            decoder_token_ids, sequence_length=decoder_sequence_length, add_end_value=False
+        )
+        inputs = {
+            "encoder_token_ids": encoder_token_ids,
+            "encoder_padding_mask": encoder_padding_mask,
+            "decoder_token_ids": decoder_token_ids,
+            "decoder_padding_mask": decoder_padding_mask,
+        }
+        if self.image_converter is not None:
+            inputs["images"] = images if images is not None else self._empty_images(encoder_token_ids.shape[:-1])
+        return inputs
+
+    @staticmethod
+    def _check_fits(token_ids, sequence_length, side, extra):
+        if not tf.executing_eagerly():
+            return
+        lengths = token_ids.row_lengths() if isinstance(token_ids, tf.RaggedTensor) else [tf.shape(token_ids)[-1]]
+        longest = int(tf.reduce_max(lengths)) + extra
+        if longest > sequence_length:
+            raise ValueError(
+                f"A {side} prompt has {longest} tokens but the {side} sequence length is {sequence_length}. "
+                f"Pass a larger `{side}_sequence_length` (or `max_length` for the decoder) or shorten it."
+            )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "mm_tokens_per_image": self.mm_tokens_per_image,
+            "max_images_per_prompt": self.max_images_per_prompt,
+            "add_start_token": self.add_start_token,
+            "add_end_token": self.add_end_token,
+        }
+
+    @classproperty
+    def presets(cls):
+        return known_presets()
+
+    @classmethod
+    def from_preset(cls, preset, config_file="preprocessor.json", **kwargs):
+        """Loads the preprocessor of a preset; see `T5Gemma2Backbone.from_preset`."""
+        return get_preset_loader(preset).load_preprocessor(cls, config_file, **kwargs)
+

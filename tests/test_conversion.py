@@ -1,0 +1,210 @@
+"""Hugging Face checkpoints in: `from_preset` on folders and `hf://` handles, the
+conversion tool, presets round trip and errors. No network: hub access is faked."""
+
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import torch
+from conftest import assert_matches_reference
+from hf_checkpoints import checkpoint_config
+from hf_checkpoints import to_earlier_layout
+from hf_checkpoints import write_checkpoint
+
+from keras_t5gemma import T5Gemma2Backbone
+from keras_t5gemma import T5Gemma2Seq2SeqLM
+from keras_t5gemma import T5Gemma2Tokenizer
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "tools" / "checkpoint_conversion"))
+import convert_t5gemma2_checkpoints as tool  # noqa: E402
+
+PROMPT = "A <start_of_image> fox jumped."
+
+
+@pytest.fixture(scope="module")
+def checkpoints(small_proto, tmp_path_factory):
+    """`{layout: (folder, reference model)}` for the layouts a converter must read."""
+    config = checkpoint_config()
+    folders = {}
+    for layout in ("single", "sharded", "earlier"):
+        folder = tmp_path_factory.mktemp(layout)
+        shards = "40KB" if layout == "sharded" else None
+        model = write_checkpoint(folder, config, small_proto, seed=5, max_shard_size=shards)
+        if layout == "earlier":
+            to_earlier_layout(folder)
+        folders[layout] = (folder, model)
+    assert len(list(folders["sharded"][0].glob("*.safetensors"))) > 1
+    return folders
+
+
+def _compare_with_reference(seq_2_seq_lm, model, rng, atol=1e-4, rtol=1e-5):
+    """Logits of an image prompt through the whole pipeline, against the reference."""
+    image = rng.integers(0, 255, (40, 30, 3), dtype="uint8")
+    x, _, _ = seq_2_seq_lm.preprocessor(
+        {"encoder_text": [PROMPT], "decoder_text": ["fox"], "images": [[image]]},
+        encoder_sequence_length=32,
+        decoder_sequence_length=8,
+    )
+    images = np.asarray(x["images"])
+    with torch.no_grad():
+        expected = model(
+            input_ids=torch.tensor(np.asarray(x["encoder_token_ids"])).long(),
+            attention_mask=torch.tensor(np.asarray(x["encoder_padding_mask"])),
+            pixel_values=torch.tensor(images[0].transpose(0, 3, 1, 2)),
+            decoder_input_ids=torch.tensor(np.asarray(x["decoder_token_ids"])).long(),
+            decoder_attention_mask=torch.tensor(np.asarray(x["decoder_padding_mask"])),
+        ).logits.numpy()
+    logits = keras.ops.convert_to_numpy(keras.ops.cast(seq_2_seq_lm(x), "float32"))
+    real = np.asarray(x["decoder_padding_mask"]).astype(bool)
+    return assert_matches_reference(logits[real], expected[real], atol=atol, rtol_to_scale=rtol)
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "earlier"])
+def test_from_preset_on_a_local_folder_matches_reference(checkpoints, layout, rng):
+    folder, model = checkpoints[layout]
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(folder))
+    _compare_with_reference(seq_2_seq_lm, model, rng)
+    assert seq_2_seq_lm.preprocessor.image_converter.image_size == (28, 28)
+    assert seq_2_seq_lm.preprocessor.add_start_token and not seq_2_seq_lm.preprocessor.add_end_token
+
+
+def test_hf_handle_and_released_name_load_through_the_hub(checkpoints, monkeypatch, rng):
+    """`hf://` handles (and released names, which resolve to them) go through `hf_hub_download`."""
+    import huggingface_hub
+
+    folder, model = checkpoints["single"]
+    requested = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        requested.append((repo_id, filename))
+        path = folder / filename
+        if not path.exists():
+            from huggingface_hub.errors import EntryNotFoundError
+
+            raise EntryNotFoundError(f"{filename} not found")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_270m_270m")
+    assert ("google/t5gemma-2-270m-270m", "config.json") in requested
+    _compare_with_reference(seq_2_seq_lm, model, rng)
+    tokenizer = T5Gemma2Tokenizer.from_preset("hf://someone/t5gemma-2-tiny")
+    assert tokenizer.image_placeholder_token_id == 6
+
+
+def test_gated_repository_says_how_to_get_access(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    class Forbidden:  # the parts of an HTTP response the error reads
+        status_code, headers, request = 403, {}, None
+
+    def gated(repo_id, filename, **kwargs):
+        raise GatedRepoError("403 Client Error: access to this model is restricted", response=Forbidden())
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(PermissionError, match="is gated. Accept the Gemma license.*HF_TOKEN"):
+        T5Gemma2Backbone.from_preset("hf://google/t5gemma-2-270m-270m")
+
+
+def test_unknown_preset_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown preset `t5gemma2_9b_9b`.*t5gemma2_270m_270m"):
+        T5Gemma2Seq2SeqLM.from_preset("t5gemma2_9b_9b")
+
+
+def _broken_copy(checkpoints, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(checkpoints["single"][0], folder)
+    return folder
+
+
+def test_wrong_model_type_is_rejected(checkpoints, tmp_path):
+    folder = _broken_copy(checkpoints, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "t5gemma"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="Expected a T5Gemma 2 checkpoint.*'t5gemma'"):
+        T5Gemma2Backbone.from_preset(str(folder))
+
+
+def test_missing_weights_are_reported(checkpoints, tmp_path):
+    folder = _broken_copy(checkpoints, tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="neither `model.safetensors` nor"):
+        T5Gemma2Backbone.from_preset(str(folder))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header"])
+def test_corrupt_weights_are_reported(checkpoints, tmp_path, damage):
+    folder = _broken_copy(checkpoints, tmp_path)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:8] + b"{not json" + data[17:])
+    with pytest.raises(ValueError, match="is corrupt"):
+        T5Gemma2Backbone.from_preset(str(folder))
+
+
+def test_config_not_matching_the_weights_is_reported(checkpoints, tmp_path):
+    folder = _broken_copy(checkpoints, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    for text in (config["encoder"]["text_config"], config["decoder"]):
+        text["intermediate_size"] = 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="mlp.gate_proj.weight` has shape .* does not fit"):
+        T5Gemma2Backbone.from_preset(str(folder))
+
+
+def test_bfloat16_conversion(checkpoints, rng):
+    folder, model = checkpoints["single"]
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(folder), dtype="bfloat16")
+    kernel = seq_2_seq_lm.backbone.encoder.transformer_layers[0].attention.query_dense.kernel
+    assert keras.backend.standardize_dtype(kernel.dtype) == "bfloat16"
+    # bf16 weights and compute: within 5% of the logit scale.
+    _compare_with_reference(seq_2_seq_lm, model, rng, atol=np.inf, rtol=0.05)
+
+
+def test_text_only_conversion_skips_the_vision_tower(checkpoints):
+    folder, _ = checkpoints["earlier"]
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(folder), text_only=True)
+    assert seq_2_seq_lm.backbone.vision_encoder is None
+    assert seq_2_seq_lm.preprocessor.image_converter is None
+    assert not any("vision" in w.path for w in seq_2_seq_lm.weights)
+
+
+def test_tool_converts_verifies_and_round_trips(checkpoints, tmp_path, rng, capsys):
+    folder, model = checkpoints["sharded"]
+    output = tmp_path / "preset"
+    assert tool.main([str(folder), str(output), "--verify"]) == 0
+    report = capsys.readouterr().out
+    assert "greedy tokens agreeing with transformers: 16/16" in report
+    difference = float(report.split("max |logit difference| = ")[1].split()[0])
+    assert difference <= 1e-4
+
+    converted = T5Gemma2Seq2SeqLM.from_preset(str(output))
+    _compare_with_reference(converted, model, rng)
+    direct = T5Gemma2Seq2SeqLM.from_preset(str(folder))
+    for a, b in zip(direct.weights, converted.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+
+    # A preset saved by this package loads back bit-exactly, tokenizer included.
+    again = tmp_path / "again"
+    converted.save_to_preset(str(again))
+    reloaded = T5Gemma2Seq2SeqLM.from_preset(str(again))
+    for a, b in zip(converted.weights, reloaded.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    text = ["The quick brown fox.", PROMPT]
+    np.testing.assert_array_equal(
+        converted.preprocessor.generate_preprocess({"encoder_text": text, "images": [[], [np.zeros((8, 8, 3), "uint8")]]})["encoder_token_ids"],
+        reloaded.preprocessor.generate_preprocess({"encoder_text": text, "images": [[], [np.zeros((8, 8, 3), "uint8")]]})["encoder_token_ids"],
+    )
+
+
+def test_tool_reports_bad_sources(tmp_path, capsys):
+    assert tool.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert "Unknown preset" in capsys.readouterr().err
