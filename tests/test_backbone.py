@@ -127,3 +127,30 @@ def test_bfloat16_stays_close_to_float32(dtype, rng):
     norm = half.encoder.transformer_layers[0].pre_attention_norm
     variable_dtype = "bfloat16" if dtype == "bfloat16" else "float32"
     assert keras.backend.standardize_dtype(norm.scale.dtype) == variable_dtype
+
+
+def test_encoder_only_backbone_has_no_decoder_and_the_same_encoder(rng):
+    full = T5Gemma2Backbone(**TINY)
+    encoder_only = T5Gemma2Backbone(**TINY, encoder_only=True)
+    assert encoder_only.decoder is None and "decoder_token_ids" not in encoder_only.input
+    assert not any(w.path.startswith("decoder/") for w in encoder_only.weights)
+    shared = {w.path: w for w in encoder_only.weights}
+    for weight in full.weights:
+        if weight.path in shared:
+            shared[weight.path].assign(weight)
+    inputs = _inputs(rng)
+    np.testing.assert_array_equal(
+        encoder_only({k: v for k, v in inputs.items() if k.startswith("encoder")})["encoder_sequence_output"],
+        full(inputs)["encoder_sequence_output"],
+    )
+    restored = T5Gemma2Backbone.from_config(encoder_only.get_config())
+    assert restored.decoder is None
+
+
+@pytest.mark.parametrize("key, value", [("encoder_token_ids", 300), ("decoder_token_ids", -1)])
+def test_token_ids_outside_the_vocabulary_are_an_error(rng, key, value):
+    backbone = T5Gemma2Backbone(**TINY)
+    inputs = _inputs(rng)
+    inputs[key][0, 0] = value
+    with pytest.raises(ValueError, match=f"`{key}` holds ids in .* outside the vocabulary of 300 tokens"):
+        backbone(inputs)

@@ -208,3 +208,16 @@ def test_tool_converts_verifies_and_round_trips(checkpoints, tmp_path, rng, caps
 def test_tool_reports_bad_sources(tmp_path, capsys):
     assert tool.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     assert "Unknown preset" in capsys.readouterr().err
+
+
+def test_encoder_only_load_skips_the_decoder_and_matches_reference(checkpoints):
+    folder, model = checkpoints["single"]
+    backbone = T5Gemma2Backbone.from_preset(str(folder), encoder_only=True, text_only=True)
+    assert backbone.decoder is None
+    ids = np.array([[2, 40, 41, 42, 43, 0]], "int32")
+    mask = (ids > 0).astype("int32")
+    with torch.no_grad():
+        expected = model.model.encoder(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask))
+    ours = backbone({"encoder_token_ids": ids, "encoder_padding_mask": mask})["encoder_sequence_output"]
+    real = mask.astype(bool)
+    assert_matches_reference(keras.ops.convert_to_numpy(ours)[real], expected.last_hidden_state.numpy()[real])

@@ -106,8 +106,11 @@ def vision_encoder_kwargs_from_hf_config(vision_config, mm_tokens_per_image, out
     }
 
 
-def backbone_from_hf_config(config, text_only=False, dtype=None):
-    """A `T5Gemma2Backbone` (random weights) for a T5Gemma 2 `config.json` dict."""
+def backbone_from_hf_config(config, text_only=False, encoder_only=False, dtype=None):
+    """A `T5Gemma2Backbone` (random weights) for a T5Gemma 2 `config.json` dict.
+
+    `text_only` leaves out the vision tower, `encoder_only` the decoder.
+    """
     from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
     from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 
@@ -120,7 +123,7 @@ def backbone_from_hf_config(config, text_only=False, dtype=None):
             dtype=dtype,
             name="vision_encoder",
         )
-    return T5Gemma2Backbone(**kwargs, dtype=dtype)
+    return T5Gemma2Backbone(**kwargs, encoder_only=encoder_only, dtype=dtype)
 
 
 def backbone_kwargs_from_hf_config(config):

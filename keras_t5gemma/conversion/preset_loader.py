@@ -63,7 +63,8 @@ class T5Gemma2CheckpointLoader(PresetLoader):
     """Builds T5Gemma 2 models from a Hugging Face checkpoint.
 
     Extra `load_backbone` arguments: `text_only` (skip the vision tower and its
-    weights) and `progress` (a callable advanced once per loaded tensor).
+    weights), `encoder_only` (skip the decoder) and `progress` (a callable
+    advanced once per loaded tensor).
     """
 
     def __init__(self, preset, config):
@@ -77,15 +78,16 @@ class T5Gemma2CheckpointLoader(PresetLoader):
 
     def get_backbone_kwargs(self, **kwargs):
         backbone_kwargs, kwargs = super().get_backbone_kwargs(**kwargs)
-        for name in ("text_only", "progress"):
+        for name in ("text_only", "encoder_only", "progress"):
             if name in kwargs:
                 backbone_kwargs[name] = kwargs.pop(name)
         return backbone_kwargs, kwargs
 
-    def load_backbone(self, cls, load_weights_=True, text_only=False, progress=None, dtype=None, **kwargs):
+    def load_backbone(self, cls, load_weights_=True, text_only=False, encoder_only=False, progress=None,
+                      dtype=None, **kwargs):
         if kwargs:
             raise ValueError(f"Unexpected arguments for a T5Gemma 2 checkpoint: {sorted(kwargs)}.")
-        backbone = backbone_from_hf_config(self.config, text_only=text_only, dtype=dtype)
+        backbone = backbone_from_hf_config(self.config, text_only=text_only, encoder_only=encoder_only, dtype=dtype)
         if load_weights_:
             checkpoint = self.checkpoint
             load_weights(backbone, checkpoint.keys(), checkpoint.read, progress=progress)

@@ -104,6 +104,8 @@ def weight_specs(backbone):
     yield WeightSpec(embedding.table.embeddings, "model.encoder.embed_tokens.weight")
     yield WeightSpec(embedding.eoi_embedding, "model.encoder.embed_tokens.eoi_embedding")
     for side, stack in (("encoder", backbone.encoder), ("decoder", backbone.decoder)):
+        if stack is None:
+            continue
         for i, layer in enumerate(stack.transformer_layers):
             yield from _text_layer_specs(layer, f"model.{side}.layers.{i}")
         yield WeightSpec(stack.final_norm.scale, f"model.{side}.norm.weight")
@@ -119,8 +121,10 @@ _IGNORED = re.compile(
 )
 
 
-# Vision tensors, skipped when loading into a text-only backbone.
+# Tensors of parts a backbone may leave out: the vision tower (text-only) and
+# the decoder (encoder-only).
 _VISION = re.compile(r"^model\.encoder\.(vision_tower|multi_modal_projector)\.")
+_DECODER = re.compile(r"^model\.decoder\.")
 
 
 def load_weights(backbone, keys, get_tensor, progress=None):
@@ -145,13 +149,13 @@ def load_weights(backbone, keys, get_tensor, progress=None):
             "Is it a T5Gemma 2 checkpoint matching its config (and does it include the vision "
             "tower, if the config has one)?"
         )
-    text_only = backbone.vision_encoder is None
+    left_out = [_IGNORED]
+    if backbone.vision_encoder is None:
+        left_out.append(_VISION)
+    if backbone.decoder is None:
+        left_out.append(_DECODER)
     unexpected = sorted(
-        key
-        for key in by_canonical
-        if key not in expected
-        and not _IGNORED.match(key)
-        and not (text_only and _VISION.match(key))
+        key for key in by_canonical if key not in expected and not any(p.match(key) for p in left_out)
     )
     if unexpected:
         raise ValueError(

@@ -85,6 +85,9 @@ class T5Gemma2Backbone(Backbone):
         image_token_id: int, the image placeholder token.
         vision_encoder: optional `T5Gemma2VisionEncoder`; without it the
             backbone is text-only.
+        encoder_only: bool. Build no decoder (for embeddings): the inputs are
+            then only the encoder's, and the output only
+            `encoder_sequence_output`.
         dtype: dtype policy, e.g. `"float32"`, `"bfloat16"`, `"mixed_bfloat16"`.
 
     Example:
@@ -131,6 +134,7 @@ class T5Gemma2Backbone(Backbone):
         eoi_token_id=256_000,
         image_token_id=256_001,
         vision_encoder=None,
+        encoder_only=False,
         dtype=None,
         **kwargs,
     ):
@@ -190,7 +194,7 @@ class T5Gemma2Backbone(Backbone):
             )
 
         self.encoder = stack("encoder", encoder_layer_types, causal=False)
-        self.decoder = stack("decoder", decoder_layer_types, causal=True)
+        self.decoder = None if encoder_only else stack("decoder", decoder_layer_types, causal=True)
         self.vision_encoder = vision_encoder
         if vision_encoder is not None:
             if vision_encoder.output_dim != hidden_dim:
@@ -203,35 +207,26 @@ class T5Gemma2Backbone(Backbone):
         # === Functional model ===
         encoder_token_ids = keras.Input((None,), dtype="int32", name="encoder_token_ids")
         encoder_padding_mask = keras.Input((None,), dtype="int32", name="encoder_padding_mask")
-        decoder_token_ids = keras.Input((None,), dtype="int32", name="decoder_token_ids")
-        decoder_padding_mask = keras.Input((None,), dtype="int32", name="decoder_padding_mask")
-        inputs = {
-            "encoder_token_ids": encoder_token_ids,
-            "encoder_padding_mask": encoder_padding_mask,
-            "decoder_token_ids": decoder_token_ids,
-            "decoder_padding_mask": decoder_padding_mask,
-        }
+        inputs = {"encoder_token_ids": encoder_token_ids, "encoder_padding_mask": encoder_padding_mask}
         images = None
         if vision_encoder is not None:
             size = vision_encoder.image_size
             images = keras.Input((None, size, size, 3), name="images")
             inputs["images"] = images
         encoder_output = self.encode(encoder_token_ids, encoder_padding_mask, images)
-        decoder_output = self.decoder(
-            self.token_embedding(decoder_token_ids),
-            decoder_padding_mask,
-            encoder_output,
-            encoder_padding_mask,
-        )
-        super().__init__(
-            inputs=inputs,
-            outputs={
-                "encoder_sequence_output": encoder_output,
-                "decoder_sequence_output": decoder_output,
-            },
-            dtype=dtype,
-            **kwargs,
-        )
+        outputs = {"encoder_sequence_output": encoder_output}
+        if not encoder_only:
+            decoder_token_ids = keras.Input((None,), dtype="int32", name="decoder_token_ids")
+            decoder_padding_mask = keras.Input((None,), dtype="int32", name="decoder_padding_mask")
+            inputs["decoder_token_ids"] = decoder_token_ids
+            inputs["decoder_padding_mask"] = decoder_padding_mask
+            outputs["decoder_sequence_output"] = self.decoder(
+                self.token_embedding(decoder_token_ids),
+                decoder_padding_mask,
+                encoder_output,
+                encoder_padding_mask,
+            )
+        super().__init__(inputs=inputs, outputs=outputs, dtype=dtype, **kwargs)
 
         # === Config ===
         self.vocabulary_size = vocabulary_size
@@ -257,6 +252,7 @@ class T5Gemma2Backbone(Backbone):
         self.attention_dropout = attention_dropout
         self.eoi_token_id = eoi_token_id
         self.image_token_id = image_token_id
+        self.encoder_only = encoder_only
 
     def encode(self, token_ids, padding_mask, images=None, training=False):
         """Encoder output `(B, S, D)`; images (if any) replace their placeholders.
@@ -288,19 +284,35 @@ class T5Gemma2Backbone(Backbone):
         return super().__call__(self.with_default_images(inputs), *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
-        if self.vision_encoder is not None and isinstance(inputs, dict):
-            self._check_placeholders(inputs["encoder_token_ids"], inputs["images"])
+        if isinstance(inputs, dict):
+            self._check_inputs(inputs)
         return super().call(inputs, training=training, mask=mask)
 
-    def _check_placeholders(self, token_ids, images):
-        """Checks placeholder counts when the inputs are concrete (not traced)."""
-        try:
-            token_ids = ops.convert_to_numpy(token_ids)
-        except Exception:
-            return
-        check_image_placeholders(
-            token_ids, ops.shape(images)[1], self.image_token_id, self.vision_encoder.mm_tokens_per_image
-        )
+    def _check_inputs(self, inputs):
+        """Token ids in range and image placeholders matching the images.
+
+        Runs only on concrete inputs (eager calls); traced calls (`fit`,
+        `predict`, `generate`) are checked by the preprocessor.
+        """
+        for key in ("encoder_token_ids", "decoder_token_ids"):
+            if key not in inputs:
+                continue
+            try:
+                token_ids = np.asarray(ops.convert_to_numpy(inputs[key]))
+            except Exception:
+                return
+            if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocabulary_size):
+                raise ValueError(
+                    f"`{key}` holds ids in [{token_ids.min()}, {token_ids.max()}], outside the "
+                    f"vocabulary of {self.vocabulary_size} tokens."
+                )
+            if key == "encoder_token_ids" and self.vision_encoder is not None:
+                check_image_placeholders(
+                    token_ids,
+                    ops.shape(inputs["images"])[1],
+                    self.image_token_id,
+                    self.vision_encoder.mm_tokens_per_image,
+                )
 
     def get_config(self):
         return {
@@ -331,6 +343,7 @@ class T5Gemma2Backbone(Backbone):
             "vision_encoder": None
             if self.vision_encoder is None
             else keras.layers.serialize(self.vision_encoder),
+            "encoder_only": self.encoder_only,
         }
 
     @classmethod
