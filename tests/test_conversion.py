@@ -221,3 +221,18 @@ def test_encoder_only_load_skips_the_decoder_and_matches_reference(checkpoints):
     ours = backbone({"encoder_token_ids": ids, "encoder_padding_mask": mask})["encoder_sequence_output"]
     real = mask.astype(bool)
     assert_matches_reference(keras.ops.convert_to_numpy(ours)[real], expected.last_hidden_state.numpy()[real])
+
+
+@pytest.mark.parametrize(
+    "single, expected",
+    [
+        ([{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}], (True, False)),
+        ([{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "<eos>", "type_id": 0}}], (False, True)),
+    ],
+)
+def test_bos_and_eos_follow_the_tokenizer_json_post_processor(checkpoints, tmp_path, single, expected):
+    folder = _broken_copy(checkpoints, tmp_path)
+    tokenizer_json = {"model": {"type": "BPE"}, "post_processor": {"type": "TemplateProcessing", "single": single}}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    preprocessor = T5Gemma2Seq2SeqLM.from_preset(str(folder), load_weights=False).preprocessor
+    assert (preprocessor.add_start_token, preprocessor.add_end_token) == expected

@@ -120,11 +120,27 @@ class T5Gemma2CheckpointLoader(PresetLoader):
         kwargs = cls._add_missing_kwargs(self, kwargs)
         encoder = self.config.get("encoder", {})
         kwargs.setdefault("mm_tokens_per_image", encoder.get("mm_tokens_per_image", 256))
-        if self.checkpoint.has("tokenizer_config.json"):
-            tokenizer_config = self.checkpoint.json("tokenizer_config.json")
-            kwargs.setdefault("add_start_token", tokenizer_config.get("add_bos_token", True))
-            kwargs.setdefault("add_end_token", tokenizer_config.get("add_eos_token", False))
+        add_bos, add_eos = self._special_tokens_added()
+        kwargs.setdefault("add_start_token", add_bos)
+        kwargs.setdefault("add_end_token", add_eos)
         return cls(**kwargs)
+
+    def _special_tokens_added(self):
+        """Whether the reference tokenizer adds `<bos>`/`<eos>` to a single text.
+
+        `transformers` 5.23 follows the post-processor of `tokenizer.json` when
+        there is one, else `tokenizer_config.json`; Gemma's convention is
+        `<bos>` only.
+        """
+        if self.checkpoint.has("tokenizer.json"):
+            processor = self.checkpoint.json("tokenizer.json").get("post_processor") or {}
+            if processor.get("type") == "TemplateProcessing":
+                pieces = [item.get("SpecialToken", {}).get("id") for item in processor.get("single", [])]
+                return "<bos>" in pieces[:1], "<eos>" in pieces[-1:]
+        if self.checkpoint.has("tokenizer_config.json"):
+            config = self.checkpoint.json("tokenizer_config.json")
+            return bool(config.get("add_bos_token", True)), bool(config.get("add_eos_token", False))
+        return True, False
 
     def load_task(self, cls, load_weights, load_task_weights, **kwargs):
         # A text-only model gets a preprocessor without an image converter.
