@@ -254,3 +254,16 @@ def test_keras_file_round_trip_is_exact(pair, rng, tmp_path):
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(seq_2_seq_lm(inputs)), keras.ops.convert_to_numpy(restored(inputs))
     )
+
+
+def test_train_and_predict_without_images_on_a_vision_model(pair, rng):
+    _, seq_2_seq_lm = pair
+    model = T5Gemma2Seq2SeqLM(seq_2_seq_lm.backbone)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    encoder_ids, encoder_mask = _encoder_batch(rng, [6, 4])
+    decoder_ids, decoder_mask = _decoder_prompt(2, 4, prompt=(2, 5, 6))
+    x = {"encoder_token_ids": encoder_ids, "encoder_padding_mask": encoder_mask,
+         "decoder_token_ids": decoder_ids, "decoder_padding_mask": decoder_mask}
+    loss = model.train_on_batch(x, decoder_ids)
+    assert np.isfinite(loss).all()
+    np.testing.assert_allclose(model.predict_on_batch(x), keras.ops.convert_to_numpy(model(x)), atol=1e-5)

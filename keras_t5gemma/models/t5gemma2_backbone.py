@@ -284,6 +284,8 @@ class T5Gemma2Backbone(Backbone):
         return super().__call__(self.with_default_images(inputs), *args, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
+        # `fit` and `predict` reach here through `stateless_call`, not `__call__`.
+        inputs = self.with_default_images(inputs)
         if isinstance(inputs, dict):
             self._check_inputs(inputs)
         return super().call(inputs, training=training, mask=mask)
@@ -368,3 +370,44 @@ class T5Gemma2Backbone(Backbone):
         """
         return get_preset_loader(preset).load_backbone(cls, load_weights, **kwargs)
 
+
+    @classmethod
+    def get_layout_map(cls, device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
+        """A `keras.distribution.LayoutMap` sharding every backbone weight.
+
+        Large matrices are split over `model_parallel_dim_name` (vocabulary,
+        MLP width, or the model width D for attention, since the released
+        query and key/value head counts, 4/1 and 8/4, do not divide a model
+        axis of 8) and, except attention, over `data_parallel_dim_name` too;
+        norms, biases and vectors are replicated. LoRA kernels added by
+        `enable_lora` are sharded like the kernel they adapt. See
+        `keras_t5gemma/models/t5gemma2_layout.py` for the reasons.
+
+        Example:
+        ```python
+        devices = keras.distribution.list_devices()  # e.g. 8 TPU cores
+        mesh = keras.distribution.DeviceMesh(
+            shape=(1, 8), axis_names=("batch", "model"), devices=devices
+        )
+        layout_map = T5Gemma2Backbone.get_layout_map(mesh)
+        distribution = keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        )
+        with distribution.scope():
+            seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_270m_270m")
+            seq_2_seq_lm.backbone.enable_lora(rank=8)
+        for variable in seq_2_seq_lm.backbone.weights[:8]:
+            print(variable.path, variable.value.sharding.spec)
+        ```
+
+        Args:
+            device_mesh: `keras.distribution.DeviceMesh`.
+            model_parallel_dim_name: str, the mesh axis weights are split over.
+            data_parallel_dim_name: str, the mesh axis batches are split over.
+
+        Returns:
+            `keras.distribution.LayoutMap`.
+        """
+        from keras_t5gemma.models.t5gemma2_layout import layout_map
+
+        return layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)

@@ -54,6 +54,10 @@ class T5Gemma2Seq2SeqLM(Seq2SeqLM):
     def __call__(self, inputs, *args, **kwargs):
         return super().__call__(self.backbone.with_default_images(inputs), *args, **kwargs)
 
+    def call(self, inputs, training=None, mask=None):
+        # `fit` and `predict` reach here through `stateless_call`, not `__call__`.
+        return super().call(self.backbone.with_default_images(inputs), training=training, mask=mask)
+
     # === Generation ===
 
     def _decoder_step(self, token_ids, cache, cache_update_index):

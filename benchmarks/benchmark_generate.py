@@ -1,0 +1,406 @@
+"""keras_t5gemma against KerasHub 0.32 and transformers, on the same random weights.
+
+    python benchmarks/benchmark_generate.py                 # tiny and 270m-270m configs
+    python benchmarks/benchmark_generate.py --configs tiny  # quick
+
+For each config the script writes one random checkpoint with `transformers`
+(float32), a copy in the earlier layout that KerasHub 0.32 reads (vision tower
+under `vision_model.`, `factor` in the full-attention RoPE parameters; and no
+vision config, since KerasHub's vision model cannot train without images), then
+measures each implementation in its own process (so peak memory is its own):
+
+- encoder time for a 512-token input (batch 1);
+- greedy decode tokens/s for 64 new tokens at batch 1 and 8 (64-token
+  prompts), timed on the second call;
+- first-call time (compilation for the Keras ports);
+- one training step, batch 4, 256 encoder / 64 decoder tokens;
+- peak memory during load + generate above the process's post-import
+  baseline, next to the size of the weights.
+
+It prints a table with the ratio of keras_t5gemma to each peer, and the decode
+roofline: weight bytes read per batch-1 step divided by the measured memory
+bandwidth. Timings are only comparable within one run on one machine.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+IMPLEMENTATIONS = ("keras_t5gemma", "keras_hub", "transformers")
+NEW_TOKENS = 64
+PROMPT_TOKENS = 64
+ENCODER_TOKENS = 512
+TRAIN_SHAPE = (4, 256, 64)
+
+
+def tiny_config():
+    text = {
+        "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 32,
+        "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        },
+    }
+    vision = {
+        "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "image_size": 28, "patch_size": 7, "vision_use_head": False,
+    }
+    return {
+        "model_type": "t5gemma2",
+        "encoder": {"text_config": text, "vision_config": vision, "mm_tokens_per_image": 4,
+                    "boi_token_index": 1021, "eoi_token_index": 1022},
+        "decoder": dict(text),
+        "image_token_index": 1023,
+    }
+
+
+def released_config(name):
+    return json.loads((ROOT / "presets" / "configs" / f"t5gemma-2-{name}.json").read_text())
+
+
+CONFIGS = {"tiny": tiny_config, "270m": lambda: released_config("270m-270m")}
+
+
+def _float32(config):
+    """The config without `dtype` entries, so `transformers` builds float32 modules."""
+    if isinstance(config, dict):
+        return {k: _float32(v) for k, v in config.items() if k != "dtype"}
+    return config
+
+
+def write_checkpoints(config, directory):
+    """A random float32 checkpoint, and the earlier-layout copy KerasHub reads."""
+    import torch
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file
+    from transformers import T5Gemma2Config
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    current, earlier = Path(directory) / "current", Path(directory) / "earlier"
+    torch.manual_seed(0)
+    hf_config = T5Gemma2Config(**{k: v for k, v in _float32(config).items() if k != "model_type"})
+    model = T5Gemma2ForConditionalGeneration(hf_config)
+    with torch.no_grad():
+        for parameter in model.parameters():  # non-zero norms and end-of-image vector
+            parameter.normal_(0.0, 0.02)
+    model.save_pretrained(current)
+    del model
+    earlier.mkdir(parents=True, exist_ok=True)
+    for path in current.glob("*.safetensors"):
+        tensors = load_file(path)
+        save_file({k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in tensors.items()},
+                  earlier / path.name, metadata={"format": "pt"})
+        del tensors
+    for path in current.glob("*.json"):
+        data = json.loads(path.read_text())
+        if path.name == "config.json":
+            for text in (data["encoder"]["text_config"], data["decoder"]):
+                text["rope_parameters"]["full_attention"].setdefault("factor", 1.0)
+            # KerasHub's vision model cannot train without images; text only for it.
+            data["encoder"].pop("vision_config")
+        if path.name.endswith("index.json"):
+            data["weight_map"] = {
+                k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in data["weight_map"].items()
+            }
+        (earlier / path.name).write_text(json.dumps(data))
+    return current, earlier
+
+
+def memory_bandwidth():
+    """Read bandwidth in bytes/s: the best of NumPy and XLA reductions over 1 GiB."""
+    import jax
+    import numpy as np
+
+    data = np.ones(256 * 1024 * 1024, np.float32)
+    best = 0.0
+    on_device = jax.numpy.asarray(data)
+    reduce = jax.jit(lambda x: x.sum())
+    for function in (data.sum, lambda: reduce(on_device).block_until_ready()):
+        function()
+        started = time.perf_counter()
+        for _ in range(5):
+            function()
+        best = max(best, 5 * data.nbytes / (time.perf_counter() - started))
+    return best
+
+
+# === Children: one implementation each ===
+
+
+def _peak_rss():
+    # VmHWM, not getrusage: Linux carries ru_maxrss over from the parent across exec.
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _current_rss():
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _timed(function, repeats=1):
+    started = time.perf_counter()
+    for _ in range(repeats):
+        result = function()
+    return (time.perf_counter() - started) / repeats, result
+
+
+def _prompts(batch, length, vocabulary):
+    import numpy as np
+
+    ids = np.random.default_rng(batch).integers(3, min(vocabulary, 255_000), (batch, length)).astype("int32")
+    ids[:, 0] = 2
+    return ids
+
+
+def _keras_run(seq_2_seq_lm, backbone, vocabulary, implementation):
+    """Measurements shared by the two Keras ports."""
+    import jax
+    import keras
+    import numpy as np
+
+    def generate_inputs(batch):
+        encoder = _prompts(batch, PROMPT_TOKENS, vocabulary)
+        decoder = np.zeros((batch, NEW_TOKENS + 1), "int32")
+        decoder[:, 0] = 2
+        return {
+            "encoder_token_ids": encoder,
+            "encoder_padding_mask": np.ones_like(encoder),
+            "decoder_token_ids": decoder,
+            "decoder_padding_mask": (decoder > 0).astype("int32"),
+        }
+
+    results = {}
+    seq_2_seq_lm.compile(sampler="greedy")
+    first, _ = _timed(lambda: seq_2_seq_lm.generate(generate_inputs(1), stop_token_ids=None))
+    results["first_call_s"] = first
+    for batch in (1, 8):
+        inputs = generate_inputs(batch)
+        if batch == 8:
+            seq_2_seq_lm.generate(inputs, stop_token_ids=None)
+        seconds, _ = _timed(lambda: seq_2_seq_lm.generate(inputs, stop_token_ids=None))
+        results[f"decode_tokens_per_s_b{batch}"] = batch * NEW_TOKENS / seconds
+    results["peak_generate_bytes"] = _peak_rss()
+
+    ids = _prompts(1, ENCODER_TOKENS, vocabulary)
+    mask = np.ones_like(ids)
+    state = [v.value for v in backbone.trainable_variables]
+
+    if implementation == "keras_t5gemma":
+        def encode(ids, mask):
+            return backbone.encode(ids, mask)
+    else:
+        def encode(ids, mask):
+            inputs = {"encoder_token_ids": ids, "encoder_padding_mask": mask,
+                      "decoder_token_ids": ids[:, :1], "decoder_padding_mask": mask[:, :1]}
+            return backbone(inputs)["encoder_sequence_output"]
+
+    @jax.jit
+    def encoder(state, ids, mask):
+        with keras.StatelessScope(state_mapping=list(zip(backbone.trainable_variables, state))):
+            return encode(ids, mask)
+
+    encoder(state, ids, mask).block_until_ready()
+    results["encoder_512_s"], _ = _timed(lambda: encoder(state, ids, mask).block_until_ready(), repeats=3)
+
+    batch, encoder_length, decoder_length = TRAIN_SHAPE
+    encoder_ids = _prompts(batch, encoder_length, vocabulary)
+    decoder_ids = _prompts(batch, decoder_length, vocabulary)
+    x = {
+        "encoder_token_ids": encoder_ids, "encoder_padding_mask": np.ones_like(encoder_ids),
+        "decoder_token_ids": decoder_ids, "decoder_padding_mask": np.ones_like(decoder_ids),
+    }
+    seq_2_seq_lm.compile(optimizer=keras.optimizers.AdamW(1e-5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seq_2_seq_lm.train_on_batch(x, decoder_ids)
+    results["train_step_s"], _ = _timed(lambda: seq_2_seq_lm.train_on_batch(x, decoder_ids), repeats=2)
+    return results
+
+
+def run_keras_t5gemma(checkpoint):
+    from keras_t5gemma import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.conversion.preset_loader import get_preset_loader
+    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+
+    backbone = get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+    results = {"parameters": backbone.count_params(), "weight_bytes": 4 * backbone.count_params()}
+    results.update(_keras_run(seq_2_seq_lm, backbone, backbone.vocabulary_size, "keras_t5gemma"))
+    return results
+
+
+def run_keras_hub(checkpoint):
+    from keras_hub.models import T5Gemma2Backbone
+    from keras_hub.models import T5Gemma2Seq2SeqLM
+
+    backbone = T5Gemma2Backbone.from_preset(str(checkpoint))
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone=backbone, preprocessor=None)
+    results = {"parameters": backbone.count_params(), "weight_bytes": 4 * backbone.count_params()}
+    results.update(_keras_run(seq_2_seq_lm, backbone, backbone.vocabulary_size, "keras_hub"))
+    return results
+
+
+def run_transformers(checkpoint):
+    import torch
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    model = T5Gemma2ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    vocabulary = model.config.decoder.vocab_size
+    parameters = model.num_parameters()
+    results = {"parameters": parameters, "weight_bytes": 4 * parameters}
+
+    def generate(batch):
+        ids = torch.tensor(_prompts(batch, PROMPT_TOKENS, vocabulary)).long()
+        with torch.no_grad():
+            return model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS, do_sample=False,
+            )
+
+    results["first_call_s"], _ = _timed(lambda: generate(1))
+    for batch in (1, 8):
+        if batch == 8:
+            generate(8)
+        seconds, _ = _timed(lambda: generate(batch))
+        results[f"decode_tokens_per_s_b{batch}"] = batch * NEW_TOKENS / seconds
+    results["peak_generate_bytes"] = _peak_rss()
+
+    ids = torch.tensor(_prompts(1, ENCODER_TOKENS, vocabulary)).long()
+    with torch.no_grad():
+        model.model.encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
+        results["encoder_512_s"], _ = _timed(
+            lambda: model.model.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)), repeats=3
+        )
+
+    batch, encoder_length, decoder_length = TRAIN_SHAPE
+    encoder_ids = torch.tensor(_prompts(batch, encoder_length, vocabulary)).long()
+    labels = torch.tensor(_prompts(batch, decoder_length, vocabulary)).long()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+
+    def train_step():
+        optimizer.zero_grad()
+        loss = model(input_ids=encoder_ids, attention_mask=torch.ones_like(encoder_ids), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+
+    train_step()
+    results["train_step_s"], _ = _timed(train_step, repeats=2)
+    return results
+
+
+def child(implementation, checkpoint):
+    baseline = _current_rss()
+    started = time.perf_counter()
+    runner = {"keras_t5gemma": run_keras_t5gemma, "keras_hub": run_keras_hub, "transformers": run_transformers}
+    results = runner[implementation](checkpoint)
+    results["baseline_bytes"] = baseline
+    results["total_s"] = time.perf_counter() - started
+    print("RESULTS " + json.dumps(results))
+
+
+# === Parent ===
+
+
+def decode_bytes_per_step(config):
+    """Weight bytes a batch-1 decode step reads: decoder layers, final norm, and the tied table."""
+    decoder = config["decoder"]
+    hidden, heads, kv_heads = decoder["hidden_size"], decoder["num_attention_heads"], decoder["num_key_value_heads"]
+    head_dim, intermediate = decoder.get("head_dim", 256), decoder["intermediate_size"]
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads) + 2 * head_dim
+    layer = attention + 3 * hidden * intermediate + 4 * hidden
+    return 4 * (decoder["num_hidden_layers"] * layer + hidden + decoder["vocab_size"] * hidden)
+
+
+def run_child(implementation, checkpoint, environment):
+    command = [sys.executable, __file__, "--child", implementation, "--checkpoint", str(checkpoint)]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULTS "):
+            results = json.loads(line[len("RESULTS "):])
+            print(f"{implementation}: {results}", file=sys.stderr)
+            return results
+    print(f"{implementation} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}", file=sys.stderr)
+    return None
+
+
+def report(name, config, results, bandwidth):
+    rows = [
+        ("encoder 512 tokens (ms)", "encoder_512_s", 1000, False),
+        ("decode tok/s, batch 1", "decode_tokens_per_s_b1", 1, True),
+        ("decode tok/s, batch 8", "decode_tokens_per_s_b8", 1, True),
+        ("first call (s)", "first_call_s", 1, False),
+        ("train step b4 256/64 (ms)", "train_step_s", 1000, False),
+        ("peak generate memory (GiB)", "peak_memory", 1 / 2**30, False),
+        ("weights (GiB)", "weight_bytes", 1 / 2**30, False),
+        ("peak memory / weights", "memory_ratio", 1, False),
+    ]
+    for values in results.values():
+        if values:
+            values["peak_memory"] = values["peak_generate_bytes"] - values["baseline_bytes"]
+            values["memory_ratio"] = values["peak_memory"] / values["weight_bytes"]
+    names = [n for n in IMPLEMENTATIONS if results.get(n)]
+    header = "| metric | " + " | ".join(names) + " | ours/keras_hub | ours/transformers |"
+    lines = [f"### {name}", "", header, "|" + "---|" * (len(names) + 3)]
+    ours = results.get("keras_t5gemma") or {}
+    for label, key, scale, higher_is_better in rows:
+        cells = [f"{results[n][key] * scale:.3g}" for n in names]
+        ratios = []
+        for peer in ("keras_hub", "transformers"):
+            if ours and results.get(peer):
+                ratio = ours[key] / results[peer][key] if higher_is_better else results[peer][key] / ours[key]
+                ratios.append(f"{ratio:.2f}x")
+            else:
+                ratios.append("-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    lines.append("")
+    lines.append("Ratios: > 1 means keras_t5gemma is better (faster, or less memory). Weights as each implementation stores them.")
+    if ours:
+        step_bytes = decode_bytes_per_step(config)
+        roofline = bandwidth / step_bytes
+        lines.append(
+            f"Decode roofline (batch 1): {step_bytes / 1e9:.3f} GB of weights per step / {bandwidth / 1e9:.1f} GB/s "
+            f"measured = {roofline:.1f} steps/s; keras_t5gemma reaches "
+            f"{ours['decode_tokens_per_s_b1'] / roofline:.0%} of it."
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        return child(args.child, args.checkpoint)
+
+    environment = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    bandwidth = memory_bandwidth()
+    print(f"CPU threads: {os.cpu_count()}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+    for name in args.configs:
+        config = CONFIGS[name]()
+        with tempfile.TemporaryDirectory() as directory:
+            current, earlier = write_checkpoints(config, directory)
+            results = {}
+            for implementation in args.implementations:
+                checkpoint = earlier if implementation == "keras_hub" else current
+                results[implementation] = run_child(implementation, checkpoint, environment)
+        print(report(name, config, results, bandwidth))
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
