@@ -370,7 +370,6 @@ class T5Gemma2Backbone(Backbone):
         """
         return get_preset_loader(preset).load_backbone(cls, load_weights, **kwargs)
 
-
     @classmethod
     def get_layout_map(cls, device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
         """A `keras.distribution.LayoutMap` sharding every backbone weight.
