@@ -210,3 +210,11 @@ def test_fit_on_strings_and_images(seq_2_seq_lm, rng):
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     history = model.fit(x=data, batch_size=3, epochs=2, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
+
+
+def test_config_round_trip_keeps_lengths_and_options(preprocessor):
+    restored = T5Gemma2Seq2SeqLMPreprocessor.from_config(preprocessor.get_config())
+    for name in ("encoder_sequence_length", "decoder_sequence_length", "mm_tokens_per_image",
+                 "max_images_per_prompt", "add_start_token", "add_end_token"):
+        assert getattr(restored, name) == getattr(preprocessor, name), name
+    assert restored.image_converter.image_size == preprocessor.image_converter.image_size

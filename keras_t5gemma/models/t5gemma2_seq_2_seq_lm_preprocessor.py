@@ -349,6 +349,8 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
     def get_config(self):
         return {
             **super().get_config(),
+            "encoder_sequence_length": self.encoder_sequence_length,
+            "decoder_sequence_length": self.decoder_sequence_length,
             "mm_tokens_per_image": self.mm_tokens_per_image,
             "max_images_per_prompt": self.max_images_per_prompt,
             "add_start_token": self.add_start_token,
