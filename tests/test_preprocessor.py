@@ -218,3 +218,13 @@ def test_config_round_trip_keeps_lengths_and_options(preprocessor):
                  "max_images_per_prompt", "add_start_token", "add_end_token"):
         assert getattr(restored, name) == getattr(preprocessor, name), name
     assert restored.image_converter.image_size == preprocessor.image_converter.image_size
+
+
+def test_tf_data_text_only_batches_for_a_vision_model(preprocessor):
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {"encoder_text": ["The fox", "A dog"], "decoder_text": ["jumped", "slept."]}
+    ).batch(2)
+    x, y, _ = next(iter(dataset.map(preprocessor)))
+    assert tuple(x["images"].shape) == (2, 0, 28, 28, 3)
+    eager, _, _ = preprocessor({"encoder_text": ["The fox", "A dog"], "decoder_text": ["jumped", "slept."]})
+    np.testing.assert_array_equal(np.asarray(x["encoder_token_ids"]), np.asarray(eager["encoder_token_ids"]))

@@ -17,6 +17,15 @@ from keras_t5gemma.conversion.preset_loader import get_preset_loader
 from keras_t5gemma.conversion.preset_loader import known_presets
 
 
+def quantizable(layer):
+    """Layers `quantize` converts by default: projections and embedding tables.
+
+    Norms, the preprocessor's layers and our composite layers are left alone
+    (and Keras does not warn about them).
+    """
+    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding))
+
+
 def default_layer_types(num_layers, full_attention_every=6):
     """Gemma 3's pattern: every sixth layer attends fully, the others slide."""
     return [FULL if (i + 1) % full_attention_every == 0 else SLIDING for i in range(num_layers)]
@@ -264,6 +273,10 @@ class T5Gemma2Backbone(Backbone):
             features = self.vision_encoder(images, training=training)
             embeddings = self.image_merge(embeddings, token_ids, features)
         return self.encoder(embeddings, padding_mask, training=training)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Keras `quantize`, by default over the projections and the embedding table."""
+        super().quantize(mode, config=config, filters=filters or quantizable, **kwargs)
 
     def with_default_images(self, inputs):
         """`inputs` with an empty `(B, 0, H, W, 3)` `images` entry if a vision model lacks one.

@@ -240,9 +240,10 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
             return text.shape.rank == 1
         return True
 
-    def _empty_images(self, batch_shape):
-        size = self.image_converter.image_size
-        return tf.zeros((*batch_shape, self.max_images_per_prompt or 0, *size, 3))
+    def _empty_images(self, token_ids):
+        """Zero images, `max_images_per_prompt` (or no) slots per prompt of `token_ids`."""
+        slots_and_size = [self.max_images_per_prompt or 0, *self.image_converter.image_size, 3]
+        return tf.zeros(tf.concat([tf.shape(token_ids)[:-1], slots_and_size], 0))
 
     def call(self, x, y=None, sample_weight=None, *, encoder_sequence_length=None,
              decoder_sequence_length=None, sequence_length=None):
@@ -283,7 +284,7 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
             "decoder_padding_mask": decoder_padding_mask[..., :-1],
         }
         if self.image_converter is not None:
-            x["images"] = images if images is not None else self._empty_images(encoder_token_ids.shape[:-1])
+            x["images"] = images if images is not None else self._empty_images(encoder_token_ids)
         return keras.utils.pack_x_y_sample_weight(x, decoder_token_ids[..., 1:], decoder_padding_mask[..., 1:])
 
     def generate_preprocess(self, x, *, encoder_sequence_length=None, decoder_sequence_length=None,
@@ -331,7 +332,7 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
             "decoder_padding_mask": decoder_padding_mask,
         }
         if self.image_converter is not None:
-            inputs["images"] = images if images is not None else self._empty_images(encoder_token_ids.shape[:-1])
+            inputs["images"] = images if images is not None else self._empty_images(encoder_token_ids)
         return inputs
 
     @staticmethod

@@ -1,0 +1,240 @@
+"""T5Gemma 2 embeddings: the encoder alone, pooled to one vector per input."""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.models import Task
+from keras_hub.src.utils.preset_utils import KerasPresetLoader
+from keras_hub.src.utils.preset_utils import check_config_class
+from keras_hub.src.utils.preset_utils import check_file_exists
+from keras_hub.src.utils.preset_utils import load_json
+from keras_hub.src.utils.python_utils import classproperty
+from keras_hub.src.utils.tensor_utils import tf
+
+from keras_t5gemma.conversion.preset_loader import get_preset_loader
+from keras_t5gemma.conversion.preset_loader import known_presets
+from keras_t5gemma.layers.pooling import POOLING_MODES
+from keras_t5gemma.layers.pooling import SequencePooling
+from keras_t5gemma.layers.pooling import l2_normalize
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
+
+# Backbone arguments `from_preset` forwards to the loader.
+_BACKBONE_ARGUMENTS = ("dtype", "text_only", "progress")
+
+
+class _PreprocessedBatches(keras.utils.PyDataset):
+    """Batches of samples run through the preprocessor as they are read."""
+
+    def __init__(self, preprocessor, samples, batch_size):
+        super().__init__()
+        self.preprocessor = preprocessor
+        self.samples = samples
+        self.batch_size = batch_size
+
+    def __len__(self):
+        return math.ceil(len(self.samples) / self.batch_size)
+
+    def __getitem__(self, index):
+        batch = self.samples[index * self.batch_size : (index + 1) * self.batch_size]
+        inputs = self.preprocessor([{"text": text, "images": images} for text, images in batch])
+        return (keras.tree.map_structure(keras.ops.convert_to_numpy, inputs),)
+
+
+@keras.saving.register_keras_serializable(package="keras_t5gemma")
+class T5Gemma2Embedder(Task):
+    """T5Gemma 2 encoder embeddings: one `(hidden_dim,)` vector per input.
+
+    The bidirectional encoder runs over the prompt (text, or text with
+    `<start_of_image>` markers and their images, fused as in
+    `T5Gemma2Seq2SeqLM`), and its outputs are pooled: `"mean"` over the real
+    tokens, the `"first"` token (`<bos>`), or the `"last"` real token. With
+    `normalize` the vectors have unit L2 norm, so a dot product is a cosine
+    similarity. Outputs are float32 whatever the model's dtype.
+
+    Image-only inputs (images, no text) take another path: the vision tower
+    and projector give `mm_tokens_per_image` soft tokens per image, and the
+    vector is their mean (over all of a sample's images), normalised likewise.
+    That mean is the image's average input token to the encoder, i.e. a
+    vector in the encoder's *input* space, not its output space: compare
+    image-only vectors with each other. To compare images with text, embed
+    the image through the encoder, e.g. `{"text": "<start_of_image>",
+    "images": image}`.
+
+    `from_preset` builds an encoder-only backbone (no decoder built, no
+    decoder weights read), from Hugging Face checkpoints and Keras presets
+    alike, including presets saved from a `T5Gemma2Seq2SeqLM`.
+
+    Inputs of the functional model (as the preprocessor gives them):
+        encoder_token_ids, encoder_padding_mask: int `(B, S)`.
+        images (vision models): float `(B, N, H, W, 3)`.
+
+    Output: float32 `(B, hidden_dim)`.
+
+    Args:
+        backbone: a `T5Gemma2Backbone`, preferably with `encoder_only=True`
+            (a full backbone works too; its decoder is left unused).
+        preprocessor: a `T5Gemma2EmbedderPreprocessor`, or `None` (then
+            inputs are the token-id dicts above).
+        pooling: `"mean"`, `"first"` or `"last"`.
+        normalize: bool, L2-normalise the vectors.
+
+    Example:
+    ```python
+    embedder = T5Gemma2Embedder.from_preset("t5gemma2_270m_270m", pooling="mean")
+    vectors = embedder.predict(["A fox jumped.", "A dog slept."])  # (2, 640)
+    image = np.random.randint(0, 255, (300, 400, 3), dtype="uint8")
+    vectors = embedder.predict([
+        {"text": "A photo: <start_of_image>", "images": image},  # fused
+        {"images": image},  # image-only
+    ])
+    ```
+    """
+
+    backbone_cls = T5Gemma2Backbone
+    preprocessor_cls = T5Gemma2EmbedderPreprocessor
+
+    def __init__(self, backbone, preprocessor=None, pooling="mean", normalize=True, **kwargs):
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"`pooling` must be one of {POOLING_MODES}; got {pooling!r}.")
+        vision_encoder = backbone.vision_encoder
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.pooler = SequencePooling(pooling, normalize=normalize, name="pooler")
+        self.image_embedder = None
+        if vision_encoder is not None:
+            # Image-only vectors, compiled on their own: `(N, H, W, 3)` images
+            # to the `(N, hidden_dim)` mean of their soft tokens.
+            size = vision_encoder.image_size
+            image = keras.Input((size, size, 3), name="image")
+            token_mean = SequencePooling("mean", name="image_pooler")(vision_encoder(image))
+            self.image_embedder = keras.Model(image, token_mean, name="image_embedder")
+
+        # === Functional model ===
+        token_ids = keras.Input((None,), dtype="int32", name="encoder_token_ids")
+        padding_mask = keras.Input((None,), dtype="int32", name="encoder_padding_mask")
+        inputs = {"encoder_token_ids": token_ids, "encoder_padding_mask": padding_mask}
+        images = None
+        if vision_encoder is not None:
+            images = keras.Input((None, size, size, 3), name="images")
+            inputs["images"] = images
+        hidden = backbone.encode(token_ids, padding_mask, images)
+        super().__init__(inputs=inputs, outputs=self.pooler(hidden, padding_mask), **kwargs)
+
+        # === Config ===
+        self.pooling = pooling
+        self.normalize = normalize
+
+    def __call__(self, inputs, *args, **kwargs):
+        return super().__call__(self.backbone.with_default_images(inputs), *args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        # `fit` and `predict` reach here through `stateless_call`, not `__call__`.
+        return super().call(self.backbone.with_default_images(inputs), training=training, mask=mask)
+
+    def predict(self, x=None, batch_size=None, **kwargs):
+        """Embeds inputs: strings, dicts with `text` and/or `images`, or lists of those.
+
+        Returns a float32 numpy array `(B, hidden_dim)`, one row per input in
+        order. Text and fused inputs run through the compiled model in
+        batches of `batch_size` (default 32); image-only inputs through the
+        vision tower. A `tf.data.Dataset`, or input without a preprocessor,
+        goes to `keras.Model.predict` as in other KerasHub tasks.
+
+        Raises:
+            ValueError: for empty input, or a sample with neither (non-blank)
+                text nor images.
+        """
+        if self.preprocessor is None or isinstance(x, tf.data.Dataset) or tf.is_tensor(x):
+            return super().predict(x, batch_size=batch_size, **kwargs)
+        samples = self.preprocessor.as_samples(x)
+        batch_size = batch_size or 32
+        vectors = np.zeros((len(samples), self.backbone.hidden_dim), "float32")
+        prompts = [i for i, (text, _) in enumerate(samples) if text is not None]
+        image_only = [i for i, (text, _) in enumerate(samples) if text is None]
+        if prompts:
+            batches = _PreprocessedBatches(self.preprocessor, [samples[i] for i in prompts], batch_size)
+            # The batches are preprocessed already: skip the task's own pipeline.
+            vectors[prompts] = keras.Model.predict(self, batches, **kwargs)
+        if image_only:
+            vectors[image_only] = self.embed_image_samples([samples[i][1] for i in image_only], batch_size)
+        return vectors
+
+    def embed_image_samples(self, samples, batch_size=32):
+        """Image-only vectors `(len(samples), hidden_dim)`, float32 numpy.
+
+        Args:
+            samples: a list with, per sample, a list of images (any sizes;
+                converted by the preprocessor's image converter).
+            batch_size: images per vision tower call.
+
+        Each vector is the mean of the sample's images' projected soft
+        tokens, L2-normalised if `normalize`.
+        """
+        if self.image_embedder is None:
+            raise ValueError("Image-only inputs need a vision model; this backbone is text-only.")
+        if self.preprocessor is None:
+            raise ValueError("Image-only inputs need a preprocessor to convert the images.")
+        images = [image for sample in samples for image in sample]
+        owners = np.repeat(np.arange(len(samples)), [len(sample) for sample in samples])
+        token_means = [
+            self.image_embedder.predict_on_batch(self.preprocessor.convert_images(images[start : start + batch_size]))
+            for start in range(0, len(images), batch_size)
+        ]
+        token_means = np.concatenate(token_means)
+        # Every image has the same number of tokens, so the mean of the
+        # images' means is the mean over all of the sample's tokens.
+        vectors = np.stack([token_means[owners == i].mean(axis=0) for i in range(len(samples))])
+        if self.normalize:
+            vectors = ops.convert_to_numpy(l2_normalize(vectors))
+        return vectors.astype("float32")
+
+    def get_config(self):
+        return {**super().get_config(), "pooling": self.pooling, "normalize": self.normalize}
+
+    @classproperty
+    def presets(cls):
+        return known_presets()
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, pooling=None, normalize=None, **kwargs):
+        """Loads an encoder-only embedder from a preset; the decoder is never built.
+
+        `preset` is a preset name, a Keras preset folder (saved from a
+        `T5Gemma2Embedder` or a `T5Gemma2Seq2SeqLM`: the decoder's weights
+        in the file are not read), an `hf://` handle or a local Hugging Face
+        checkpoint (its decoder tensors are not read).
+
+        Args:
+            preset: see above.
+            load_weights: bool.
+            pooling, normalize: default to the saved embedder's settings,
+                else `"mean"` and `True`.
+            **kwargs: `dtype`; `text_only` (Hugging Face checkpoints: no
+                vision tower); `backbone`/`preprocessor` to use instead of
+                the preset's; other `T5Gemma2Embedder` arguments.
+        """
+        loader = get_preset_loader(preset)
+        saved = _saved_task_config(loader, cls)
+        kwargs["pooling"] = pooling or saved.get("pooling", "mean")
+        kwargs["normalize"] = saved.get("normalize", True) if normalize is None else normalize
+        backbone_kwargs = {name: kwargs.pop(name) for name in _BACKBONE_ARGUMENTS if name in kwargs}
+        if "backbone" not in kwargs:
+            kwargs["backbone"] = loader.load_backbone(
+                cls.backbone_cls, load_weights, encoder_only=True, **backbone_kwargs
+            )
+        if "preprocessor" not in kwargs:
+            text_only = {"image_converter": None} if kwargs["backbone"].vision_encoder is None else {}
+            kwargs["preprocessor"] = cls.preprocessor_cls.from_preset(preset, **text_only)
+        return cls(**kwargs)
+
+
+def _saved_task_config(loader, cls):
+    """The config in a Keras preset's `task.json` if it holds a `cls`, else `{}`."""
+    if not isinstance(loader, KerasPresetLoader) or not check_file_exists(loader.preset, "task.json"):
+        return {}
+    task_config = load_json(loader.preset, "task.json")
+    return task_config["config"] if issubclass(check_config_class(task_config), cls) else {}
