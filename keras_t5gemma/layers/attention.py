@@ -123,8 +123,11 @@ class Attention(keras.layers.Layer):
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
+        # Label order matters to `jnp.einsum`: it contracts labels in
+        # alphabetical order, and "nh" would transpose (copy) the kernel on
+        # every call; "nv" keeps the contraction in memory order.
         self.output_dense = keras.layers.EinsumDense(
-            "btnh,nhd->btd",
+            "btnv,nvd->btd",
             output_shape=(None, hidden_dim),
             bias_axes="d" if self.use_bias else None,
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
