@@ -3,9 +3,7 @@ conversion tool, presets round trip and errors. No network: hub access is faked.
 
 import json
 import shutil
-import sys
 import warnings
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -20,9 +18,7 @@ from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma import T5Gemma2Tokenizer
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "tools" / "checkpoint_conversion"))
-import convert_t5gemma2_checkpoints as tool  # noqa: E402
+from keras_t5gemma.conversion import convert as tool
 
 PROMPT = "A <start_of_image> fox jumped."
 

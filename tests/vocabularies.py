@@ -1,8 +1,6 @@
 """Vocabularies for tests: a small one trained on the spot, and the real Gemma 3 one."""
 
-import io
-
-import sentencepiece
+from keras_t5gemma.conversion import vocabulary
 
 CORPUS = [
     "The quick brown fox jumped over the lazy dog.",
@@ -12,33 +10,20 @@ CORPUS = [
     "<start_of_image><image_soft_token><end_of_image> a photo of a cat",
 ]
 SMALL_SPECIAL_PIECES = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+
 def train_vocabulary(special_pieces=SMALL_SPECIAL_PIECES):
-    """A byte-fallback BPE vocabulary with Gemma's special ids (pad 0, eos 1, bos 2, unk 3)."""
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_writer=model,
-        model_type="bpe",
+    """A small vocabulary that keeps text as Gemma 3 does (no normaliser, digits split)."""
+    return vocabulary.train_vocabulary(
+        CORPUS,
         vocab_size=330,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=special_pieces,
+        special_pieces=special_pieces,
         normalization_rule_name="identity",
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         split_digits=True,
         allow_whitespace_only_pieces=True,
-        minloglevel=2,
     )
-    return model.getvalue()
 
 
 def gemma3_vocabulary():

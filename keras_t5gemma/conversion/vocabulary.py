@@ -267,3 +267,37 @@ def proto_from_tokenizer_json(tokenizer_json):
         else:
             scores.append(0.0)
     return build_proto(pieces, scores, piece_types)
+
+
+def train_vocabulary(texts, vocab_size, special_pieces, **options):
+    """A new byte-fallback BPE vocabulary with Gemma's special ids, trained on `texts`.
+
+    pad 0, eos 1, bos 2 and unk 3 as in Gemma 3; `special_pieces` (for
+    example the image markers) become user-defined pieces. `options` are
+    further `SentencePieceTrainer` settings. Returns the serialized proto.
+    """
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        user_defined_symbols=list(special_pieces),
+        minloglevel=2,
+        **options,
+    )
+    return model.getvalue()

@@ -3,138 +3,15 @@
     python tools/checkpoint_conversion/convert_t5gemma2_checkpoints.py \\
         hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m --dtype bfloat16 --verify
 
-SOURCE is a local Hugging Face folder, an `hf://org/name` handle, a bare
-`org/name` hub id, or a released preset name. The output loads with
-`T5Gemma2Seq2SeqLM.from_preset(OUTPUT)`. `--verify` loads the same weights in
-`transformers` (when installed) and reports the largest logit difference and
-how many greedy tokens agree.
+See `keras_t5gemma.conversion.convert` (also `keras-t5gemma convert`) for the options.
 """
 
-import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-
-def _source(source):
-    """Accepts `org/name` hub ids as well as what `from_preset` takes."""
-    from keras_t5gemma.presets import PRESETS
-
-    if source in PRESETS or "://" in source or os.path.exists(source):
-        return source
-    if source.count("/") == 1:
-        return f"hf://{source}"
-    return source
-
-
-def convert(source, output, dtype="float32", text_only=False, log=print):
-    """Converts `source` and saves it to `output`; returns the Keras model."""
-    import keras
-
-    from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
-    from keras_t5gemma.conversion.preset_loader import get_preset_loader
-    from keras_t5gemma.conversion.weights import load_weights
-    from keras_t5gemma.conversion.weights import weight_specs
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-
-    loader = get_preset_loader(_source(source))
-    if not isinstance(loader, T5Gemma2CheckpointLoader):
-        raise ValueError(f"`{source}` is already a Keras preset; there is nothing to convert.")
-    started = time.time()
-    backbone = loader.load_backbone(T5Gemma2Backbone, False, text_only=text_only, dtype=dtype)
-    log(f"Built the backbone ({backbone.count_params():,} parameters, {dtype}) in {time.time() - started:.1f}s.")
-    progress = keras.utils.Progbar(len(list(weight_specs(backbone))), unit_name="tensor")
-    checkpoint = loader.checkpoint
-    load_weights(backbone, checkpoint.keys(), checkpoint.read, progress=progress.add)
-    preprocessor_kwargs = {"image_converter": None} if text_only else {}
-    preprocessor = loader.load_preprocessor(T5Gemma2Seq2SeqLM.preprocessor_cls, **preprocessor_kwargs)
-    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone, preprocessor)
-    seq_2_seq_lm.save_to_preset(output)
-    log(f"Saved the preset to {output} ({time.time() - started:.1f}s in all).")
-    return seq_2_seq_lm, loader
-
-
-def verify(seq_2_seq_lm, loader, new_tokens=16, log=print):
-    """Max logit difference and greedy agreement against `transformers` on a fixed prompt.
-
-    Returns:
-        `(max_abs_logit_diff, logit_scale, agreeing_tokens, new_tokens)`.
-    """
-    import keras
-    import numpy as np
-
-    try:
-        import torch
-        from transformers import T5Gemma2ForConditionalGeneration
-    except ImportError:
-        log("--verify needs `torch` and `transformers`; skipped.")
-        return None
-    folder = os.path.dirname(loader.checkpoint.path("config.json"))
-    reference = T5Gemma2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    vocabulary = loader.config["decoder"]["vocab_size"]
-    prompt = np.random.default_rng(0).integers(3, min(vocabulary, 255_999), (1, 24)).astype("int32")
-    prompt[0, 0] = 2
-    mask = np.ones_like(prompt)
-    decoder = np.array([[2]], "int32")
-    with torch.no_grad():
-        expected_logits = reference(
-            input_ids=torch.tensor(prompt).long(),
-            attention_mask=torch.tensor(mask),
-            decoder_input_ids=torch.tensor(decoder).long(),
-        ).logits.numpy()
-        expected_tokens = reference.generate(
-            input_ids=torch.tensor(prompt).long(),
-            attention_mask=torch.tensor(mask),
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-        ).numpy()[0]
-    inputs = {
-        "encoder_token_ids": prompt,
-        "encoder_padding_mask": mask,
-        "decoder_token_ids": decoder,
-        "decoder_padding_mask": np.ones_like(decoder),
-    }
-    backbone = seq_2_seq_lm.backbone
-    hidden = backbone(inputs)["decoder_sequence_output"]
-    logits = keras.ops.convert_to_numpy(keras.ops.cast(backbone.token_embedding.logits(hidden), "float32"))
-    difference = float(np.abs(logits - expected_logits).max())
-    scale = float(np.abs(expected_logits).max())
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-
-    on_ids = T5Gemma2Seq2SeqLM(backbone)
-    on_ids.compile(sampler="greedy")
-    generate_inputs = dict(inputs)
-    generate_inputs["decoder_token_ids"] = np.zeros((1, new_tokens + 1), "int32")
-    generate_inputs["decoder_token_ids"][0, 0] = 2
-    generate_inputs["decoder_padding_mask"] = (generate_inputs["decoder_token_ids"] > 0).astype("int32")
-    tokens = on_ids.generate(generate_inputs, stop_token_ids=None)["decoder_token_ids"][0]
-    agreeing = int((tokens[1:] == expected_tokens[1:]).sum())
-    log(f"max |logit difference| = {difference:.3g} (logit scale {scale:.3g}, relative {difference / scale:.3g})")
-    log(f"greedy tokens agreeing with transformers: {agreeing}/{new_tokens}")
-    return difference, scale, agreeing, new_tokens
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="Hugging Face folder, hf://org/name, org/name or a released preset name")
-    parser.add_argument("output", help="folder to write the Keras preset to")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--text-only", action="store_true", help="leave out the vision tower")
-    parser.add_argument("--verify", action="store_true", help="compare with transformers after converting")
-    args = parser.parse_args(argv)
-    try:
-        seq_2_seq_lm, loader = convert(args.source, args.output, args.dtype, args.text_only)
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if args.verify:
-        verify(seq_2_seq_lm, loader)
-    return 0
-
+from keras_t5gemma.conversion.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

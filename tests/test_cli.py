@@ -1,0 +1,204 @@
+"""`keras-t5gemma`: each subcommand on the bundled preset (in-process through `main`),
+clear errors with non-zero exit codes, and the bundled preset's recorded accuracy."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_t5gemma import toy_tasks
+from keras_t5gemma.cli import DEFAULT_PRESET
+from keras_t5gemma.cli import main
+from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.presets import BUNDLED
+
+
+def run(capsys, *argv):
+    """`(exit status, stdout, stderr)` of `keras-t5gemma ARGV`."""
+    status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def rotate_records(count, seed=3):
+    return [{"input": e.prompt, "target": e.target} for e in toy_tasks.make_examples(["rotate"], count, seed)]
+
+
+def test_the_bundled_preset_is_registered_and_small():
+    assert DEFAULT_PRESET in BUNDLED
+    description = BUNDLED[DEFAULT_PRESET]["description"]
+    assert description.splitlines()[0].startswith("Tiny T5Gemma 2")
+    folder = BUNDLED[DEFAULT_PRESET]["handle"]
+    size = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+    assert size < 5e6
+
+
+def test_held_out_accuracy_is_at_least_the_recorded_figure():
+    folder = BUNDLED[DEFAULT_PRESET]["handle"]
+    with open(f"{folder}/metadata.json") as file:
+        held_out = json.load(file)["training"]["held_out"]
+    examples = toy_tasks.make_examples(held_out["operations"], held_out["examples"], held_out["seed"], held_out=True)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(DEFAULT_PRESET)
+    seq_2_seq_lm.compile(sampler="greedy")
+    # One batch of text prompts and one of image prompts: two compilations.
+    answers = toy_tasks.generate_answers(seq_2_seq_lm, examples, batch_size=len(examples))
+    accuracy = toy_tasks.exact_match(answers, examples)
+    assert accuracy >= held_out["exact_match"] >= 0.95, accuracy
+
+
+def test_help_lists_every_subcommand(capsys):
+    status, out, _ = run(capsys, "--help")
+    assert status == 0
+    for command in ("demo", "generate", "fine-tune", "embed", "convert", "presets"):
+        assert command in out
+    status, out, _ = run(capsys, "fine-tune", "--help")
+    assert status == 0 and "--lora-rank" in out and "JSONL" in out
+    assert run(capsys)[0] == 2  # no command
+
+
+def test_presets_lists_bundled_and_released(capsys):
+    status, out, _ = run(capsys, "presets")
+    assert status == 0 and DEFAULT_PRESET in out and "t5gemma2_270m_270m" in out
+
+
+def test_generate_text_image_and_file_prompts(capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sort: 9 4 7 1\n\n")
+    red = tmp_path / "red.png"
+    Image.fromarray(np.full((40, 30, 3), (210, 25, 30), "uint8")).save(red)
+    status, out, err = run(capsys, "generate", "reverse: 5 0 2 7", "--file", prompts, "--show-prompt")
+    assert status == 0, err
+    assert out.splitlines() == ["reverse: 5 0 2 7 -> 7 2 0 5", "sort: 9 4 7 1 -> 1 4 7 9"]
+    status, out, err = run(capsys, "generate", "color:", "--image", red)
+    assert status == 0, err
+    assert out.strip() == "red"
+    status, out, err = run(capsys, "generate", "reverse: 1 2 3", "--sampler", "top_k", "--max-length", "6")
+    assert status == 0 and len(out.splitlines()) == 1, err
+
+
+def test_fine_tune_checkpoints_saves_and_the_result_loads(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "rotate.jsonl", rotate_records(24))
+    output = tmp_path / "tuned"
+    status, out, err = run(
+        capsys, "fine-tune", data, "--output", output, "--epochs", "2", "--batch-size", "8",
+        "--learning-rate", "1e-3", "--encoder-length", "24", "--decoder-length", "12", "--quiet",
+    )
+    assert status == 0, err
+    assert (output / "config.json").exists() and (output / "checkpoints" / "epoch_002" / "config.json").exists()
+    assert "Loss per epoch" in out
+    status, out, err = run(capsys, "generate", "--preset", output, "rotate: 1 2 3")
+    assert status == 0 and len(out.splitlines()) == 1, err
+
+
+def test_fine_tune_from_csv_with_lora_and_images(capsys, tmp_path):
+    for name, color in (("r.png", "red"), ("b.png", "blue")):
+        Image.fromarray(toy_tasks.color_image(np.random.default_rng(0), color, size=12)).save(tmp_path / name)
+    (tmp_path / "data.csv").write_text(
+        "input,target,image\nrotate: 1 2 3,2 3 1,\nwhat color?,red,r.png\nwhat color?,blue,b.png\n"
+    )
+    output = tmp_path / "lora"
+    status, _, err = run(
+        capsys, "fine-tune", tmp_path / "data.csv", "--output", output, "--epochs", "1", "--lora-rank", "2",
+        "--keep-checkpoints", "1", "--encoder-length", "24", "--decoder-length", "12", "--quiet",
+    )
+    assert status == 0, err
+    config = json.loads((output / "config.json").read_text())
+    assert config["class_name"] == "T5Gemma2Backbone"  # LoRA merged: a plain backbone
+
+
+def test_embed_prints_and_saves_unit_vectors(capsys, tmp_path):
+    output = tmp_path / "vectors.npy"
+    status, out, err = run(capsys, "embed", "reverse: 1 2", "sort: 2 1", "--output", output)
+    assert status == 0, err
+    vectors = np.load(output)
+    assert vectors.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
+    assert "cosine similarity" in out
+
+
+def test_convert_runs_the_conversion_tool(capsys, tmp_path, small_proto):
+    pytest.importorskip("transformers")
+    from hf_checkpoints import checkpoint_config
+    from hf_checkpoints import write_checkpoint
+
+    write_checkpoint(tmp_path / "hf", checkpoint_config(), small_proto)
+    status, out, err = run(capsys, "convert", tmp_path / "hf", tmp_path / "keras")
+    assert status == 0, err
+    assert (tmp_path / "keras" / "config.json").exists()
+    status, out, err = run(capsys, "generate", "--preset", tmp_path / "keras", "The fox", "--max-length", "4")
+    assert status == 0, err
+    status, out, _ = run(capsys, "convert", "--help")
+    assert status == 0 and "--verify" in out
+
+
+def test_demo_runs_and_marks_answers(capsys):
+    status, out, err = run(capsys, "demo", "--steps", "4", "--batch-size", "8", "--eval-examples", "6",
+                           "--verbose", "0")
+    assert status == 0, err
+    assert "Before fine-tuning" in out and "After fine-tuning" in out and "held-out exact match" in out
+    assert "✓" in out or "+" in out
+
+
+@pytest.mark.slow
+def test_full_demo_teaches_rotate():
+    result = subprocess.run([sys.executable, "-m", "keras_t5gemma", "demo", "--verbose", "0"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    after = int(summary.split("rotate ")[1].split(" -> ")[1].split("%")[0])
+    assert after >= 90, result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fine-tune", "missing.jsonl"], "no such file: missing.jsonl"),
+        (["generate"], "give prompts"),
+        (["generate", "x", "--image", "missing.png"], "no such image file"),
+        (["generate", "--preset", "no_such_preset", "x"], "Unknown preset `no_such_preset`"),
+        (["embed", "x", "--output", "vectors.txt"], "must end in .npy or .jsonl"),
+    ],
+)
+def test_user_errors_exit_2_with_one_clear_line(capsys, argv, message):
+    status, out, err = run(capsys, *argv)
+    assert status == 2
+    assert message in err and "Traceback" not in err
+    assert err.startswith("keras-t5gemma: error:")
+
+
+def test_bad_data_files_name_the_line(capsys, tmp_path):
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"input": "a", "target": "b"}\n\n{"input": "a", "target": \n')
+    status, _, err = run(capsys, "fine-tune", bad_json)
+    assert status == 2 and "bad.jsonl, line 3: not valid JSON" in err
+    missing_field = write_jsonl(tmp_path / "field.jsonl", [{"input": "a", "target": "b"}, {"input": "a"}])
+    status, _, err = run(capsys, "fine-tune", missing_field)
+    assert status == 2 and "field.jsonl, line 2: `target` must be a string" in err
+    bad_header = tmp_path / "bad.csv"
+    bad_header.write_text("prompt,answer\na,b\n")
+    status, _, err = run(capsys, "fine-tune", bad_header)
+    assert status == 2 and "header must name the columns `input` and `target`" in err and "prompt" in err
+    other = tmp_path / "data.txt"
+    other.write_text("a\n")
+    assert run(capsys, "fine-tune", other)[0] == 2
+
+
+def test_argparse_errors_exit_2(capsys):
+    status, _, err = run(capsys, "generate", "x", "--sampler", "nucleus")
+    assert status == 2 and "invalid choice" in err
+    assert run(capsys, "no-such-command")[0] == 2
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "keras_t5gemma", "presets"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and DEFAULT_PRESET in result.stdout, result.stderr
