@@ -76,8 +76,8 @@ def _float32(config):
     return config
 
 
-def write_checkpoints(config, directory):
-    """A random float32 checkpoint, and the earlier-layout copy KerasHub reads."""
+def write_checkpoints(config, directory, earlier_copy=True):
+    """A random float32 checkpoint, and (unless `earlier_copy=False`) the earlier-layout copy KerasHub reads."""
     import torch
     from safetensors.numpy import load_file
     from safetensors.numpy import save_file
@@ -93,6 +93,8 @@ def write_checkpoints(config, directory):
             parameter.normal_(0.0, 0.02)
     model.save_pretrained(current)
     del model
+    if not earlier_copy:
+        return current, None
     earlier.mkdir(parents=True, exist_ok=True)
     for path in current.glob("*.safetensors"):
         tensors = load_file(path)

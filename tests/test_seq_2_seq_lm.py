@@ -188,6 +188,22 @@ def test_other_samplers_generate_valid_tokens(pair, rng, sampler):
     assert (output[:, 0] == 2).all() and (output >= 0).all() and (output < 300).all()
 
 
+def test_greedy_takes_the_argmax_of_the_logits_as_keras_hub_greedy_does(pair, rng):
+    from keras_hub.samplers import GreedySampler
+
+    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
+
+    _, seq_2_seq_lm = pair
+    assert type(seq_2_seq_lm.sampler) is ArgmaxSampler
+    model = T5Gemma2Seq2SeqLM(seq_2_seq_lm.backbone)
+    model.compile(sampler=GreedySampler())  # softmax, then argmax
+    encoder_ids, encoder_mask = _encoder_batch(rng, [7, 3, 5])
+    inputs = _inputs(encoder_ids, encoder_mask, 3)
+    ours = seq_2_seq_lm.generate(inputs, stop_token_ids=None)["decoder_token_ids"]
+    keras_hub = model.generate(inputs, stop_token_ids=None)["decoder_token_ids"]
+    np.testing.assert_array_equal(ours, keras_hub)
+
+
 def _pairs_task(rng, examples=16, length=4):
     """Random encoder/target pairs over a 10-token alphabet, for a tiny model to memorise."""
     encoder = rng.integers(3, 13, (examples, length)).astype("int32")

@@ -14,6 +14,7 @@ from keras_hub.src.utils.preset_utils import KerasPresetLoader
 from keras_hub.src.utils.preset_utils import PresetLoader
 
 from keras_t5gemma.conversion.checkpoint import HFCheckpoint
+from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
 from keras_t5gemma.conversion.config import backbone_from_hf_config
 from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
 from keras_t5gemma.conversion.weights import load_weights
@@ -87,6 +88,7 @@ class T5Gemma2CheckpointLoader(PresetLoader):
                       dtype=None, **kwargs):
         if kwargs:
             raise ValueError(f"Unexpected arguments for a T5Gemma 2 checkpoint: {sorted(kwargs)}.")
+        return_freed_memory_to_the_system()
         backbone = backbone_from_hf_config(self.config, text_only=text_only, encoder_only=encoder_only, dtype=dtype)
         if load_weights_:
             checkpoint = self.checkpoint

@@ -3,14 +3,29 @@
 import keras
 from keras import ops
 from keras_hub.models import Seq2SeqLM
+from keras_hub.samplers import GreedySampler
+from keras_hub.src.utils.python_utils import classproperty
 from keras_hub.src.utils.tensor_utils import any_equal
 
+from keras_t5gemma.conversion.preset_loader import get_preset_loader
+from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_backbone import quantizable
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
-from keras_hub.src.utils.python_utils import classproperty
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
+
+
+@keras.saving.register_keras_serializable(package="keras_t5gemma")
+class ArgmaxSampler(GreedySampler):
+    """Greedy decoding on the logits themselves.
+
+    KerasHub's `GreedySampler` takes the argmax of a softmax over the whole
+    vocabulary, which picks the same token (the softmax is increasing) but
+    costs a pass over `(B, V)` per step, and can turn logits a few ulps apart
+    into equal probabilities. `compile(sampler="greedy")` uses this one.
+    """
+
+    def compute_probabilities(self, logits):
+        return ops.cast(logits, "float32")
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
@@ -58,6 +73,10 @@ class T5Gemma2Seq2SeqLM(Seq2SeqLM):
     def call(self, inputs, training=None, mask=None):
         # `fit` and `predict` reach here through `stateless_call`, not `__call__`.
         return super().call(self.backbone.with_default_images(inputs), training=training, mask=mask)
+
+    def compile(self, *args, sampler="top_k", **kwargs):
+        """KerasHub's `compile`; `sampler="greedy"` takes the argmax of the logits (`ArgmaxSampler`)."""
+        super().compile(*args, sampler=ArgmaxSampler() if sampler == "greedy" else sampler, **kwargs)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Keras `quantize`, by default over the projections and the embedding table.
