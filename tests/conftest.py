@@ -8,6 +8,32 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+# (test file, max abs diff, diff / scale) of every comparison, for `--report-diffs`.
+_DIFFERENCES = []
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--report-diffs", action="store_true", help="print the largest difference from the reference per test file"
+    )
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not config.getoption("--report-diffs") or not _DIFFERENCES:
+        return
+    worst = {}
+    for name, difference, relative in _DIFFERENCES:
+        if name not in worst or relative > worst[name][1]:
+            worst[name] = (difference, relative, worst.get(name, (0, 0, 0))[2] + 1)
+        else:
+            worst[name] = (*worst[name][:2], worst[name][2] + 1)
+    terminalreporter.section("largest differences from the reference")
+    for name, (difference, relative, count) in sorted(worst.items()):
+        terminalreporter.write_line(
+            f"{name}: max abs diff {difference:.2g}, {relative:.2g} of the scale ({count} comparisons)"
+        )
+
+
 def assert_matches_reference(ours, reference, mask=None, atol=1e-4, rtol_to_scale=1e-5):
     """Max abs difference within `atol` and within `rtol_to_scale` of the reference's scale.
 
@@ -21,6 +47,8 @@ def assert_matches_reference(ours, reference, mask=None, atol=1e-4, rtol_to_scal
         ours, reference = ours[mask], reference[mask]
     difference = np.abs(ours - reference).max()
     scale = np.abs(reference).max()
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]
+    _DIFFERENCES.append((test, difference, difference / scale if scale else 0.0))
     assert difference <= atol, f"max abs diff {difference:.3g} > {atol}"
     assert difference <= rtol_to_scale * scale, (
         f"max abs diff {difference:.3g} is {difference / scale:.3g} of the scale {scale:.3g}"
