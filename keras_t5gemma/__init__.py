@@ -1,23 +1,7 @@
 """T5Gemma 2 for Keras 3."""
 
+from keras_t5gemma import models
 from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
-from keras_t5gemma.models import ContrastivePairModel
-from keras_t5gemma.models import T5Gemma2Backbone
-from keras_t5gemma.models import T5Gemma2Embedder
-from keras_t5gemma.models import T5Gemma2EmbedderPreprocessor
-from keras_t5gemma.models import T5Gemma2ImageConverter
-from keras_t5gemma.models import T5Gemma2Seq2SeqLM
-from keras_t5gemma.models import T5Gemma2Seq2SeqLMPreprocessor
-from keras_t5gemma.models import T5Gemma2Tokenizer
+from keras_t5gemma.models import *  # noqa: F401,F403
 
-__all__ = [
-    "ContrastivePairModel",
-    "T5Gemma2Backbone",
-    "T5Gemma2Embedder",
-    "T5Gemma2EmbedderPreprocessor",
-    "T5Gemma2ImageConverter",
-    "T5Gemma2Seq2SeqLM",
-    "T5Gemma2Seq2SeqLMPreprocessor",
-    "T5Gemma2Tokenizer",
-    "T5Gemma2VisionEncoder",
-]
+__all__ = [*models.__all__, "T5Gemma2VisionEncoder"]

@@ -29,10 +29,10 @@ import keras
 import numpy as np
 
 from keras_t5gemma import toy_tasks
+from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAGE_MARKER
 
 DEFAULT_PRESET = "t5gemma2_tiny_digits"
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam")
-IMAGE_MARKER = "<start_of_image>"
 
 
 class CommandError(Exception):
