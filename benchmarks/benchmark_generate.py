@@ -42,22 +42,40 @@ TRAIN_SHAPE = (4, 256, 64)
 
 def tiny_config():
     text = {
-        "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 32,
-        "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        "vocab_size": 1024,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "sliding_window": 32,
+        "query_pre_attn_scalar": 16,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
         "rope_parameters": {
             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
         },
     }
     vision = {
-        "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "image_size": 28, "patch_size": 7, "vision_use_head": False,
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 7,
+        "vision_use_head": False,
     }
     return {
         "model_type": "t5gemma2",
-        "encoder": {"text_config": text, "vision_config": vision, "mm_tokens_per_image": 4,
-                    "boi_token_index": 1021, "eoi_token_index": 1022},
+        "encoder": {
+            "text_config": text,
+            "vision_config": vision,
+            "mm_tokens_per_image": 4,
+            "boi_token_index": 1021,
+            "eoi_token_index": 1022,
+        },
         "decoder": dict(text),
         "image_token_index": 1023,
     }
@@ -99,8 +117,11 @@ def write_checkpoints(config, directory, earlier_copy=True):
     earlier.mkdir(parents=True, exist_ok=True)
     for path in current.glob("*.safetensors"):
         tensors = load_file(path)
-        save_file({k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in tensors.items()},
-                  earlier / path.name, metadata={"format": "pt"})
+        save_file(
+            {k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in tensors.items()},
+            earlier / path.name,
+            metadata={"format": "pt"},
+        )
         del tensors
     for path in current.glob("*.json"):
         data = json.loads(path.read_text())
@@ -208,12 +229,18 @@ def _keras_run(seq_2_seq_lm, backbone, vocabulary, implementation):
     state = [v.value for v in backbone.trainable_variables]
 
     if implementation == "keras_t5gemma":
+
         def encode(ids, mask):
             return backbone.encode(ids, mask)
     else:
+
         def encode(ids, mask):
-            inputs = {"encoder_token_ids": ids, "encoder_padding_mask": mask,
-                      "decoder_token_ids": ids[:, :1], "decoder_padding_mask": mask[:, :1]}
+            inputs = {
+                "encoder_token_ids": ids,
+                "encoder_padding_mask": mask,
+                "decoder_token_ids": ids[:, :1],
+                "decoder_padding_mask": mask[:, :1],
+            }
             return backbone(inputs)["encoder_sequence_output"]
 
     @jax.jit
@@ -228,10 +255,14 @@ def _keras_run(seq_2_seq_lm, backbone, vocabulary, implementation):
     encoder_ids = _prompts(batch, encoder_length, vocabulary)
     decoder_ids = _prompts(batch, decoder_length, vocabulary)
     x = {
-        "encoder_token_ids": encoder_ids, "encoder_padding_mask": np.ones_like(encoder_ids),
-        "decoder_token_ids": decoder_ids, "decoder_padding_mask": np.ones_like(decoder_ids),
+        "encoder_token_ids": encoder_ids,
+        "encoder_padding_mask": np.ones_like(encoder_ids),
+        "decoder_token_ids": decoder_ids,
+        "decoder_padding_mask": np.ones_like(decoder_ids),
     }
-    seq_2_seq_lm.compile(optimizer=keras.optimizers.AdamW(1e-5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    seq_2_seq_lm.compile(
+        optimizer=keras.optimizers.AdamW(1e-5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     seq_2_seq_lm.train_on_batch(x, decoder_ids)
     results["train_step_s"], _ = _timed(lambda: seq_2_seq_lm.train_on_batch(x, decoder_ids), repeats=2)
     return results
@@ -274,8 +305,11 @@ def run_transformers(checkpoint):
         ids = torch.tensor(_prompts(batch, PROMPT_TOKENS, vocabulary)).long()
         with torch.no_grad():
             return model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS, do_sample=False,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
             )
 
     results["first_call_s"], _ = _timed(lambda: generate(1))
@@ -350,7 +384,7 @@ def run_child(implementation, checkpoint, environment):
     result = subprocess.run(command, capture_output=True, text=True, env=environment)
     for line in result.stdout.splitlines():
         if line.startswith("RESULTS "):
-            results = json.loads(line[len("RESULTS "):])
+            results = json.loads(line[len("RESULTS ") :])
             print(f"{implementation}: {results}", file=sys.stderr)
             return results
     print(f"{implementation} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}", file=sys.stderr)
@@ -389,7 +423,10 @@ def report(name, config, results, bandwidth):
                 ratios.append("-")
         lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     lines.append("")
-    lines.append("Ratios: > 1 means keras_t5gemma is better (faster, or less memory). Weights as each implementation stores them.")
+    lines.append(
+        "Ratios: > 1 means keras_t5gemma is better (faster, or less memory). "
+        "Weights as each implementation stores them."
+    )
     if ours:
         step_bytes = decode_bytes_per_step(config)
         roofline = bandwidth / step_bytes

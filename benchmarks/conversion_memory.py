@@ -52,9 +52,10 @@ def child(source, output, dtype):
     seq_2_seq_lm, _ = convert.convert(source, output, dtype=dtype, log=lambda *args: None)
     elapsed = time.perf_counter() - started
     weight_bytes = sum(int(v.numpy().nbytes) for v in seq_2_seq_lm.backbone.weights)
-    print("RESULTS " + json.dumps(
-        {"peak": _peak_rss(), "baseline": baseline, "weights": weight_bytes, "seconds": elapsed}
-    ))
+    print(
+        "RESULTS "
+        + json.dumps({"peak": _peak_rss(), "baseline": baseline, "weights": weight_bytes, "seconds": elapsed})
+    )
 
 
 def main():
@@ -72,8 +73,10 @@ def main():
         proto, vocabulary = _tokenizer_proto()
         (source / "tokenizer.model").write_bytes(proto)
         on_disk = sum(path.stat().st_size for path in source.glob("*.safetensors"))
-        print(f"Random {args.config} checkpoint: {on_disk / 2**30:.2f} GiB of float32 safetensors, "
-              f"{vocabulary} vocabulary; written in {time.perf_counter() - started:.0f}s.\n")
+        print(
+            f"Random {args.config} checkpoint: {on_disk / 2**30:.2f} GiB of float32 safetensors, "
+            f"{vocabulary} vocabulary; written in {time.perf_counter() - started:.0f}s.\n"
+        )
         print("| dtype | converted weights (GiB) | peak RSS above baseline (GiB) | peak / weights | time (s) |")
         print("|---|---|---|---|---|")
         for dtype in args.dtypes:
@@ -85,10 +88,13 @@ def main():
             if not lines:
                 print(f"{dtype} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
                 continue
-            values = json.loads(lines[0][len("RESULTS "):])
+            values = json.loads(lines[0][len("RESULTS ") :])
             peak = values["peak"] - values["baseline"]
-            print(f"| {dtype} | {values['weights'] / 2**30:.2f} | {peak / 2**30:.2f} | "
-                  f"{peak / values['weights']:.2f} | {values['seconds']:.0f} |", flush=True)
+            print(
+                f"| {dtype} | {values['weights'] / 2**30:.2f} | {peak / 2**30:.2f} | "
+                f"{peak / values['weights']:.2f} | {values['seconds']:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

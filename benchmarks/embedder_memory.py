@@ -140,8 +140,20 @@ def measure_load(part, directory):
 
 
 def _run_child(task, args):
-    command = [sys.executable, __file__, "--child", task, "--config", str(args.config), "--dtype", args.dtype,
-               "--batch", str(args.batch), "--length", str(args.length)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        task,
+        "--config",
+        str(args.config),
+        "--dtype",
+        args.dtype,
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+    ]
     if args.text_only:
         command.append("--text-only")
     print(f"... {task}", file=sys.stderr, flush=True)
@@ -152,8 +164,10 @@ def _run_child(task, args):
 def _row(name, encoder_only, full, unit=1.0, digits=1):
     saved = full - encoder_only
     share = f" ({saved / full:.0%})" if full else ""
-    return (f"{name:<48}{encoder_only / unit:>14,.{digits}f}{full / unit:>14,.{digits}f}"
-            f"{saved / unit:>12,.{digits}f}{share:>6}")
+    return (
+        f"{name:<48}{encoder_only / unit:>14,.{digits}f}{full / unit:>14,.{digits}f}"
+        f"{saved / unit:>12,.{digits}f}{share:>6}"
+    )
 
 
 def main(argv=None):
@@ -189,16 +203,16 @@ def main(argv=None):
 
     mib = 2**20
     encoder_only, full = builds["encoder_only"], builds["full"]
-    print(f"\n{Path(args.config).name}, {args.dtype}, {'text only' if args.text_only else 'with vision tower'}, "
-          f"random weights; embedding batch {args.batch} x {args.length} tokens")
+    print(
+        f"\n{Path(args.config).name}, {args.dtype}, {'text only' if args.text_only else 'with vision tower'}, "
+        f"random weights; embedding batch {args.batch} x {args.length} tokens"
+    )
     print(f"{'':<48}{'encoder-only':>14}{'full':>14}{'saved':>18}")
     print(_row("parameters", encoder_only["parameters"], full["parameters"], digits=0))
     print(_row("weights (MiB)", encoder_only["weight_bytes"], full["weight_bytes"], mib))
     print(_row("build time (s)", encoder_only["build_s"], full["build_s"], digits=2))
-    print(_row("resident after build (MiB)", encoder_only["build_resident_bytes"],
-               full["build_resident_bytes"], mib))
-    print(_row("resident after an embedding batch (MiB)", encoder_only["resident_bytes"],
-               full["resident_bytes"], mib))
+    print(_row("resident after build (MiB)", encoder_only["build_resident_bytes"], full["build_resident_bytes"], mib))
+    print(_row("resident after an embedding batch (MiB)", encoder_only["resident_bytes"], full["resident_bytes"], mib))
     print(_row("peak resident, build + embedding batch (MiB)", encoder_only["peak_bytes"], full["peak_bytes"], mib))
     print(_row("embedding batch, first call (s)", encoder_only["embed_first_s"], full["embed_first_s"], digits=2))
     print(_row("embedding batch (s)", encoder_only["embed_s"], full["embed_s"], digits=3))
@@ -208,10 +222,23 @@ def main(argv=None):
         print(f"\nKeras preset of the full model ({args.keras_preset})")
         print(_row("from_preset time (s)", loads["encoder_only"]["load_s"], loads["full"]["load_s"], digits=2))
         print(_row("parameters loaded", loads["encoder_only"]["parameters"], loads["full"]["parameters"], digits=0))
-        print(_row("resident after from_preset (MiB)", loads["encoder_only"]["resident_bytes"],
-                   loads["full"]["resident_bytes"], mib))
-        print(_row("peak resident during from_preset (MiB)", loads["encoder_only"]["peak_bytes"],
-                   loads["full"]["peak_bytes"], mib))
+        print(
+            _row(
+                "resident after from_preset (MiB)",
+                loads["encoder_only"]["resident_bytes"],
+                loads["full"]["resident_bytes"],
+                mib,
+            )
+        )
+        print(
+            _row(
+                "peak resident during from_preset (MiB)",
+                loads["encoder_only"]["peak_bytes"],
+                loads["full"]["peak_bytes"],
+                mib,
+            )
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -221,12 +221,15 @@ def run_demo(args):
     started = time.time()
     seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
     _say("T5Gemma 2 demo: teach the bundled tiny model a new operation, `rotate`, by fine-tuning.")
-    _say(f"Preset {args.preset} ({seq_2_seq_lm.backbone.count_params():,} parameters), loaded in "
-         f"{time.time() - started:.1f}s.")
+    _say(
+        f"Preset {args.preset} ({seq_2_seq_lm.backbone.count_params():,} parameters), loaded in "
+        f"{time.time() - started:.1f}s."
+    )
     # Held-out prompts never appear in the fine-tuning data or the original training data.
     new = toy_tasks.make_examples(["rotate"], args.eval_examples, seed=args.seed + 10, held_out=True)
-    known = toy_tasks.make_examples(["reverse", "sort", "color"], args.eval_examples, seed=args.seed + 11,
-                                    held_out=True)
+    known = toy_tasks.make_examples(
+        ["reverse", "sort", "color"], args.eval_examples, seed=args.seed + 11, held_out=True
+    )
     # Two-digit rotations are reversals: show longer ones, and one example of each known task.
     showcase = [example for example in new if len(example.target) > 3][:3]
     for task in ("reverse", "sort", "color"):
@@ -234,9 +237,7 @@ def run_demo(args):
     # The demo's prompts and answers are short: pad to what they need, not to the preset's defaults.
     _set_sequence_lengths(seq_2_seq_lm.preprocessor, 32, 16)
     # One optimizer for the whole demo; compiling before generating keeps one compiled generate.
-    seq_2_seq_lm.compile(
-        optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01), sampler="greedy"
-    )
+    seq_2_seq_lm.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01), sampler="greedy")
 
     def report(title):
         new_answers = toy_tasks.generate_answers(seq_2_seq_lm, new)
@@ -252,17 +253,22 @@ def run_demo(args):
             mark = right if answer == example.target else f"{wrong} (expected {example.target})"
             _say(f"  {prompt:<34} -> {answer:<18} {mark}")
         scores = (toy_tasks.exact_match(new_answers, new), toy_tasks.exact_match(known_answers, known))
-        _say(f"  held-out exact match: rotate {scores[0]:.0%} ({len(new)} prompts), "
-             f"reverse/sort/color {scores[1]:.0%} ({len(known)} prompts)")
+        _say(
+            f"  held-out exact match: rotate {scores[0]:.0%} ({len(new)} prompts), "
+            f"reverse/sort/color {scores[1]:.0%} ({len(known)} prompts)"
+        )
         return scores
 
     before = report("Before fine-tuning (greedy decoding):")
     # Mostly the new operation, with the known ones replayed so they are not forgotten.
-    train = toy_tasks.make_examples(["rotate", "rotate", "reverse", "sort", "color"],
-                                    args.steps * args.batch_size, seed=args.seed + 12)
+    train = toy_tasks.make_examples(
+        ["rotate", "rotate", "reverse", "sort", "color"], args.steps * args.batch_size, seed=args.seed + 12
+    )
     x, _ = toy_tasks.as_inputs(train)
-    _say(f"\nFine-tuning all weights on {len(train):,} examples (60% rotate, the rest replayed), "
-         f"{args.steps} steps of {args.batch_size}:")
+    _say(
+        f"\nFine-tuning all weights on {len(train):,} examples (60% rotate, the rest replayed), "
+        f"{args.steps} steps of {args.batch_size}:"
+    )
     tuning_started = time.time()
     verbose = _progress_verbosity() if args.verbose is None else args.verbose
     seq_2_seq_lm.fit(x, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=verbose)
@@ -270,10 +276,14 @@ def run_demo(args):
     after = report("After fine-tuning:")
     if args.output:
         seq_2_seq_lm.save_to_preset(args.output)
-        _say(f"\nSaved the fine-tuned model to {args.output}; try "
-             f"`keras-t5gemma generate --preset {args.output} \"rotate: 1 2 3\"`.")
-    _say(f"\nHeld-out exact match, before -> after: rotate {before[0]:.0%} -> {after[0]:.0%}, "
-         f"reverse/sort/color {before[1]:.0%} -> {after[1]:.0%}. Total {time.time() - started:.0f}s.")
+        _say(
+            f"\nSaved the fine-tuned model to {args.output}; try "
+            f'`keras-t5gemma generate --preset {args.output} "rotate: 1 2 3"`.'
+        )
+    _say(
+        f"\nHeld-out exact match, before -> after: rotate {before[0]:.0%} -> {after[0]:.0%}, "
+        f"reverse/sort/color {before[1]:.0%} -> {after[1]:.0%}. Total {time.time() - started:.0f}s."
+    )
     return 0
 
 
@@ -351,22 +361,31 @@ def run_fine_tune(args):
     if args.lora_rank:
         seq_2_seq_lm.backbone.enable_lora(args.lora_rank)
     trainable = sum(int(np.prod(weight.shape)) for weight in seq_2_seq_lm.trainable_weights)
-    _say(f"Fine-tuning {args.preset} on {len(pairs):,} examples from {args.data}: {args.epochs} epoch(s) of "
-         f"batch {args.batch_size}, learning rate {args.learning_rate}, {trainable:,} trainable parameters"
-         + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else "") + ".")
+    _say(
+        f"Fine-tuning {args.preset} on {len(pairs):,} examples from {args.data}: {args.epochs} epoch(s) of "
+        f"batch {args.batch_size}, learning rate {args.learning_rate}, {trainable:,} trainable parameters"
+        + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else "")
+        + "."
+    )
     seq_2_seq_lm.compile(
         optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay), sampler="greedy"
     )
     os.makedirs(args.output, exist_ok=True)
     checkpoints = PresetCheckpoint(os.path.join(args.output, "checkpoints"), args.keep_checkpoints)
     history = seq_2_seq_lm.fit(
-        x, batch_size=args.batch_size, epochs=args.epochs, shuffle=False, callbacks=[checkpoints],
+        x,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        shuffle=False,
+        callbacks=[checkpoints],
         verbose=0 if args.quiet else _progress_verbosity(),
     )
     seq_2_seq_lm.save_to_preset(args.output)
     losses = ", ".join(f"{loss:.4f}" for loss in history.history["loss"])
-    _say(f"Loss per epoch: {losses}.\nEpoch checkpoints: {', '.join(checkpoints.saved)}.\n"
-         f"Saved the fine-tuned model to {args.output}; use it with `--preset {args.output}`.")
+    _say(
+        f"Loss per epoch: {losses}.\nEpoch checkpoints: {', '.join(checkpoints.saved)}.\n"
+        f"Saved the fine-tuned model to {args.output}; use it with `--preset {args.output}`."
+    )
     return 0
 
 
@@ -430,7 +449,8 @@ def run_presets(args):
 
 def _add_preset(parser):
     parser.add_argument(
-        "--preset", default=DEFAULT_PRESET,
+        "--preset",
+        default=DEFAULT_PRESET,
         help="preset name, folder written by save_to_preset / fine-tune, hf://org/name handle, or Hugging Face "
         "checkpoint folder (default: %(default)s, bundled)",
     )
@@ -446,7 +466,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(
-        "demo", help="the main job: fine-tune the bundled model on a new operation, answers before/after",
+        "demo",
+        help="the main job: fine-tune the bundled model on a new operation, answers before/after",
         description="Loads the bundled preset (trained to reverse and sort digit sequences and name an image's "
         "colour), shows its answers, fine-tunes it briefly to `rotate` sequences ('rotate: 3 1 4' -> '1 4 3') "
         "while replaying the known tasks, and shows the answers again with correctness marks and held-out "
@@ -456,16 +477,22 @@ def build_parser():
     demo.add_argument("--steps", type=_positive_int, default=500, help="fine-tuning steps (default: %(default)s)")
     demo.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
     demo.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW rate (default: %(default)s)")
-    demo.add_argument("--eval-examples", type=_positive_int, default=100,
-                      help="held-out prompts per group (default: %(default)s)")
+    demo.add_argument(
+        "--eval-examples", type=_positive_int, default=100, help="held-out prompts per group (default: %(default)s)"
+    )
     demo.add_argument("--output", help="also save the fine-tuned model to this folder")
     demo.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    demo.add_argument("--verbose", type=int, choices=(0, 1, 2),
-                      help="Keras fit verbosity (default: a progress bar on a terminal, else one line)")
+    demo.add_argument(
+        "--verbose",
+        type=int,
+        choices=(0, 1, 2),
+        help="Keras fit verbosity (default: a progress bar on a terminal, else one line)",
+    )
     demo.set_defaults(run=run_demo)
 
     generate = commands.add_parser(
-        "generate", help="generate answers to text prompts, optionally with images",
+        "generate",
+        help="generate answers to text prompts, optionally with images",
         description="Prints one answer per prompt. Images go with every prompt; a prompt without enough "
         f"`{IMAGE_MARKER}` markers gets them appended.",
     )
@@ -474,23 +501,27 @@ def build_parser():
     generate.add_argument("--file", help="a text file of prompts, one per line")
     generate.add_argument("--image", action="append", metavar="PATH", help="a PNG/JPEG image (repeatable)")
     generate.add_argument("--sampler", default="greedy", choices=SAMPLERS, help="(default: %(default)s)")
-    generate.add_argument("--max-length", type=_positive_int,
-                          help="decoder length in tokens, <bos> included (default: the preset's)")
-    generate.add_argument("--encoder-length", type=_positive_int,
-                          help="encoder length in tokens (default: the preset's)")
+    generate.add_argument(
+        "--max-length", type=_positive_int, help="decoder length in tokens, <bos> included (default: the preset's)"
+    )
+    generate.add_argument(
+        "--encoder-length", type=_positive_int, help="encoder length in tokens (default: the preset's)"
+    )
     generate.add_argument("--temperature", type=float, default=1.0, help="for top_k/top_p/random (default: 1.0)")
     generate.add_argument("--top-k", type=_positive_int, default=5, help="for top_k (default: %(default)s)")
     generate.add_argument("--top-p", type=float, default=0.9, help="for top_p (default: %(default)s)")
     generate.add_argument("--num-beams", type=_positive_int, default=4, help="for beam (default: %(default)s)")
-    generate.add_argument("--batch-size", type=_positive_int, default=32,
-                          help="prompts per batch (default: %(default)s)")
+    generate.add_argument(
+        "--batch-size", type=_positive_int, default=32, help="prompts per batch (default: %(default)s)"
+    )
     generate.add_argument("--seed", type=int, default=0, help="for the random samplers (default: %(default)s)")
     generate.add_argument("--show-prompt", action="store_true", help="print `prompt -> answer`")
     generate.set_defaults(run=run_generate)
 
     fine_tune = commands.add_parser(
-        "fine-tune", help="fine-tune on a JSONL or CSV file of input/target pairs",
-        description="Data: JSONL with one {\"input\": ..., \"target\": ...} object per line, or CSV with the "
+        "fine-tune",
+        help="fine-tune on a JSONL or CSV file of input/target pairs",
+        description='Data: JSONL with one {"input": ..., "target": ...} object per line, or CSV with the '
         "columns input,target; an optional `image` field/column is an image path relative to the data file. "
         "Saves a checkpoint (save_to_preset) after each epoch under OUTPUT/checkpoints/ and the final model "
         "in OUTPUT.",
@@ -502,36 +533,50 @@ def build_parser():
     fine_tune.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
     fine_tune.add_argument("--learning-rate", type=float, default=2e-4, help="AdamW rate (default: %(default)s)")
     fine_tune.add_argument("--weight-decay", type=float, default=0.01, help="(default: %(default)s)")
-    fine_tune.add_argument("--lora-rank", type=_positive_int,
-                           help="train LoRA adapters of this rank instead of all weights (merged when saved)")
-    fine_tune.add_argument("--encoder-length", type=_positive_int,
-                           help="encoder tokens; longer inputs are truncated (default: the preset's)")
-    fine_tune.add_argument("--decoder-length", type=_positive_int,
-                           help="decoder tokens; longer targets are truncated (default: the preset's)")
-    fine_tune.add_argument("--keep-checkpoints", type=_positive_int, default=2,
-                           help="epoch checkpoints to keep (default: %(default)s)")
+    fine_tune.add_argument(
+        "--lora-rank",
+        type=_positive_int,
+        help="train LoRA adapters of this rank instead of all weights (merged when saved)",
+    )
+    fine_tune.add_argument(
+        "--encoder-length",
+        type=_positive_int,
+        help="encoder tokens; longer inputs are truncated (default: the preset's)",
+    )
+    fine_tune.add_argument(
+        "--decoder-length",
+        type=_positive_int,
+        help="decoder tokens; longer targets are truncated (default: the preset's)",
+    )
+    fine_tune.add_argument(
+        "--keep-checkpoints", type=_positive_int, default=2, help="epoch checkpoints to keep (default: %(default)s)"
+    )
     fine_tune.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default: 0)")
-    fine_tune.add_argument("--quiet", action="store_true",
-                           help="no progress output (default: a progress bar on a terminal, else a line per epoch)")
+    fine_tune.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (default: a progress bar on a terminal, else a line per epoch)",
+    )
     fine_tune.set_defaults(run=run_fine_tune)
 
     embed = commands.add_parser(
-        "embed", help="embed texts with the encoder (pooled, normalised vectors)",
+        "embed",
+        help="embed texts with the encoder (pooled, normalised vectors)",
         description="Prints each text's embedding (and their cosine similarities), or saves them with --output "
-        "(.npy: a (texts, hidden) float32 array; .jsonl: one {\"text\", \"embedding\"} object per line).",
+        '(.npy: a (texts, hidden) float32 array; .jsonl: one {"text", "embedding"} object per line).',
     )
     _add_preset(embed)
     embed.add_argument("texts", nargs="*", help="texts (quote each one)")
     embed.add_argument("--file", help="a text file, one text per line")
-    embed.add_argument("--pooling", default="mean", choices=("mean", "first", "last"),
-                       help="(default: %(default)s)")
+    embed.add_argument("--pooling", default="mean", choices=("mean", "first", "last"), help="(default: %(default)s)")
     embed.add_argument("--no-normalize", action="store_true", help="keep the vectors' norms")
     embed.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
     embed.add_argument("--output", help="a .npy or .jsonl file to save to")
     embed.set_defaults(run=run_embed)
 
     commands.add_parser(
-        "convert", add_help=False,
+        "convert",
+        add_help=False,
         help="convert a Hugging Face T5Gemma 2 checkpoint to a Keras preset (`convert --help` for options)",
     )
 

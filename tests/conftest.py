@@ -7,7 +7,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-
 # (test file, max abs diff, diff / scale) of every comparison, for `--report-diffs`.
 _DIFFERENCES = []
 

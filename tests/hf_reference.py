@@ -113,6 +113,7 @@ def random_batch(rng, batch, encoder_lengths, decoder_lengths, encoder_length, d
     Ids stay below the special image ids; the end-of-image id is sprinkled in
     so its learned embedding is exercised.
     """
+
     def side(lengths, length):
         ids = np.zeros((batch, length), "int64")
         mask = np.zeros((batch, length), "int64")

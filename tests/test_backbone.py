@@ -17,9 +17,17 @@ from keras_t5gemma.conversion.config import backbone_kwargs_from_hf_config
 from keras_t5gemma.layers.attention import grouped_attention
 
 TINY = dict(
-    vocabulary_size=300, hidden_dim=32, intermediate_dim=48, num_heads=4, num_key_value_heads=2,
-    head_dim=8, num_encoder_layers=2, num_decoder_layers=2, sliding_window=4,
-    eoi_token_id=298, image_token_id=299,
+    vocabulary_size=300,
+    hidden_dim=32,
+    intermediate_dim=48,
+    num_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_encoder_layers=2,
+    num_decoder_layers=2,
+    sliding_window=4,
+    eoi_token_id=298,
+    image_token_id=299,
 )
 
 
@@ -69,7 +77,7 @@ def test_bad_config_gives_a_clear_error(overrides, message):
 
 
 def test_hf_config_of_another_model_is_rejected():
-    with pytest.raises(ValueError, match='Expected a T5Gemma 2 checkpoint .* got `model_type` \'t5gemma\''):
+    with pytest.raises(ValueError, match="Expected a T5Gemma 2 checkpoint .* got `model_type` 't5gemma'"):
         backbone_kwargs_from_hf_config({"model_type": "t5gemma", "encoder": {}, "decoder": {}})
 
 

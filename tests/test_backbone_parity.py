@@ -44,10 +44,7 @@ SMOKE = {"gqa2_window4", "gqa4_softcap_window3"}
 
 
 def _parametrize():
-    return [
-        pytest.param(name, marks=[pytest.mark.backend_smoke] if name in SMOKE else [], id=name)
-        for name in CONFIGS
-    ]
+    return [pytest.param(name, marks=[pytest.mark.backend_smoke] if name in SMOKE else [], id=name) for name in CONFIGS]
 
 
 def _run(backbone, encoder_ids, encoder_mask, decoder_ids, decoder_mask):

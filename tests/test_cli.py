@@ -89,8 +89,22 @@ def test_fine_tune_checkpoints_saves_and_the_result_loads(capsys, tmp_path):
     data = write_jsonl(tmp_path / "rotate.jsonl", rotate_records(24))
     output = tmp_path / "tuned"
     status, out, err = run(
-        capsys, "fine-tune", data, "--output", output, "--epochs", "2", "--batch-size", "8",
-        "--learning-rate", "1e-3", "--encoder-length", "24", "--decoder-length", "12", "--quiet",
+        capsys,
+        "fine-tune",
+        data,
+        "--output",
+        output,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "1e-3",
+        "--encoder-length",
+        "24",
+        "--decoder-length",
+        "12",
+        "--quiet",
     )
     assert status == 0, err
     assert (output / "config.json").exists() and (output / "checkpoints" / "epoch_002" / "config.json").exists()
@@ -107,8 +121,22 @@ def test_fine_tune_from_csv_with_lora_and_images(capsys, tmp_path):
     )
     output = tmp_path / "lora"
     status, _, err = run(
-        capsys, "fine-tune", tmp_path / "data.csv", "--output", output, "--epochs", "1", "--lora-rank", "2",
-        "--keep-checkpoints", "1", "--encoder-length", "24", "--decoder-length", "12", "--quiet",
+        capsys,
+        "fine-tune",
+        tmp_path / "data.csv",
+        "--output",
+        output,
+        "--epochs",
+        "1",
+        "--lora-rank",
+        "2",
+        "--keep-checkpoints",
+        "1",
+        "--encoder-length",
+        "24",
+        "--decoder-length",
+        "12",
+        "--quiet",
     )
     assert status == 0, err
     config = json.loads((output / "config.json").read_text())
@@ -141,8 +169,9 @@ def test_convert_runs_the_conversion_tool(capsys, tmp_path, small_proto):
 
 
 def test_demo_runs_and_marks_answers(capsys):
-    status, out, err = run(capsys, "demo", "--steps", "4", "--batch-size", "8", "--eval-examples", "6",
-                           "--verbose", "0")
+    status, out, err = run(
+        capsys, "demo", "--steps", "4", "--batch-size", "8", "--eval-examples", "6", "--verbose", "0"
+    )
     assert status == 0, err
     assert "Before fine-tuning" in out and "After fine-tuning" in out and "held-out exact match" in out
     assert "✓" in out or "+" in out
@@ -150,8 +179,9 @@ def test_demo_runs_and_marks_answers(capsys):
 
 @pytest.mark.slow
 def test_full_demo_teaches_rotate():
-    result = subprocess.run([sys.executable, "-m", "keras_t5gemma", "demo", "--verbose", "0"],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_t5gemma", "demo", "--verbose", "0"], capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     after = int(summary.split("rotate ")[1].split(" -> ")[1].split("%")[0])
@@ -199,6 +229,7 @@ def test_argparse_errors_exit_2(capsys):
 
 
 def test_python_dash_m_entry_point():
-    result = subprocess.run([sys.executable, "-m", "keras_t5gemma", "presets"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_t5gemma", "presets"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and DEFAULT_PRESET in result.stdout, result.stderr

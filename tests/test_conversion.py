@@ -3,7 +3,6 @@ conversion tool, presets round trip and errors. No network: hub access is faked.
 
 import json
 import shutil
-import warnings
 
 import keras
 import numpy as np
@@ -17,7 +16,6 @@ from hf_checkpoints import write_checkpoint
 from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma import T5Gemma2Tokenizer
-
 from keras_t5gemma.conversion import convert as tool
 
 PROMPT = "A <start_of_image> fox jumped."
@@ -196,8 +194,12 @@ def test_tool_converts_verifies_and_round_trips(checkpoints, tmp_path, rng, caps
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
     text = ["The quick brown fox.", PROMPT]
     np.testing.assert_array_equal(
-        converted.preprocessor.generate_preprocess({"encoder_text": text, "images": [[], [np.zeros((8, 8, 3), "uint8")]]})["encoder_token_ids"],
-        reloaded.preprocessor.generate_preprocess({"encoder_text": text, "images": [[], [np.zeros((8, 8, 3), "uint8")]]})["encoder_token_ids"],
+        converted.preprocessor.generate_preprocess(
+            {"encoder_text": text, "images": [[], [np.zeros((8, 8, 3), "uint8")]]}
+        )["encoder_token_ids"],
+        reloaded.preprocessor.generate_preprocess(
+            {"encoder_text": text, "images": [[], [np.zeros((8, 8, 3), "uint8")]]}
+        )["encoder_token_ids"],
     )
 
 

@@ -31,13 +31,27 @@ BATCH = 8
 IMAGE_TOKEN = 319
 # Released head ratio (4 / 1): a model axis of 8 divides neither head count.
 MODEL_KWARGS = dict(
-    vocabulary_size=320, hidden_dim=32, intermediate_dim=64, num_heads=4, num_key_value_heads=1,
-    head_dim=8, num_encoder_layers=1, num_decoder_layers=1, sliding_window=4, eoi_token_id=318,
+    vocabulary_size=320,
+    hidden_dim=32,
+    intermediate_dim=64,
+    num_heads=4,
+    num_key_value_heads=1,
+    head_dim=8,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    sliding_window=4,
+    eoi_token_id=318,
     image_token_id=IMAGE_TOKEN,
 )
 VISION_KWARGS = dict(
-    image_size=28, patch_size=7, hidden_dim=16, intermediate_dim=24, num_layers=1, num_heads=2,
-    output_dim=32, mm_tokens_per_image=4,
+    image_size=28,
+    patch_size=7,
+    hidden_dim=16,
+    intermediate_dim=24,
+    num_layers=1,
+    num_heads=2,
+    output_dim=32,
+    mm_tokens_per_image=4,
 )
 
 
@@ -141,7 +155,9 @@ def _assert_laid_out(variables, layouts, exact):
         layout = layouts[variable.path]
         assert layout is not None, f"no layout for {variable.path}"
         sharding = variable.value.sharding
-        expected = jax.sharding.NamedSharding(layouts.device_mesh.backend_mesh, jax.sharding.PartitionSpec(*layout.axes))
+        expected = jax.sharding.NamedSharding(
+            layouts.device_mesh.backend_mesh, jax.sharding.PartitionSpec(*layout.axes)
+        )
         if exact:
             assert sharding.spec == expected.spec, (variable.path, sharding.spec, layout.axes)
         else:

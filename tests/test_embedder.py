@@ -208,8 +208,16 @@ def test_contrastive_fit_lowers_the_loss(seq_2_seq_preset):
     embedder = T5Gemma2Embedder.from_preset(str(seq_2_seq_preset))
     embedder.preprocessor.sequence_length = 16
     queries = ["fox", "dog", "add", "cat", "12345", "phrase", "lazy", "brown"]
-    positives = ["The quick fox.", "A lazy dog.", "def add(a, b)", "a photo of a cat",
-                 "Numbers 12345", "Une phrase.", "The lazy dog.", "quick brown"]
+    positives = [
+        "The quick fox.",
+        "A lazy dog.",
+        "def add(a, b)",
+        "a photo of a cat",
+        "Numbers 12345",
+        "Une phrase.",
+        "The lazy dog.",
+        "quick brown",
+    ]
     pairs = ContrastivePairModel(embedder, temperature=0.1)
     pairs.compile(optimizer=keras.optimizers.Adam(1e-2))
     history = pairs.fit({"query": queries, "positive": positives}, batch_size=4, epochs=4, shuffle=False, verbose=0)

@@ -142,7 +142,11 @@ def test_image_prompt_matches_the_reference_processor(gemma3_proto, tmp_path, rn
     (tmp_path / "tokenizer.model").write_bytes(gemma3_proto)
     reference_tokenizer = GemmaTokenizer.from_pretrained(
         tmp_path,
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<unused99>"},
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<unused99>",
+        },
     )
     image_processor = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
     reference = Gemma3Processor(image_processor, reference_tokenizer, image_seq_length=TOKENS_PER_IMAGE)
@@ -158,21 +162,33 @@ def test_image_prompt_matches_the_reference_processor(gemma3_proto, tmp_path, rn
         add_start_token=False,
     ).generate_preprocess({"encoder_text": [prompt], "images": [images]})
     assert _real(ours["encoder_token_ids"][0], ours["encoder_padding_mask"][0]) == expected["input_ids"][0].tolist()
-    np.testing.assert_allclose(
-        np.asarray(ours["images"])[0], expected["pixel_values"].transpose(0, 2, 3, 1), atol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(ours["images"])[0], expected["pixel_values"].transpose(0, 2, 3, 1), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def seq_2_seq_lm(tokenizer, preprocessor):
     vision = T5Gemma2VisionEncoder(
-        image_size=28, patch_size=7, hidden_dim=16, intermediate_dim=24, num_layers=1, num_heads=2,
-        output_dim=32, mm_tokens_per_image=TOKENS_PER_IMAGE,
+        image_size=28,
+        patch_size=7,
+        hidden_dim=16,
+        intermediate_dim=24,
+        num_layers=1,
+        num_heads=2,
+        output_dim=32,
+        mm_tokens_per_image=TOKENS_PER_IMAGE,
     )
     backbone = T5Gemma2Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(), hidden_dim=32, intermediate_dim=48, num_heads=2,
-        num_key_value_heads=1, head_dim=16, num_encoder_layers=1, num_decoder_layers=1, sliding_window=8,
-        eoi_token_id=tokenizer.end_of_image_token_id, image_token_id=tokenizer.image_placeholder_token_id,
+        vocabulary_size=tokenizer.vocabulary_size(),
+        hidden_dim=32,
+        intermediate_dim=48,
+        num_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        sliding_window=8,
+        eoi_token_id=tokenizer.end_of_image_token_id,
+        image_token_id=tokenizer.image_placeholder_token_id,
         vision_encoder=vision,
     )
     model = T5Gemma2Seq2SeqLM(backbone, preprocessor)
@@ -184,7 +200,10 @@ def test_generate_from_strings_and_images(seq_2_seq_lm, rng):
     text = seq_2_seq_lm.generate("The quick brown fox", max_length=8)
     assert isinstance(text, str)
     batch = seq_2_seq_lm.generate(
-        {"encoder_text": ["A <start_of_image> cat", "A dog"], "images": [[rng.integers(0, 255, (28, 28, 3), dtype="uint8")], []]},
+        {
+            "encoder_text": ["A <start_of_image> cat", "A dog"],
+            "images": [[rng.integers(0, 255, (28, 28, 3), dtype="uint8")], []],
+        },
         max_length=8,
     )
     assert isinstance(batch, list) and len(batch) == 2
@@ -214,8 +233,14 @@ def test_fit_on_strings_and_images(seq_2_seq_lm, rng):
 
 def test_config_round_trip_keeps_lengths_and_options(preprocessor):
     restored = T5Gemma2Seq2SeqLMPreprocessor.from_config(preprocessor.get_config())
-    for name in ("encoder_sequence_length", "decoder_sequence_length", "mm_tokens_per_image",
-                 "max_images_per_prompt", "add_start_token", "add_end_token"):
+    for name in (
+        "encoder_sequence_length",
+        "decoder_sequence_length",
+        "mm_tokens_per_image",
+        "max_images_per_prompt",
+        "add_start_token",
+        "add_end_token",
+    ):
         assert getattr(restored, name) == getattr(preprocessor, name), name
     assert restored.image_converter.image_size == preprocessor.image_converter.image_size
 

@@ -149,9 +149,7 @@ def test_encoder_and_cross_key_values_run_once_per_call(pair, rng, monkeypatch):
         return wrapper
 
     monkeypatch.setattr(T5Gemma2Backbone, "encode", counting("encode", T5Gemma2Backbone.encode))
-    monkeypatch.setattr(
-        TransformerStack, "cross_key_values", counting("cross", TransformerStack.cross_key_values)
-    )
+    monkeypatch.setattr(TransformerStack, "cross_key_values", counting("cross", TransformerStack.cross_key_values))
     monkeypatch.setattr(TransformerStack, "call_with_cache", counting("steps", TransformerStack.call_with_cache))
     encoder_ids, encoder_mask = _encoder_batch(rng, [6, 4])
     with jax.disable_jit():
@@ -221,9 +219,18 @@ def _pairs_task(rng, examples=16, length=4):
 
 def _tiny_backbone(**kwargs):
     return T5Gemma2Backbone(
-        vocabulary_size=16, hidden_dim=32, intermediate_dim=64, num_heads=2, num_key_value_heads=1,
-        head_dim=16, num_encoder_layers=1, num_decoder_layers=1, sliding_window=8,
-        eoi_token_id=14, image_token_id=15, **kwargs,
+        vocabulary_size=16,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        sliding_window=8,
+        eoi_token_id=14,
+        image_token_id=15,
+        **kwargs,
     )
 
 
@@ -278,8 +285,12 @@ def test_train_and_predict_without_images_on_a_vision_model(pair, rng):
     model.compile(optimizer=keras.optimizers.SGD(0.0))
     encoder_ids, encoder_mask = _encoder_batch(rng, [6, 4])
     decoder_ids, decoder_mask = _decoder_prompt(2, 4, prompt=(2, 5, 6))
-    x = {"encoder_token_ids": encoder_ids, "encoder_padding_mask": encoder_mask,
-         "decoder_token_ids": decoder_ids, "decoder_padding_mask": decoder_mask}
+    x = {
+        "encoder_token_ids": encoder_ids,
+        "encoder_padding_mask": encoder_mask,
+        "decoder_token_ids": decoder_ids,
+        "decoder_padding_mask": decoder_mask,
+    }
     loss = model.train_on_batch(x, decoder_ids)
     assert np.isfinite(loss).all()
     np.testing.assert_allclose(model.predict_on_batch(x), keras.ops.convert_to_numpy(model(x)), atol=1e-5)

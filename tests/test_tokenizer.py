@@ -8,13 +8,13 @@ import keras_hub
 import numpy as np
 import pytest
 import tensorflow as tf
+from vocabularies import SMALL_SPECIAL_PIECES
+from vocabularies import train_vocabulary
 
 from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma.conversion.vocabulary import proto_from_gguf
 from keras_t5gemma.conversion.vocabulary import proto_from_tokenizer_json
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
-from vocabularies import SMALL_SPECIAL_PIECES
-from vocabularies import train_vocabulary
 
 ROUND_TRIP_TEXTS = [
     "The quick brown fox.",
@@ -38,12 +38,22 @@ def as_lists(token_ids):
 def test_special_token_ids(small_tokenizer):
     ids = {
         name: getattr(small_tokenizer, f"{name}_id")
-        for name in ("pad_token", "end_token", "start_token", "start_of_image_token",
-                     "end_of_image_token", "image_placeholder_token")
+        for name in (
+            "pad_token",
+            "end_token",
+            "start_token",
+            "start_of_image_token",
+            "end_of_image_token",
+            "image_placeholder_token",
+        )
     }
     assert ids == {
-        "pad_token": 0, "end_token": 1, "start_token": 2,
-        "start_of_image_token": 4, "end_of_image_token": 5, "image_placeholder_token": 6,
+        "pad_token": 0,
+        "end_token": 1,
+        "start_token": 2,
+        "start_of_image_token": 4,
+        "end_of_image_token": 5,
+        "image_placeholder_token": 6,
     }
     by_id = T5Gemma2Tokenizer(small_tokenizer.proto, image_placeholder=6)
     assert by_id.image_placeholder_token == "<image_soft_token>"
@@ -96,9 +106,17 @@ def test_preset_round_trip(small_proto, tmp_path):
     tokenizer = T5Gemma2Tokenizer(small_proto, image_placeholder=6)
     # The preset needs a backbone config for `from_preset` to find the tokenizer class.
     backbone = T5Gemma2Backbone(
-        vocabulary_size=tokenizer.vocabulary_size(), hidden_dim=32, intermediate_dim=48, num_heads=4,
-        num_key_value_heads=2, head_dim=8, num_encoder_layers=1, num_decoder_layers=1,
-        sliding_window=4, eoi_token_id=tokenizer.end_of_image_token_id, image_token_id=6,
+        vocabulary_size=tokenizer.vocabulary_size(),
+        hidden_dim=32,
+        intermediate_dim=48,
+        num_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        sliding_window=4,
+        eoi_token_id=tokenizer.end_of_image_token_id,
+        image_token_id=6,
     )
     backbone.save_to_preset(tmp_path)
     tokenizer.save_to_preset(tmp_path)

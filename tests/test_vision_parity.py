@@ -26,7 +26,12 @@ GEOMETRIES = {
 def pair(request):
     image_size, patch_size, tokens, hidden, heads = GEOMETRIES[request.param]
     config = tiny_config(
-        vision={"image_size": image_size, "patch_size": patch_size, "hidden_size": hidden, "num_attention_heads": heads},
+        vision={
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "hidden_size": hidden,
+            "num_attention_heads": heads,
+        },
         mm_tokens_per_image=tokens,
     )
     model = reference_model(config, seed=3)
@@ -151,8 +156,12 @@ def test_truncated_placeholder_run_gives_a_clear_error(pair, rng):
     cut = np.where(ids[0] == IMAGE)[0][-1]
     ids, mask = ids[:, :cut], mask[:, :cut]
     with pytest.raises(ValueError, match="not a multiple of mm_tokens_per_image"):
-        backbone.call({
-            "encoder_token_ids": ids, "encoder_padding_mask": mask,
-            "decoder_token_ids": np.full((1, 2), 2, "int32"), "decoder_padding_mask": np.ones((1, 2), "int32"),
-            "images": images,
-        })
+        backbone.call(
+            {
+                "encoder_token_ids": ids,
+                "encoder_padding_mask": mask,
+                "decoder_token_ids": np.full((1, 2), 2, "int32"),
+                "decoder_padding_mask": np.ones((1, 2), "int32"),
+                "images": images,
+            }
+        )

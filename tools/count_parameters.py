@@ -25,7 +25,9 @@ def reference_count(config):
     from transformers import T5Gemma2ForConditionalGeneration
 
     with torch.device("meta"):
-        model = T5Gemma2ForConditionalGeneration(T5Gemma2Config(**{k: v for k, v in config.items() if k != "model_type"}))
+        model = T5Gemma2ForConditionalGeneration(
+            T5Gemma2Config(**{k: v for k, v in config.items() if k != "model_type"})
+        )
     return model.num_parameters()
 
 

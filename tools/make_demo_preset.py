@@ -65,8 +65,14 @@ def build_model(proto):
     tokenizer = T5Gemma2Tokenizer(proto, image_placeholder="<image_soft_token>")
     hidden_dim, image_size, tokens_per_image = 64, 16, 4
     vision_encoder = T5Gemma2VisionEncoder(
-        image_size=image_size, patch_size=4, hidden_dim=32, intermediate_dim=64, num_layers=1, num_heads=2,
-        output_dim=hidden_dim, mm_tokens_per_image=tokens_per_image,
+        image_size=image_size,
+        patch_size=4,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_layers=1,
+        num_heads=2,
+        output_dim=hidden_dim,
+        mm_tokens_per_image=tokens_per_image,
     )
     layer_types = ["sliding_attention", "full_attention"]
     backbone = T5Gemma2Backbone(
@@ -142,8 +148,12 @@ def main(argv=None):
     )
     seq_2_seq_lm.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=0.01), sampler="greedy")
     history = seq_2_seq_lm.fit(
-        x, batch_size=args.batch_size, epochs=args.epochs, steps_per_epoch=args.steps // args.epochs,
-        shuffle=False, verbose=2,
+        x,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps // args.epochs,
+        shuffle=False,
+        verbose=2,
     )
     training_seconds = time.time() - started
 

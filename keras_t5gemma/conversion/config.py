@@ -24,8 +24,15 @@ _TEXT_DEFAULTS = {
 }
 # Fields the encoder and decoder must agree on, because the backbone shares them.
 _SHARED_FIELDS = (
-    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "vocab_size", "rms_norm_eps", "query_pre_attn_scalar", "sliding_window",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rms_norm_eps",
+    "query_pre_attn_scalar",
+    "sliding_window",
 )
 
 
@@ -65,10 +72,7 @@ def _layer_types(text_config):
     layer_types = text_config.get("layer_types")
     if layer_types is None:
         pattern = text_config.get("sliding_window_pattern", text_config.get("_sliding_window_pattern", 6))
-        layer_types = [
-            FULL if (i + 1) % pattern == 0 else SLIDING
-            for i in range(text_config["num_hidden_layers"])
-        ]
+        layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(text_config["num_hidden_layers"])]
     return list(layer_types)
 
 
@@ -77,7 +81,7 @@ def check_t5gemma2_config(config):
     model_type = config.get("model_type")
     if model_type != "t5gemma2":
         raise ValueError(
-            f"Expected a T5Gemma 2 checkpoint (`model_type` \"t5gemma2\"), got `model_type` "
+            f'Expected a T5Gemma 2 checkpoint (`model_type` "t5gemma2"), got `model_type` '
             f"{model_type!r}. T5Gemma (version 1) and Gemma 3 checkpoints are different models."
         )
     for section in ("encoder", "decoder"):
@@ -155,7 +159,10 @@ def backbone_kwargs_from_hf_config(config):
             "Untied word embeddings are not supported: T5Gemma 2 shares one table between the "
             "encoder, the decoder and the output projection."
         )
-    if _get(decoder_text, "attn_logit_softcapping") is not None or _get(encoder_text, "attn_logit_softcapping") is not None:
+    if (
+        _get(decoder_text, "attn_logit_softcapping") is not None
+        or _get(encoder_text, "attn_logit_softcapping") is not None
+    ):
         warnings.warn(
             "The config sets `attn_logit_softcapping`, which the reference T5Gemma 2 "
             "implementation (transformers 5.23) does not apply; the converted model does not "

@@ -74,9 +74,7 @@ def image_converter_kwargs_from_hf(preprocessor_config):
     config = preprocessor_config.get("image_processor", preprocessor_config)
     processor_type = config.get("image_processor_type")
     if processor_type is not None and not processor_type.startswith("Gemma3ImageProcessor"):
-        raise ValueError(
-            f"Expected a Gemma 3 image processor config; got `image_processor_type` {processor_type!r}."
-        )
+        raise ValueError(f"Expected a Gemma 3 image processor config; got `image_processor_type` {processor_type!r}.")
     if _setting(config, "do_pan_and_scan"):
         raise ValueError(
             "`do_pan_and_scan: true` is not supported: the converter gives one full image per input, "

@@ -55,9 +55,7 @@ def get_preset_loader(preset):
         return KerasPresetLoader(preset, config)
     if "model_type" in config:
         return T5Gemma2CheckpointLoader(preset, config)
-    raise ValueError(
-        f"`{preset}/config.json` is neither a Keras preset config nor a Hugging Face model config."
-    )
+    raise ValueError(f"`{preset}/config.json` is neither a Keras preset config nor a Hugging Face model config.")
 
 
 class T5Gemma2CheckpointLoader(PresetLoader):
@@ -84,8 +82,9 @@ class T5Gemma2CheckpointLoader(PresetLoader):
                 backbone_kwargs[name] = kwargs.pop(name)
         return backbone_kwargs, kwargs
 
-    def load_backbone(self, cls, load_weights_=True, text_only=False, encoder_only=False, progress=None,
-                      dtype=None, **kwargs):
+    def load_backbone(
+        self, cls, load_weights_=True, text_only=False, encoder_only=False, progress=None, dtype=None, **kwargs
+    ):
         if kwargs:
             raise ValueError(f"Unexpected arguments for a T5Gemma 2 checkpoint: {sorted(kwargs)}.")
         return_freed_memory_to_the_system()

@@ -65,8 +65,7 @@ def build_proto(pieces, scores, piece_types):
     """
     if not len(pieces) == len(scores) == len(piece_types):
         raise ValueError(
-            f"Got {len(pieces)} pieces, {len(scores)} scores and {len(piece_types)} types; "
-            "expected one of each per id."
+            f"Got {len(pieces)} pieces, {len(scores)} scores and {len(piece_types)} types; expected one of each per id."
         )
     unknown_ids = [i for i, piece_type in enumerate(piece_types) if piece_type == UNKNOWN]
     if len(unknown_ids) != 1:
@@ -177,9 +176,7 @@ def proto_from_gguf(path):
     fields = _read_gguf_header(path)
     model = _gguf_value(fields, keys.MODEL)
     if model != "llama":
-        raise ValueError(
-            f"The GGUF tokenizer is `{model}`; only SentencePiece vocabularies (`llama`) can be rebuilt."
-        )
+        raise ValueError(f"The GGUF tokenizer is `{model}`; only SentencePiece vocabularies (`llama`) can be rebuilt.")
     if _gguf_value(fields, keys.ADD_PREFIX, default=False):
         raise ValueError("The GGUF tokenizer adds a space prefix; Gemma 3's does not.")
     pieces = list(_gguf_value(fields, keys.LIST))

@@ -154,9 +154,7 @@ def load_weights(backbone, keys, get_tensor, progress=None):
         left_out.append(_VISION)
     if backbone.decoder is None:
         left_out.append(_DECODER)
-    unexpected = sorted(
-        key for key in by_canonical if key not in expected and not any(p.match(key) for p in left_out)
-    )
+    unexpected = sorted(key for key in by_canonical if key not in expected and not any(p.match(key) for p in left_out))
     if unexpected:
         raise ValueError(
             f"The checkpoint has {len(unexpected)} tensors this model has no place for, "

@@ -22,13 +22,9 @@ def rotary_cos_sin(positions, head_dim, wavelength, scaling_factor=1.0, dtype="f
         `(cos, sin)`, each `(..., T, head_dim)`.
     """
     exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    inverse_frequencies = np.float32(1.0) / np.power(
-        np.float32(wavelength), exponents, dtype=np.float32
-    )
+    inverse_frequencies = np.float32(1.0) / np.power(np.float32(wavelength), exponents, dtype=np.float32)
     inverse_frequencies = inverse_frequencies / np.float32(scaling_factor)
-    angles = ops.cast(positions, "float32")[..., None] * ops.convert_to_tensor(
-        inverse_frequencies
-    )
+    angles = ops.cast(positions, "float32")[..., None] * ops.convert_to_tensor(inverse_frequencies)
     angles = ops.concatenate([angles, angles], axis=-1)
     return ops.cast(ops.cos(angles), dtype), ops.cast(ops.sin(angles), dtype)
 

@@ -48,9 +48,7 @@ class TokenEmbedding(keras.layers.Layer):
 
     def build(self, input_shape=None):
         self.table.build()
-        self.eoi_embedding = self.add_weight(
-            name="eoi_embedding", shape=(self.hidden_dim,), initializer="zeros"
-        )
+        self.eoi_embedding = self.add_weight(name="eoi_embedding", shape=(self.hidden_dim,), initializer="zeros")
         self.built = True
 
     def call(self, token_ids):

@@ -141,12 +141,23 @@ class T5Gemma2VisionEncoder(keras.layers.Layer):
         self.pool_size = patches_per_side // tokens_per_side
 
         self.patch_embedding = keras.layers.Conv2D(
-            hidden_dim, patch_size, strides=patch_size, padding="valid",
-            data_format="channels_last", dtype=self.dtype_policy, name="patch_embedding",
+            hidden_dim,
+            patch_size,
+            strides=patch_size,
+            padding="valid",
+            data_format="channels_last",
+            dtype=self.dtype_policy,
+            name="patch_embedding",
         )
         self.vision_layers = [
-            VisionLayer(num_heads, intermediate_dim, layer_norm_epsilon, attention_dropout,
-                        dtype=self.dtype_policy, name=f"layer_{i}")
+            VisionLayer(
+                num_heads,
+                intermediate_dim,
+                layer_norm_epsilon,
+                attention_dropout,
+                dtype=self.dtype_policy,
+                name=f"layer_{i}",
+            )
             for i in range(num_layers)
         ]
         self.final_norm = keras.layers.LayerNormalization(

@@ -4,7 +4,10 @@ import keras
 import numpy as np
 from keras import ops
 from keras_hub.models import Backbone
+from keras_hub.src.utils.python_utils import classproperty
 
+from keras_t5gemma.conversion.preset_loader import get_preset_loader
+from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import LAYER_TYPES
 from keras_t5gemma.layers.masks import SLIDING
@@ -12,9 +15,6 @@ from keras_t5gemma.layers.token_embedding import TokenEmbedding
 from keras_t5gemma.layers.transformer import TransformerStack
 from keras_t5gemma.layers.vision import ImageMerge
 from keras_t5gemma.layers.vision import check_image_placeholders
-from keras_hub.src.utils.python_utils import classproperty
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
 
 
 def quantizable(layer):
@@ -33,9 +33,7 @@ def default_layer_types(num_layers, full_attention_every=6):
 
 def _check_layer_types(name, layer_types, num_layers):
     if len(layer_types) != num_layers:
-        raise ValueError(
-            f"`{name}` has {len(layer_types)} entries but the stack has {num_layers} layers."
-        )
+        raise ValueError(f"`{name}` has {len(layer_types)} entries but the stack has {num_layers} layers.")
     unknown = sorted(set(layer_types) - set(LAYER_TYPES))
     if unknown:
         raise ValueError(f"`{name}` has unknown layer types {unknown}; expected {list(LAYER_TYPES)}.")
@@ -149,8 +147,7 @@ class T5Gemma2Backbone(Backbone):
     ):
         if num_heads % num_key_value_heads:
             raise ValueError(
-                f"`num_heads` ({num_heads}) must be a multiple of "
-                f"`num_key_value_heads` ({num_key_value_heads})."
+                f"`num_heads` ({num_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})."
             )
         if head_dim % 2:
             raise ValueError(f"`head_dim` must be even for rotary embeddings; got {head_dim}.")
@@ -208,8 +205,7 @@ class T5Gemma2Backbone(Backbone):
         if vision_encoder is not None:
             if vision_encoder.output_dim != hidden_dim:
                 raise ValueError(
-                    f"The vision encoder projects to {vision_encoder.output_dim} but the text width "
-                    f"is {hidden_dim}."
+                    f"The vision encoder projects to {vision_encoder.output_dim} but the text width is {hidden_dim}."
                 )
             self.image_merge = ImageMerge(image_token_id, dtype=dtype, name="image_merge")
 
@@ -355,9 +351,7 @@ class T5Gemma2Backbone(Backbone):
             "attention_dropout": self.attention_dropout,
             "eoi_token_id": self.eoi_token_id,
             "image_token_id": self.image_token_id,
-            "vision_encoder": None
-            if self.vision_encoder is None
-            else keras.layers.serialize(self.vision_encoder),
+            "vision_encoder": None if self.vision_encoder is None else keras.layers.serialize(self.vision_encoder),
             "encoder_only": self.encoder_only,
         }
 

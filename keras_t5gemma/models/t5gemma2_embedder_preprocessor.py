@@ -169,8 +169,7 @@ class T5Gemma2EmbedderPreprocessor(Preprocessor):
             text, images = _sample_text(text), _sample_images(images)
             if text is None and not images:
                 raise ValueError(
-                    f"Sample {index} has neither text nor images (empty or whitespace-only text "
-                    "counts as no text)."
+                    f"Sample {index} has neither text nor images (empty or whitespace-only text counts as no text)."
                 )
             result.append((text, images))
         return result

@@ -21,20 +21,24 @@ import math
 import keras
 import numpy as np
 from keras_hub.layers import ImageConverter
+from keras_hub.src.utils.python_utils import classproperty
 from keras_hub.src.utils.tensor_utils import in_grain_data_pipeline
 from keras_hub.src.utils.tensor_utils import in_tf_function
 
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_hub.src.utils.python_utils import classproperty
 from keras_t5gemma.conversion.preset_loader import get_preset_loader
 from keras_t5gemma.conversion.preset_loader import known_presets
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 
 # Pillow's fixed point for 8-bit images: 32 bits less 8 for the pixel, 2 for overflow.
 _PRECISION_BITS = 22
 # `ImageConverter` arguments that this converter fixes to match the reference.
 _FIXED_RESIZING_ARGUMENTS = (
-    "interpolation", "antialias", "crop_to_aspect_ratio", "pad_to_aspect_ratio",
-    "bounding_box_format", "data_format",
+    "interpolation",
+    "antialias",
+    "crop_to_aspect_ratio",
+    "pad_to_aspect_ratio",
+    "bounding_box_format",
+    "data_format",
 )
 
 
@@ -177,8 +181,7 @@ def _check_pixels(pixels, ranks, what):
     if np.issubdtype(pixels.dtype, np.integer):
         if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
             raise ValueError(
-                f"Integer {what.lower()} must hold values in [0, 255]; got values in "
-                f"[{pixels.min()}, {pixels.max()}]."
+                f"Integer {what.lower()} must hold values in [0, 255]; got values in [{pixels.min()}, {pixels.max()}]."
             )
         return pixels.astype(np.uint8)
     raise ValueError(f"{what} must be uint8, integer or float; got dtype {pixels.dtype}.")
@@ -341,4 +344,3 @@ class T5Gemma2ImageConverter(ImageConverter):
     def from_preset(cls, preset, **kwargs):
         """Loads the image converter of a preset; see `T5Gemma2Backbone.from_preset`."""
         return get_preset_loader(preset).load_image_converter(cls, **kwargs)
-

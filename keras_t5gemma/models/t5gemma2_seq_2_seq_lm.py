@@ -105,9 +105,7 @@ class T5Gemma2Seq2SeqLM(Seq2SeqLM):
         """Encodes once and computes every decoder layer's cross keys/values once."""
         backbone = self.backbone
         encoder_padding_mask = inputs["encoder_padding_mask"]
-        encoder_output = backbone.encode(
-            inputs["encoder_token_ids"], encoder_padding_mask, inputs.get("images")
-        )
+        encoder_output = backbone.encode(inputs["encoder_token_ids"], encoder_padding_mask, inputs.get("images"))
         cross_key_values = backbone.decoder.cross_key_values(encoder_output)
         batch = ops.shape(encoder_output)[0]
         shape = (batch, max_length, backbone.num_key_value_heads, backbone.head_dim)
@@ -180,4 +178,3 @@ class T5Gemma2Seq2SeqLM(Seq2SeqLM):
     def from_preset(cls, preset, load_weights=True, **kwargs):
         """Loads the model and its preprocessor; see `T5Gemma2Backbone.from_preset`."""
         return get_preset_loader(preset).load_task(cls, load_weights, True, **kwargs)
-

@@ -4,17 +4,17 @@ import keras
 import numpy as np
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import Seq2SeqLMPreprocessor
+from keras_hub.src.utils.python_utils import classproperty
 from keras_hub.src.utils.tensor_utils import preprocessing_function
 from keras_hub.src.utils.tensor_utils import tf
 
+from keras_t5gemma.conversion.preset_loader import get_preset_loader
+from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.layers.vision import check_image_placeholders
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
 from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
-from keras_hub.src.utils.python_utils import classproperty
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
 
 # What the reference processor puts around each image (`<start_of_image>` in a
 # prompt marks where an image goes); the placeholders go between the markers.
@@ -172,9 +172,7 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
         if self.max_images_per_prompt is None:
             return most
         if most > self.max_images_per_prompt:
-            raise ValueError(
-                f"A sample has {most} images but `max_images_per_prompt` is {self.max_images_per_prompt}."
-            )
+            raise ValueError(f"A sample has {most} images but `max_images_per_prompt` is {self.max_images_per_prompt}.")
         return self.max_images_per_prompt
 
     # === Text ===
@@ -245,8 +243,16 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
         slots_and_size = [self.max_images_per_prompt or 0, *self.image_converter.image_size, 3]
         return tf.zeros(tf.concat([tf.shape(token_ids)[:-1], slots_and_size], 0))
 
-    def call(self, x, y=None, sample_weight=None, *, encoder_sequence_length=None,
-             decoder_sequence_length=None, sequence_length=None):
+    def call(
+        self,
+        x,
+        y=None,
+        sample_weight=None,
+        *,
+        encoder_sequence_length=None,
+        decoder_sequence_length=None,
+        sequence_length=None,
+    ):
         encoder_text, decoder_text, images = self._split(x, y)
         if decoder_text is None:
             raise ValueError("Training needs targets: pass `decoder_text` in `x`, or target strings as `y`.")
@@ -287,8 +293,9 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
             x["images"] = images if images is not None else self._empty_images(encoder_token_ids)
         return keras.utils.pack_x_y_sample_weight(x, decoder_token_ids[..., 1:], decoder_padding_mask[..., 1:])
 
-    def generate_preprocess(self, x, *, encoder_sequence_length=None, decoder_sequence_length=None,
-                            sequence_length=None):
+    def generate_preprocess(
+        self, x, *, encoder_sequence_length=None, decoder_sequence_length=None, sequence_length=None
+    ):
         """Prompts to generation inputs; the decoder prompt gets `<bos>` and no `<eos>`.
 
         Raises:
@@ -317,7 +324,9 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
         images = x.get("images")
         encoder_token_ids = self._expanded_prompts(x["encoder_text"])
         decoder_token_ids = self._tokenize(x["decoder_text"])
-        self._check_fits(encoder_token_ids, encoder_sequence_length, "encoder", self.add_start_token + self.add_end_token)
+        self._check_fits(
+            encoder_token_ids, encoder_sequence_length, "encoder", self.add_start_token + self.add_end_token
+        )
         self._check_fits(decoder_token_ids, decoder_sequence_length, "decoder", 1)
         encoder_token_ids, encoder_padding_mask = self.encoder_packer(
             encoder_token_ids, sequence_length=encoder_sequence_length
@@ -366,4 +375,3 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
     def from_preset(cls, preset, config_file="preprocessor.json", **kwargs):
         """Loads the preprocessor of a preset; see `T5Gemma2Backbone.from_preset`."""
         return get_preset_loader(preset).load_preprocessor(cls, config_file, **kwargs)
-

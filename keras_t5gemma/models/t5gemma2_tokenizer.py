@@ -1,12 +1,12 @@
 """T5Gemma 2 tokenizer: Gemma 3's SentencePiece vocabulary and its special pieces."""
 
 import keras
+from keras_hub.src.utils.python_utils import classproperty
 from keras_hub.tokenizers import SentencePieceTokenizer
 
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_hub.src.utils.python_utils import classproperty
 from keras_t5gemma.conversion.preset_loader import get_preset_loader
 from keras_t5gemma.conversion.preset_loader import known_presets
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 
 START_OF_IMAGE_PIECE = "<start_of_image>"
 END_OF_IMAGE_PIECE = "<end_of_image>"
@@ -106,4 +106,3 @@ class T5Gemma2Tokenizer(SentencePieceTokenizer):
     def from_preset(cls, preset, config_file="tokenizer.json", **kwargs):
         """Loads the tokenizer of a preset; see `T5Gemma2Backbone.from_preset`."""
         return get_preset_loader(preset).load_tokenizer(cls, config_file, **kwargs)
-
