@@ -270,8 +270,8 @@ def _keras_run(seq_2_seq_lm, backbone, vocabulary, implementation):
 
 def run_keras_t5gemma(checkpoint):
     from keras_t5gemma import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.conversion.preset_loader import get_preset_loader
     from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.utils.preset_utils import get_preset_loader
 
     backbone = get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True)
     seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)

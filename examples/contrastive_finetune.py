@@ -25,8 +25,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from contrastive_pair_model import ContrastivePairModel  # noqa: E402
 
-from keras_t5gemma.models.contrastive_pair_model import ContrastivePairModel  # noqa: E402
 from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder  # noqa: E402
 
 DEMO_PAIRS = [

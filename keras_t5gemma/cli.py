@@ -28,7 +28,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from keras_t5gemma import toy_tasks
+from keras_t5gemma import demo
 from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAGE_MARKER
 
 DEFAULT_PRESET = "t5gemma2_tiny_digits"
@@ -73,7 +73,7 @@ def _progress_verbosity():
 
 def _check_preset(preset):
     """Fails early, as a user error, on a preset that is neither a name, a folder nor a handle."""
-    from keras_t5gemma.conversion.preset_loader import resolve_preset
+    from keras_t5gemma.utils.preset_utils import resolve_preset
 
     try:
         resolve_preset(preset)
@@ -226,10 +226,8 @@ def run_demo(args):
         f"{time.time() - started:.1f}s."
     )
     # Held-out prompts never appear in the fine-tuning data or the original training data.
-    new = toy_tasks.make_examples(["rotate"], args.eval_examples, seed=args.seed + 10, held_out=True)
-    known = toy_tasks.make_examples(
-        ["reverse", "sort", "color"], args.eval_examples, seed=args.seed + 11, held_out=True
-    )
+    new = demo.make_examples(["rotate"], args.eval_examples, seed=args.seed + 10, held_out=True)
+    known = demo.make_examples(["reverse", "sort", "color"], args.eval_examples, seed=args.seed + 11, held_out=True)
     # Two-digit rotations are reversals: show longer ones, and one example of each known task.
     showcase = [example for example in new if len(example.target) > 3][:3]
     for task in ("reverse", "sort", "color"):
@@ -240,8 +238,8 @@ def run_demo(args):
     seq_2_seq_lm.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01), sampler="greedy")
 
     def report(title):
-        new_answers = toy_tasks.generate_answers(seq_2_seq_lm, new)
-        known_answers = toy_tasks.generate_answers(seq_2_seq_lm, known)
+        new_answers = demo.generate_answers(seq_2_seq_lm, new)
+        known_answers = demo.generate_answers(seq_2_seq_lm, known)
         answers = dict(zip(map(id, new + known), new_answers + known_answers))
         _say(f"\n{title}")
         for example in showcase:
@@ -252,7 +250,7 @@ def run_demo(args):
                 prompt = prompt.replace(IMAGE_MARKER, f"[{height}x{width} image, {example.target}]")
             mark = right if answer == example.target else f"{wrong} (expected {example.target})"
             _say(f"  {prompt:<34} -> {answer:<18} {mark}")
-        scores = (toy_tasks.exact_match(new_answers, new), toy_tasks.exact_match(known_answers, known))
+        scores = (demo.exact_match(new_answers, new), demo.exact_match(known_answers, known))
         _say(
             f"  held-out exact match: rotate {scores[0]:.0%} ({len(new)} prompts), "
             f"reverse/sort/color {scores[1]:.0%} ({len(known)} prompts)"
@@ -261,10 +259,10 @@ def run_demo(args):
 
     before = report("Before fine-tuning (greedy decoding):")
     # Mostly the new operation, with the known ones replayed so they are not forgotten.
-    train = toy_tasks.make_examples(
+    train = demo.make_examples(
         ["rotate", "rotate", "reverse", "sort", "color"], args.steps * args.batch_size, seed=args.seed + 12
     )
-    x, _ = toy_tasks.as_inputs(train)
+    x, _ = demo.as_inputs(train)
     _say(
         f"\nFine-tuning all weights on {len(train):,} examples (60% rotate, the rest replayed), "
         f"{args.steps} steps of {args.batch_size}:"
@@ -423,23 +421,52 @@ def run_embed(args):
     return 0
 
 
-def run_convert(argv):
-    """Runs the conversion tool's `main` with the arguments after `convert`."""
-    from keras_t5gemma.conversion.convert import main as convert_main
+def build_convert_parser():
+    return argparse.ArgumentParser(
+        prog="keras-t5gemma convert",
+        description="Converts a Hugging Face T5Gemma 2 checkpoint to a Keras preset folder, loadable with "
+        "`T5Gemma2Seq2SeqLM.from_preset(OUTPUT)`. --verify loads the same weights in transformers (when "
+        "installed) and reports the largest logit difference and how many greedy tokens agree.",
+        epilog="Example: keras-t5gemma convert hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m "
+        "--dtype bfloat16 --verify",
+    )
 
+
+def run_convert(argv):
+    """`keras-t5gemma convert SOURCE OUTPUT [--dtype] [--text-only] [--verify]`."""
+    parser = build_convert_parser()
+    parser.add_argument("source", help="Hugging Face folder, hf://org/name, org/name or a released preset name")
+    parser.add_argument("output", help="folder to write the Keras preset to")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--text-only", action="store_true", help="leave out the vision tower")
+    parser.add_argument("--verify", action="store_true", help="compare with transformers after converting")
     try:
-        return convert_main(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exit:  # argparse: --help, or bad arguments
         return exit.code
+    from keras_t5gemma.conversion.convert import convert
+    from keras_t5gemma.conversion.convert import verify
+
+    try:
+        seq_2_seq_lm, loader = convert(args.source, args.output, args.dtype, args.text_only)
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.verify:
+        verify(seq_2_seq_lm, loader)
+    return 0
 
 
 def run_presets(args):
-    from keras_t5gemma.presets import BUNDLED
-    from keras_t5gemma.presets import RELEASED
+    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.utils.preset_utils import is_bundled
 
-    for title, presets in (("Bundled (no download):", BUNDLED), ("Released (downloaded from the Hub):", RELEASED)):
+    presets = T5Gemma2Seq2SeqLM.presets
+    bundled = {name: preset for name, preset in presets.items() if is_bundled(preset)}
+    released = {name: preset for name, preset in presets.items() if not is_bundled(preset)}
+    for title, group in (("Bundled (no download):", bundled), ("Released (downloaded from the Hub):", released)):
         _say(title)
-        for name, preset in presets.items():
+        for name, preset in group.items():
             _say(f"  {name:<24} {preset['description'].splitlines()[0]}")
     return 0
 
@@ -465,7 +492,7 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = commands.add_parser(
+    demo_command = commands.add_parser(
         "demo",
         help="the main job: fine-tune the bundled model on a new operation, answers before/after",
         description="Loads the bundled preset (trained to reverse and sort digit sequences and name an image's "
@@ -473,22 +500,24 @@ def build_parser():
         "while replaying the known tasks, and shows the answers again with correctness marks and held-out "
         "exact match. A few minutes on 2 CPU cores.",
     )
-    _add_preset(demo)
-    demo.add_argument("--steps", type=_positive_int, default=500, help="fine-tuning steps (default: %(default)s)")
-    demo.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
-    demo.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW rate (default: %(default)s)")
-    demo.add_argument(
+    _add_preset(demo_command)
+    demo_command.add_argument(
+        "--steps", type=_positive_int, default=500, help="fine-tuning steps (default: %(default)s)"
+    )
+    demo_command.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
+    demo_command.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW rate (default: %(default)s)")
+    demo_command.add_argument(
         "--eval-examples", type=_positive_int, default=100, help="held-out prompts per group (default: %(default)s)"
     )
-    demo.add_argument("--output", help="also save the fine-tuned model to this folder")
-    demo.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    demo.add_argument(
+    demo_command.add_argument("--output", help="also save the fine-tuned model to this folder")
+    demo_command.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    demo_command.add_argument(
         "--verbose",
         type=int,
         choices=(0, 1, 2),
         help="Keras fit verbosity (default: a progress bar on a terminal, else one line)",
     )
-    demo.set_defaults(run=run_demo)
+    demo_command.set_defaults(run=run_demo)
 
     generate = commands.add_parser(
         "generate",

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keras_t5gemma import toy_tasks
+from keras_t5gemma import demo
 from keras_t5gemma.cli import DEFAULT_PRESET
 from keras_t5gemma.cli import main
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-from keras_t5gemma.presets import BUNDLED
+from keras_t5gemma.utils.preset_utils import is_bundled
+from keras_t5gemma.utils.preset_utils import resolve_preset
 
 
 def run(capsys, *argv):
@@ -30,28 +31,30 @@ def write_jsonl(path, records):
 
 
 def rotate_records(count, seed=3):
-    return [{"input": e.prompt, "target": e.target} for e in toy_tasks.make_examples(["rotate"], count, seed)]
+    return [{"input": e.prompt, "target": e.target} for e in demo.make_examples(["rotate"], count, seed)]
 
 
 def test_the_bundled_preset_is_registered_and_small():
-    assert DEFAULT_PRESET in BUNDLED
-    description = BUNDLED[DEFAULT_PRESET]["description"]
-    assert description.splitlines()[0].startswith("Tiny T5Gemma 2")
-    folder = BUNDLED[DEFAULT_PRESET]["handle"]
+    metadata = T5Gemma2Seq2SeqLM.presets[DEFAULT_PRESET]
+    assert is_bundled(metadata)
+    folder = resolve_preset(DEFAULT_PRESET)
+    # The registry's description is the first line of the folder's own DESCRIPTION.
+    assert metadata["description"] == (Path(folder) / "DESCRIPTION").read_text().splitlines()[0]
+    assert metadata["description"].startswith("Tiny T5Gemma 2")
     size = sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
     assert size < 5e6
 
 
 def test_held_out_accuracy_is_at_least_the_recorded_figure():
-    folder = BUNDLED[DEFAULT_PRESET]["handle"]
+    folder = resolve_preset(DEFAULT_PRESET)
     with open(f"{folder}/metadata.json") as file:
         held_out = json.load(file)["training"]["held_out"]
-    examples = toy_tasks.make_examples(held_out["operations"], held_out["examples"], held_out["seed"], held_out=True)
+    examples = demo.make_examples(held_out["operations"], held_out["examples"], held_out["seed"], held_out=True)
     seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(DEFAULT_PRESET)
     seq_2_seq_lm.compile(sampler="greedy")
     # One batch of text prompts and one of image prompts: two compilations.
-    answers = toy_tasks.generate_answers(seq_2_seq_lm, examples, batch_size=len(examples))
-    accuracy = toy_tasks.exact_match(answers, examples)
+    answers = demo.generate_answers(seq_2_seq_lm, examples, batch_size=len(examples))
+    accuracy = demo.exact_match(answers, examples)
     assert accuracy >= held_out["exact_match"] >= 0.95, accuracy
 
 
@@ -115,7 +118,7 @@ def test_fine_tune_checkpoints_saves_and_the_result_loads(capsys, tmp_path):
 
 def test_fine_tune_from_csv_with_lora_and_images(capsys, tmp_path):
     for name, color in (("r.png", "red"), ("b.png", "blue")):
-        Image.fromarray(toy_tasks.color_image(np.random.default_rng(0), color, size=12)).save(tmp_path / name)
+        Image.fromarray(demo.color_image(np.random.default_rng(0), color, size=12)).save(tmp_path / name)
     (tmp_path / "data.csv").write_text(
         "input,target,image\nrotate: 1 2 3,2 3 1,\nwhat color?,red,r.png\nwhat color?,blue,b.png\n"
     )

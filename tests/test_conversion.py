@@ -16,7 +16,7 @@ from hf_checkpoints import write_checkpoint
 from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma import T5Gemma2Tokenizer
-from keras_t5gemma.conversion import convert as tool
+from keras_t5gemma.cli import main as command_line
 
 PROMPT = "A <start_of_image> fox jumped."
 
@@ -123,7 +123,7 @@ def test_wrong_model_type_is_rejected(checkpoints, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "t5gemma"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="Expected a T5Gemma 2 checkpoint.*'t5gemma'"):
+    with pytest.raises(ValueError, match="`model_type` 't5gemma'; keras_t5gemma converts \\['t5gemma2'\\]"):
         T5Gemma2Backbone.from_preset(str(folder))
 
 
@@ -174,7 +174,7 @@ def test_text_only_conversion_skips_the_vision_tower(checkpoints):
 def test_tool_converts_verifies_and_round_trips(checkpoints, tmp_path, rng, capsys):
     folder, model = checkpoints["sharded"]
     output = tmp_path / "preset"
-    assert tool.main([str(folder), str(output), "--verify"]) == 0
+    assert command_line(["convert", str(folder), str(output), "--verify"]) == 0
     report = capsys.readouterr().out
     assert "greedy tokens agreeing with transformers: 16/16" in report
     difference = float(report.split("max |logit difference| = ")[1].split()[0])
@@ -204,7 +204,7 @@ def test_tool_converts_verifies_and_round_trips(checkpoints, tmp_path, rng, caps
 
 
 def test_tool_reports_bad_sources(tmp_path, capsys):
-    assert tool.main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert command_line(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     assert "Unknown preset" in capsys.readouterr().err
 
 

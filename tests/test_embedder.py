@@ -1,6 +1,8 @@
 """`T5Gemma2Embedder`: pooled encoder vectors against `transformers`, image-only vectors,
 padding/batch invariance, errors, loading without a decoder, saving, contrastive `fit`."""
 
+import sys
+from pathlib import Path
 from unittest import mock
 
 import keras
@@ -14,8 +16,10 @@ from hf_checkpoints import write_checkpoint
 
 from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma.conversion.checkpoint import HFCheckpoint
-from keras_t5gemma.models.contrastive_pair_model import ContrastivePairModel
 from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+from contrastive_pair_model import ContrastivePairModel  # noqa: E402
 
 TEXTS = ["The quick brown fox jumped over the lazy dog.", "A fox", "def add(a, b): return a + b"]
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 def test_270m_270m_has_the_reference_parameter_count():
     import count_parameters
 
-    config = json.loads((ROOT / "presets/configs/t5gemma-2-270m-270m.json").read_text())
+    config = json.loads((ROOT / "tests/data/t5gemma-2-270m-270m.json").read_text())
     ours, table, hidden = count_parameters.our_count(config)
     assert ours == count_parameters.reference_count(config) == 786_029_296
     # The figure another Keras port reports: the tied table counted twice and

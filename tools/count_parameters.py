@@ -4,7 +4,7 @@ Builds the backbone (random weights, bfloat16 to halve memory) from a Hugging
 Face `config.json` and the reference model on PyTorch's meta device, and
 prints both counts.
 
-    python tools/count_parameters.py presets/configs/t5gemma-2-270m-270m.json
+    python tools/count_parameters.py tests/data/t5gemma-2-270m-270m.json
 
 The reference ties the encoder table, decoder table and LM head (one tensor),
 so its unique count is what a port numerically identical to it must have.

@@ -1,6 +1,6 @@
 """Builds the bundled demo preset `t5gemma2_tiny_digits` with the package's own `fit`.
 
-    python tools/make_demo_preset.py                 # writes presets/t5gemma2_tiny_digits/
+    python tools/make_demo_preset.py                 # writes keras_t5gemma/presets/t5gemma2_tiny_digits/
 
 Everything is made here from nothing, deterministically (seeded):
 1. a small SentencePiece vocabulary trained on the tasks' text, with Gemma's
@@ -10,7 +10,7 @@ Everything is made here from nothing, deterministically (seeded):
 2. a tiny T5Gemma 2 (2 + 2 layers of width 64, one SigLIP layer on 16x16
    images), about 0.3M parameters;
 3. `T5Gemma2Seq2SeqLM.fit` on strings and images from
-   `keras_t5gemma.toy_tasks`: reverse and sort 2 to 8 digits, and name the
+   `keras_t5gemma.demo`: reverse and sort 2 to 8 digits, and name the
    colour of an image;
 4. exact-match accuracy with `generate` on a held-out set (another seed, and
    only prompts that training never sees), written with the training facts to
@@ -31,7 +31,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 NAME = "t5gemma2_tiny_digits"
-DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets", NAME)
+DEFAULT_OUTPUT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "keras_t5gemma", "presets", NAME
+)
 # "color" once in five draws: naming a colour is easy, digit tasks are not.
 TRAIN_OPERATIONS = ["reverse", "sort", "reverse", "sort", "color"]
 HELD_OUT_OPERATIONS = ["reverse", "sort", "color"]
@@ -44,12 +46,12 @@ SAVED_SEQUENCE_LENGTHS = (32, 16)
 
 def train_vocabulary(seed):
     """SentencePiece BPE proto bytes for the tasks' text, with Gemma's special pieces."""
-    from keras_t5gemma import toy_tasks
+    from keras_t5gemma import demo
     from keras_t5gemma.conversion import vocabulary
 
-    examples = toy_tasks.make_examples([*toy_tasks.OPERATIONS, "color"], 4000, seed)
+    examples = demo.make_examples([*demo.OPERATIONS, "color"], 4000, seed)
     corpus = [f"{example.prompt} {example.target}" for example in examples]
-    corpus += [" ".join(toy_tasks.COLORS), "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;!?'\"()-"]
+    corpus += [" ".join(demo.COLORS), "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;!?'\"()-"]
     return vocabulary.train_vocabulary(corpus, vocab_size=320, special_pieces=IMAGE_PIECES, num_threads=1)
 
 
@@ -104,14 +106,14 @@ def build_model(proto):
 
 def evaluate(seq_2_seq_lm, examples):
     """`(overall exact match, {operation: exact match})`."""
-    from keras_t5gemma import toy_tasks
+    from keras_t5gemma import demo
 
-    answers = toy_tasks.generate_answers(seq_2_seq_lm, examples)
+    answers = demo.generate_answers(seq_2_seq_lm, examples)
     by_operation = {}
     for operation in HELD_OUT_OPERATIONS:
         chosen = [i for i, example in enumerate(examples) if example.prompt.startswith(f"{operation}:")]
-        by_operation[operation] = toy_tasks.exact_match([answers[i] for i in chosen], [examples[i] for i in chosen])
-    return toy_tasks.exact_match(answers, examples), by_operation
+        by_operation[operation] = demo.exact_match([answers[i] for i in chosen], [examples[i] for i in chosen])
+    return demo.exact_match(answers, examples), by_operation
 
 
 def main(argv=None):
@@ -133,7 +135,7 @@ def main(argv=None):
     # the tokenizer resources of tf.data pipelines made earlier.
     keras.utils.set_random_seed(args.seed)
 
-    from keras_t5gemma import toy_tasks
+    from keras_t5gemma import demo
 
     started = time.time()
     proto = train_vocabulary(args.seed)
@@ -141,8 +143,8 @@ def main(argv=None):
     parameters = seq_2_seq_lm.backbone.count_params()
     print(f"vocabulary {seq_2_seq_lm.preprocessor.tokenizer.vocabulary_size()} pieces, {parameters:,} parameters")
 
-    train = toy_tasks.make_examples(TRAIN_OPERATIONS, args.steps * args.batch_size, args.seed)
-    x, _ = toy_tasks.as_inputs(train)
+    train = demo.make_examples(TRAIN_OPERATIONS, args.steps * args.batch_size, args.seed)
+    x, _ = demo.as_inputs(train)
     schedule = keras.optimizers.schedules.CosineDecay(
         0.0, args.steps, warmup_target=args.learning_rate, warmup_steps=args.steps // 20, alpha=0.02
     )
@@ -157,7 +159,7 @@ def main(argv=None):
     )
     training_seconds = time.time() - started
 
-    held_out = toy_tasks.make_examples(HELD_OUT_OPERATIONS, args.held_out, args.seed + 1, held_out=True)
+    held_out = demo.make_examples(HELD_OUT_OPERATIONS, args.held_out, args.seed + 1, held_out=True)
     accuracy, by_operation = evaluate(seq_2_seq_lm, held_out)
     print(f"held-out exact match {accuracy:.4f} {by_operation}")
 
@@ -169,7 +171,7 @@ def main(argv=None):
     training = {
         "task": (
             "'reverse: 3 1 4' -> '4 1 3' and 'sort: 3 1 4' -> '1 3 4' on 2 to 8 digits (40% each), and "
-            f"'color: <start_of_image>' with an image -> its colour ({', '.join(toy_tasks.COLORS)}; 20%)"
+            f"'color: <start_of_image>' with an image -> its colour ({', '.join(demo.COLORS)}; 20%)"
         ),
         "vocabulary": "SentencePiece BPE with byte fallback, trained on the tasks' text by this command",
         "parameters": parameters,
@@ -185,7 +187,7 @@ def main(argv=None):
             "examples": args.held_out,
             "seed": args.seed + 1,
             "selection": "digit prompts with crc32(prompt) % 8 == 0, never seen in training "
-            "(keras_t5gemma.toy_tasks.is_held_out); fresh random images",
+            "(keras_t5gemma.demo.is_held_out); fresh random images",
             "exact_match": round(accuracy, 4),
             "exact_match_by_operation": {name: round(value, 4) for name, value in by_operation.items()},
             "sampler": "greedy",

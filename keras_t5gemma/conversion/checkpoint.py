@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 
 from keras_t5gemma.conversion.config import check_t5gemma2_config
+from keras_t5gemma.utils.preset_utils import fetch_file
 
 _DTYPES = {
     "BF16": ml_dtypes.bfloat16,
@@ -98,9 +99,6 @@ class SafetensorsFile:
     def keys(self):
         return list(self._entries)
 
-    def shape(self, name):
-        return tuple(self._entries[name]["shape"])
-
     def read(self, name):
         """The tensor `name` as a NumPy array (bfloat16 via `ml_dtypes`)."""
         entry = self._entries[name]
@@ -168,30 +166,3 @@ class HFCheckpoint:
 
     def read(self, key):
         return self._file(self._index()[key]).read(key)
-
-
-def fetch_file(preset, name):
-    """KerasHub's `get_file`, with hub errors turned into messages that say what to do."""
-    from keras_hub.src.utils.preset_utils import get_file
-
-    try:
-        return get_file(preset, name)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        kind = type(error).__name__
-        if kind == "GatedRepoError":
-            raise PermissionError(
-                f"`{preset}` is gated. Accept the Gemma license on its Hugging Face page, then log "
-                "in with `hf auth login` or set the `HF_TOKEN` environment variable."
-            ) from error
-        if kind == "RepositoryNotFoundError":
-            raise FileNotFoundError(
-                f"`{preset}` was not found on the Hugging Face Hub (or is private and no token is set)."
-            ) from error
-        if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-            raise ConnectionError(
-                f"Could not download `{name}` of `{preset}`: the hub is unreachable or offline mode is "
-                "on. Download the checkpoint elsewhere and pass its local folder instead."
-            ) from error
-        raise

@@ -9,6 +9,8 @@ import warnings
 
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import SLIDING
+from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 
 # Defaults of the reference config classes, used when a field is absent.
 _DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}
@@ -110,14 +112,12 @@ def vision_encoder_kwargs_from_hf_config(vision_config, mm_tokens_per_image, out
     }
 
 
-def backbone_from_hf_config(config, text_only=False, encoder_only=False, dtype=None):
-    """A `T5Gemma2Backbone` (random weights) for a T5Gemma 2 `config.json` dict.
+def backbone_from_hf_config(config, text_only=False, encoder_only=False, dtype=None, cls=T5Gemma2Backbone):
+    """A `cls` backbone (random weights) for a T5Gemma 2 `config.json` dict.
 
-    `text_only` leaves out the vision tower, `encoder_only` the decoder.
+    `text_only` leaves out the vision tower, `encoder_only` the decoder;
+    `cls` is `T5Gemma2Backbone` or a subclass.
     """
-    from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-
     kwargs = backbone_kwargs_from_hf_config(config)
     vision_config = kwargs.pop("vision_config", None)
     mm_tokens_per_image = kwargs.pop("mm_tokens_per_image", None)
@@ -127,7 +127,7 @@ def backbone_from_hf_config(config, text_only=False, encoder_only=False, dtype=N
             dtype=dtype,
             name="vision_encoder",
         )
-    return T5Gemma2Backbone(**kwargs, encoder_only=encoder_only, dtype=dtype)
+    return cls(**kwargs, encoder_only=encoder_only, dtype=dtype)
 
 
 def backbone_kwargs_from_hf_config(config):

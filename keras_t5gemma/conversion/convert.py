@@ -1,45 +1,36 @@
-"""Converts a Hugging Face T5Gemma 2 checkpoint to a Keras preset folder.
+"""Converts a Hugging Face T5Gemma 2 checkpoint to a Keras preset folder, and checks it.
 
-    python tools/checkpoint_conversion/convert_t5gemma2_checkpoints.py \\
-        hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m --dtype bfloat16 --verify
-
-(or `keras-t5gemma convert ...`; both run `main` here).
-
-SOURCE is a local Hugging Face folder, an `hf://org/name` handle, a bare
-`org/name` hub id, or a released preset name. The output loads with
-`T5Gemma2Seq2SeqLM.from_preset(OUTPUT)`. `--verify` loads the same weights in
+The command line is `keras-t5gemma convert` (`keras_t5gemma.cli`). `convert`
+takes a local Hugging Face folder, an `hf://org/name` handle, a bare
+`org/name` hub id, or a released preset name; its output loads with
+`T5Gemma2Seq2SeqLM.from_preset(OUTPUT)`. `verify` loads the same weights in
 `transformers` (when installed) and reports the largest logit difference and
 how many greedy tokens agree.
 """
 
-import argparse
 import os
-import sys
 import time
+
+import keras
+import numpy as np
+
+from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
+from keras_t5gemma.conversion.weights import load_weights
+from keras_t5gemma.conversion.weights import weight_specs
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.utils.preset_utils import get_preset_loader
 
 
 def _source(source):
     """Accepts `org/name` hub ids as well as what `from_preset` takes."""
-    from keras_t5gemma.presets import PRESETS
-
-    if source in PRESETS or "://" in source or os.path.exists(source):
-        return source
-    if source.count("/") == 1:
+    if "://" not in source and not os.path.exists(source) and source.count("/") == 1:
         return f"hf://{source}"
     return source
 
 
 def convert(source, output, dtype="float32", text_only=False, log=print):
-    """Converts `source` and saves it to `output`; returns the Keras model."""
-    import keras
-
-    from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
-    from keras_t5gemma.conversion.preset_loader import get_preset_loader
-    from keras_t5gemma.conversion.weights import load_weights
-    from keras_t5gemma.conversion.weights import weight_specs
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-
+    """Converts `source` and saves it to `output`; returns the Keras model and the loader."""
     loader = get_preset_loader(_source(source))
     if not isinstance(loader, T5Gemma2CheckpointLoader):
         raise ValueError(f"`{source}` is already a Keras preset; there is nothing to convert.")
@@ -63,9 +54,6 @@ def verify(seq_2_seq_lm, loader, new_tokens=16, log=print):
     Returns:
         `(max_abs_logit_diff, logit_scale, agreeing_tokens, new_tokens)`.
     """
-    import keras
-    import numpy as np
-
     try:
         import torch
         from transformers import T5Gemma2ForConditionalGeneration
@@ -103,8 +91,6 @@ def verify(seq_2_seq_lm, loader, new_tokens=16, log=print):
     logits = keras.ops.convert_to_numpy(keras.ops.cast(backbone.token_embedding.logits(hidden), "float32"))
     difference = float(np.abs(logits - expected_logits).max())
     scale = float(np.abs(expected_logits).max())
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-
     on_ids = T5Gemma2Seq2SeqLM(backbone)
     on_ids.compile(sampler="greedy")
     generate_inputs = dict(inputs)
@@ -116,25 +102,3 @@ def verify(seq_2_seq_lm, loader, new_tokens=16, log=print):
     log(f"max |logit difference| = {difference:.3g} (logit scale {scale:.3g}, relative {difference / scale:.3g})")
     log(f"greedy tokens agreeing with transformers: {agreeing}/{new_tokens}")
     return difference, scale, agreeing, new_tokens
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="Hugging Face folder, hf://org/name, org/name or a released preset name")
-    parser.add_argument("output", help="folder to write the Keras preset to")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--text-only", action="store_true", help="leave out the vision tower")
-    parser.add_argument("--verify", action="store_true", help="compare with transformers after converting")
-    args = parser.parse_args(argv)
-    try:
-        seq_2_seq_lm, loader = convert(args.source, args.output, args.dtype, args.text_only)
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if args.verify:
-        verify(seq_2_seq_lm, loader)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,61 +1,17 @@
-"""`from_preset` for T5Gemma 2: named presets, Keras preset folders and Hugging Face checkpoints.
+"""Builds T5Gemma 2 models from Hugging Face checkpoints (`hf://` handles or local folders).
 
-A preset is one of:
-- a name from `keras_t5gemma.presets.PRESETS` (released checkpoints resolve to
-  their `hf://` handles, bundled ones to folders shipped with the package);
-- a Keras preset folder written by `save_to_preset` (loaded by KerasHub);
-- a Hugging Face T5Gemma 2 checkpoint: an `hf://org/name` handle or a local
-  folder with `config.json` and safetensors weights, converted on load.
+Registered for `model_type` "t5gemma2" in `keras_t5gemma/conversion/__init__.py`,
+so that every class's `from_preset` (see `keras_t5gemma.utils.preset_utils`)
+converts such checkpoints on load.
 """
-
-import os
-
-from keras_hub.src.utils.preset_utils import KerasPresetLoader
-from keras_hub.src.utils.preset_utils import PresetLoader
 
 from keras_t5gemma.conversion.checkpoint import HFCheckpoint
 from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
 from keras_t5gemma.conversion.config import backbone_from_hf_config
 from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
 from keras_t5gemma.conversion.weights import load_weights
-
-
-def resolve_preset(preset):
-    """Maps a preset name to its handle or folder; other presets pass through.
-
-    Raises:
-        ValueError: for a name that is neither a known preset, a handle nor
-            an existing folder, listing the known names.
-    """
-    from keras_t5gemma.presets import PRESETS
-
-    if not isinstance(preset, (str, os.PathLike)):
-        raise ValueError(f"A preset must be a name, a folder or a handle; got {type(preset).__name__}.")
-    preset = os.fspath(preset)
-    if preset in PRESETS:
-        return PRESETS[preset]["handle"]
-    if "://" in preset or os.path.exists(preset):
-        return preset
-    raise ValueError(
-        f"Unknown preset `{preset}`: not a known name, an `hf://` handle or an existing folder. "
-        f"Known presets: {', '.join(PRESETS)}."
-    )
-
-
-def get_preset_loader(preset):
-    """The loader for `preset` (see the module docstring)."""
-    from keras_t5gemma.conversion.checkpoint import fetch_file
-
-    preset = resolve_preset(preset)
-    import json
-
-    with open(fetch_file(preset, "config.json"), encoding="utf-8") as file:
-        config = json.load(file)
-    if "registered_name" in config:
-        return KerasPresetLoader(preset, config)
-    if "model_type" in config:
-        return T5Gemma2CheckpointLoader(preset, config)
-    raise ValueError(f"`{preset}/config.json` is neither a Keras preset config nor a Hugging Face model config.")
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.utils.keras_hub_compat import PresetLoader
 
 
 class T5Gemma2CheckpointLoader(PresetLoader):
@@ -71,8 +27,6 @@ class T5Gemma2CheckpointLoader(PresetLoader):
         self.checkpoint = HFCheckpoint(preset, config)
 
     def check_backbone_class(self):
-        from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-
         return T5Gemma2Backbone
 
     def get_backbone_kwargs(self, **kwargs):
@@ -88,13 +42,16 @@ class T5Gemma2CheckpointLoader(PresetLoader):
         if kwargs:
             raise ValueError(f"Unexpected arguments for a T5Gemma 2 checkpoint: {sorted(kwargs)}.")
         return_freed_memory_to_the_system()
-        backbone = backbone_from_hf_config(self.config, text_only=text_only, encoder_only=encoder_only, dtype=dtype)
+        backbone = backbone_from_hf_config(
+            self.config, text_only=text_only, encoder_only=encoder_only, dtype=dtype, cls=cls
+        )
         if load_weights_:
             checkpoint = self.checkpoint
             load_weights(backbone, checkpoint.keys(), checkpoint.read, progress=progress)
         return backbone
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):
+        # Imported here: the SentencePiece protobuf is needed only for checkpoints without `tokenizer.model`.
         from keras_t5gemma.conversion.vocabulary import proto_from_tokenizer_json
 
         if self.checkpoint.has("tokenizer.model"):
@@ -148,10 +105,3 @@ class T5Gemma2CheckpointLoader(PresetLoader):
         if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
             kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
         return super().load_task(cls, load_weights, load_task_weights, **kwargs)
-
-
-def known_presets():
-    """`{name: metadata}` of the named presets (the `presets` property of every class)."""
-    from keras_t5gemma.presets import PRESETS
-
-    return dict(PRESETS)

@@ -1,16 +1,16 @@
 """Backbone, tasks, preprocessors, tokenizer and image converter."""
 
-from keras_t5gemma.models.contrastive_pair_model import ContrastivePairModel
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
 from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
 from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
+from keras_t5gemma.models.t5gemma2_presets import backbone_presets
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from keras_t5gemma.utils.preset_utils import register_presets
 
 __all__ = [
-    "ContrastivePairModel",
     "T5Gemma2Backbone",
     "T5Gemma2Embedder",
     "T5Gemma2EmbedderPreprocessor",
@@ -19,3 +19,16 @@ __all__ = [
     "T5Gemma2Seq2SeqLMPreprocessor",
     "T5Gemma2Tokenizer",
 ]
+
+register_presets(
+    backbone_presets,
+    [
+        T5Gemma2Backbone,
+        T5Gemma2Embedder,
+        T5Gemma2EmbedderPreprocessor,
+        T5Gemma2ImageConverter,
+        T5Gemma2Seq2SeqLM,
+        T5Gemma2Seq2SeqLMPreprocessor,
+        T5Gemma2Tokenizer,
+    ],
+)

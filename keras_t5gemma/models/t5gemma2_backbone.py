@@ -4,10 +4,7 @@ import keras
 import numpy as np
 from keras import ops
 from keras_hub.models import Backbone
-from keras_hub.src.utils.python_utils import classproperty
 
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import LAYER_TYPES
 from keras_t5gemma.layers.masks import SLIDING
@@ -15,6 +12,7 @@ from keras_t5gemma.layers.token_embedding import TokenEmbedding
 from keras_t5gemma.layers.transformer import TransformerStack
 from keras_t5gemma.layers.vision import ImageMerge
 from keras_t5gemma.layers.vision import check_image_placeholders
+from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
 def quantizable(layer):
@@ -40,7 +38,7 @@ def _check_layer_types(name, layer_types, num_layers):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Backbone(Backbone):
+class T5Gemma2Backbone(PresetMixin, Backbone):
     """T5Gemma 2 encoder-decoder backbone.
 
     A bidirectional Gemma 3 encoder and a Gemma 3 decoder whose attention
@@ -361,21 +359,6 @@ class T5Gemma2Backbone(Backbone):
         if isinstance(config.get("vision_encoder"), dict):
             config["vision_encoder"] = keras.layers.deserialize(config["vision_encoder"])
         return super().from_config(config)
-
-    @classproperty
-    def presets(cls):
-        return known_presets()
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Loads a named preset, a Keras preset folder or a Hugging Face T5Gemma 2 checkpoint.
-
-        `preset` is a name from `T5Gemma2Backbone.presets`, a folder written by
-        `save_to_preset`, an `hf://` handle or a local Hugging Face folder.
-        Hugging Face checkpoints also take `text_only=True` (no vision tower)
-        and `dtype`.
-        """
-        return get_preset_loader(preset).load_backbone(cls, load_weights, **kwargs)
 
     @classmethod
     def get_layout_map(cls, device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):

@@ -6,20 +6,18 @@ import keras
 import numpy as np
 from keras import ops
 from keras_hub.models import Task
-from keras_hub.src.utils.preset_utils import KerasPresetLoader
-from keras_hub.src.utils.preset_utils import check_config_class
-from keras_hub.src.utils.preset_utils import check_file_exists
-from keras_hub.src.utils.preset_utils import load_json
-from keras_hub.src.utils.python_utils import classproperty
-from keras_hub.src.utils.tensor_utils import tf
 
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.layers.pooling import POOLING_MODES
 from keras_t5gemma.layers.pooling import SequencePooling
 from keras_t5gemma.layers.pooling import l2_normalize
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
+from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
+from keras_t5gemma.utils.keras_hub_compat import check_config_class
+from keras_t5gemma.utils.keras_hub_compat import check_file_exists
+from keras_t5gemma.utils.keras_hub_compat import load_json
+from keras_t5gemma.utils.keras_hub_compat import tf
+from keras_t5gemma.utils.preset_utils import PresetMixin
 
 # Backbone arguments `from_preset` forwards to the loader.
 _BACKBONE_ARGUMENTS = ("dtype", "text_only", "progress")
@@ -44,7 +42,7 @@ class _PreprocessedBatches(keras.utils.PyDataset):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Embedder(Task):
+class T5Gemma2Embedder(PresetMixin, Task):
     """T5Gemma 2 encoder embeddings: one `(hidden_dim,)` vector per input.
 
     The bidirectional encoder runs over the prompt (text, or text with
@@ -195,13 +193,9 @@ class T5Gemma2Embedder(Task):
     def get_config(self):
         return {**super().get_config(), "pooling": self.pooling, "normalize": self.normalize}
 
-    @classproperty
-    def presets(cls):
-        return known_presets()
-
     @classmethod
-    def from_preset(cls, preset, load_weights=True, pooling=None, normalize=None, **kwargs):
-        """Loads an encoder-only embedder from a preset; the decoder is never built.
+    def load_preset(cls, loader, load_weights=True, pooling=None, normalize=None, **kwargs):
+        """`from_preset`: an encoder-only embedder; the decoder is never built.
 
         `preset` is a preset name, a Keras preset folder (saved from a
         `T5Gemma2Embedder` or a `T5Gemma2Seq2SeqLM`: the decoder's weights
@@ -209,7 +203,7 @@ class T5Gemma2Embedder(Task):
         checkpoint (its decoder tensors are not read).
 
         Args:
-            preset: see above.
+            loader: the preset's loader (`from_preset` passes it).
             load_weights: bool.
             pooling, normalize: default to the saved embedder's settings,
                 else `"mean"` and `True`.
@@ -217,7 +211,6 @@ class T5Gemma2Embedder(Task):
                 vision tower); `backbone`/`preprocessor` to use instead of
                 the preset's; other `T5Gemma2Embedder` arguments.
         """
-        loader = get_preset_loader(preset)
         saved = _saved_task_config(loader, cls)
         kwargs["pooling"] = pooling or saved.get("pooling", "mean")
         kwargs["normalize"] = saved.get("normalize", True) if normalize is None else normalize
@@ -228,7 +221,7 @@ class T5Gemma2Embedder(Task):
             )
         if "preprocessor" not in kwargs:
             text_only = {"image_converter": None} if kwargs["backbone"].vision_encoder is None else {}
-            kwargs["preprocessor"] = cls.preprocessor_cls.from_preset(preset, **text_only)
+            kwargs["preprocessor"] = cls.preprocessor_cls.load_preset(loader, **text_only)
         return cls(**kwargs)
 
 

@@ -3,19 +3,17 @@
 import keras
 import numpy as np
 from keras_hub.models import Preprocessor
-from keras_hub.src.utils.preset_utils import KerasPresetLoader
-from keras_hub.src.utils.preset_utils import check_config_class
-from keras_hub.src.utils.preset_utils import check_file_exists
-from keras_hub.src.utils.preset_utils import load_json
-from keras_hub.src.utils.python_utils import classproperty
-from keras_hub.src.utils.tensor_utils import tf
 
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
+from keras_t5gemma.utils.keras_hub_compat import check_config_class
+from keras_t5gemma.utils.keras_hub_compat import check_file_exists
+from keras_t5gemma.utils.keras_hub_compat import load_json
+from keras_t5gemma.utils.keras_hub_compat import tf
+from keras_t5gemma.utils.preset_utils import PresetMixin
 
 INPUT_KEYS = ("text", "images")
 
@@ -68,7 +66,7 @@ def _text_image_pairs(item):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2EmbedderPreprocessor(Preprocessor):
+class T5Gemma2EmbedderPreprocessor(PresetMixin, Preprocessor):
     """Prepares text, and text with images, for `T5Gemma2Embedder`.
 
     Prompts are laid out exactly as `T5Gemma2Seq2SeqLMPreprocessor` lays out
@@ -250,18 +248,13 @@ class T5Gemma2EmbedderPreprocessor(Preprocessor):
         }
         return cls(**{**settings, **kwargs})
 
-    @classproperty
-    def presets(cls):
-        return known_presets()
-
     @classmethod
-    def from_preset(cls, preset, config_file="preprocessor.json", **kwargs):
-        """Loads the preprocessor of a preset; see `T5Gemma2Backbone.from_preset`.
+    def load_preset(cls, loader, config_file="preprocessor.json", **kwargs):
+        """`from_preset`, which also takes the Keras preset of a `T5Gemma2Seq2SeqLM`.
 
         A Keras preset saved from a `T5Gemma2Seq2SeqLM` gives its encoder
         settings (see `from_seq_2_seq_preprocessor`).
         """
-        loader = get_preset_loader(preset)
         if isinstance(loader, KerasPresetLoader) and check_file_exists(loader.preset, config_file):
             saved_class = check_config_class(load_json(loader.preset, config_file))
             if issubclass(saved_class, T5Gemma2Seq2SeqLMPreprocessor):

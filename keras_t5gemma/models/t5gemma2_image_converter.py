@@ -21,13 +21,11 @@ import math
 import keras
 import numpy as np
 from keras_hub.layers import ImageConverter
-from keras_hub.src.utils.python_utils import classproperty
-from keras_hub.src.utils.tensor_utils import in_grain_data_pipeline
-from keras_hub.src.utils.tensor_utils import in_tf_function
 
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.utils.keras_hub_compat import in_grain_data_pipeline
+from keras_t5gemma.utils.keras_hub_compat import in_tf_function
+from keras_t5gemma.utils.preset_utils import PresetMixin
 
 # Pillow's fixed point for 8-bit images: 32 bits less 8 for the pixel, 2 for overflow.
 _PRECISION_BITS = 22
@@ -194,7 +192,7 @@ def _to_numpy(value):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2ImageConverter(ImageConverter):
+class T5Gemma2ImageConverter(PresetMixin, ImageConverter):
     """Turns raw RGB images into T5Gemma 2 vision inputs.
 
     Matches the reference Gemma 3 image processor (PIL backend) to float32
@@ -335,12 +333,3 @@ class T5Gemma2ImageConverter(ImageConverter):
         for name in _FIXED_RESIZING_ARGUMENTS + ("dtype",):
             config.pop(name, None)
         return config
-
-    @classproperty
-    def presets(cls):
-        return known_presets()
-
-    @classmethod
-    def from_preset(cls, preset, **kwargs):
-        """Loads the image converter of a preset; see `T5Gemma2Backbone.from_preset`."""
-        return get_preset_loader(preset).load_image_converter(cls, **kwargs)

@@ -4,14 +4,12 @@ import keras
 from keras import ops
 from keras_hub.models import Seq2SeqLM
 from keras_hub.samplers import GreedySampler
-from keras_hub.src.utils.python_utils import classproperty
-from keras_hub.src.utils.tensor_utils import any_equal
 
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_backbone import quantizable
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+from keras_t5gemma.utils.keras_hub_compat import any_equal
+from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
@@ -29,7 +27,7 @@ class ArgmaxSampler(GreedySampler):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Seq2SeqLM(Seq2SeqLM):
+class T5Gemma2Seq2SeqLM(PresetMixin, Seq2SeqLM):
     """T5Gemma 2 with a language-modelling head, for generation and fine-tuning.
 
     `fit` trains on `(x, y, sample_weight)` from the preprocessor: `x` holds the
@@ -169,12 +167,3 @@ class T5Gemma2Seq2SeqLM(Seq2SeqLM):
             stops_before = ops.cumsum(is_stop, axis=-1) - is_stop
             padding_mask = ops.equal(stops_before, 0)
         return {"decoder_token_ids": token_ids, "decoder_padding_mask": padding_mask}
-
-    @classproperty
-    def presets(cls):
-        return known_presets()
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Loads the model and its preprocessor; see `T5Gemma2Backbone.from_preset`."""
-        return get_preset_loader(preset).load_task(cls, load_weights, True, **kwargs)

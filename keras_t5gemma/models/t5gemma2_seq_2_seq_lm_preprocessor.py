@@ -4,17 +4,15 @@ import keras
 import numpy as np
 from keras_hub.layers import StartEndPacker
 from keras_hub.models import Seq2SeqLMPreprocessor
-from keras_hub.src.utils.python_utils import classproperty
-from keras_hub.src.utils.tensor_utils import preprocessing_function
-from keras_hub.src.utils.tensor_utils import tf
 
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.layers.vision import check_image_placeholders
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
 from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from keras_t5gemma.utils.keras_hub_compat import preprocessing_function
+from keras_t5gemma.utils.keras_hub_compat import tf
+from keras_t5gemma.utils.preset_utils import PresetMixin
 
 # What the reference processor puts around each image (`<start_of_image>` in a
 # prompt marks where an image goes); the placeholders go between the markers.
@@ -22,7 +20,7 @@ IMAGE_BLOCK = f"\n\n{START_OF_IMAGE_PIECE}<end_of_image>\n\n"
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
+class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
     """Prepares T5Gemma 2 inputs as the reference trains and generates.
 
     - Encoder: `<bos>` + prompt (the reference tokenizer adds `<bos>` and no
@@ -366,12 +364,3 @@ class T5Gemma2Seq2SeqLMPreprocessor(Seq2SeqLMPreprocessor):
             "add_start_token": self.add_start_token,
             "add_end_token": self.add_end_token,
         }
-
-    @classproperty
-    def presets(cls):
-        return known_presets()
-
-    @classmethod
-    def from_preset(cls, preset, config_file="preprocessor.json", **kwargs):
-        """Loads the preprocessor of a preset; see `T5Gemma2Backbone.from_preset`."""
-        return get_preset_loader(preset).load_preprocessor(cls, config_file, **kwargs)

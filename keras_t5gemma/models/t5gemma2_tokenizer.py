@@ -1,12 +1,10 @@
 """T5Gemma 2 tokenizer: Gemma 3's SentencePiece vocabulary and its special pieces."""
 
 import keras
-from keras_hub.src.utils.python_utils import classproperty
 from keras_hub.tokenizers import SentencePieceTokenizer
 
-from keras_t5gemma.conversion.preset_loader import get_preset_loader
-from keras_t5gemma.conversion.preset_loader import known_presets
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.utils.preset_utils import PresetMixin
 
 START_OF_IMAGE_PIECE = "<start_of_image>"
 END_OF_IMAGE_PIECE = "<end_of_image>"
@@ -16,7 +14,7 @@ IMAGE_PLACEHOLDER_ID = 256_001
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Tokenizer(SentencePieceTokenizer):
+class T5Gemma2Tokenizer(PresetMixin, SentencePieceTokenizer):
     """T5Gemma 2 tokenizer: SentencePiece with Gemma 3's special pieces.
 
     Checks that the vocabulary holds every piece the model relies on and
@@ -97,12 +95,3 @@ class T5Gemma2Tokenizer(SentencePieceTokenizer):
         config = super().get_config()
         config["image_placeholder"] = self.image_placeholder
         return config
-
-    @classproperty
-    def presets(cls):
-        return known_presets()
-
-    @classmethod
-    def from_preset(cls, preset, config_file="tokenizer.json", **kwargs):
-        """Loads the tokenizer of a preset; see `T5Gemma2Backbone.from_preset`."""
-        return get_preset_loader(preset).load_tokenizer(cls, config_file, **kwargs)

@@ -1,8 +1,13 @@
-"""Contrastive training of an embedder on (query, positive) pairs with in-batch negatives."""
+"""Contrastive training of an embedder on (query, positive) pairs with in-batch negatives.
+
+An example model built on the library (`examples/contrastive_finetune.py` trains one); not part of
+the `keras_t5gemma` package.
+"""
 
 import keras
 from keras import ops
-from keras_hub.src.utils.pipeline_model import PipelineModel
+
+from keras_t5gemma.utils.keras_hub_compat import PipelineModel
 
 
 def in_batch_softmax_loss(similarity_logits):
@@ -17,7 +22,7 @@ def in_batch_softmax_loss(similarity_logits):
     return ops.mean(losses)
 
 
-@keras.saving.register_keras_serializable(package="keras_t5gemma")
+@keras.saving.register_keras_serializable(package="keras_t5gemma_examples")
 class ContrastivePairModel(PipelineModel):
     """Trains an embedder with InfoNCE on `(query, positive)` pairs.
 

@@ -1,0 +1,1 @@
+"""Plumbing shared by every model family: presets, and KerasHub's private names."""

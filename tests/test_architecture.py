@@ -1,0 +1,78 @@
+"""Which module may import which (ARCHITECTURE.md), checked on the source.
+
+Dependencies point one way: layers <- models <- conversion <- cli, with the
+plumbing in `utils/` below the models. Imports inside functions count too.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "keras_t5gemma"
+# Part of the package -> the parts it may import.
+ALLOWED = {
+    "layers": {"layers"},
+    "utils": {"utils"},
+    "models": {"layers", "models", "utils"},
+    "conversion": {"conversion", "layers", "models", "utils"},
+    "demo": set(),
+}
+COMPAT_MODULE = PACKAGE / "utils" / "keras_hub_compat.py"
+
+
+def _part(path):
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else relative.stem
+
+
+def _imports(path):
+    """`(line, module)` of every import in `path`, nested ones included."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.lineno, node.module
+
+
+def import_violations(path, allowed):
+    """`file:line imports module` for each package import of `path` outside `allowed`."""
+    found = []
+    for line, module in _imports(path):
+        names = module.split(".")
+        if names[0] == "keras_t5gemma" and (len(names) == 1 or names[1] not in allowed):
+            found.append(f"{path.parent.name}/{path.name}:{line} imports {module}")
+    return found
+
+
+SOURCES = sorted(path for path in PACKAGE.rglob("*.py") if _part(path) in ALLOWED)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_imports_point_one_way(path):
+    assert import_violations(path, ALLOWED[_part(path)]) == []
+
+
+def test_the_check_catches_a_model_importing_conversion(tmp_path):
+    model = tmp_path / "model.py"
+    model.write_text("import keras\n\n\ndef load():\n    from keras_t5gemma.conversion.preset_loader import X\n")
+    assert import_violations(model, ALLOWED["models"]) == [
+        f"{tmp_path.name}/model.py:5 imports keras_t5gemma.conversion.preset_loader"
+    ]
+    assert import_violations(model, ALLOWED["conversion"]) == []
+
+
+def test_every_part_of_the_package_is_placed():
+    parts = {_part(path) for path in PACKAGE.rglob("*.py")}
+    assert parts - set(ALLOWED) <= {"__init__", "__main__", "cli"}
+
+
+def test_private_keras_hub_names_come_from_one_module():
+    users = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in PACKAGE.rglob("*.py")
+        if path != COMPAT_MODULE
+        for line, module in _imports(path)
+        if module.startswith("keras_hub.src")
+    ]
+    assert users == []
