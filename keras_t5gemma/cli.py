@@ -185,10 +185,15 @@ def _pair(record, where, folder):
 
 
 def make_sampler(name, temperature=1.0, top_k=5, top_p=0.9, num_beams=4, seed=None):
+    """The `sampler` argument of `compile` for `--sampler NAME`.
+
+    `"greedy"` is passed by name, so that the command line decodes exactly as
+    `compile(sampler="greedy")` does (`ArgmaxSampler`).
+    """
     from keras_hub import samplers
 
     if name == "greedy":
-        return samplers.GreedySampler()
+        return "greedy"
     if name == "top_k":
         return samplers.TopKSampler(k=top_k, seed=seed, temperature=temperature)
     if name == "top_p":

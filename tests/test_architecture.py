@@ -5,6 +5,9 @@ plumbing in `utils/` below the models. Imports inside functions count too.
 """
 
 import ast
+import re
+import sys
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,51 @@ def test_private_keras_hub_names_come_from_one_module():
         if module.startswith("keras_hub.src")
     ]
     assert users == []
+
+
+# Imported by the package but not declared by it, and why.
+UNDECLARED = {
+    "tensorflow": "installed by tensorflow-text, whose version it must match",
+    "torch": "optional: only `verify` after a conversion, skipped without it",
+    "transformers": "optional: only `verify` after a conversion, skipped without it",
+}
+# Declared but not imported by the package, and why.
+UNIMPORTED = {
+    "jax": "the default Keras backend",
+    "huggingface_hub": "KerasHub downloads `hf://` handles with it",
+    "tensorflow-text": "KerasHub's SentencePiece tokenizer runs on it",
+}
+
+
+def _declared_dependencies():
+    tomllib = pytest.importorskip("tomllib")
+    with open(PACKAGE.parent / "pyproject.toml", "rb") as file:
+        dependencies = tomllib.load(file)["project"]["dependencies"]
+    return {re.split(r"[<>=!~\[ ;]", dependency)[0].lower().replace("_", "-") for dependency in dependencies}
+
+
+def _imported_distributions():
+    modules = {
+        module.split(".")[0]
+        for path in PACKAGE.rglob("*.py")
+        for _, module in _imports(path)
+        if module.split(".")[0] not in sys.stdlib_module_names and not module.startswith("keras_t5gemma")
+    }
+    names = packages_distributions()
+    return {module: names[module][0].lower().replace("_", "-") for module in modules}
+
+
+def test_runtime_imports_are_declared_dependencies():
+    declared = _declared_dependencies()
+    undeclared = {
+        module: distribution
+        for module, distribution in _imported_distributions().items()
+        if distribution not in declared and module not in UNDECLARED
+    }
+    assert undeclared == {}
+
+
+def test_declared_dependencies_are_used():
+    imported = set(_imported_distributions().values())
+    unused = _declared_dependencies() - imported - {name.replace("_", "-") for name in UNIMPORTED}
+    assert unused == set()

@@ -2,6 +2,7 @@
 clear errors with non-zero exit codes, and the bundled preset's recorded accuracy."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ from PIL import Image
 from keras_t5gemma import demo
 from keras_t5gemma.cli import DEFAULT_PRESET
 from keras_t5gemma.cli import main
+from keras_t5gemma.cli import make_sampler
+from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 from keras_t5gemma.utils.preset_utils import is_bundled
 from keras_t5gemma.utils.preset_utils import resolve_preset
@@ -56,6 +59,16 @@ def test_held_out_accuracy_is_at_least_the_recorded_figure():
     answers = demo.generate_answers(seq_2_seq_lm, examples, batch_size=len(examples))
     accuracy = demo.exact_match(answers, examples)
     assert accuracy >= held_out["exact_match"] >= 0.95, accuracy
+
+
+def test_command_line_greedy_is_python_greedy(capsys):
+    prompts = ["reverse: 5 0 2 7 1", "sort: 9 4 7 1", "rotate: 3 1 4"]
+    status, out, err = run(capsys, "generate", *prompts)
+    assert status == 0, err
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(DEFAULT_PRESET)
+    seq_2_seq_lm.compile(sampler=make_sampler("greedy"))
+    assert type(seq_2_seq_lm.sampler) is ArgmaxSampler
+    assert out.splitlines() == [answer.strip() for answer in seq_2_seq_lm.generate(prompts)]
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -229,6 +242,21 @@ def test_argparse_errors_exit_2(capsys):
     status, _, err = run(capsys, "generate", "x", "--sampler", "nucleus")
     assert status == 2 and "invalid choice" in err
     assert run(capsys, "no-such-command")[0] == 2
+
+
+def test_command_output_starts_with_the_answer():
+    # No backend chosen and TensorFlow's logging at its default, as a user runs it.
+    env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL")}
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_t5gemma", "generate", "reverse: 5 0 2 7"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout
+    assert result.stdout == "7 2 0 5\n"
 
 
 def test_python_dash_m_entry_point():

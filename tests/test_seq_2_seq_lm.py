@@ -17,6 +17,7 @@ from hf_reference import tiny_config
 
 from keras_t5gemma.layers.transformer import TransformerStack
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
 NEW_TOKENS = 24
@@ -271,7 +272,12 @@ def test_keras_file_round_trip_is_exact(pair, rng, tmp_path):
     _, seq_2_seq_lm = pair
     path = os.path.join(tmp_path, "model.keras")
     seq_2_seq_lm.save(path)
-    restored = keras.saving.load_model(path)
+    with warnings.catch_warnings():
+        # Restoring `compile` (the sampler included) must not warn that it was skipped.
+        warnings.filterwarnings("error", message=".*compile")
+        restored = keras.saving.load_model(path)
+    assert restored.compiled and type(restored.sampler) is type(seq_2_seq_lm.sampler) is ArgmaxSampler
+    assert restored.get_compile_config() == seq_2_seq_lm.get_compile_config()
     encoder_ids, encoder_mask = _encoder_batch(rng, [6, 4], images_per_sample=[1, 0])
     inputs = _inputs(encoder_ids, encoder_mask, 2, rng.normal(size=(2, 1, 28, 28, 3)).astype("float32"))
     np.testing.assert_array_equal(

@@ -76,6 +76,20 @@ class T5Gemma2Seq2SeqLM(PresetMixin, Seq2SeqLM):
         """KerasHub's `compile`; `sampler="greedy"` takes the argmax of the logits (`ArgmaxSampler`)."""
         super().compile(*args, sampler=ArgmaxSampler() if sampler == "greedy" else sampler, **kwargs)
 
+    def get_compile_config(self):
+        """Keras' compile config, with the sampler, so that a `.keras` file restores both."""
+        config = super().get_compile_config()
+        if config is not None:
+            config["sampler"] = keras.saving.serialize_keras_object(self.sampler)
+        return config
+
+    def compile_from_config(self, config):
+        """Compiles as `get_compile_config` recorded (`keras.saving.load_model` calls this)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            # The saved optimizer variables are loaded into these next.
+            self.optimizer.build(self.trainable_variables)
+
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Keras `quantize`, by default over the projections and the embedding table.
 
