@@ -14,7 +14,7 @@ sequences of every length.
 
 Example:
 ```python
-examples = make_examples(["reverse", "sort", "color"], count=100, seed=1, held_out=True)
+examples = make_examples(["reverse", "sort", "color"], count=20, seed=1, held_out=True)
 seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
 exact_match(generate_answers(seq_2_seq_lm, examples), examples)
 ```

@@ -375,15 +375,13 @@ class T5Gemma2Backbone(PresetMixin, Backbone):
         Example:
         ```python
         devices = keras.distribution.list_devices()  # e.g. 8 TPU cores
-        mesh = keras.distribution.DeviceMesh(
-            shape=(1, 8), axis_names=("batch", "model"), devices=devices
-        )
+        mesh = keras.distribution.DeviceMesh(shape=(1, 8), axis_names=("batch", "model"), devices=devices)
         layout_map = T5Gemma2Backbone.get_layout_map(mesh)
         distribution = keras.distribution.ModelParallel(
             layout_map=layout_map, batch_dim_name="batch"
         )
         with distribution.scope():
-            seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_270m_270m")
+            seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
             seq_2_seq_lm.backbone.enable_lora(rank=8)
         for variable in seq_2_seq_lm.backbone.weights[:8]:
             print(variable.path, variable.value.sharding.spec)

@@ -81,8 +81,8 @@ class T5Gemma2Embedder(PresetMixin, Task):
 
     Example:
     ```python
-    embedder = T5Gemma2Embedder.from_preset("t5gemma2_270m_270m", pooling="mean")
-    vectors = embedder.predict(["A fox jumped.", "A dog slept."])  # (2, 640)
+    embedder = T5Gemma2Embedder.from_preset("t5gemma2_tiny_digits", pooling="mean")
+    vectors = embedder.predict(["sort: 3 1 2", "reverse: 1 2 3"])  # (2, 64)
     image = np.random.randint(0, 255, (300, 400, 3), dtype="uint8")
     vectors = embedder.predict([
         {"text": "A photo: <start_of_image>", "images": image},  # fused

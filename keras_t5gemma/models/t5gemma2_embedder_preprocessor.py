@@ -106,10 +106,10 @@ class T5Gemma2EmbedderPreprocessor(PresetMixin, Preprocessor):
     Example:
     ```python
     preprocessor = T5Gemma2EmbedderPreprocessor.from_preset(
-        "t5gemma2_270m_270m", sequence_length=64
+        "t5gemma2_tiny_digits", sequence_length=16
     )
-    preprocessor(["The quick brown fox.", "A fox slept."])["encoder_token_ids"].shape
-    # (2, 64)
+    preprocessor(["sort: 3 1 2", "reverse: 1 2 3"])["encoder_token_ids"].shape
+    # (2, 16)
     ```
     """
 
