@@ -12,16 +12,9 @@ from keras_t5gemma.layers.token_embedding import TokenEmbedding
 from keras_t5gemma.layers.transformer import TransformerStack
 from keras_t5gemma.layers.vision import ImageMerge
 from keras_t5gemma.layers.vision import check_image_placeholders
+from keras_t5gemma.models.model_mixins import DefaultImagesMixin
+from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
 from keras_t5gemma.utils.preset_utils import PresetMixin
-
-
-def quantizable(layer):
-    """Layers `quantize` converts by default: projections and embedding tables.
-
-    Norms, the preprocessor's layers and our composite layers are left alone
-    (and Keras does not warn about them).
-    """
-    return isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding))
 
 
 def default_layer_types(num_layers, full_attention_every=6):
@@ -38,7 +31,7 @@ def _check_layer_types(name, layer_types, num_layers):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Backbone(PresetMixin, Backbone):
+class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, Backbone):
     """T5Gemma 2 encoder-decoder backbone.
 
     A bidirectional Gemma 3 encoder and a Gemma 3 decoder whose attention
@@ -268,10 +261,6 @@ class T5Gemma2Backbone(PresetMixin, Backbone):
             embeddings = self.image_merge(embeddings, token_ids, features)
         return self.encoder(embeddings, padding_mask, training=training)
 
-    def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """Keras `quantize`, by default over the projections and the embedding table."""
-        super().quantize(mode, config=config, filters=filters or quantizable, **kwargs)
-
     def with_default_images(self, inputs):
         """`inputs` with an empty `(B, 0, H, W, 3)` `images` entry if a vision model lacks one.
 
@@ -287,11 +276,8 @@ class T5Gemma2Backbone(PresetMixin, Backbone):
         zeros = np.zeros if isinstance(token_ids, np.ndarray) else ops.zeros
         return {**inputs, "images": zeros(shape, "float32")}
 
-    def __call__(self, inputs, *args, **kwargs):
-        return super().__call__(self.with_default_images(inputs), *args, **kwargs)
-
     def call(self, inputs, training=None, mask=None):
-        # `fit` and `predict` reach here through `stateless_call`, not `__call__`.
+        # The images are checked with the placeholders, so they are filled in first.
         inputs = self.with_default_images(inputs)
         if isinstance(inputs, dict):
             self._check_inputs(inputs)

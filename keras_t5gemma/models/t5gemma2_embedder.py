@@ -10,6 +10,7 @@ from keras_hub.models import Task
 from keras_t5gemma.layers.pooling import POOLING_MODES
 from keras_t5gemma.layers.pooling import SequencePooling
 from keras_t5gemma.layers.pooling import l2_normalize
+from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
@@ -42,7 +43,7 @@ class _PreprocessedBatches(keras.utils.PyDataset):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Embedder(PresetMixin, Task):
+class T5Gemma2Embedder(PresetMixin, DefaultImagesMixin, Task):
     """T5Gemma 2 encoder embeddings: one `(hidden_dim,)` vector per input.
 
     The bidirectional encoder runs over the prompt (text, or text with
@@ -125,13 +126,6 @@ class T5Gemma2Embedder(PresetMixin, Task):
         # === Config ===
         self.pooling = pooling
         self.normalize = normalize
-
-    def __call__(self, inputs, *args, **kwargs):
-        return super().__call__(self.backbone.with_default_images(inputs), *args, **kwargs)
-
-    def call(self, inputs, training=None, mask=None):
-        # `fit` and `predict` reach here through `stateless_call`, not `__call__`.
-        return super().call(self.backbone.with_default_images(inputs), training=training, mask=mask)
 
     def predict(self, x=None, batch_size=None, **kwargs):
         """Embeds inputs: strings, dicts with `text` and/or `images`, or lists of those.

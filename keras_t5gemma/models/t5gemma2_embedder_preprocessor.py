@@ -6,6 +6,7 @@ from keras_hub.models import Preprocessor
 
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
+from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import PROMPT_SETTINGS
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
@@ -132,12 +133,8 @@ class T5Gemma2EmbedderPreprocessor(PresetMixin, Preprocessor):
         self.tokenizer = tokenizer
         self.image_converter = image_converter
         self.sequence_length = sequence_length
-        self.mm_tokens_per_image = mm_tokens_per_image
-        self.max_images_per_prompt = max_images_per_prompt
-        self.add_start_token = add_start_token
-        self.add_end_token = add_end_token
-        # The encoder half of the seq2seq preprocessor; its decoder inputs
-        # (for an empty target) are dropped.
+        # The encoder half of the seq2seq preprocessor, which lays out the
+        # prompts; its decoder inputs (for an empty target) are dropped.
         self.prompt_preprocessor = T5Gemma2Seq2SeqLMPreprocessor(
             tokenizer,
             image_converter,
@@ -148,6 +145,8 @@ class T5Gemma2EmbedderPreprocessor(PresetMixin, Preprocessor):
             add_start_token=add_start_token,
             add_end_token=add_end_token,
         )
+        for name in PROMPT_SETTINGS:
+            setattr(self, name, getattr(self.prompt_preprocessor, name))
 
     @staticmethod
     def as_samples(x):
@@ -225,10 +224,7 @@ class T5Gemma2EmbedderPreprocessor(PresetMixin, Preprocessor):
         return {
             **super().get_config(),
             "sequence_length": self.sequence_length,
-            "mm_tokens_per_image": self.mm_tokens_per_image,
-            "max_images_per_prompt": self.max_images_per_prompt,
-            "add_start_token": self.add_start_token,
-            "add_end_token": self.add_end_token,
+            **{name: getattr(self, name) for name in PROMPT_SETTINGS},
         }
 
     @classmethod
@@ -241,10 +237,7 @@ class T5Gemma2EmbedderPreprocessor(PresetMixin, Preprocessor):
             "tokenizer": preprocessor.tokenizer,
             "image_converter": preprocessor.image_converter,
             "sequence_length": preprocessor.encoder_sequence_length,
-            "mm_tokens_per_image": preprocessor.mm_tokens_per_image,
-            "max_images_per_prompt": preprocessor.max_images_per_prompt,
-            "add_start_token": preprocessor.add_start_token,
-            "add_end_token": preprocessor.add_end_token,
+            **{name: getattr(preprocessor, name) for name in PROMPT_SETTINGS},
         }
         return cls(**{**settings, **kwargs})
 

@@ -5,8 +5,9 @@ from keras import ops
 from keras_hub.models import Seq2SeqLM
 from keras_hub.samplers import GreedySampler
 
+from keras_t5gemma.models.model_mixins import DefaultImagesMixin
+from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_backbone import quantizable
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import any_equal
 from keras_t5gemma.utils.preset_utils import PresetMixin
@@ -27,7 +28,7 @@ class ArgmaxSampler(GreedySampler):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Seq2SeqLM(PresetMixin, Seq2SeqLM):
+class T5Gemma2Seq2SeqLM(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, Seq2SeqLM):
     """T5Gemma 2 with a language-modelling head, for generation and fine-tuning.
 
     `fit` trains on `(x, y, sample_weight)` from the preprocessor: `x` holds the
@@ -65,13 +66,6 @@ class T5Gemma2Seq2SeqLM(PresetMixin, Seq2SeqLM):
         logits = backbone.token_embedding.logits(hidden)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
 
-    def __call__(self, inputs, *args, **kwargs):
-        return super().__call__(self.backbone.with_default_images(inputs), *args, **kwargs)
-
-    def call(self, inputs, training=None, mask=None):
-        # `fit` and `predict` reach here through `stateless_call`, not `__call__`.
-        return super().call(self.backbone.with_default_images(inputs), training=training, mask=mask)
-
     def compile(self, *args, sampler="top_k", **kwargs):
         """KerasHub's `compile`; `sampler="greedy"` takes the argmax of the logits (`ArgmaxSampler`)."""
         super().compile(*args, sampler=ArgmaxSampler() if sampler == "greedy" else sampler, **kwargs)
@@ -89,14 +83,6 @@ class T5Gemma2Seq2SeqLM(PresetMixin, Seq2SeqLM):
         if self.built:
             # The saved optimizer variables are loaded into these next.
             self.optimizer.build(self.trainable_variables)
-
-    def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """Keras `quantize`, by default over the projections and the embedding table.
-
-        `quantize("int8")` stores weights as int8 with per-channel scales;
-        generation then reads a quarter of the float32 bytes per step.
-        """
-        super().quantize(mode, config=config, filters=filters or quantizable, **kwargs)
 
     # === Generation ===
 

@@ -19,6 +19,10 @@ from keras_t5gemma.utils.preset_utils import PresetMixin
 IMAGE_BLOCK = f"\n\n{START_OF_IMAGE_PIECE}<end_of_image>\n\n"
 
 
+# How prompts are laid out, shared with `T5Gemma2EmbedderPreprocessor`.
+PROMPT_SETTINGS = ("mm_tokens_per_image", "max_images_per_prompt", "add_start_token", "add_end_token")
+
+
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
 class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
     """Prepares T5Gemma 2 inputs as the reference trains and generates.
@@ -359,8 +363,5 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
             **super().get_config(),
             "encoder_sequence_length": self.encoder_sequence_length,
             "decoder_sequence_length": self.decoder_sequence_length,
-            "mm_tokens_per_image": self.mm_tokens_per_image,
-            "max_images_per_prompt": self.max_images_per_prompt,
-            "add_start_token": self.add_start_token,
-            "add_end_token": self.add_end_token,
+            **{name: getattr(self, name) for name in PROMPT_SETTINGS},
         }
