@@ -1,0 +1,478 @@
+"""Export a `T5Gemma2Seq2SeqLM` to ONNX graphs that generate with a static cache.
+
+The folder written by `export_onnx`:
+
+- `encoder.onnx`: `encoder_token_ids` int64 `(B, S)`, `encoder_padding_mask`
+  int64 `(B, S)` and, for a vision model, `pixel_values` float32
+  `(B, N, H, W, 3)` (converted images, N slots per sample, N may be 0) in;
+  `encoder_output` `(B, S, D)` and every decoder layer's `cross_key_{i}` /
+  `cross_value_{i}` `(B, S, K, H)` out, so that they are computed once per
+  request.
+- `decoder.onnx`: `decoder_token_ids` int64 `(B, T)` at positions
+  `cache_position + t` (`cache_position` int64 `(1,)`; T = 1 for a step, more
+  for a prefill chunk), `encoder_padding_mask`, `past_key_{i}` /
+  `past_value_{i}` `(B, L, K, H)` with L = `max_decode_length`, and the
+  cross keys/values in; `logits` `(B, T, V)` and `present_key_{i}` /
+  `present_value_{i}` (the caches with the chunk written) out.
+- `embedder.onnx`: the encoder inputs in; `embedding` `(B, D)`, the pooled
+  (and, if `normalize`, L2-normalised) encoder output as `T5Gemma2Embedder`
+  gives it, and for a vision model `image_embedding` `(B, D)`, the mean of
+  the image soft tokens of all of a sample's image slots (the embedder's
+  image-only vector).
+- `tokenizer.spm` (SentencePiece) and `t5gemma2_onnx.json`: special ids,
+  prompt layout, image-converter settings, shapes, opset, file names.
+
+`keras_t5gemma.onnx_runtime.OnnxSeq2SeqLM` generates and embeds from the
+folder with numpy, onnxruntime and sentencepiece only.
+
+Example:
+```python
+seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
+export_onnx(seq_2_seq_lm, "digits_onnx", max_decode_length=32)
+```
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from keras_t5gemma.export import onnx_graph as graph
+from keras_t5gemma.export.onnx_graph import GraphBuilder
+
+CONFIG_FILE = "t5gemma2_onnx.json"
+FILES = {
+    "encoder": "encoder.onnx",
+    "decoder": "decoder.onnx",
+    "embedder": "embedder.onnx",
+    "tokenizer": "tokenizer.spm",
+}
+FORMAT_VERSION = 1
+POOLING_MODES = ("mean", "first", "last")
+
+
+def _array(variable):
+    from keras import ops
+
+    return np.asarray(ops.convert_to_numpy(variable), dtype=np.float32)
+
+
+def _check_not_quantized(layer):
+    mode = getattr(layer, "quantization_mode", None)
+    if mode is not None:
+        raise ValueError(
+            f"Layer `{layer.path}` is quantized ({mode}) in Keras. Export the float model and pass "
+            "`quantize='int8'` to `export_onnx` for int8 graphs."
+        )
+
+
+def _kernel(layer, shape):
+    """A Dense/EinsumDense kernel (LoRA merged in by Keras) as a `shape` matrix."""
+    _check_not_quantized(layer)
+    return _array(layer.kernel).reshape(shape)
+
+
+def text_layer_weights(layer):
+    """Numpy weights of a `TransformerLayer`."""
+    attention, feedforward = layer.attention, layer.feedforward
+    hidden = attention.query_dense.kernel.shape[0]
+    return {
+        "pre_attention_norm": _array(layer.pre_attention_norm.scale),
+        "post_attention_norm": _array(layer.post_attention_norm.scale),
+        "pre_feedforward_norm": _array(layer.pre_feedforward_norm.scale),
+        "post_feedforward_norm": _array(layer.post_feedforward_norm.scale),
+        "attention": {
+            "query": _kernel(attention.query_dense, (hidden, -1)),
+            "key": _kernel(attention.key_dense, (hidden, -1)),
+            "value": _kernel(attention.value_dense, (hidden, -1)),
+            "output": _kernel(attention.output_dense, (-1, hidden)),
+            "query_norm": _array(attention.query_norm.scale),
+            "key_norm": _array(attention.key_norm.scale),
+        },
+        "feedforward": {
+            "gate": _kernel(feedforward.gate_dense, (hidden, -1)),
+            "up": _kernel(feedforward.up_dense, (hidden, -1)),
+            "down": _kernel(feedforward.down_dense, (-1, hidden)),
+        },
+    }
+
+
+def vision_weights(vision_encoder):
+    """Numpy weights of a `T5Gemma2VisionEncoder`."""
+
+    def norm(layer):
+        return {"gamma": _array(layer.gamma), "beta": _array(layer.beta)}
+
+    def bias(layer, shape):
+        return _array(layer.bias).reshape(shape)
+
+    hidden = vision_encoder.hidden_dim
+    layers = []
+    for layer in vision_encoder.vision_layers:
+        attention, feedforward = layer.attention, layer.feedforward
+        parts = {}
+        for part, dense in (("query", attention.query_dense), ("key", attention.key_dense),
+                            ("value", attention.value_dense)):
+            parts[part] = _kernel(dense, (hidden, -1))
+            parts[part + "_bias"] = bias(dense, (-1,))
+        parts["output"] = _kernel(attention.output_dense, (-1, hidden))
+        parts["output_bias"] = bias(attention.output_dense, (-1,))
+        layers.append({
+            "attention_norm": norm(layer.attention_norm),
+            "feedforward_norm": norm(layer.feedforward_norm),
+            "attention": parts,
+            "feedforward": {
+                "up": _kernel(feedforward.up_dense, (hidden, -1)),
+                "up_bias": bias(feedforward.up_dense, (-1,)),
+                "down": _kernel(feedforward.down_dense, (-1, hidden)),
+                "down_bias": bias(feedforward.down_dense, (-1,)),
+            },
+        })
+    _check_not_quantized(vision_encoder.patch_embedding)
+    return {
+        "patch_kernel": _array(vision_encoder.patch_embedding.kernel),
+        "patch_bias": _array(vision_encoder.patch_embedding.bias),
+        "position_embedding": _array(vision_encoder.position_embedding),
+        "layers": layers,
+        "final_norm": norm(vision_encoder.final_norm),
+        "projector_norm": _array(vision_encoder.projector_norm.scale),
+        "projection": _kernel(vision_encoder.projection, (hidden, -1)),
+    }
+
+
+def model_config(backbone):
+    """The hyperparameters the graphs need, from a `T5Gemma2Backbone`."""
+    config = {
+        "vocabulary_size": backbone.vocabulary_size,
+        "hidden_dim": backbone.hidden_dim,
+        "num_heads": backbone.num_heads,
+        "num_key_value_heads": backbone.num_key_value_heads,
+        "head_dim": backbone.head_dim,
+        "num_encoder_layers": backbone.num_encoder_layers,
+        "num_decoder_layers": backbone.num_decoder_layers,
+        "encoder_layer_types": list(backbone.encoder_layer_types),
+        "decoder_layer_types": list(backbone.decoder_layer_types),
+        "sliding_window": backbone.sliding_window,
+        "query_scale": float(backbone.query_pre_attn_scalar) ** -0.5,
+        "layer_norm_epsilon": backbone.layer_norm_epsilon,
+        "attention_soft_cap": backbone.attention_logit_soft_cap,
+        "final_logit_soft_cap": backbone.final_logit_soft_cap,
+        "rope": {
+            "sliding_attention": (backbone.local_rope_wavelength, backbone.local_rope_scaling_factor),
+            "full_attention": (backbone.global_rope_wavelength, backbone.global_rope_scaling_factor),
+        },
+        "eoi_token_id": backbone.eoi_token_id,
+        "image_token_id": backbone.image_token_id,
+        "vision": None,
+    }
+    vision = backbone.vision_encoder
+    if vision is not None:
+        config["vision"] = {
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "patches_per_side": vision.patches_per_side,
+            "tokens_per_side": math.isqrt(vision.mm_tokens_per_image),
+            "mm_tokens_per_image": vision.mm_tokens_per_image,
+            "hidden_dim": vision.hidden_dim,
+            "num_heads": vision.num_heads,
+            "layer_norm_epsilon": vision.layer_norm_epsilon,
+        }
+    return config
+
+
+def model_weights(backbone):
+    """All numpy weights the graphs read, float32 (LoRA merged)."""
+    embedding = backbone.token_embedding
+    _check_not_quantized(embedding.table)
+    weights = {
+        "table": _array(embedding.table.embeddings),
+        "eoi_embedding": _array(embedding.eoi_embedding),
+        "encoder": [text_layer_weights(layer) for layer in backbone.encoder.transformer_layers],
+        "encoder_final_norm": _array(backbone.encoder.final_norm.scale),
+    }
+    if backbone.decoder is not None:
+        weights["decoder"] = [text_layer_weights(layer) for layer in backbone.decoder.transformer_layers]
+        weights["decoder_final_norm"] = _array(backbone.decoder.final_norm.scale)
+    if backbone.vision_encoder is not None:
+        weights["vision"] = vision_weights(backbone.vision_encoder)
+    return weights
+
+
+# === Graphs ===
+
+
+def _encoder_inputs(g, config):
+    token_ids = g.input("encoder_token_ids", "int64", ["batch", "encoder_length"])
+    padding_mask = g.input("encoder_padding_mask", "int64", ["batch", "encoder_length"])
+    images = None
+    if config["vision"] is not None:
+        size = config["vision"]["image_size"]
+        images = g.input("pixel_values", "float32", ["batch", "images", size, size, 3])
+    return token_ids, padding_mask, images
+
+
+def _image_features(g, images, weights, config):
+    """`(B, N, H, W, 3)` images to `(B, N * mm_tokens, D)` soft tokens."""
+    vision = config["vision"]
+    size = vision["image_size"]
+    batch, slots = g.dim(images, 0), g.dim(images, 1)
+    flat = g.reshape(images, [g.op("Mul", [batch, slots]), size, size, 3])
+    features = graph.vision_tower(g, flat, weights["vision"], vision)
+    tokens = g.op("Mul", [slots, g.const([vision["mm_tokens_per_image"]])])
+    return g.reshape(features, [batch, tokens, config["hidden_dim"]])
+
+
+def _encode(g, weights, config, table, token_ids, padding_mask, images):
+    """The encoder output `(B, S, D)`, and the image features when there are images."""
+    x = graph.token_embedding(
+        g, token_ids, table, weights["eoi_embedding"], config["eoi_token_id"], "token_embedding"
+    )
+    features = None
+    if images is not None:
+        features = _image_features(g, images, weights, config)
+        x = graph.image_merge(g, x, token_ids, features, config["image_token_id"])
+    positions = g.arange(g.dim(token_ids, 1))
+    masks, ropes = graph.stack_masks_and_ropes(
+        g, config, config["encoder_layer_types"], positions, positions, causal=False,
+        key_padding_mask=padding_mask,
+    )
+    for index, (layer, layer_type) in enumerate(zip(weights["encoder"], config["encoder_layer_types"])):
+        x = graph.transformer_layer(
+            g, x, layer, f"encoder.layer_{index}", config, masks[layer_type], ropes[layer_type]
+        )
+    x = graph.rms_norm(g, x, weights["encoder_final_norm"], "encoder.final_norm", config["layer_norm_epsilon"])
+    return x, features
+
+
+def encoder_graph(weights, config, quantize=None):
+    """Encoder output and the decoder's per-layer cross keys/values."""
+    g = GraphBuilder(quantize)
+    table = graph.embedding_table(g, weights["table"], "token_embedding.table")
+    token_ids, padding_mask, images = _encoder_inputs(g, config)
+    encoder_output, _ = _encode(g, weights, config, table, token_ids, padding_mask, images)
+    g.output("encoder_output", encoder_output, "float32", ["batch", "encoder_length", config["hidden_dim"]])
+    kv_shape = ["batch", "encoder_length", config["num_key_value_heads"], config["head_dim"]]
+    for index, layer in enumerate(weights["decoder"]):
+        key, value = graph.key_value(g, encoder_output, layer["attention"], f"decoder.layer_{index}.attention", config)
+        g.output(f"cross_key_{index}", key, "float32", kv_shape)
+        g.output(f"cross_value_{index}", value, "float32", kv_shape)
+    return g.model("t5gemma2_encoder")
+
+
+def decoder_graph(weights, config, max_decode_length, quantize=None):
+    """A chunk of decoder tokens against the static self-attention cache."""
+    g = GraphBuilder(quantize)
+    table = graph.embedding_table(g, weights["table"], "token_embedding.table")
+    kv_heads, head_dim = config["num_key_value_heads"], config["head_dim"]
+    token_ids = g.input("decoder_token_ids", "int64", ["batch", "decoder_length"])
+    start = g.input("cache_position", "int64", [1])
+    encoder_padding_mask = g.input("encoder_padding_mask", "int64", ["batch", "encoder_length"])
+    cache_shape = ["batch", max_decode_length, kv_heads, head_dim]
+    cross_shape = ["batch", "encoder_length", kv_heads, head_dim]
+    caches, cross = [], []
+    for index in range(config["num_decoder_layers"]):
+        caches.append((g.input(f"past_key_{index}", "float32", cache_shape),
+                       g.input(f"past_value_{index}", "float32", cache_shape)))
+    for index in range(config["num_decoder_layers"]):
+        cross.append((g.input(f"cross_key_{index}", "float32", cross_shape),
+                      g.input(f"cross_value_{index}", "float32", cross_shape)))
+
+    x = graph.token_embedding(g, token_ids, table, weights["eoi_embedding"], config["eoi_token_id"], "token_embedding")
+    query_positions = g.arange(g.dim(token_ids, 1), start=start)
+    key_positions = g.arange(g.const([max_decode_length]))
+    masks, ropes = graph.stack_masks_and_ropes(
+        g, config, config["decoder_layer_types"], query_positions, key_positions, causal=True
+    )
+    # Merged attention: the causal self mask, then the encoder padding mask.
+    cross_mask = graph.padding_mask_for_keys(g, encoder_padding_mask)  # (B, 1, S)
+    batch_and_length = g.op("Concat", [g.dim(token_ids, 0), g.dim(token_ids, 1)], axis=0)
+    cross_mask = g.op("Expand", [cross_mask, g.op("Concat", [batch_and_length, g.dim(encoder_padding_mask, 1)], axis=0)])
+    for layer_type in masks:
+        self_mask = g.op("Expand", [masks[layer_type], g.op("Concat", [batch_and_length, g.const([max_decode_length])], axis=0)])
+        masks[layer_type] = g.op("Concat", [self_mask, cross_mask], axis=-1)
+
+    for index, (layer, layer_type) in enumerate(zip(weights["decoder"], config["decoder_layer_types"])):
+        x, (key_cache, value_cache) = graph.transformer_layer(
+            g, x, layer, f"decoder.layer_{index}", config, masks[layer_type], ropes[layer_type],
+            cache=(*caches[index], start), cross_key_value=cross[index],
+        )
+        g.output(f"present_key_{index}", key_cache, "float32", cache_shape)
+        g.output(f"present_value_{index}", value_cache, "float32", cache_shape)
+    x = graph.rms_norm(g, x, weights["decoder_final_norm"], "decoder.final_norm", config["layer_norm_epsilon"])
+    logits = graph.logits(g, x, table, config["final_logit_soft_cap"])
+    g.output("logits", logits, "float32", ["batch", "decoder_length", config["vocabulary_size"]])
+    return g.model("t5gemma2_decoder", {"max_decode_length": max_decode_length})
+
+
+def _l2_normalize(g, x):
+    """`x / max(||x||, 1e-12)` over the last axis."""
+    norm = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [x, x]), g.const([-1])], keepdims=1)])
+    return g.op("Div", [x, g.op("Max", [norm, g.const(1e-12, "float32")])])
+
+
+def embedder_graph(weights, config, pooling="mean", normalize=True, quantize=None):
+    """Pooled encoder output (and image-only vectors), as `T5Gemma2Embedder`."""
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"`pooling` must be one of {POOLING_MODES}; got {pooling!r}.")
+    g = GraphBuilder(quantize)
+    table = graph.embedding_table(g, weights["table"], "token_embedding.table")
+    token_ids, padding_mask, images = _encoder_inputs(g, config)
+    hidden, image_features = _encode(g, weights, config, table, token_ids, padding_mask, images)
+    mask = g.op("Cast", [padding_mask], to=graph.TensorProto.FLOAT)
+    if pooling == "mean":
+        weight = g.op("Unsqueeze", [mask, g.const([-1])])
+        total = g.op("ReduceSum", [g.op("Mul", [hidden, weight]), g.const([1])], keepdims=0)
+        count = g.op("Max", [g.op("ReduceSum", [weight, g.const([1])], keepdims=0), g.const(1.0, "float32")])
+        pooled = g.op("Div", [total, count])
+    else:
+        if pooling == "first":
+            index = g.op("Mul", [g.op("Cast", [padding_mask], to=graph.TensorProto.INT64), g.const(0)])
+            index = g.op("Slice", [index, g.const([0]), g.const([1]), g.const([1])])
+        else:
+            # The largest position holding a real token (left or right padding).
+            positions = g.op("Mul", [g.arange(g.dim(token_ids, 1)), padding_mask])
+            index = g.op("ArgMax", [positions], axis=1, keepdims=1)
+        index = g.op("Expand", [g.op("Unsqueeze", [index, g.const([-1])]),
+                                g.op("Concat", [g.dim(hidden, 0), g.const([1]), g.dim(hidden, 2)], axis=0)])
+        pooled = g.op("Squeeze", [g.op("GatherElements", [hidden, index], axis=1), g.const([1])])
+    if normalize:
+        pooled = _l2_normalize(g, pooled)
+    g.output("embedding", pooled, "float32", ["batch", config["hidden_dim"]])
+    if images is not None:
+        # Every image has as many tokens, so this is also the mean of the images' means.
+        image_vector = g.op("ReduceMean", [image_features], axes=[1], keepdims=0)
+        if normalize:
+            image_vector = _l2_normalize(g, image_vector)
+        g.output("image_embedding", image_vector, "float32", ["batch", config["hidden_dim"]])
+    return g.model("t5gemma2_embedder", {"pooling": pooling, "normalize": normalize})
+
+
+# === Folder ===
+
+
+def _special_token_ids(tokenizer):
+    return {
+        "pad": tokenizer.pad_token_id,
+        "bos": tokenizer.start_token_id,
+        "eos": tokenizer.end_token_id,
+        "start_of_image": tokenizer.start_of_image_token_id,
+        "end_of_image": tokenizer.end_of_image_token_id,
+        "image_placeholder": tokenizer.image_placeholder_token_id,
+    }
+
+
+def _listify(value):
+    return np.asarray(value).tolist() if value is not None else None
+
+
+def _prepare_output(output):
+    """Creates the folder; refuses one holding files that an export did not write."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"The export output {output} is a file; give a folder.")
+    if output.is_dir() and any(output.iterdir()) and not (output / CONFIG_FILE).exists():
+        raise ValueError(
+            f"The export output {output} is a non-empty folder that holds no previous ONNX export "
+            f"({CONFIG_FILE}); give a new or empty folder so that no other file is overwritten."
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def export_onnx(seq_2_seq_lm, output, max_decode_length=None, quantize=None, pooling="mean", normalize=True):
+    """Writes `seq_2_seq_lm` as ONNX graphs, tokenizer and settings to the folder `output`.
+
+    Any `T5Gemma2Seq2SeqLM` exports: a preset, a fine-tuned model, a model
+    with LoRA adapters (merged into the weights). Weights are exported in
+    float32 whatever the Keras dtype.
+
+    Args:
+        seq_2_seq_lm: a `T5Gemma2Seq2SeqLM`. Without a preprocessor only the
+            graphs and settings are written (no tokenizer); the runtime then
+            takes token ids.
+        output: folder to write; created if missing. A non-empty folder is
+            only accepted if it holds an earlier export (whose files are
+            replaced).
+        max_decode_length: int, the static self-attention cache length: the
+            longest decoder sequence (`<bos>` + generated tokens) the graphs
+            take. Defaults to the preprocessor's `decoder_sequence_length`.
+        quantize: `None` or `"int8"`: weight-only int8 matmuls and embedding
+            table (onnxruntime `MatMulNBits`), about a quarter of the float32
+            size.
+        pooling, normalize: the embedder's pooling (`"mean"`, `"first"`,
+            `"last"`) and L2 normalisation, as in `T5Gemma2Embedder`.
+
+    Returns:
+        dict: the settings written to `t5gemma2_onnx.json`, with
+        `export_seconds`.
+    """
+    started = time.perf_counter()
+    backbone = seq_2_seq_lm.backbone
+    if backbone.decoder is None:
+        raise ValueError("The backbone has no decoder (`encoder_only=True`); export a T5Gemma2Seq2SeqLM.")
+    preprocessor = seq_2_seq_lm.preprocessor
+    if max_decode_length is None:
+        if preprocessor is None:
+            raise ValueError("Pass `max_decode_length`: the model has no preprocessor to take it from.")
+        max_decode_length = preprocessor.decoder_sequence_length
+    if not isinstance(max_decode_length, int) or max_decode_length < 1:
+        raise ValueError(f"`max_decode_length` must be a positive int; got {max_decode_length!r}.")
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"`pooling` must be one of {POOLING_MODES}; got {pooling!r}.")
+    output = _prepare_output(output)
+
+    config = model_config(backbone)
+    weights = model_weights(backbone)
+    for name, build in (
+        ("encoder", lambda: encoder_graph(weights, config, quantize)),
+        ("decoder", lambda: decoder_graph(weights, config, max_decode_length, quantize)),
+        ("embedder", lambda: embedder_graph(weights, config, pooling, normalize, quantize)),
+    ):
+        path = output / FILES[name]
+        graph.save_model(build(), path)
+
+    settings = {
+        "format": "keras_t5gemma.onnx",
+        "format_version": FORMAT_VERSION,
+        "opset": graph.OPSET,
+        "quantization": quantize,
+        "files": {name: FILES[name] for name in ("encoder", "decoder", "embedder")},
+        "max_decode_length": max_decode_length,
+        "vocabulary_size": config["vocabulary_size"],
+        "hidden_dim": config["hidden_dim"],
+        "num_decoder_layers": config["num_decoder_layers"],
+        "num_key_value_heads": config["num_key_value_heads"],
+        "head_dim": config["head_dim"],
+        "eoi_token_id": config["eoi_token_id"],
+        "image_token_id": config["image_token_id"],
+        "vision": config["vision"] is not None,
+        "mm_tokens_per_image": None if config["vision"] is None else config["vision"]["mm_tokens_per_image"],
+        "image_size": None if config["vision"] is None else config["vision"]["image_size"],
+        "embedder": {"pooling": pooling, "normalize": normalize},
+        "tokenizer": None,
+        "prompt": None,
+        "image_converter": None,
+    }
+    if preprocessor is not None:
+        tokenizer = preprocessor.tokenizer
+        (output / FILES["tokenizer"]).write_bytes(tokenizer.proto)
+        settings["files"]["tokenizer"] = FILES["tokenizer"]
+        settings["tokenizer"] = {"special_token_ids": _special_token_ids(tokenizer)}
+        settings["prompt"] = {
+            "add_start_token": preprocessor.add_start_token,
+            "add_end_token": preprocessor.add_end_token,
+            "encoder_sequence_length": preprocessor.encoder_sequence_length,
+        }
+        converter = preprocessor.image_converter
+        if converter is not None and config["vision"] is not None:
+            settings["image_converter"] = {
+                "image_size": _listify(converter.image_size),
+                "scale": _listify(converter.scale),
+                "offset": _listify(converter.offset),
+                "resize": "Pillow bilinear (antialiased), aspect ratio not kept",
+            }
+    (output / CONFIG_FILE).write_text(json.dumps(settings, indent=2))
+    settings["export_seconds"] = time.perf_counter() - started
+    return settings

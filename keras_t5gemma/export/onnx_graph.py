@@ -1,0 +1,514 @@
+"""A small ONNX graph builder and the T5Gemma 2 computations written with it.
+
+One function per concept, mirroring `keras_t5gemma/layers`: `rms_norm`,
+`rotary`, `attention_mask`, `grouped_attention`, `feedforward`,
+`transformer_layer`, `token_embedding`, `vision_tower`, `image_merge`. The
+encoder, decoder and embedder graphs (`keras_t5gemma/export/onnx.py`) are
+assembled from them with different masks and inputs.
+
+The builder imports only numpy and onnx; weights come in as numpy arrays.
+Shape letters as in `keras_t5gemma/layers/attention.py`: B batch, T queries,
+S keys, N query heads, K key/value heads, G = N // K, H head size, D width.
+"""
+
+import collections
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from onnx import helper
+from onnx import numpy_helper
+
+OPSET = 17
+# `MatMulNBits` (weight-only int8 matmul) lives in onnxruntime's domain.
+MICROSOFT_DOMAIN = "com.microsoft"
+# As `keras_t5gemma.layers.attention.MASKED_LOGIT`: finite, so a fully
+# masked row gives a uniform softmax instead of NaN.
+MASKED_LOGIT = -1e30
+# Weight-only int8 stores `uint8 = round(w / scale) + 128` per block of the
+# input axis; the largest block size dividing the input width is used.
+INT8_BLOCK_SIZES = (128, 64, 32, 16)
+INT8_ZERO_POINT = 128
+
+_ONNX_TYPES = {
+    np.dtype("float32"): TensorProto.FLOAT,
+    np.dtype("int64"): TensorProto.INT64,
+    np.dtype("int32"): TensorProto.INT32,
+    np.dtype("bool"): TensorProto.BOOL,
+    np.dtype("uint8"): TensorProto.UINT8,
+}
+
+
+def int8_block_size(input_width):
+    """The int8 block size for a matmul over `input_width`, or None (kept float32)."""
+    for size in INT8_BLOCK_SIZES:
+        if input_width % size == 0:
+            return size
+    return None
+
+
+def quantize_int8_rows(matrix, block_size):
+    """Symmetric per-block int8 of the rows of `matrix` `(N, K)`.
+
+    Returns `(codes uint8 (N, K // block_size, block_size), scales float32
+    (N, K // block_size))`, with `matrix ~= (codes - 128) * scales`.
+    """
+    rows, width = matrix.shape
+    blocks = matrix.reshape(rows, width // block_size, block_size).astype(np.float32)
+    scales = np.abs(blocks).max(axis=-1) / 127.0
+    scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+    codes = np.clip(np.round(blocks / scales[..., None]), -127, 127) + INT8_ZERO_POINT
+    return codes.astype(np.uint8), scales
+
+
+class GraphBuilder:
+    """Collects nodes, weights and graph inputs/outputs; `op` returns output names.
+
+    Args:
+        quantize: `None` or `"int8"`, weight-only int8 for `linear` and
+            `token_embedding`.
+    """
+
+    def __init__(self, quantize=None):
+        if quantize not in (None, "int8"):
+            raise ValueError(f"`quantize` must be None or 'int8'; got {quantize!r}.")
+        self.quantize = quantize
+        self.nodes = []
+        self.initializers = {}
+        self.inputs = []
+        self.outputs = []
+        self._counts = collections.Counter()
+        self._constants = {}
+        self.uses_microsoft_domain = False
+
+    def _fresh(self, hint):
+        self._counts[hint] += 1
+        return f"{hint}_{self._counts[hint]}"
+
+    def op(self, op_type, inputs, outputs=1, domain=None, hint=None, **attributes):
+        """Adds one node; returns its output name, or a list when `outputs > 1`."""
+        names = [self._fresh(hint or op_type) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=domain, **attributes))
+        return names[0] if outputs == 1 else names
+
+    def weight(self, name, array):
+        """A named initializer (added once per name)."""
+        if name not in self.initializers:
+            self.initializers[name] = numpy_helper.from_array(np.array(array, order="C"), name)
+        return name
+
+    def const(self, value, dtype="int64"):
+        """A small constant, shared between uses."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._constants:
+            self._constants[key] = self.weight(self._fresh("const"), array)
+        return self._constants[key]
+
+    def input(self, name, dtype, shape):
+        self.inputs.append(helper.make_tensor_value_info(name, _ONNX_TYPES[np.dtype(dtype)], shape))
+        return name
+
+    def output(self, name, value, dtype, shape):
+        self.nodes.append(helper.make_node("Identity", [value], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, _ONNX_TYPES[np.dtype(dtype)], shape))
+        return name
+
+    def model(self, name, metadata=None):
+        graph = helper.make_graph(
+            self.nodes, name, self.inputs, self.outputs, list(self.initializers.values())
+        )
+        opsets = [helper.make_opsetid("", OPSET)]
+        if self.uses_microsoft_domain:
+            opsets.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="keras_t5gemma")
+        # The IR version onnxruntime releases of the last years all read.
+        model.ir_version = 8
+        for key, value in (metadata or {}).items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+        return model
+
+    # === Shape helpers ===
+
+    def dim(self, x, axis):
+        """`x.shape[axis]` as a 1-element int64 tensor."""
+        return self.op("Slice", [self.op("Shape", [x]), self.const([axis]), self.const([axis + 1])])
+
+    def reshape(self, x, parts):
+        """Reshape to the concatenation of `parts`: ints or 1-element int64 tensors.
+
+        A zero is a zero (`allowzero`), not "keep this axis": batches of no
+        images have zero-sized axes.
+        """
+        pieces = [self.const([part]) if isinstance(part, int) else part for part in parts]
+        return self.op("Reshape", [x, self.op("Concat", pieces, axis=0)], allowzero=1)
+
+    def arange(self, length, start=None):
+        """`start + [0, 1, ..., length)` int64, `length` a 1-element tensor."""
+        end = self.op("Squeeze", [length, self.const([0])])
+        positions = self.op("Range", [self.const(0), end, self.const(1)])
+        return positions if start is None else self.op("Add", [positions, start])
+
+
+# === Layers ===
+
+
+def linear(g, x, kernel, name, bias=None):
+    """`x @ kernel (+ bias)`, `kernel` `(K, N)`; weight-only int8 when quantizing.
+
+    Int8 runs as onnxruntime's `MatMulNBits` (8 bits, symmetric blocks of
+    the input axis), which reads the int8 codes and dequantizes in the kernel.
+    """
+    block_size = int8_block_size(kernel.shape[0]) if g.quantize == "int8" else None
+    if block_size is None:
+        y = g.op("MatMul", [x, g.weight(name, kernel.astype(np.float32))])
+    else:
+        codes, scales = quantize_int8_rows(kernel.T, block_size)
+        g.uses_microsoft_domain = True
+        y = g.op(
+            "MatMulNBits",
+            [x, g.weight(name + ".int8", codes), g.weight(name + ".scales", scales.reshape(-1))],
+            domain=MICROSOFT_DOMAIN,
+            K=kernel.shape[0],
+            N=kernel.shape[1],
+            bits=8,
+            block_size=block_size,
+        )
+    if bias is not None:
+        y = g.op("Add", [y, g.weight(name + ".bias", bias.astype(np.float32))])
+    return y
+
+
+def rms_norm(g, x, scale, name, epsilon):
+    """`x / rms(x) * (1 + scale)` over the last axis (float32 graph)."""
+    mean_square = g.op("ReduceMean", [g.op("Mul", [x, x])], axes=[-1], keepdims=1)
+    inverse = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean_square, g.const(epsilon, "float32")])])])
+    factor = g.weight(name, (1.0 + scale).astype(np.float32))
+    return g.op("Mul", [g.op("Mul", [x, inverse]), factor])
+
+
+def layer_norm(g, x, weights, name, epsilon):
+    """LayerNormalization with `weights["gamma"]`, `weights["beta"]` (SigLIP)."""
+    gamma = g.weight(name + ".gamma", weights["gamma"].astype(np.float32))
+    beta = g.weight(name + ".beta", weights["beta"].astype(np.float32))
+    return g.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=epsilon)
+
+
+def rotary_tables(g, positions, head_dim, wavelength, scaling_factor):
+    """`(cos, sin)`, each `(T, H)`, for int64 `positions` `(T,)`.
+
+    The inverse frequencies are computed as `keras_t5gemma.layers.rotary`
+    computes them (float32, divided by the linear scaling factor).
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inverse = np.float32(1.0) / np.power(np.float32(wavelength), exponents, dtype=np.float32)
+    inverse = (inverse / np.float32(scaling_factor)).astype(np.float32)
+    angles = g.op(
+        "Mul", [g.op("Unsqueeze", [g.op("Cast", [positions], to=TensorProto.FLOAT), g.const([1])]),
+                g.const(inverse, "float32")]
+    )
+    angles = g.op("Concat", [angles, angles], axis=-1)
+    return g.op("Cos", [angles]), g.op("Sin", [angles])
+
+
+def rotary(g, x, cos, sin, head_dim):
+    """Rotates `x` `(B, T, N, H)` by `(T, H)` tables, half-split layout."""
+    cos = g.op("Unsqueeze", [cos, g.const([1])])
+    sin = g.op("Unsqueeze", [sin, g.const([1])])
+    half = head_dim // 2
+    first = g.op("Slice", [x, g.const([0]), g.const([half]), g.const([-1])])
+    second = g.op("Slice", [x, g.const([half]), g.const([head_dim]), g.const([-1])])
+    rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def attention_mask(g, query_positions, key_positions, causal, sliding_window=None, key_padding_mask=None):
+    """bool `(1 or B, T, S)`, as `keras_t5gemma.layers.masks.attention_mask`."""
+    distance = g.op(
+        "Sub", [g.op("Unsqueeze", [query_positions, g.const([1])]),
+                g.op("Unsqueeze", [key_positions, g.const([0])])]
+    )
+
+    def below(limit):
+        return g.op("Less", [distance, g.const(limit)])
+
+    def above(limit):
+        return g.op("Greater", [distance, g.const(limit)])
+
+    if causal:
+        allowed = g.op("Not", [below(0)])
+        if sliding_window is not None:
+            allowed = g.op("And", [allowed, below(sliding_window)])
+    elif sliding_window is None:
+        allowed = above(-(2**62))
+    else:
+        # Query i sees j when 0 <= i - j < (w + 1) // 2 or 0 < j - i < w // 2 + 1.
+        left = g.op("And", [g.op("Not", [below(0)]), below((sliding_window + 1) // 2)])
+        right = g.op("And", [below(0), above(-(sliding_window // 2 + 1))])
+        allowed = g.op("Or", [left, right])
+    allowed = g.op("Unsqueeze", [allowed, g.const([0])])
+    if key_padding_mask is not None:
+        allowed = g.op("And", [allowed, padding_mask_for_keys(g, key_padding_mask)])
+    return allowed
+
+
+def padding_mask_for_keys(g, padding_mask):
+    """int `(B, S)` padding mask as bool `(B, 1, S)`."""
+    return g.op("Unsqueeze", [g.op("Cast", [padding_mask], to=TensorProto.BOOL), g.const([1])])
+
+
+def grouped_attention(g, query, key, value, mask, num_heads, num_kv_heads, head_dim, scale, soft_cap=None):
+    """Softmax attention with query heads grouped over key/value heads.
+
+    Args:
+        query: `(B, T, N, H)`; key, value: `(B, S, K, H)`.
+        mask: bool broadcastable to `(B, T, S)`, or None.
+
+    Returns:
+        `(B, T, N * H)`.
+    """
+    batch, length = g.dim(query, 0), g.dim(query, 1)
+    groups = num_heads // num_kv_heads
+    grouped = g.reshape(query, [batch, length, num_kv_heads, groups, head_dim])
+    grouped = g.op("Transpose", [grouped], perm=[0, 2, 3, 1, 4])  # (B, K, G, T, H)
+    key = g.op("Unsqueeze", [g.op("Transpose", [key], perm=[0, 2, 3, 1]), g.const([2])])  # (B, K, 1, H, S)
+    value = g.op("Unsqueeze", [g.op("Transpose", [value], perm=[0, 2, 1, 3]), g.const([2])])  # (B, K, 1, S, H)
+    logits = g.op("Mul", [g.op("MatMul", [grouped, key]), g.const(scale, "float32")])  # (B, K, G, T, S)
+    if soft_cap is not None:
+        capped = g.op("Tanh", [g.op("Div", [logits, g.const(soft_cap, "float32")])])
+        logits = g.op("Mul", [capped, g.const(soft_cap, "float32")])
+    if mask is not None:
+        mask = g.op("Unsqueeze", [mask, g.const([1, 2])])
+        logits = g.op("Where", [mask, logits, g.const(MASKED_LOGIT, "float32")])
+    probabilities = g.op("Softmax", [logits], axis=-1)
+    attended = g.op("MatMul", [probabilities, value])  # (B, K, G, T, H)
+    attended = g.op("Transpose", [attended], perm=[0, 3, 1, 2, 4])
+    return g.reshape(attended, [batch, length, num_heads * head_dim])
+
+
+def heads(g, x, count, head_dim):
+    """`(B, T, count * H)` to `(B, T, count, H)`."""
+    return g.reshape(x, [g.dim(x, 0), g.dim(x, 1), count, head_dim])
+
+
+def key_value(g, x, weights, name, config):
+    """Keys `(B, S, K, H)` (k-normed, no RoPE) and values of `x`, as `Attention.key_value`."""
+    kv_heads, head_dim = config["num_key_value_heads"], config["head_dim"]
+    key = heads(g, linear(g, x, weights["key"], name + ".key"), kv_heads, head_dim)
+    key = rms_norm(g, key, weights["key_norm"], name + ".key_norm", config["layer_norm_epsilon"])
+    value = heads(g, linear(g, x, weights["value"], name + ".value"), kv_heads, head_dim)
+    return key, value
+
+
+def feedforward(g, x, weights, name):
+    """`down(gelu_tanh(gate(x)) * up(x))`."""
+    gate = gelu_tanh(g, linear(g, x, weights["gate"], name + ".gate"))
+    return linear(g, g.op("Mul", [gate, linear(g, x, weights["up"], name + ".up")]), weights["down"], name + ".down")
+
+
+def gelu_tanh(g, x):
+    """`0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`."""
+    cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Add", [x, g.op("Mul", [cube, g.const(0.044715, "float32")])])
+    inner = g.op("Mul", [inner, g.const(np.sqrt(2.0 / np.pi), "float32")])
+    half = g.op("Mul", [x, g.const(0.5, "float32")])
+    return g.op("Mul", [half, g.op("Add", [g.op("Tanh", [inner]), g.const(1.0, "float32")])])
+
+
+def transformer_layer(g, x, weights, name, config, mask, rope, cache=None, cross_key_value=None):
+    """One Gemma 3 layer, as `keras_t5gemma.layers.transformer.TransformerLayer`.
+
+    Args:
+        mask: bool over the self keys (then the cross keys, if any).
+        rope: `(cos, sin)` for the positions of `x`.
+        cache: optional `(key_cache, value_cache, start)`: `(B, L, K, H)`
+            caches and the int64 `(1,)` position of `x`'s first token; the new
+            keys/values are written there.
+        cross_key_value: optional encoder `(key, value)` appended after the
+            self keys (merged self+cross attention, one softmax).
+
+    Returns:
+        `x` and, with a cache, the updated `(key_cache, value_cache)`.
+    """
+    epsilon = config["layer_norm_epsilon"]
+    num_heads, kv_heads, head_dim = config["num_heads"], config["num_key_value_heads"], config["head_dim"]
+    attention = weights["attention"]
+    normed = rms_norm(g, x, weights["pre_attention_norm"], name + ".pre_attention_norm", epsilon)
+    query = heads(g, linear(g, normed, attention["query"], name + ".attention.query"), num_heads, head_dim)
+    query = rms_norm(g, query, attention["query_norm"], name + ".attention.query_norm", epsilon)
+    key, value = key_value(g, normed, attention, name + ".attention", config)
+    query, key = rotary(g, query, *rope, head_dim), rotary(g, key, *rope, head_dim)
+    new_cache = None
+    if cache is not None:
+        key_cache, value_cache, start = cache
+        end = g.op("Add", [start, g.dim(x, 1)])
+        big = g.const([2**62])
+
+        def write(buffer, update):
+            before = g.op("Slice", [buffer, g.const([0]), start, g.const([1])])
+            after = g.op("Slice", [buffer, end, big, g.const([1])])
+            return g.op("Concat", [before, update, after], axis=1)
+
+        key, value = write(key_cache, key), write(value_cache, value)
+        new_cache = (key, value)
+    if cross_key_value is not None:
+        key = g.op("Concat", [key, cross_key_value[0]], axis=1)
+        value = g.op("Concat", [value, cross_key_value[1]], axis=1)
+    attended = grouped_attention(
+        g, query, key, value, mask, num_heads, kv_heads, head_dim, config["query_scale"],
+        config["attention_soft_cap"],
+    )
+    attended = linear(g, attended, attention["output"], name + ".attention.output")
+    x = g.op("Add", [x, rms_norm(g, attended, weights["post_attention_norm"], name + ".post_attention_norm", epsilon)])
+    normed = rms_norm(g, x, weights["pre_feedforward_norm"], name + ".pre_feedforward_norm", epsilon)
+    fed = feedforward(g, normed, weights["feedforward"], name + ".feedforward")
+    x = g.op("Add", [x, rms_norm(g, fed, weights["post_feedforward_norm"], name + ".post_feedforward_norm", epsilon)])
+    return x if cache is None else (x, new_cache)
+
+
+def stack_masks_and_ropes(g, config, layer_types, query_positions, key_positions, causal, key_padding_mask=None):
+    """Per layer type: the mask and RoPE tables, built once and shared by the layers."""
+    masks, ropes = {}, {}
+    for layer_type in sorted(set(layer_types)):
+        window = config["sliding_window"] if layer_type == "sliding_attention" else None
+        masks[layer_type] = attention_mask(g, query_positions, key_positions, causal, window, key_padding_mask)
+        wavelength, scaling = config["rope"][layer_type]
+        ropes[layer_type] = rotary_tables(g, query_positions, config["head_dim"], wavelength, scaling)
+    return masks, ropes
+
+
+# === Embeddings and images ===
+
+
+def embedding_table(g, table, name):
+    """Registers the tied table; returns a handle for `token_embedding` and `logits`.
+
+    Float32: one `(V, D)` initializer. Int8: one uint8 `(V, D / b, b)` code
+    tensor and `(V, D / b)` scales, read by `Gather` for embeddings and by
+    `MatMulNBits` as the output projection (its weight layout is `(N, K)`,
+    which is the table's).
+    """
+    block_size = int8_block_size(table.shape[1]) if g.quantize == "int8" else None
+    if block_size is None:
+        return {"table": g.weight(name, table.astype(np.float32)), "shape": table.shape}
+    codes, scales = quantize_int8_rows(table, block_size)
+    return {
+        "codes": g.weight(name + ".int8", codes),
+        "scales": g.weight(name + ".scales", scales),
+        "block_size": block_size,
+        "shape": table.shape,
+    }
+
+
+def token_embedding(g, token_ids, table, eoi_embedding, eoi_token_id, name):
+    """`(B, T)` ids to `(B, T, D)`: rows times sqrt(D); end-of-image rows replaced by `eoi_embedding`."""
+    vocabulary_size, hidden_dim = table["shape"]
+    if "table" in table:
+        rows = g.op("Gather", [table["table"], token_ids], axis=0)
+    else:
+        codes = g.op("Cast", [g.op("Gather", [table["codes"], token_ids], axis=0)], to=TensorProto.FLOAT)
+        codes = g.op("Sub", [codes, g.const(float(INT8_ZERO_POINT), "float32")])
+        scales = g.op("Unsqueeze", [g.op("Gather", [table["scales"], token_ids], axis=0), g.const([-1])])
+        rows = g.reshape(g.op("Mul", [codes, scales]), [g.dim(token_ids, 0), g.dim(token_ids, 1), hidden_dim])
+    # The scale is rounded to float32 first, as the Keras layer does.
+    rows = g.op("Mul", [rows, g.const(np.float32(np.sqrt(hidden_dim)), "float32")])
+    is_eoi = g.op("Unsqueeze", [g.op("Equal", [token_ids, g.const(eoi_token_id)]), g.const([-1])])
+    return g.op("Where", [is_eoi, g.weight(name + ".eoi_embedding", eoi_embedding.astype(np.float32)), rows])
+
+
+def logits(g, hidden, table, soft_cap=None):
+    """`(B, T, D)` to `(B, T, V)` through the tied table."""
+    vocabulary_size, hidden_dim = table["shape"]
+    if "table" in table:
+        y = g.op("MatMul", [hidden, g.op("Transpose", [table["table"]], perm=[1, 0])])
+    else:
+        g.uses_microsoft_domain = True
+        y = g.op(
+            "MatMulNBits", [hidden, table["codes"], g.op("Reshape", [table["scales"], g.const([-1])])],
+            domain=MICROSOFT_DOMAIN, K=hidden_dim, N=vocabulary_size, bits=8, block_size=table["block_size"],
+        )
+    if soft_cap is not None:
+        y = g.op("Mul", [g.op("Tanh", [g.op("Div", [y, g.const(soft_cap, "float32")])]), g.const(soft_cap, "float32")])
+    return y
+
+
+def vision_tower(g, images, weights, config):
+    """`(M, H, W, 3)` converted images to `(M, mm_tokens_per_image, D)` soft tokens.
+
+    SigLIP: patches (the strided convolution written as a matmul over
+    flattened `(row, column, channel)` patches), position embeddings,
+    pre-LayerNorm layers, a final LayerNorm; then the projector: average
+    pooling of the patch grid, RMSNorm and a matmul to the text width.
+    """
+    patch, side = config["patch_size"], config["patches_per_side"]
+    hidden, num_heads, epsilon = config["hidden_dim"], config["num_heads"], config["layer_norm_epsilon"]
+    head_dim = hidden // num_heads
+    count = g.dim(images, 0)
+    x = g.reshape(images, [count, side, patch, side, patch, 3])
+    x = g.op("Transpose", [x], perm=[0, 1, 3, 2, 4, 5])
+    x = g.reshape(x, [count, side * side, patch * patch * 3])
+    kernel = weights["patch_kernel"].reshape(patch * patch * 3, hidden)
+    x = linear(g, x, kernel, "vision.patch_embedding", weights["patch_bias"])
+    x = g.op("Add", [x, g.weight("vision.position_embedding", weights["position_embedding"].astype(np.float32))])
+    for index, layer in enumerate(weights["layers"]):
+        name = f"vision.layer_{index}"
+        attention = layer["attention"]
+        normed = layer_norm(g, x, layer["attention_norm"], name + ".attention_norm", epsilon)
+
+        def project(part):
+            return heads(
+                g, linear(g, normed, attention[part], f"{name}.attention.{part}", attention[part + "_bias"]),
+                num_heads, head_dim,
+            )
+
+        attended = grouped_attention(
+            g, project("query"), project("key"), project("value"), None, num_heads, num_heads, head_dim,
+            head_dim**-0.5,
+        )
+        attended = linear(g, attended, attention["output"], name + ".attention.output", attention["output_bias"])
+        x = g.op("Add", [x, attended])
+        normed = layer_norm(g, x, layer["feedforward_norm"], name + ".feedforward_norm", epsilon)
+        feedforward = layer["feedforward"]
+        up = gelu_tanh(g, linear(g, normed, feedforward["up"], name + ".feedforward.up", feedforward["up_bias"]))
+        x = g.op("Add", [x, linear(g, up, feedforward["down"], name + ".feedforward.down", feedforward["down_bias"])])
+    x = layer_norm(g, x, weights["final_norm"], "vision.final_norm", epsilon)
+    tokens_per_side = config["tokens_per_side"]
+    pool = side // tokens_per_side
+    grid = g.reshape(x, [count, tokens_per_side, pool, tokens_per_side, pool, hidden])
+    pooled = g.op("ReduceMean", [grid], axes=[2, 4], keepdims=0)
+    pooled = g.reshape(pooled, [count, tokens_per_side * tokens_per_side, hidden])
+    pooled = rms_norm(g, pooled, weights["projector_norm"], "vision.projector_norm", epsilon)
+    return linear(g, pooled, weights["projection"], "vision.projection")
+
+
+def image_merge(g, embeddings, token_ids, image_features, image_token_id):
+    """Placeholders take the sample's image tokens in order, as `layers.vision.ImageMerge`.
+
+    Args:
+        embeddings: `(B, S, D)`; token_ids: `(B, S)`; image_features: `(B, M, D)`.
+    """
+    is_image = g.op("Equal", [token_ids, g.const(image_token_id)])
+    image_rank = g.op("Sub", [g.op("CumSum", [g.op("Cast", [is_image], to=TensorProto.INT64), g.const(1)]),
+                              g.const(1)])
+    length = g.dim(token_ids, 1)
+    positions = g.arange(length)
+    source_index = g.op("Where", [is_image, g.op("Add", [image_rank, length]), positions])
+    source = g.op("Concat", [embeddings, image_features], axis=1)
+    index = g.op("Expand", [g.op("Unsqueeze", [source_index, g.const([-1])]), g.op("Shape", [embeddings])])
+    return g.op("GatherElements", [source, index], axis=1)
+
+
+def save_model(model, path, external_data=True):
+    """Writes `model`; weights go to `<file name>.data` next to it, so models over 2 GB work."""
+    if external_data:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
