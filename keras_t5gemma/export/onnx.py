@@ -247,8 +247,8 @@ def _encode(g, weights, config, table, token_ids, padding_mask, images):
 
 
 def encoder_graph(weights, config, quantize=None):
-    """Encoder output and the decoder's per-layer cross keys/values."""
-    g = GraphBuilder(quantize)
+    """Encoder output and the decoder's per-layer cross keys/values (a `GraphBuilder`)."""
+    g = GraphBuilder("t5gemma2_encoder", quantize)
     table = graph.embedding_table(g, weights["table"], "token_embedding.table")
     token_ids, padding_mask, images = _encoder_inputs(g, config)
     encoder_output, _ = _encode(g, weights, config, table, token_ids, padding_mask, images)
@@ -258,12 +258,12 @@ def encoder_graph(weights, config, quantize=None):
         key, value = graph.key_value(g, encoder_output, layer["attention"], f"decoder.layer_{index}.attention", config)
         g.output(f"cross_key_{index}", key, "float32", kv_shape)
         g.output(f"cross_value_{index}", value, "float32", kv_shape)
-    return g.model("t5gemma2_encoder")
+    return g
 
 
 def decoder_graph(weights, config, max_decode_length, quantize=None):
     """A chunk of decoder tokens against the static self-attention cache."""
-    g = GraphBuilder(quantize)
+    g = GraphBuilder("t5gemma2_decoder", quantize, {"max_decode_length": max_decode_length})
     table = graph.embedding_table(g, weights["table"], "token_embedding.table")
     kv_heads, head_dim = config["num_key_value_heads"], config["head_dim"]
     token_ids = g.input("decoder_token_ids", "int64", ["batch", "decoder_length"])
@@ -303,7 +303,7 @@ def decoder_graph(weights, config, max_decode_length, quantize=None):
     x = graph.rms_norm(g, x, weights["decoder_final_norm"], "decoder.final_norm", config["layer_norm_epsilon"])
     logits = graph.logits(g, x, table, config["final_logit_soft_cap"])
     g.output("logits", logits, "float32", ["batch", "decoder_length", config["vocabulary_size"]])
-    return g.model("t5gemma2_decoder", {"max_decode_length": max_decode_length})
+    return g
 
 
 def _l2_normalize(g, x):
@@ -316,7 +316,7 @@ def embedder_graph(weights, config, pooling="mean", normalize=True, quantize=Non
     """Pooled encoder output (and image-only vectors), as `T5Gemma2Embedder`."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"`pooling` must be one of {POOLING_MODES}; got {pooling!r}.")
-    g = GraphBuilder(quantize)
+    g = GraphBuilder("t5gemma2_embedder", quantize, {"pooling": pooling, "normalize": normalize})
     table = graph.embedding_table(g, weights["table"], "token_embedding.table")
     token_ids, padding_mask, images = _encoder_inputs(g, config)
     hidden, image_features = _encode(g, weights, config, table, token_ids, padding_mask, images)
@@ -346,7 +346,7 @@ def embedder_graph(weights, config, pooling="mean", normalize=True, quantize=Non
         if normalize:
             image_vector = _l2_normalize(g, image_vector)
         g.output("image_embedding", image_vector, "float32", ["batch", config["hidden_dim"]])
-    return g.model("t5gemma2_embedder", {"pooling": pooling, "normalize": normalize})
+    return g
 
 
 # === Folder ===
@@ -430,8 +430,7 @@ def export_onnx(seq_2_seq_lm, output, max_decode_length=None, quantize=None, poo
         ("decoder", lambda: decoder_graph(weights, config, max_decode_length, quantize)),
         ("embedder", lambda: embedder_graph(weights, config, pooling, normalize, quantize)),
     ):
-        path = output / FILES[name]
-        graph.save_model(build(), path)
+        build().save(output / FILES[name])
 
     settings = {
         "format": "keras_t5gemma.onnx",

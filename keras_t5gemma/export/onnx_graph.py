@@ -12,6 +12,7 @@ S keys, N query heads, K key/value heads, G = N // K, H head size, D width.
 """
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,6 +30,8 @@ MASKED_LOGIT = -1e30
 # input axis; the largest block size dividing the input width is used.
 INT8_BLOCK_SIZES = (128, 64, 32, 16)
 INT8_ZERO_POINT = 128
+# Weights larger than this go to the external data file.
+EXTERNAL_DATA_THRESHOLD = 1024
 
 _ONNX_TYPES = {
     np.dtype("float32"): TensorProto.FLOAT,
@@ -65,16 +68,20 @@ class GraphBuilder:
     """Collects nodes, weights and graph inputs/outputs; `op` returns output names.
 
     Args:
+        name: the graph's name.
         quantize: `None` or `"int8"`, weight-only int8 for `linear` and
             `token_embedding`.
+        metadata: optional dict written to the model's metadata.
     """
 
-    def __init__(self, quantize=None):
+    def __init__(self, name, quantize=None, metadata=None):
         if quantize not in (None, "int8"):
             raise ValueError(f"`quantize` must be None or 'int8'; got {quantize!r}.")
+        self.name = name
         self.quantize = quantize
+        self.metadata = dict(metadata or {})
         self.nodes = []
-        self.initializers = {}
+        self.weights = {}
         self.inputs = []
         self.outputs = []
         self._counts = collections.Counter()
@@ -92,9 +99,9 @@ class GraphBuilder:
         return names[0] if outputs == 1 else names
 
     def weight(self, name, array):
-        """A named initializer (added once per name)."""
-        if name not in self.initializers:
-            self.initializers[name] = numpy_helper.from_array(np.array(array, order="C"), name)
+        """A named initializer (added once per name); the array is not copied until it is saved."""
+        if name not in self.weights:
+            self.weights[name] = np.asarray(array)
         return name
 
     def const(self, value, dtype="int64"):
@@ -114,20 +121,45 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, _ONNX_TYPES[np.dtype(dtype)], shape))
         return name
 
-    def model(self, name, metadata=None):
-        graph = helper.make_graph(
-            self.nodes, name, self.inputs, self.outputs, list(self.initializers.values())
-        )
+    def save(self, path):
+        """Writes the model to `path` and its weights to `<file name>.data` beside it.
+
+        Weights over 1 KiB go to the data file (so models over 2 GB work),
+        written array by array from the numpy weights: the protobuf never
+        holds them, which keeps the export's memory near the model's size.
+        """
+        path = Path(path)
+        location = path.name + ".data"
+        initializers = []
+        with open(path.parent / location, "wb") as data:
+            for weight_name, array in self.weights.items():
+                array = np.asarray(array)
+                if array.nbytes <= EXTERNAL_DATA_THRESHOLD:
+                    initializers.append(numpy_helper.from_array(np.array(array, order="C"), weight_name))
+                    continue
+                # Offsets aligned to pages, so that readers may map the file.
+                data.write(b"\0" * (-data.tell() % 4096))
+                offset = data.tell()
+                data.write(np.ascontiguousarray(array).data)
+                initializer = TensorProto(
+                    name=weight_name, data_type=_ONNX_TYPES[array.dtype], dims=array.shape,
+                    data_location=TensorProto.EXTERNAL,
+                )
+                for key, value in (("location", location), ("offset", offset), ("length", array.nbytes)):
+                    entry = initializer.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                initializers.append(initializer)
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
         opsets = [helper.make_opsetid("", OPSET)]
         if self.uses_microsoft_domain:
             opsets.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="keras_t5gemma")
         # The IR version onnxruntime releases of the last years all read.
         model.ir_version = 8
-        for key, value in (metadata or {}).items():
+        for key, value in self.metadata.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, str(value)
-        return model
+        onnx.save_model(model, str(path))
 
     # === Shape helpers ===
 
@@ -162,7 +194,7 @@ def linear(g, x, kernel, name, bias=None):
     """
     block_size = int8_block_size(kernel.shape[0]) if g.quantize == "int8" else None
     if block_size is None:
-        y = g.op("MatMul", [x, g.weight(name, kernel.astype(np.float32))])
+        y = g.op("MatMul", [x, g.weight(name, np.asarray(kernel, np.float32))])
     else:
         codes, scales = quantize_int8_rows(kernel.T, block_size)
         g.uses_microsoft_domain = True
@@ -176,7 +208,7 @@ def linear(g, x, kernel, name, bias=None):
             block_size=block_size,
         )
     if bias is not None:
-        y = g.op("Add", [y, g.weight(name + ".bias", bias.astype(np.float32))])
+        y = g.op("Add", [y, g.weight(name + ".bias", np.asarray(bias, np.float32))])
     return y
 
 
@@ -391,7 +423,7 @@ def embedding_table(g, table, name):
     """
     block_size = int8_block_size(table.shape[1]) if g.quantize == "int8" else None
     if block_size is None:
-        return {"table": g.weight(name, table.astype(np.float32)), "shape": table.shape}
+        return {"table": g.weight(name, np.asarray(table, np.float32)), "shape": table.shape}
     codes, scales = quantize_int8_rows(table, block_size)
     return {
         "codes": g.weight(name + ".int8", codes),
@@ -497,18 +529,3 @@ def image_merge(g, embeddings, token_ids, image_features, image_token_id):
     source = g.op("Concat", [embeddings, image_features], axis=1)
     index = g.op("Expand", [g.op("Unsqueeze", [source_index, g.const([-1])]), g.op("Shape", [embeddings])])
     return g.op("GatherElements", [source, index], axis=1)
-
-
-def save_model(model, path, external_data=True):
-    """Writes `model`; weights go to `<file name>.data` next to it, so models over 2 GB work."""
-    if external_data:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=path.name + ".data",
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(path))
