@@ -35,17 +35,30 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 PROMPT_TOKENS = 64
 TINY = {
-    "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 32,
-    "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+    "vocab_size": 1024,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "sliding_window": 32,
+    "query_pre_attn_scalar": 16,
+    "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
     "rope_parameters": {
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
     },
 }
 TINY_VISION = {
-    "model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 2, "image_size": 28, "patch_size": 7, "vision_use_head": False,
+    "model_type": "siglip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 28,
+    "patch_size": 7,
+    "vision_use_head": False,
 }
 
 
@@ -53,8 +66,13 @@ def config_for(name):
     if name == "tiny":
         return {
             "model_type": "t5gemma2",
-            "encoder": {"text_config": dict(TINY), "vision_config": dict(TINY_VISION), "mm_tokens_per_image": 4,
-                        "boi_token_index": 1021, "eoi_token_index": 1022},
+            "encoder": {
+                "text_config": dict(TINY),
+                "vision_config": dict(TINY_VISION),
+                "mm_tokens_per_image": 4,
+                "boi_token_index": 1021,
+                "eoi_token_index": 1022,
+            },
             "decoder": dict(TINY),
             "image_token_index": 1023,
         }
@@ -147,9 +165,13 @@ def decode_phase(config_name, new_tokens, rounds, directory):
         def run(batch):
             ids = prompts(batch)
             runtime.generate_token_ids(
-                ids, np.ones_like(ids), decoder_token_ids=np.full((batch, 1), 2), max_length=length,
+                ids,
+                np.ones_like(ids),
+                decoder_token_ids=np.full((batch, 1), 2),
+                max_length=length,
                 stop_token_ids=None,
             )
+
         return run
 
     def jax_run(batch):
@@ -157,8 +179,12 @@ def decode_phase(config_name, new_tokens, rounds, directory):
         decoder = np.zeros((batch, length), "int32")
         decoder[:, 0] = 2
         seq_2_seq_lm.generate(
-            {"encoder_token_ids": ids, "encoder_padding_mask": np.ones_like(ids),
-             "decoder_token_ids": decoder, "decoder_padding_mask": (decoder > 0).astype("int32")},
+            {
+                "encoder_token_ids": ids,
+                "encoder_padding_mask": np.ones_like(ids),
+                "decoder_token_ids": decoder,
+                "decoder_padding_mask": (decoder > 0).astype("int32"),
+            },
             stop_token_ids=None,
         )
 
@@ -166,8 +192,12 @@ def decode_phase(config_name, new_tokens, rounds, directory):
         ids = torch.tensor(prompts(batch))
         with torch.no_grad():
             reference.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
             )
 
     implementations = {
@@ -233,8 +263,20 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as directory:
         for phase in ("export", "decode"):
-            command = [sys.executable, __file__, "--phase", phase, "--directory", directory,
-                       "--config", args.config, "--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
+            command = [
+                sys.executable,
+                __file__,
+                "--phase",
+                phase,
+                "--directory",
+                directory,
+                "--config",
+                args.config,
+                "--new-tokens",
+                str(args.new_tokens),
+                "--rounds",
+                str(args.rounds),
+            ]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
             env.setdefault("KERAS_BACKEND", "jax")
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -7,6 +7,8 @@
     keras-t5gemma generate --preset my_model "rotate: 1 2 3"
     keras-t5gemma embed "sort: 1 2" "sort: 2 1" --output vectors.npy
     keras-t5gemma convert hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m
+    keras-t5gemma export digits_onnx --format onnx --quantize int8
+    keras-t5gemma generate --onnx digits_onnx "reverse: 1 2 3"
     keras-t5gemma presets
 
 `--preset` takes a bundled or released preset name, a folder written by
@@ -33,6 +35,7 @@ from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAG
 
 DEFAULT_PRESET = "t5gemma2_tiny_digits"
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam")
+EXPORT_FORMATS = ("onnx",)
 
 
 class CommandError(Exception):
@@ -297,6 +300,8 @@ def run_generate(args):
         raise CommandError("give prompts as arguments or with --file")
     images = [_load_image(path) for path in args.image or []]
     prompts = [with_image_markers(prompt, len(images)) for prompt in prompts] if images else prompts
+    if args.onnx:
+        return _generate_onnx(args, prompts, images)
     seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
     preprocessor = seq_2_seq_lm.preprocessor
     if images and preprocessor.image_converter is None:
@@ -314,6 +319,65 @@ def run_generate(args):
         answers = seq_2_seq_lm.generate(inputs, max_length=max_length)
         for prompt, answer in zip(batch, answers):
             _say(f"{prompt} -> {answer.strip()}" if args.show_prompt else answer.strip())
+    return 0
+
+
+def _generate_onnx(args, prompts, images):
+    """`generate --onnx FOLDER`: the ONNX runtime, which needs no Keras."""
+    from t5gemma_onnx import OnnxSeq2SeqLM
+
+    if args.sampler == "beam":
+        raise CommandError("the ONNX runtime samples greedy, top_k, top_p or random; beam search is Keras-only")
+    try:
+        model = OnnxSeq2SeqLM(args.onnx)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    if images and not model.settings["vision"]:
+        raise CommandError(f"the export {args.onnx} has no vision tower; it cannot take --image")
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        try:
+            answers = model.generate(
+                batch,
+                [images] * len(batch) if images else None,
+                max_length=args.max_length,
+                sampler=args.sampler,
+                seed=args.seed,
+                k=args.top_k,
+                p=args.top_p,
+                temperature=args.temperature,
+            )
+        except ValueError as error:  # a prompt that does not fit, images that do not match
+            raise CommandError(str(error)) from None
+        for prompt, answer in zip(batch, answers):
+            _say(f"{prompt} -> {answer.strip()}" if args.show_prompt else answer.strip())
+    return 0
+
+
+def run_export(args):
+    """`export OUTPUT --format onnx`: graphs, tokenizer and settings for serving without Keras."""
+    from keras_t5gemma.export import export_onnx
+
+    seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
+    started = time.time()
+    try:
+        settings = export_onnx(
+            seq_2_seq_lm,
+            args.output,
+            max_decode_length=args.max_decode_length,
+            quantize=args.quantize,
+            pooling=args.pooling,
+            normalize=not args.no_normalize,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    size = sum(path.stat().st_size for path in Path(args.output).iterdir() if path.is_file())
+    _say(
+        f"Exported {args.preset} to {args.output} (ONNX opset {settings['opset']}, "
+        f"{settings['quantization'] or 'float32'}, decoder cache {settings['max_decode_length']} tokens, "
+        f"{size / 2**20:.1f} MiB) in {time.time() - started:.1f}s; try "
+        f'`keras-t5gemma generate --onnx {args.output} "..."`.'
+    )
     return 0
 
 
@@ -550,6 +614,11 @@ def build_parser():
     )
     generate.add_argument("--seed", type=int, default=0, help="for the random samplers (default: %(default)s)")
     generate.add_argument("--show-prompt", action="store_true", help="print `prompt -> answer`")
+    generate.add_argument(
+        "--onnx",
+        metavar="FOLDER",
+        help="generate with the ONNX runtime from a folder written by `export --format onnx` (instead of --preset)",
+    )
     generate.set_defaults(run=run_generate)
 
     fine_tune = commands.add_parser(
@@ -613,6 +682,29 @@ def build_parser():
         add_help=False,
         help="convert a Hugging Face T5Gemma 2 checkpoint to a Keras preset (`convert --help` for options)",
     )
+
+    export = commands.add_parser(
+        "export",
+        help="export a preset for serving without Keras (ONNX)",
+        description="Writes encoder.onnx (encoder output and cross keys/values), decoder.onnx (one step or a "
+        "prompt chunk against a static self-attention cache), embedder.onnx, the tokenizer and "
+        "t5gemma2_onnx.json to OUTPUT. The `t5gemma_onnx` package generates from it with numpy, onnxruntime "
+        "and sentencepiece only.",
+    )
+    _add_preset(export)
+    export.add_argument("output", help="folder to write (new, empty, or an earlier export)")
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="export format")
+    export.add_argument(
+        "--max-decode-length",
+        type=_positive_int,
+        help="decoder cache length in tokens, <bos> included (default: the preset's decoder sequence length)",
+    )
+    export.add_argument("--quantize", choices=("int8",), help="weight-only int8 matmuls and embedding table")
+    export.add_argument(
+        "--pooling", default="mean", choices=("mean", "first", "last"), help="embedder pooling (default: %(default)s)"
+    )
+    export.add_argument("--no-normalize", action="store_true", help="embedder keeps the vectors' norms")
+    export.set_defaults(run=run_export)
 
     presets = commands.add_parser("presets", help="list the bundled and released presets")
     presets.set_defaults(run=run_presets)

@@ -142,9 +142,7 @@ class OnnxSeq2SeqLM:
     def _session(self, name):
         if name not in self._sessions:
             path = self.folder / self.settings["files"][name]
-            self._sessions[name] = onnxruntime.InferenceSession(
-                str(path), self._options, providers=self._providers
-            )
+            self._sessions[name] = onnxruntime.InferenceSession(str(path), self._options, providers=self._providers)
         return self._sessions[name]
 
     # === Prompts ===
@@ -400,7 +398,12 @@ class OnnxSeq2SeqLM:
             images = None if images is None else [images]
         token_ids, padding_mask, pixel_values = self.encoder_inputs(prompts, images)
         outputs = self.generate_token_ids(
-            token_ids, padding_mask, pixel_values, max_length=max_length, sampler=sampler, seed=seed,
+            token_ids,
+            padding_mask,
+            pixel_values,
+            max_length=max_length,
+            sampler=sampler,
+            seed=seed,
             **sampler_kwargs,
         )
         texts = self.detokenize(outputs["decoder_token_ids"], outputs["decoder_padding_mask"])

@@ -74,7 +74,7 @@ def test_command_line_greedy_is_python_greedy(capsys):
 def test_help_lists_every_subcommand(capsys):
     status, out, _ = run(capsys, "--help")
     assert status == 0
-    for command in ("demo", "generate", "fine-tune", "embed", "convert", "presets"):
+    for command in ("demo", "generate", "fine-tune", "embed", "convert", "export", "presets"):
         assert command in out
     status, out, _ = run(capsys, "fine-tune", "--help")
     assert status == 0 and "--lora-rank" in out and "JSONL" in out

@@ -22,8 +22,10 @@ from hf_reference import backbone_from_reference
 from hf_reference import reference_model
 from hf_reference import reference_outputs
 from hf_reference import tiny_config
+from PIL import Image
 
-from keras_t5gemma import toy_tasks
+from keras_t5gemma import demo as demo_tasks
+from keras_t5gemma.cli import main
 from keras_t5gemma.export import export_onnx
 from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
 from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
@@ -175,7 +177,7 @@ def test_greedy_tokens_match_generate_on_a_random_vision_checkpoint(random_visio
 
 
 def _held_out(count, seed=1):
-    return toy_tasks.make_examples(["reverse", "sort", "color"], count=count, seed=seed, held_out=True)
+    return demo_tasks.make_examples(["reverse", "sort", "color"], count=count, seed=seed, held_out=True)
 
 
 def test_greedy_tokens_match_generate_on_the_demo_held_out_prompts(demo):
@@ -201,7 +203,9 @@ def test_greedy_tokens_match_generate_on_the_demo_held_out_prompts(demo):
     output = runtime.generate_token_ids(encoder_ids, encoder_mask, pixels, max_length=DEMO_MAX_LENGTH)
     mask = expected["decoder_padding_mask"]
     np.testing.assert_array_equal(output["decoder_padding_mask"], mask)
-    np.testing.assert_array_equal(np.where(mask, output["decoder_token_ids"], 0), np.where(mask, expected["decoder_token_ids"], 0))
+    np.testing.assert_array_equal(
+        np.where(mask, output["decoder_token_ids"], 0), np.where(mask, expected["decoder_token_ids"], 0)
+    )
     answers = runtime.generate(prompts, images, max_length=DEMO_MAX_LENGTH)
     assert [answer.strip() for answer in answers] == [example.target for example in examples]
 
@@ -314,3 +318,28 @@ def test_the_runtime_imports_no_training_framework(demo):
     answer, loaded = result.stdout.strip().splitlines()
     assert answer.strip() == "3 2 1"
     assert loaded == "[]"
+
+
+def test_command_line_exports_and_generates_from_the_export(capsys, tmp_path):
+    output = tmp_path / "digits_onnx"
+    status = main(["export", str(output), "--format", "onnx", "--quantize", "int8", "--max-decode-length", "12"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "int8" in captured.out and json.loads((output / "t5gemma2_onnx.json").read_text())["quantization"] == "int8"
+    red = tmp_path / "red.png"
+    Image.fromarray(np.full((40, 30, 3), (210, 25, 30), "uint8")).save(red)
+    status = main(["generate", "--onnx", str(output), "reverse: 5 0 2 7", "sort: 9 4 7 1", "--show-prompt"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert captured.out.splitlines() == ["reverse: 5 0 2 7 -> 7 2 0 5", "sort: 9 4 7 1 -> 1 4 7 9"]
+    assert main(["generate", "--onnx", str(output), "color:", "--image", str(red)]) == 0
+    assert capsys.readouterr().out.strip() == "red"
+    for argv, message in (
+        (["generate", "--onnx", str(output), "x", "--max-length", "13"], "longer than the exported decoder cache"),
+        (["generate", "--onnx", str(tmp_path / "missing"), "x"], "is not a T5Gemma 2 ONNX export"),
+        (["export", str(tmp_path), "--format", "onnx"], "non-empty folder"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("keras-t5gemma: error:") and message in err and "Traceback" not in err
+    assert main(["export", str(output)]) == 2  # --format is required

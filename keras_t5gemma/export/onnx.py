@@ -19,6 +19,8 @@ The folder written by `export_onnx`:
   gives it, and for a vision model `image_embedding` `(B, D)`, the mean of
   the image soft tokens of all of a sample's image slots (the embedder's
   image-only vector).
+- `weights.data`: the graphs' weights (ONNX external data), each stored once
+  though several graphs read it (the tied embedding table, the encoder).
 - `tokenizer.spm` (SentencePiece) and `t5gemma2_onnx.json`: special ids,
   prompt layout, image-converter settings, shapes, opset, file names.
 
@@ -48,6 +50,7 @@ FILES = {
     "decoder": "decoder.onnx",
     "embedder": "embedder.onnx",
     "tokenizer": "tokenizer.spm",
+    "weights": "weights.data",
 }
 FORMAT_VERSION = 1
 POOLING_MODES = ("mean", "first", "last")
@@ -113,23 +116,28 @@ def vision_weights(vision_encoder):
     for layer in vision_encoder.vision_layers:
         attention, feedforward = layer.attention, layer.feedforward
         parts = {}
-        for part, dense in (("query", attention.query_dense), ("key", attention.key_dense),
-                            ("value", attention.value_dense)):
+        for part, dense in (
+            ("query", attention.query_dense),
+            ("key", attention.key_dense),
+            ("value", attention.value_dense),
+        ):
             parts[part] = _kernel(dense, (hidden, -1))
             parts[part + "_bias"] = bias(dense, (-1,))
         parts["output"] = _kernel(attention.output_dense, (-1, hidden))
         parts["output_bias"] = bias(attention.output_dense, (-1,))
-        layers.append({
-            "attention_norm": norm(layer.attention_norm),
-            "feedforward_norm": norm(layer.feedforward_norm),
-            "attention": parts,
-            "feedforward": {
-                "up": _kernel(feedforward.up_dense, (hidden, -1)),
-                "up_bias": bias(feedforward.up_dense, (-1,)),
-                "down": _kernel(feedforward.down_dense, (-1, hidden)),
-                "down_bias": bias(feedforward.down_dense, (-1,)),
-            },
-        })
+        layers.append(
+            {
+                "attention_norm": norm(layer.attention_norm),
+                "feedforward_norm": norm(layer.feedforward_norm),
+                "attention": parts,
+                "feedforward": {
+                    "up": _kernel(feedforward.up_dense, (hidden, -1)),
+                    "up_bias": bias(feedforward.up_dense, (-1,)),
+                    "down": _kernel(feedforward.down_dense, (-1, hidden)),
+                    "down_bias": bias(feedforward.down_dense, (-1,)),
+                },
+            }
+        )
     _check_not_quantized(vision_encoder.patch_embedding)
     return {
         "patch_kernel": _array(vision_encoder.patch_embedding.kernel),
@@ -226,22 +234,23 @@ def _image_features(g, images, weights, config):
 
 def _encode(g, weights, config, table, token_ids, padding_mask, images):
     """The encoder output `(B, S, D)`, and the image features when there are images."""
-    x = graph.token_embedding(
-        g, token_ids, table, weights["eoi_embedding"], config["eoi_token_id"], "token_embedding"
-    )
+    x = graph.token_embedding(g, token_ids, table, weights["eoi_embedding"], config["eoi_token_id"], "token_embedding")
     features = None
     if images is not None:
         features = _image_features(g, images, weights, config)
         x = graph.image_merge(g, x, token_ids, features, config["image_token_id"])
     positions = g.arange(g.dim(token_ids, 1))
     masks, ropes = graph.stack_masks_and_ropes(
-        g, config, config["encoder_layer_types"], positions, positions, causal=False,
+        g,
+        config,
+        config["encoder_layer_types"],
+        positions,
+        positions,
+        causal=False,
         key_padding_mask=padding_mask,
     )
     for index, (layer, layer_type) in enumerate(zip(weights["encoder"], config["encoder_layer_types"])):
-        x = graph.transformer_layer(
-            g, x, layer, f"encoder.layer_{index}", config, masks[layer_type], ropes[layer_type]
-        )
+        x = graph.transformer_layer(g, x, layer, f"encoder.layer_{index}", config, masks[layer_type], ropes[layer_type])
     x = graph.rms_norm(g, x, weights["encoder_final_norm"], "encoder.final_norm", config["layer_norm_epsilon"])
     return x, features
 
@@ -273,11 +282,19 @@ def decoder_graph(weights, config, max_decode_length, quantize=None):
     cross_shape = ["batch", "encoder_length", kv_heads, head_dim]
     caches, cross = [], []
     for index in range(config["num_decoder_layers"]):
-        caches.append((g.input(f"past_key_{index}", "float32", cache_shape),
-                       g.input(f"past_value_{index}", "float32", cache_shape)))
+        caches.append(
+            (
+                g.input(f"past_key_{index}", "float32", cache_shape),
+                g.input(f"past_value_{index}", "float32", cache_shape),
+            )
+        )
     for index in range(config["num_decoder_layers"]):
-        cross.append((g.input(f"cross_key_{index}", "float32", cross_shape),
-                      g.input(f"cross_value_{index}", "float32", cross_shape)))
+        cross.append(
+            (
+                g.input(f"cross_key_{index}", "float32", cross_shape),
+                g.input(f"cross_value_{index}", "float32", cross_shape),
+            )
+        )
 
     x = graph.token_embedding(g, token_ids, table, weights["eoi_embedding"], config["eoi_token_id"], "token_embedding")
     query_positions = g.arange(g.dim(token_ids, 1), start=start)
@@ -288,15 +305,26 @@ def decoder_graph(weights, config, max_decode_length, quantize=None):
     # Merged attention: the causal self mask, then the encoder padding mask.
     cross_mask = graph.padding_mask_for_keys(g, encoder_padding_mask)  # (B, 1, S)
     batch_and_length = g.op("Concat", [g.dim(token_ids, 0), g.dim(token_ids, 1)], axis=0)
-    cross_mask = g.op("Expand", [cross_mask, g.op("Concat", [batch_and_length, g.dim(encoder_padding_mask, 1)], axis=0)])
+    cross_mask = g.op(
+        "Expand", [cross_mask, g.op("Concat", [batch_and_length, g.dim(encoder_padding_mask, 1)], axis=0)]
+    )
     for layer_type in masks:
-        self_mask = g.op("Expand", [masks[layer_type], g.op("Concat", [batch_and_length, g.const([max_decode_length])], axis=0)])
+        self_mask = g.op(
+            "Expand", [masks[layer_type], g.op("Concat", [batch_and_length, g.const([max_decode_length])], axis=0)]
+        )
         masks[layer_type] = g.op("Concat", [self_mask, cross_mask], axis=-1)
 
     for index, (layer, layer_type) in enumerate(zip(weights["decoder"], config["decoder_layer_types"])):
         x, (key_cache, value_cache) = graph.transformer_layer(
-            g, x, layer, f"decoder.layer_{index}", config, masks[layer_type], ropes[layer_type],
-            cache=(*caches[index], start), cross_key_value=cross[index],
+            g,
+            x,
+            layer,
+            f"decoder.layer_{index}",
+            config,
+            masks[layer_type],
+            ropes[layer_type],
+            cache=(*caches[index], start),
+            cross_key_value=cross[index],
         )
         g.output(f"present_key_{index}", key_cache, "float32", cache_shape)
         g.output(f"present_value_{index}", value_cache, "float32", cache_shape)
@@ -334,8 +362,13 @@ def embedder_graph(weights, config, pooling="mean", normalize=True, quantize=Non
             # The largest position holding a real token (left or right padding).
             positions = g.op("Mul", [g.arange(g.dim(token_ids, 1)), padding_mask])
             index = g.op("ArgMax", [positions], axis=1, keepdims=1)
-        index = g.op("Expand", [g.op("Unsqueeze", [index, g.const([-1])]),
-                                g.op("Concat", [g.dim(hidden, 0), g.const([1]), g.dim(hidden, 2)], axis=0)])
+        index = g.op(
+            "Expand",
+            [
+                g.op("Unsqueeze", [index, g.const([-1])]),
+                g.op("Concat", [g.dim(hidden, 0), g.const([1]), g.dim(hidden, 2)], axis=0),
+            ],
+        )
         pooled = g.op("Squeeze", [g.op("GatherElements", [hidden, index], axis=1), g.const([1])])
     if normalize:
         pooled = _l2_normalize(g, pooled)
@@ -425,19 +458,20 @@ def export_onnx(seq_2_seq_lm, output, max_decode_length=None, quantize=None, poo
 
     config = model_config(backbone)
     weights = model_weights(backbone)
-    for name, build in (
-        ("encoder", lambda: encoder_graph(weights, config, quantize)),
-        ("decoder", lambda: decoder_graph(weights, config, max_decode_length, quantize)),
-        ("embedder", lambda: embedder_graph(weights, config, pooling, normalize, quantize)),
-    ):
-        build().save(output / FILES[name])
+    with graph.WeightsFile(output / FILES["weights"]) as weights_file:
+        for name, build in (
+            ("encoder", lambda: encoder_graph(weights, config, quantize)),
+            ("decoder", lambda: decoder_graph(weights, config, max_decode_length, quantize)),
+            ("embedder", lambda: embedder_graph(weights, config, pooling, normalize, quantize)),
+        ):
+            build().save(output / FILES[name], weights_file)
 
     settings = {
         "format": "keras_t5gemma.onnx",
         "format_version": FORMAT_VERSION,
         "opset": graph.OPSET,
         "quantization": quantize,
-        "files": {name: FILES[name] for name in ("encoder", "decoder", "embedder")},
+        "files": {name: FILES[name] for name in ("encoder", "decoder", "embedder", "weights")},
         "max_decode_length": max_decode_length,
         "vocabulary_size": config["vocabulary_size"],
         "hidden_dim": config["hidden_dim"],

@@ -109,7 +109,7 @@ class GraphBuilder:
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._constants:
-            self._constants[key] = self.weight(self._fresh("const"), array)
+            self._constants[key] = self.weight(self._fresh(f"{self.name}.const"), array)
         return self._constants[key]
 
     def input(self, name, dtype, shape):
@@ -121,34 +121,33 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, _ONNX_TYPES[np.dtype(dtype)], shape))
         return name
 
-    def save(self, path):
-        """Writes the model to `path` and its weights to `<file name>.data` beside it.
+    def save(self, path, weights_file):
+        """Writes the model to `path`; weights over 1 KiB go to `weights_file`.
 
-        Weights over 1 KiB go to the data file (so models over 2 GB work),
-        written array by array from the numpy weights: the protobuf never
-        holds them, which keeps the export's memory near the model's size.
+        Args:
+            path: the `.onnx` file.
+            weights_file: a `WeightsFile` in the same folder, shared by the
+                graphs of one export: a weight that several graphs use (the
+                embedding table, the encoder in the encoder and embedder
+                graphs) is stored once.
         """
-        path = Path(path)
-        location = path.name + ".data"
         initializers = []
-        with open(path.parent / location, "wb") as data:
-            for weight_name, array in self.weights.items():
-                array = np.asarray(array)
-                if array.nbytes <= EXTERNAL_DATA_THRESHOLD:
-                    initializers.append(numpy_helper.from_array(np.array(array, order="C"), weight_name))
-                    continue
-                # Offsets aligned to pages, so that readers may map the file.
-                data.write(b"\0" * (-data.tell() % 4096))
-                offset = data.tell()
-                data.write(np.ascontiguousarray(array).data)
-                initializer = TensorProto(
-                    name=weight_name, data_type=_ONNX_TYPES[array.dtype], dims=array.shape,
-                    data_location=TensorProto.EXTERNAL,
-                )
-                for key, value in (("location", location), ("offset", offset), ("length", array.nbytes)):
-                    entry = initializer.external_data.add()
-                    entry.key, entry.value = key, str(value)
-                initializers.append(initializer)
+        for weight_name, array in self.weights.items():
+            array = np.asarray(array)
+            if array.nbytes <= EXTERNAL_DATA_THRESHOLD:
+                initializers.append(numpy_helper.from_array(np.array(array, order="C"), weight_name))
+                continue
+            offset = weights_file.write(weight_name, array)
+            initializer = TensorProto(
+                name=weight_name,
+                data_type=_ONNX_TYPES[array.dtype],
+                dims=array.shape,
+                data_location=TensorProto.EXTERNAL,
+            )
+            for key, value in (("location", weights_file.location), ("offset", offset), ("length", array.nbytes)):
+                entry = initializer.external_data.add()
+                entry.key, entry.value = key, str(value)
+            initializers.append(initializer)
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializers)
         opsets = [helper.make_opsetid("", OPSET)]
         if self.uses_microsoft_domain:
@@ -181,6 +180,38 @@ class GraphBuilder:
         end = self.op("Squeeze", [length, self.const([0])])
         positions = self.op("Range", [self.const(0), end, self.const(1)])
         return positions if start is None else self.op("Add", [positions, start])
+
+
+class WeightsFile:
+    """The external data file of an export's graphs; each named weight is written once.
+
+    Weights are written array by array from numpy, so the protobuf never
+    holds them (models over 2 GB work, and the export needs little memory
+    beyond the model), at page-aligned offsets so that readers may map them.
+
+    Use as a context manager: `with WeightsFile(folder / "weights.data") as weights: graph.save(path, weights)`.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.location = self.path.name
+        self.offsets = {}
+        self._file = None
+
+    def __enter__(self):
+        self._file = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+    def write(self, name, array):
+        """The offset of weight `name`, writing `array` unless it was written before."""
+        if name not in self.offsets:
+            self._file.write(b"\0" * (-self._file.tell() % 4096))
+            self.offsets[name] = self._file.tell()
+            self._file.write(np.ascontiguousarray(array).data)
+        return self.offsets[name]
 
 
 # === Layers ===
@@ -237,8 +268,11 @@ def rotary_tables(g, positions, head_dim, wavelength, scaling_factor):
     inverse = np.float32(1.0) / np.power(np.float32(wavelength), exponents, dtype=np.float32)
     inverse = (inverse / np.float32(scaling_factor)).astype(np.float32)
     angles = g.op(
-        "Mul", [g.op("Unsqueeze", [g.op("Cast", [positions], to=TensorProto.FLOAT), g.const([1])]),
-                g.const(inverse, "float32")]
+        "Mul",
+        [
+            g.op("Unsqueeze", [g.op("Cast", [positions], to=TensorProto.FLOAT), g.const([1])]),
+            g.const(inverse, "float32"),
+        ],
     )
     angles = g.op("Concat", [angles, angles], axis=-1)
     return g.op("Cos", [angles]), g.op("Sin", [angles])
@@ -258,8 +292,7 @@ def rotary(g, x, cos, sin, head_dim):
 def attention_mask(g, query_positions, key_positions, causal, sliding_window=None, key_padding_mask=None):
     """bool `(1 or B, T, S)`, as `keras_t5gemma.layers.masks.attention_mask`."""
     distance = g.op(
-        "Sub", [g.op("Unsqueeze", [query_positions, g.const([1])]),
-                g.op("Unsqueeze", [key_positions, g.const([0])])]
+        "Sub", [g.op("Unsqueeze", [query_positions, g.const([1])]), g.op("Unsqueeze", [key_positions, g.const([0])])]
     )
 
     def below(limit):
@@ -388,7 +421,15 @@ def transformer_layer(g, x, weights, name, config, mask, rope, cache=None, cross
         key = g.op("Concat", [key, cross_key_value[0]], axis=1)
         value = g.op("Concat", [value, cross_key_value[1]], axis=1)
     attended = grouped_attention(
-        g, query, key, value, mask, num_heads, kv_heads, head_dim, config["query_scale"],
+        g,
+        query,
+        key,
+        value,
+        mask,
+        num_heads,
+        kv_heads,
+        head_dim,
+        config["query_scale"],
         config["attention_soft_cap"],
     )
     attended = linear(g, attended, attention["output"], name + ".attention.output")
@@ -457,8 +498,13 @@ def logits(g, hidden, table, soft_cap=None):
     else:
         g.uses_microsoft_domain = True
         y = g.op(
-            "MatMulNBits", [hidden, table["codes"], g.op("Reshape", [table["scales"], g.const([-1])])],
-            domain=MICROSOFT_DOMAIN, K=hidden_dim, N=vocabulary_size, bits=8, block_size=table["block_size"],
+            "MatMulNBits",
+            [hidden, table["codes"], g.op("Reshape", [table["scales"], g.const([-1])])],
+            domain=MICROSOFT_DOMAIN,
+            K=hidden_dim,
+            N=vocabulary_size,
+            bits=8,
+            block_size=table["block_size"],
         )
     if soft_cap is not None:
         y = g.op("Mul", [g.op("Tanh", [g.op("Div", [y, g.const(soft_cap, "float32")])]), g.const(soft_cap, "float32")])
@@ -490,12 +536,21 @@ def vision_tower(g, images, weights, config):
 
         def project(part):
             return heads(
-                g, linear(g, normed, attention[part], f"{name}.attention.{part}", attention[part + "_bias"]),
-                num_heads, head_dim,
+                g,
+                linear(g, normed, attention[part], f"{name}.attention.{part}", attention[part + "_bias"]),
+                num_heads,
+                head_dim,
             )
 
         attended = grouped_attention(
-            g, project("query"), project("key"), project("value"), None, num_heads, num_heads, head_dim,
+            g,
+            project("query"),
+            project("key"),
+            project("value"),
+            None,
+            num_heads,
+            num_heads,
+            head_dim,
             head_dim**-0.5,
         )
         attended = linear(g, attended, attention["output"], name + ".attention.output", attention["output_bias"])
@@ -521,8 +576,7 @@ def image_merge(g, embeddings, token_ids, image_features, image_token_id):
         embeddings: `(B, S, D)`; token_ids: `(B, S)`; image_features: `(B, M, D)`.
     """
     is_image = g.op("Equal", [token_ids, g.const(image_token_id)])
-    image_rank = g.op("Sub", [g.op("CumSum", [g.op("Cast", [is_image], to=TensorProto.INT64), g.const(1)]),
-                              g.const(1)])
+    image_rank = g.op("Sub", [g.op("CumSum", [g.op("Cast", [is_image], to=TensorProto.INT64), g.const(1)]), g.const(1)])
     length = g.dim(token_ids, 1)
     positions = g.arange(length)
     source_index = g.op("Where", [is_image, g.op("Add", [image_rank, length]), positions])
