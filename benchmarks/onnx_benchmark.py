@@ -76,7 +76,7 @@ def config_for(name):
             "decoder": dict(TINY),
             "image_token_index": 1023,
         }
-    return json.loads((ROOT / "presets" / "configs" / "t5gemma-2-270m-270m.json").read_text())
+    return json.loads((ROOT / "tests" / "data" / "t5gemma-2-270m-270m.json").read_text())
 
 
 def _float32(config):
@@ -280,7 +280,7 @@ def main():
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
             env.setdefault("KERAS_BACKEND", "jax")
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-            output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+            output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
             results[phase] = json.loads(output.strip().splitlines()[-1])
             print(phase, results[phase], flush=True)
     print(table(results["export"], results["decode"], args))

@@ -20,6 +20,8 @@ ALLOWED = {
     "models": {"layers", "models", "utils"},
     "conversion": {"conversion", "layers", "models", "utils"},
     "demo": set(),
+    # Reads a `T5Gemma2Seq2SeqLM`'s weights and config by attribute; needs no model class.
+    "export": {"export"},
 }
 COMPAT_MODULE = PACKAGE / "utils" / "keras_hub_compat.py"
 
