@@ -88,7 +88,10 @@ UNDECLARED = {
     "tensorflow": "installed by tensorflow-text, whose version it must match",
     "torch": "optional: only `verify` after a conversion, skipped without it",
     "transformers": "optional: only `verify` after a conversion, skipped without it",
+    "onnx": "optional (the `onnx` extra): only `export_onnx`",
 }
+# This distribution's own top-level packages besides `keras_t5gemma`.
+FIRST_PARTY = {"keras_t5gemma", "t5gemma_onnx"}
 # Declared but not imported by the package, and why.
 UNIMPORTED = {
     "jax": "the default Keras backend",
@@ -109,7 +112,7 @@ def _imported_distributions():
         module.split(".")[0]
         for path in PACKAGE.rglob("*.py")
         for _, module in _imports(path)
-        if module.split(".")[0] not in sys.stdlib_module_names and not module.startswith("keras_t5gemma")
+        if module.split(".")[0] not in sys.stdlib_module_names | FIRST_PARTY
     }
     names = packages_distributions()
     return {module: names[module][0].lower().replace("_", "-") for module in modules}
