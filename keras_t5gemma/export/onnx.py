@@ -29,8 +29,11 @@ folder with numpy, onnxruntime and sentencepiece only.
 
 Example:
 ```python
+import tempfile
+
 seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
-export_onnx(seq_2_seq_lm, "digits_onnx", max_decode_length=32)
+folder = tempfile.mkdtemp()
+export_onnx(seq_2_seq_lm, folder, max_decode_length=16)
 ```
 """
 
