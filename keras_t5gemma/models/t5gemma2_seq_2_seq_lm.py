@@ -166,4 +166,11 @@ class T5Gemma2Seq2SeqLM(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixi
             is_stop = ops.cast(any_equal(token_ids, stop_token_ids, ops.logical_not(padding_mask)), "int32")
             stops_before = ops.cumsum(is_stop, axis=-1) - is_stop
             padding_mask = ops.equal(stops_before, 0)
-        return {"decoder_token_ids": token_ids, "decoder_padding_mask": padding_mask}
+        outputs = {"decoder_token_ids": token_ids, "decoder_padding_mask": padding_mask}
+        distribution = keras.distribution.distribution()
+        if distribution is not None and distribution.num_processes > 1:
+            # Each process of a multi-host job reads the whole answer batch,
+            # not only the rows its devices hold (a gather of token ids).
+            replicated = keras.distribution.TensorLayout((None, None), distribution.device_mesh)
+            outputs = {key: keras.distribution.distribute_tensor(value, replicated) for key, value in outputs.items()}
+        return outputs

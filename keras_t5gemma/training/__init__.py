@@ -1,0 +1,1 @@
+"""Training at scale: device meshes, sharded checkpoints, fine-tuning runs, memory estimates."""

@@ -1,0 +1,318 @@
+"""Sharded training checkpoints (Orbax) and the run folders of `fine-tune`.
+
+A checkpoint holds a compiled model's whole training state: weights,
+optimizer slots and step counter, and random-seed states (the parts
+`STATE_PARTS` of `keras.Model.get_state_tree`). On the JAX backend every process writes the
+shards of each array it holds (Orbax with tensorstore), nothing is gathered to
+one host, and `restore` reads them straight into the layouts of the model it
+is given, so a checkpoint saved on one mesh restores onto another (8 devices
+-> 4, two processes -> one).
+
+Orbax writes each checkpoint into a temporary folder beside its final one and
+renames it when every process has finished: a crash leaves no half-written
+checkpoint under a step's name, and `latest_step` only sees complete ones.
+A SIGINT that arrives while a checkpoint is written is held until the write
+has finished (`interrupts_deferred`).
+
+Run folders: `fine-tune --output OUT` keeps each run's checkpoints in
+`OUT/runs/run_NNN/checkpoints/STEP/`, next to the run's settings
+(`OUT/runs/run_NNN/run.json`). A new run takes a new number; a run only
+prunes checkpoints it wrote itself.
+
+Example:
+```python
+checkpoints = TrainingCheckpoints("/tmp/run/checkpoints", keep=2)
+seq_2_seq_lm.fit(x, epochs=3, callbacks=[checkpoints.callback()])
+# Later, in a fresh process, on any mesh: build, compile, then
+restored_epoch = checkpoints.restore(seq_2_seq_lm)
+seq_2_seq_lm.fit(x, epochs=3, initial_epoch=restored_epoch)
+```
+"""
+
+import contextlib
+import json
+import os
+import re
+import signal
+import threading
+
+import keras
+import numpy as np
+
+# The parts of `keras.Model.get_state_tree` a checkpoint holds.
+STATE_PARTS = ("trainable_variables", "non_trainable_variables", "optimizer_variables")
+RUNS_FOLDER = "runs"
+RUN_SETTINGS = "run.json"
+_RUN_NAME = re.compile(r"run_(\d{3,})$")
+
+
+# === Processes ===
+
+
+def process_count():
+    """Processes in the job (`keras.distribution.initialize` makes it more than one)."""
+    if keras.backend.backend() != "jax":
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
+def process_index():
+    if keras.backend.backend() != "jax":
+        return 0
+    import jax
+
+    return jax.process_index()
+
+
+def agree(value):
+    """Process 0's integer `value` on every process (the value itself with one process)."""
+    if process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Holds a SIGINT that arrives inside the block and raises it when the block ends.
+
+    A checkpoint save is then either finished or, when the interrupt comes
+    before it, never started. Outside the main thread (where Python cannot
+    install a handler) the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+# === Checkpoints ===
+
+
+def _orbax():
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as error:
+        raise ImportError(
+            "sharded checkpoints need the `orbax-checkpoint` package (`pip install orbax-checkpoint`)"
+        ) from error
+    return ocp
+
+
+def _state_tree(model):
+    if not model.optimizer or not model.optimizer.built:
+        raise ValueError(
+            "a training checkpoint holds the optimizer's state: compile the model and build its optimizer "
+            "(`model.optimizer.build(model.trainable_variables)`, or train a step) first"
+        )
+    tree = model.get_state_tree()
+    # Metric totals restart every epoch and exist only once `fit` has run.
+    return {key: tree[key] for key in STATE_PARTS}
+
+
+class TrainingCheckpoints:
+    """Numbered Orbax checkpoints of a model's training state in one folder.
+
+    Every process of a multi-host job creates the same `TrainingCheckpoints`
+    and calls `save` and `restore` together; each writes and reads only its
+    own shards.
+
+    Args:
+        directory: str, the folder of this run's checkpoints (created).
+        keep: int or None, how many of the latest checkpoints to keep; older
+            ones this object wrote are deleted. `None` keeps all.
+
+    Example:
+    ```python
+    checkpoints = TrainingCheckpoints("/tmp/checkpoints", keep=2)
+    checkpoints.save(seq_2_seq_lm, step=1)
+    checkpoints.restore(seq_2_seq_lm)  # the latest step
+    ```
+    """
+
+    def __init__(self, directory, keep=None):
+        if keras.backend.backend() != "jax":
+            raise ValueError(f"sharded checkpoints need the JAX backend; this is {keras.backend.backend()}")
+        ocp = _orbax()
+        self.directory = os.path.abspath(directory)
+        self.keep = keep
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            # Temporary folders of saves that a kill cut short.
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=False,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
+        )
+        self._ocp = ocp
+
+    def steps(self):
+        """Steps of the complete checkpoints, oldest first."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self):
+        """The last complete checkpoint's step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def path(self, step):
+        return os.path.join(self.directory, str(step))
+
+    def save(self, model, step):
+        """Writes `model`'s training state as checkpoint `step`; returns its folder.
+
+        Refuses a step that already has a checkpoint. A SIGINT during the
+        write takes effect once the checkpoint is complete.
+        """
+        if step in self.steps():
+            raise ValueError(f"{self.path(step)} already holds a checkpoint; it is not overwritten")
+        with interrupts_deferred():
+            self._manager.save(step, args=self._ocp.args.StandardSave(_state_tree(model)))
+            self._manager.wait_until_finished()
+        return self.path(step)
+
+    def restore(self, model, step=None):
+        """Reads checkpoint `step` (default: the latest) into `model`; returns the step.
+
+        Each array is read in the layout of `model`'s variable (the current
+        distribution's), whatever mesh wrote it. The model must be built,
+        compiled and its optimizer built, with the same variables as the model
+        that was saved (the same LoRA rank, for example).
+        """
+        import jax
+
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.steps():
+            raise ValueError(f"{self.directory} has no complete checkpoint" + ("" if step is None else f" {step}"))
+        state = _state_tree(model)
+        target = jax.tree.map(lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding),
+                              state)
+        saved = self._manager.item_metadata(step)
+        _check_same_variables(saved, target, self.path(step))
+        restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(target))
+        model.set_state_tree(restored)
+        return step
+
+    def callback(self, step_offset=0):
+        """A Keras callback that saves after each epoch, as step `epoch + 1 + step_offset`."""
+        return _EpochCheckpoint(self, step_offset)
+
+    def close(self):
+        self._manager.close()
+
+
+def _check_same_variables(saved, target, where):
+    """Names the first variable the checkpoint and the model do not share, with the shapes."""
+    import jax
+
+    def flat(tree):
+        return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+    saved, target = flat(saved), flat(target)
+    for name in sorted(set(saved) | set(target)):
+        if name not in target:
+            raise ValueError(f"{where} holds {name}, which the model does not have")
+        if name not in saved:
+            raise ValueError(f"{where} has no {name}, which the model has")
+        saved_shape = tuple(getattr(saved[name], "shape", ()))
+        if saved_shape != tuple(target[name].shape):
+            raise ValueError(f"{where}: {name} has shape {saved_shape}; the model's is {tuple(target[name].shape)}")
+
+
+class _EpochCheckpoint(keras.callbacks.Callback):
+    def __init__(self, checkpoints, step_offset):
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.step_offset = step_offset
+        self.saved = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.saved.append(self.checkpoints.save(self.model, epoch + 1 + self.step_offset))
+
+
+# === Run folders ===
+
+
+def _runs(output):
+    """`{number: folder}` of the run folders under `output/runs`."""
+    folder = os.path.join(output, RUNS_FOLDER)
+    if not os.path.isdir(folder):
+        return {}
+    runs = {}
+    for name in os.listdir(folder):
+        match = _RUN_NAME.match(name)
+        if match and os.path.isfile(os.path.join(folder, name, RUN_SETTINGS)):
+            runs[int(match.group(1))] = os.path.join(folder, name)
+    return runs
+
+
+def latest_run(output):
+    """The folder of the newest run under `output`, or None."""
+    runs = _runs(output)
+    return runs[max(runs)] if runs else None
+
+
+def read_run_settings(run):
+    with open(os.path.join(run, RUN_SETTINGS), encoding="utf-8") as file:
+        return json.load(file)
+
+
+def check_output_folder(output, overwrite=False, resume=False):
+    """Refuses to write into a non-empty `output` without `overwrite` or `resume`.
+
+    Raises:
+        ValueError: naming the folder and the options that allow it.
+    """
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {output} is a file, not a folder")
+    if not os.path.isdir(output) or not os.listdir(output) or overwrite:
+        return
+    if resume:
+        if latest_run(output) is None:
+            raise ValueError(f"--resume: {output} holds no fine-tuning run (no {RUNS_FOLDER}/run_NNN/{RUN_SETTINGS})")
+        return
+    raise ValueError(
+        f"--output {output} is not empty; pass --resume to continue its last run, --overwrite to write a new run "
+        "and the final model into it (earlier runs are kept), or choose an empty folder"
+    )
+
+
+def start_run(output, settings):
+    """Creates the next `output/runs/run_NNN` folder with `settings` in `run.json`; returns its path.
+
+    With several processes, process 0 picks the number and every process
+    uses it.
+    """
+    number = agree(max(_runs(output), default=0) + 1 if process_index() == 0 else 0)
+    run = os.path.join(output, RUNS_FOLDER, f"run_{number:03d}")
+    if process_index() == 0:
+        # `mkdir` fails if a concurrent run took the number: no two runs share a folder.
+        os.makedirs(os.path.dirname(run), exist_ok=True)
+        os.mkdir(run)
+        write_json_atomically(os.path.join(run, RUN_SETTINGS), settings)
+    agree(0)  # the other processes wait for the folder
+    return run
+
+
+def write_json_atomically(path, value):
+    """Writes JSON beside `path`, then renames it over `path`."""
+    partial = f"{path}.partial-{os.getpid()}"
+    with open(partial, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=2, sort_keys=True)
+        file.write("\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
