@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 
@@ -41,6 +42,8 @@ import numpy as np
 
 # The parts of `keras.Model.get_state_tree` a checkpoint holds.
 STATE_PARTS = ("trainable_variables", "non_trainable_variables", "optimizer_variables")
+# Orbax writes a checkpoint into `STEP.orbax-checkpoint-tmp...`, then renames it.
+PARTIAL_SAVE_MARK = ".orbax-checkpoint-tmp"
 RUNS_FOLDER = "runs"
 RUN_SETTINGS = "run.json"
 _RUN_NAME = re.compile(r"run_(\d{3,})$")
@@ -146,17 +149,20 @@ class TrainingCheckpoints:
         ocp = _orbax()
         self.directory = os.path.abspath(directory)
         self.keep = keep
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=True,
-            # Temporary folders of saves that a kill cut short.
-            cleanup_tmp_directories=True,
-            enable_async_checkpointing=False,
-        )
+        self._discard_partial_saves()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
         )
         self._ocp = ocp
+
+    def _discard_partial_saves(self):
+        """Removes the temporary folders of saves that a kill cut short (Orbax names them `STEP.orbax-checkpoint-tmp*`)."""
+        if process_index() == 0 and os.path.isdir(self.directory):
+            for name in os.listdir(self.directory):
+                if PARTIAL_SAVE_MARK in name:
+                    shutil.rmtree(os.path.join(self.directory, name))
+        agree(0)
 
     def steps(self):
         """Steps of the complete checkpoints, oldest first."""
@@ -215,18 +221,29 @@ class TrainingCheckpoints:
 
 
 def _check_same_variables(saved, target, where):
-    """Names the first variable the checkpoint and the model do not share, with the shapes."""
+    """Names the variables the checkpoint and the model do not share, and the first shape that differs."""
     import jax
 
     def flat(tree):
-        return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+        return {
+            "/".join(str(getattr(key, "key", key)) for key in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        }
 
     saved, target = flat(saved), flat(target)
-    for name in sorted(set(saved) | set(target)):
-        if name not in target:
-            raise ValueError(f"{where} holds {name}, which the model does not have")
-        if name not in saved:
-            raise ValueError(f"{where} has no {name}, which the model has")
+    only_saved, only_model = sorted(set(saved) - set(target)), sorted(set(target) - set(saved))
+    if only_saved or only_model:
+        def some(names):
+            return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+        raise ValueError(
+            f"{where} does not fit the model (saved with other settings, such as the LoRA rank?): "
+            + "; ".join(
+                [f"it holds {len(only_saved)} variable(s) the model lacks: {some(only_saved)}"] * bool(only_saved)
+                + [f"it lacks {len(only_model)} variable(s) of the model: {some(only_model)}"] * bool(only_model)
+            )
+        )
+    for name in sorted(saved):
         saved_shape = tuple(getattr(saved[name], "shape", ()))
         if saved_shape != tuple(target[name].shape):
             raise ValueError(f"{where}: {name} has shape {saved_shape}; the model's is {tuple(target[name].shape)}")
