@@ -42,13 +42,18 @@ def bytes_per_device(variables, layout_map, dtype=None):
     return total
 
 
-def abstract_backbone(config, text_only=False):
+def abstract_backbone(config, text_only=False, lora_rank=None):
     """A `T5Gemma2Backbone` of a Hugging Face `config.json` dict whose weights are never allocated.
 
-    Built in a `keras.StatelessScope`: its variables have paths, shapes and
-    dtypes but no values, so a 4b-4b costs no memory.
+    Built in a `keras.StatelessScope` that leaves its variables uninitialized:
+    they have paths, shapes and dtypes but no values, so a 4b-4b costs no
+    memory. Use it for counting only; `lora_rank` enables LoRA (frozen base
+    weights, trainable adapters).
     """
     from keras_t5gemma.conversion.config import backbone_from_hf_config
 
-    with keras.StatelessScope():
-        return backbone_from_hf_config(config, text_only=text_only)
+    with keras.StatelessScope(initialize_variables=False):
+        backbone = backbone_from_hf_config(config, text_only=text_only)
+        if lora_rank:
+            backbone.enable_lora(lora_rank)
+    return backbone
