@@ -20,11 +20,13 @@ import sys
 ROLE, OUTPUT = sys.argv[1], sys.argv[2]
 POD_PROCESSES = 2
 os.environ["KERAS_BACKEND"] = "jax"
-os.environ["XLA_FLAGS"] = " ".join([
-    f"--xla_force_host_platform_device_count={8 // POD_PROCESSES if ROLE == 'pod' else 8}",
-    "--xla_backend_optimization_level=0",
-    "--xla_llvm_disable_expensive_passes=true",
-])
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        f"--xla_force_host_platform_device_count={8 // POD_PROCESSES if ROLE == 'pod' else 8}",
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true",
+    ]
+)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
@@ -43,13 +45,27 @@ from keras_t5gemma.training.memory import bytes_per_device  # noqa: E402
 BATCH = 8
 IMAGE_TOKEN = 319
 MODEL_KWARGS = dict(
-    vocabulary_size=320, hidden_dim=32, intermediate_dim=64, num_heads=4, num_key_value_heads=1,
-    head_dim=8, num_encoder_layers=1, num_decoder_layers=1, sliding_window=4, eoi_token_id=318,
+    vocabulary_size=320,
+    hidden_dim=32,
+    intermediate_dim=64,
+    num_heads=4,
+    num_key_value_heads=1,
+    head_dim=8,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    sliding_window=4,
+    eoi_token_id=318,
     image_token_id=IMAGE_TOKEN,
 )
 VISION_KWARGS = dict(
-    image_size=28, patch_size=7, hidden_dim=16, intermediate_dim=24, num_layers=1, num_heads=2,
-    output_dim=32, mm_tokens_per_image=4,
+    image_size=28,
+    patch_size=7,
+    hidden_dim=16,
+    intermediate_dim=24,
+    num_layers=1,
+    num_heads=2,
+    output_dim=32,
+    mm_tokens_per_image=4,
 )
 
 
@@ -106,9 +122,7 @@ def gather(variables):
 def device_zero_bytes(variables):
     """Bytes of the shards that the first device of this process holds."""
     device = jax.local_devices()[0]
-    return sum(
-        shard.data.nbytes for v in variables for shard in v.value.addressable_shards if shard.device == device
-    )
+    return sum(shard.data.nbytes for v in variables for shard in v.value.addressable_shards if shard.device == device)
 
 
 def main():
@@ -129,8 +143,9 @@ def main():
     with distribution.scope():
         seq_2_seq_lm = build()
         initial = gather(seq_2_seq_lm.weights)
-        seq_2_seq_lm.fit(local, labels[rows], batch_size=BATCH // jax.process_count(), epochs=1, shuffle=False,
-                         verbose=0)
+        seq_2_seq_lm.fit(
+            local, labels[rows], batch_size=BATCH // jax.process_count(), epochs=1, shuffle=False, verbose=0
+        )
         after = gather(seq_2_seq_lm.weights)
         slots = gather(seq_2_seq_lm.optimizer.variables)
         # Generation: every process passes the whole prompt batch (replicated input).
@@ -163,8 +178,11 @@ def main():
             assert max(len(v.value.sharding.device_set) for v in restored.weights) == 4
             restored_weights = {v.path: keras.ops.convert_to_numpy(v) for v in restored.weights}
             restored_slots = {v.path: keras.ops.convert_to_numpy(v) for v in restored.optimizer.variables}
-        np.savez(os.path.join(OUTPUT, "restored_4.npz"), **{"w:" + k: v for k, v in restored_weights.items()},
-                 **{"s:" + k: v for k, v in restored_slots.items()})
+        np.savez(
+            os.path.join(OUTPUT, "restored_4.npz"),
+            **{"w:" + k: v for k, v in restored_weights.items()},
+            **{"s:" + k: v for k, v in restored_slots.items()},
+        )
     checkpoints.close()
     np.savez(
         os.path.join(OUTPUT, f"{name}.npz"),

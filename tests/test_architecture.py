@@ -19,6 +19,7 @@ ALLOWED = {
     "utils": {"utils"},
     "models": {"layers", "models", "utils"},
     "conversion": {"conversion", "layers", "models", "utils"},
+    "training": {"training", "conversion", "layers", "models", "utils"},
     "demo": set(),
     # Reads a `T5Gemma2Seq2SeqLM`'s weights and config by attribute; needs no model class.
     "export": {"export"},

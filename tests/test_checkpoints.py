@@ -24,8 +24,15 @@ from keras_t5gemma.training.distribution import process_rows
 pytestmark = pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "jax") != "jax", reason="Orbax checkpoints: JAX")
 
 MODEL_KWARGS = dict(
-    vocabulary_size=64, hidden_dim=16, intermediate_dim=32, num_heads=2, num_key_value_heads=1, head_dim=8,
-    num_encoder_layers=1, num_decoder_layers=1, sliding_window=4,
+    vocabulary_size=64,
+    hidden_dim=16,
+    intermediate_dim=32,
+    num_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    num_encoder_layers=1,
+    num_decoder_layers=1,
+    sliding_window=4,
 )
 BATCH = 4
 
@@ -101,7 +108,10 @@ def test_keeps_the_latest_and_never_overwrites_a_step(tmp_path):
 def test_restore_names_a_variable_the_model_lacks(tmp_path):
     checkpoints = TrainingCheckpoints(tmp_path)
     checkpoints.save(build(lora=2), 1)
-    with pytest.raises(ValueError, match=r"does not fit the model .*it holds 54 variable\(s\) the model lacks: non_trainable_variables/decoder/"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit the model .*it holds 54 variable\(s\) the model lacks: non_trainable_variables/decoder/",
+    ):
         checkpoints.restore(build())
     with pytest.raises(ValueError, match="has no complete checkpoint 7"):
         checkpoints.restore(build(), step=7)

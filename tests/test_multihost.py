@@ -43,10 +43,15 @@ def run_workers(commands, folder):
         for arguments in commands:
             log = open(folder / ("_".join([arguments[0], *arguments[3:]]) + ".log"), "w+")
             logs.append(log)
-            processes.append(subprocess.Popen(
-                [sys.executable, str(WORKER), *arguments], stdout=log, stderr=subprocess.STDOUT,
-                env=environment, start_new_session=True,
-            ))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), *arguments],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=environment,
+                    start_new_session=True,
+                )
+            )
         for process in processes:
             process.wait(timeout=TIMEOUT)
     finally:
@@ -59,8 +64,11 @@ def run_workers(commands, folder):
             log.seek(0)
             outputs.append(log.read())
             log.close()
-    failed = [(arguments, output[-3000:]) for arguments, output, process in zip(commands, outputs, processes)
-              if process.returncode != 0]
+    failed = [
+        (arguments, output[-3000:])
+        for arguments, output, process in zip(commands, outputs, processes)
+        if process.returncode != 0
+    ]
     assert not failed, failed
 
 
@@ -75,7 +83,7 @@ def results(tmp_path_factory):
 
 
 def prefixed(arrays, prefix):
-    return {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in arrays.items() if key.startswith(prefix)}
 
 
 def max_difference(ours, reference):

@@ -27,12 +27,15 @@ ROOT = Path(__file__).parents[1]
 GIB = 2**30
 # Text stacks of the released sizes (Gemma 3 270m, 1b and 4b); all share the SigLIP tower of the 270m config.
 SIZES = {
-    "270m-270m": dict(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-                      num_key_value_heads=1),
-    "1b-1b": dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
-                  num_key_value_heads=1),
-    "4b-4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
-                  num_key_value_heads=4),
+    "270m-270m": dict(
+        hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1
+    ),
+    "1b-1b": dict(
+        hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1
+    ),
+    "4b-4b": dict(
+        hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4
+    ),
 }
 # (slice, chips = JAX devices, GiB per chip, mesh (batch, model)).
 SLICES = [("v5e-8", 8, 16, (1, 8)), ("v5e-16", 16, 16, (2, 8)), ("v4-32", 16, 32, (2, 8)), ("v5e-32", 32, 16, (4, 8))]
@@ -40,7 +43,7 @@ BATCH, ENCODER_LENGTH, DECODER_LENGTH, LORA_RANK = 16, 512, 128, 8
 
 
 def config(size):
-    base = json.loads((ROOT / "presets/configs/t5gemma-2-270m-270m.json").read_text())
+    base = json.loads((ROOT / "tests/data/t5gemma-2-270m-270m.json").read_text())
     result = copy.deepcopy(base)
     for text in (result["encoder"]["text_config"], result["decoder"]):
         text.update(SIZES[size])
@@ -62,14 +65,21 @@ def activation_bytes(backbone, batch, mesh, remat, bytes_per_value=2):
     """
     data, model = mesh
     local = batch / data
-    d, n, k, h, i = (backbone.hidden_dim, backbone.num_heads, backbone.num_key_value_heads, backbone.head_dim,
-                     backbone.intermediate_dim)
+    d, n, k, h, i = (
+        backbone.hidden_dim,
+        backbone.num_heads,
+        backbone.num_key_value_heads,
+        backbone.head_dim,
+        backbone.intermediate_dim,
+    )
 
     def layer(keys):
         return 4 * d + 2 * n * h + 2 * k * h + n * keys + 3 * i / model
 
-    stacks = [(backbone.num_encoder_layers, ENCODER_LENGTH, ENCODER_LENGTH),
-              (backbone.num_decoder_layers, DECODER_LENGTH, DECODER_LENGTH + ENCODER_LENGTH)]
+    stacks = [
+        (backbone.num_encoder_layers, ENCODER_LENGTH, ENCODER_LENGTH),
+        (backbone.num_decoder_layers, DECODER_LENGTH, DECODER_LENGTH + ENCODER_LENGTH),
+    ]
     if remat:
         kept = sum(layers * length * d for layers, length, _ in stacks)
         kept += max(length * layer(keys) for _, length, keys in stacks)
@@ -88,8 +98,10 @@ def main():
         full = abstract_backbone(config(size))
         parameters = sum(math.prod(w.shape) for w in full.weights)
         lora = abstract_backbone(config(size), lora_rank=LORA_RANK)
-        for name, backbone, weight_dtype in (("full, float32", full, "float32"),
-                                             (f"LoRA {LORA_RANK}, bfloat16", lora, "bfloat16")):
+        for name, backbone, weight_dtype in (
+            ("full, float32", full, "float32"),
+            (f"LoRA {LORA_RANK}, bfloat16", lora, "bfloat16"),
+        ):
             for slice_name, chips, memory, mesh in SLICES:
                 devices = [f"cpu:{index}" for index in range(chips)]
                 layouts = T5Gemma2Backbone.get_layout_map(
@@ -97,18 +109,24 @@ def main():
                 )
                 frozen = [w for w in backbone.weights if not w.trainable]
                 trainable = [w for w in backbone.weights if w.trainable]
-                weights = (bytes_per_device(frozen, layouts, weight_dtype)
-                           + bytes_per_device(trainable, layouts, "float32"))
+                weights = bytes_per_device(frozen, layouts, weight_dtype) + bytes_per_device(
+                    trainable, layouts, "float32"
+                )
                 # A gradient and two AdamW slots per trainable weight, laid out like it.
                 optimizer = 3 * bytes_per_device(trainable, layouts, "float32")
                 value_bytes = 4 if weight_dtype == "float32" else 2
                 activations = activation_bytes(backbone, BATCH, mesh, remat=False, bytes_per_value=value_bytes)
                 remat = activation_bytes(backbone, BATCH, mesh, remat=True, bytes_per_value=value_bytes)
-                fits = "yes" if weights + optimizer + activations < 0.9 * memory * GIB else (
-                    "with remat" if weights + optimizer + remat < 0.9 * memory * GIB else "no")
-                print(f"| {size} | {parameters / 1e9:.2f}B | {name} | {slice_name} {mesh[0]}x{mesh[1]} | "
-                      f"{weights / GIB:.2f} | {optimizer / GIB:.2f} | {activations / GIB:.2f} | {remat / GIB:.2f} | "
-                      f"{fits} |")
+                fits = (
+                    "yes"
+                    if weights + optimizer + activations < 0.9 * memory * GIB
+                    else ("with remat" if weights + optimizer + remat < 0.9 * memory * GIB else "no")
+                )
+                print(
+                    f"| {size} | {parameters / 1e9:.2f}B | {name} | {slice_name} {mesh[0]}x{mesh[1]} | "
+                    f"{weights / GIB:.2f} | {optimizer / GIB:.2f} | {activations / GIB:.2f} | {remat / GIB:.2f} | "
+                    f"{fits} |"
+                )
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ class TrainingCheckpoints:
         self._ocp = ocp
 
     def _discard_partial_saves(self):
-        """Removes the temporary folders of saves that a kill cut short (Orbax names them `STEP.orbax-checkpoint-tmp*`)."""
+        """Removes the temporary folders (`STEP.orbax-checkpoint-tmp*`) of saves that a kill cut short."""
         if process_index() == 0 and os.path.isdir(self.directory):
             for name in os.listdir(self.directory):
                 if PARTIAL_SAVE_MARK in name:
@@ -204,8 +204,9 @@ class TrainingCheckpoints:
         if step is None or step not in self.steps():
             raise ValueError(f"{self.directory} has no complete checkpoint" + ("" if step is None else f" {step}"))
         state = _state_tree(model)
-        target = jax.tree.map(lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding),
-                              state)
+        target = jax.tree.map(
+            lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding), state
+        )
         saved = self._manager.item_metadata(step)
         _check_same_variables(saved, target, self.path(step))
         restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(target))
@@ -233,6 +234,7 @@ def _check_same_variables(saved, target, where):
     saved, target = flat(saved), flat(target)
     only_saved, only_model = sorted(set(saved) - set(target)), sorted(set(target) - set(saved))
     if only_saved or only_model:
+
         def some(names):
             return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
