@@ -19,10 +19,10 @@ while loading or running a model exit with status 1.
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -381,78 +381,166 @@ def run_export(args):
     return 0
 
 
-class PresetCheckpoint(keras.callbacks.Callback):
-    """Saves the model with `save_to_preset` after each epoch, keeping the last `keep` folders."""
+def _fine_tune_settings(args, pairs_digest):
+    """What a resumed run must share with the run it continues."""
+    return {
+        "preset": args.preset,
+        "data_sha256": pairs_digest,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "lora_rank": args.lora_rank,
+        "encoder_length": args.encoder_length,
+        "decoder_length": args.decoder_length,
+        "seed": args.seed,
+    }
 
-    def __init__(self, directory, keep):
-        super().__init__()
-        self.directory = directory
-        self.keep = keep
-        self.saved = []
 
-    def on_epoch_end(self, epoch, logs=None):
-        folder = os.path.join(self.directory, f"epoch_{epoch + 1:03d}")
-        self.model.save_to_preset(folder)
-        self.saved.append(folder)
-        while len(self.saved) > self.keep:
-            shutil.rmtree(self.saved.pop(0), ignore_errors=True)
+def _sha256(path):
+    import hashlib
+
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
+
+
+def _run_to_continue(args, settings):
+    """With --resume, the last run under --output (after checking its settings), else None."""
+    from keras_t5gemma.training.checkpoints import latest_run
+    from keras_t5gemma.training.checkpoints import read_run_settings
+
+    run = latest_run(args.output) if args.resume else None
+    if run is None:
+        return None
+    saved = read_run_settings(run)
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items() if saved.get(key) != value]
+    if changed:
+        raise CommandError(
+            f"--resume: {run} was started with other settings ({'; '.join(changed)}); "
+            "give the same ones, or start a new run without --resume"
+        )
+    return run
 
 
 def run_fine_tune(args):
+    from keras_t5gemma.training import checkpoints as training_checkpoints
+    from keras_t5gemma.training import distribution as training_distribution
+
     if not 0.0 < args.learning_rate < 1.0:
         raise CommandError("--learning-rate must be in (0, 1)")
+    if args.resume and args.overwrite:
+        raise CommandError("--resume continues the last run in --output, --overwrite starts a new one: give one")
+    if args.multi_host:
+        # Reads KERAS_DISTRIBUTION_* (or, on a Cloud TPU pod, finds the other hosts itself).
+        keras.distribution.initialize()
+    try:
+        mesh_shape = training_distribution.parse_mesh(args.mesh) if args.mesh else None
+        distribution = training_distribution.make_distribution(mesh_shape)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    # Every process checks before any creates its run folder; process 0's answer counts.
+    refusal = ""
+    try:
+        training_checkpoints.check_output_folder(args.output, overwrite=args.overwrite, resume=args.resume)
+    except ValueError as error:
+        refusal = str(error)
+    if training_checkpoints.agree(bool(refusal)):
+        raise CommandError(refusal or f"process 0 refused --output {args.output}")
+    data_axis = training_distribution.batch_axis_size(distribution)
+    processes = training_checkpoints.process_count()
+    if args.batch_size % (data_axis * processes):
+        raise CommandError(
+            f"--batch-size {args.batch_size} must be a multiple of the mesh's batch axis ({data_axis}) "
+            f"and of the number of processes ({processes})"
+        )
     pairs = read_pairs(args.data)
     _check_preset(args.preset)
+    settings = _fine_tune_settings(args, _sha256(args.data))
+    run = _run_to_continue(args, settings)
     # Seed before anything builds a tokenizer: seeding clears TF's caches.
     keras.utils.set_random_seed(args.seed)
     order = np.random.default_rng(args.seed).permutation(len(pairs))
     pairs = [pairs[i] for i in order]
-    seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
-    preprocessor = seq_2_seq_lm.preprocessor
-    _set_sequence_lengths(preprocessor, args.encoder_length, args.decoder_length)
-    image_size = _image_size(seq_2_seq_lm)
-    has_images = any(image for _, _, image in pairs)
-    if has_images and image_size is None:
-        raise CommandError(f"{args.data} has images but the preset {args.preset} has no vision tower")
-    x = {
-        "encoder_text": [with_image_markers(text, 1) if image else text for text, _, image in pairs],
-        "decoder_text": [target for _, target, _ in pairs],
-    }
-    if has_images:
-        # A dense array of one image slot per sample; samples without an image leave it unused.
-        images = np.zeros((len(pairs), 1, *image_size, 3), "uint8")
-        for row, (_, _, image) in enumerate(pairs):
-            if image:
-                images[row, 0] = _load_image(image, image_size)
-        x["images"] = images
-    if args.lora_rank:
-        seq_2_seq_lm.backbone.enable_lora(args.lora_rank)
-    trainable = sum(int(np.prod(weight.shape)) for weight in seq_2_seq_lm.trainable_weights)
-    _say(
-        f"Fine-tuning {args.preset} on {len(pairs):,} examples from {args.data}: {args.epochs} epoch(s) of "
-        f"batch {args.batch_size}, learning rate {args.learning_rate}, {trainable:,} trainable parameters"
-        + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else "")
-        + "."
-    )
-    seq_2_seq_lm.compile(
-        optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay), sampler="greedy"
-    )
-    os.makedirs(args.output, exist_ok=True)
-    checkpoints = PresetCheckpoint(os.path.join(args.output, "checkpoints"), args.keep_checkpoints)
-    history = seq_2_seq_lm.fit(
-        x,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        shuffle=False,
-        callbacks=[checkpoints],
-        verbose=0 if args.quiet else _progress_verbosity(),
-    )
-    seq_2_seq_lm.save_to_preset(args.output)
-    losses = ", ".join(f"{loss:.4f}" for loss in history.history["loss"])
-    _say(
-        f"Loss per epoch: {losses}.\nEpoch checkpoints: {', '.join(checkpoints.saved)}.\n"
-        f"Saved the fine-tuned model to {args.output}; use it with `--preset {args.output}`."
-    )
+    if distribution is not None:
+        # Each process feeds its rows of every complete global batch.
+        rows = training_distribution.process_rows(len(pairs), args.batch_size)
+        if not rows:
+            raise CommandError(f"{args.data} has {len(pairs)} examples, fewer than one batch of {args.batch_size}")
+        pairs = [pairs[row] for row in rows]
+    with distribution.scope() if distribution is not None else contextlib.nullcontext():
+        seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
+        preprocessor = seq_2_seq_lm.preprocessor
+        _set_sequence_lengths(preprocessor, args.encoder_length, args.decoder_length)
+        image_size = _image_size(seq_2_seq_lm)
+        has_images = any(image for _, _, image in pairs)
+        if has_images and image_size is None:
+            raise CommandError(f"{args.data} has images but the preset {args.preset} has no vision tower")
+        x = {
+            "encoder_text": [with_image_markers(text, 1) if image else text for text, _, image in pairs],
+            "decoder_text": [target for _, target, _ in pairs],
+        }
+        if has_images:
+            # A dense array of one image slot per sample; samples without an image leave it unused.
+            images = np.zeros((len(pairs), 1, *image_size, 3), "uint8")
+            for row, (_, _, image) in enumerate(pairs):
+                if image:
+                    images[row, 0] = _load_image(image, image_size)
+            x["images"] = images
+        if args.lora_rank:
+            seq_2_seq_lm.backbone.enable_lora(args.lora_rank)
+        seq_2_seq_lm.compile(
+            optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay), sampler="greedy"
+        )
+        seq_2_seq_lm.optimizer.build(seq_2_seq_lm.trainable_variables)
+        if run is None:
+            run = training_checkpoints.start_run(args.output, settings)
+        checkpoints = training_checkpoints.TrainingCheckpoints(
+            os.path.join(run, "checkpoints"), keep=args.keep_checkpoints
+        )
+        done = checkpoints.restore(seq_2_seq_lm) if checkpoints.latest_step() else 0
+        trainable = sum(int(np.prod(weight.shape)) for weight in seq_2_seq_lm.trainable_weights)
+        where = f" on {distribution.device_mesh.shape} devices (batch, model)" if distribution is not None else ""
+        _say(
+            f"Fine-tuning {args.preset} on {len(pairs) * processes:,} examples from {args.data}{where}: "
+            f"{args.epochs} epoch(s) of batch {args.batch_size}, learning rate {args.learning_rate}, "
+            f"{trainable:,} trainable parameters"
+            + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else "")
+            + (f"; resuming {run} after epoch {done}" if done else f"; checkpoints in {run}")
+            + "."
+        )
+        try:
+            history = seq_2_seq_lm.fit(
+                x,
+                batch_size=args.batch_size // processes,
+                epochs=args.epochs,
+                initial_epoch=done,
+                shuffle=False,
+                callbacks=[checkpoints.callback()],
+                verbose=0 if args.quiet else _progress_verbosity(),
+            )
+        except KeyboardInterrupt:
+            last = checkpoints.latest_step()
+            print(
+                "keras-t5gemma: interrupted; "
+                + (
+                    f"the last complete checkpoint is {checkpoints.path(last)} (epoch {last} of {args.epochs}); "
+                    "continue with the same command and --resume"
+                    if last
+                    else f"no checkpoint was completed in {run}"
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+            return 130
+        losses = ", ".join(f"{loss:.4f}" for loss in history.history.get("loss", []))
+        _say(f"Loss per epoch: {losses or '-'}.\nCheckpoints of this run: {checkpoints.directory}.")
+        if processes > 1:
+            _say(
+                "Several processes hold the weights' shards; the checkpoint holds the whole model. Run the same "
+                f"command with --resume on one host to write the final model to {args.output}."
+            )
+            return 0
+        seq_2_seq_lm.save_to_preset(args.output)
+    _say(f"Saved the fine-tuned model to {args.output}; use it with `--preset {args.output}`.")
     return 0
 
 
@@ -626,8 +714,10 @@ def build_parser():
         help="fine-tune on a JSONL or CSV file of input/target pairs",
         description='Data: JSONL with one {"input": ..., "target": ...} object per line, or CSV with the '
         "columns input,target; an optional `image` field/column is an image path relative to the data file. "
-        "Saves a checkpoint (save_to_preset) after each epoch under OUTPUT/checkpoints/ and the final model "
-        "in OUTPUT.",
+        "Each run keeps a checkpoint of its training state after each epoch (sharded Orbax checkpoints, "
+        "written by every process) in its own folder OUTPUT/runs/run_NNN/checkpoints/, and the final model "
+        "in OUTPUT. With several devices it trains data-parallel, or on a --mesh; on a pod, run the same "
+        "command on every host with --multi-host.",
     )
     _add_preset(fine_tune)
     fine_tune.add_argument("data", help="a .jsonl or .csv file")
@@ -652,7 +742,33 @@ def build_parser():
         help="decoder tokens; longer targets are truncated (default: the preset's)",
     )
     fine_tune.add_argument(
-        "--keep-checkpoints", type=_positive_int, default=2, help="epoch checkpoints to keep (default: %(default)s)"
+        "--keep-checkpoints",
+        type=_positive_int,
+        default=2,
+        help="epoch checkpoints of this run to keep (default: %(default)s)",
+    )
+    fine_tune.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the last run in OUTPUT from its last complete checkpoint (the same settings; "
+        "--epochs may grow); starts a run if OUTPUT is empty",
+    )
+    fine_tune.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty OUTPUT: a new run beside the earlier ones, and the final model's files",
+    )
+    fine_tune.add_argument(
+        "--mesh",
+        metavar="BATCHxMODEL",
+        help="shard the model over a (batch, model) mesh of all devices, e.g. 2x4 (default: data parallel "
+        "over all devices, JAX only)",
+    )
+    fine_tune.add_argument(
+        "--multi-host",
+        action="store_true",
+        help="join the other hosts of a pod first (keras.distribution.initialize: KERAS_DISTRIBUTION_* "
+        "variables, or found by itself on a Cloud TPU pod)",
     )
     fine_tune.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default: 0)")
     fine_tune.add_argument(

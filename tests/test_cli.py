@@ -123,7 +123,7 @@ def test_fine_tune_checkpoints_saves_and_the_result_loads(capsys, tmp_path):
         "--quiet",
     )
     assert status == 0, err
-    assert (output / "config.json").exists() and (output / "checkpoints" / "epoch_002" / "config.json").exists()
+    assert (output / "config.json").exists() and (output / "runs" / "run_001" / "checkpoints" / "2").is_dir()
     assert "Loss per epoch" in out
     status, out, err = run(capsys, "generate", "--preset", output, "rotate: 1 2 3")
     assert status == 0 and len(out.splitlines()) == 1, err

@@ -1,8 +1,7 @@
 """Sharded training checkpoints (Orbax) and the run folders of `fine-tune`.
 
 A checkpoint holds a compiled model's whole training state: weights,
-optimizer slots and step counter, and random-seed states (the parts
-`STATE_PARTS` of `keras.Model.get_state_tree`). On the JAX backend every process writes the
+optimizer slots and step counter, and random-seed states. On the JAX backend every process writes the
 shards of each array it holds (Orbax with tensorstore), nothing is gathered to
 one host, and `restore` reads them straight into the layouts of the model it
 is given, so a checkpoint saved on one mesh restores onto another (8 devices
@@ -19,14 +18,8 @@ Run folders: `fine-tune --output OUT` keeps each run's checkpoints in
 (`OUT/runs/run_NNN/run.json`). A new run takes a new number; a run only
 prunes checkpoints it wrote itself.
 
-Example:
-```python
-checkpoints = TrainingCheckpoints("/tmp/run/checkpoints", keep=2)
-seq_2_seq_lm.fit(x, epochs=3, callbacks=[checkpoints.callback()])
-# Later, in a fresh process, on any mesh: build, compile, then
-restored_epoch = checkpoints.restore(seq_2_seq_lm)
-seq_2_seq_lm.fit(x, epochs=3, initial_epoch=restored_epoch)
-```
+The CLI's `fine-tune --resume` restores the last checkpoint of a run and
+continues with `fit(..., initial_epoch=step)`.
 """
 
 import contextlib
@@ -40,8 +33,6 @@ import threading
 import keras
 import numpy as np
 
-# The parts of `keras.Model.get_state_tree` a checkpoint holds.
-STATE_PARTS = ("trainable_variables", "non_trainable_variables", "optimizer_variables")
 # Orbax writes a checkpoint into `STEP.orbax-checkpoint-tmp...`, then renames it.
 PARTIAL_SAVE_MARK = ".orbax-checkpoint-tmp"
 RUNS_FOLDER = "runs"
@@ -112,15 +103,51 @@ def _orbax():
     return ocp
 
 
-def _state_tree(model):
+def _training_variables(model):
+    """`{part: {name: variable}}` of what a checkpoint holds.
+
+    Names are variable paths; an optimizer slot's path loses its first part,
+    the optimizer's own name, which Keras numbers per process (`adam_w_2`):
+    a checkpoint then fits any model built the same way. Metric totals are
+    left out: they restart every epoch.
+    """
     if not model.optimizer or not model.optimizer.built:
         raise ValueError(
             "a training checkpoint holds the optimizer's state: compile the model and build its optimizer "
             "(`model.optimizer.build(model.trainable_variables)`, or train a step) first"
         )
-    tree = model.get_state_tree()
-    # Metric totals restart every epoch and exist only once `fit` has run.
-    return {key: tree[key] for key in STATE_PARTS}
+    parts = {
+        "trainable_variables": {v.path: v for v in model.trainable_variables},
+        "non_trainable_variables": {v.path: v for v in model.non_trainable_variables},
+        "optimizer_variables": {v.path.split("/", 1)[-1]: v for v in model.optimizer.variables},
+    }
+    for part, variables in parts.items():
+        count = len(getattr(model, part) if part != "optimizer_variables" else model.optimizer.variables)
+        if len(variables) != count:
+            raise ValueError(f"the model's {part} do not have one path each; they cannot be checkpointed")
+    return parts
+
+
+def _state_tree(model):
+    """The arrays to save, nested by the parts of their names (Orbax stores a nested dict)."""
+    tree = {}
+    for part, variables in _training_variables(model).items():
+        for name, variable in variables.items():
+            node = tree.setdefault(part, {})
+            *folders, leaf = name.split("/")
+            for folder in folders:
+                node = node.setdefault(folder, {})
+            node[leaf] = variable.value
+    return tree
+
+
+def _assign(model, tree):
+    for part, variables in _training_variables(model).items():
+        for name, variable in variables.items():
+            node = tree[part]
+            for key in name.split("/"):
+                node = node[key]
+            variable.assign(node)
 
 
 class TrainingCheckpoints:
@@ -137,9 +164,15 @@ class TrainingCheckpoints:
 
     Example:
     ```python
-    checkpoints = TrainingCheckpoints("/tmp/checkpoints", keep=2)
+    import tempfile
+
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
+    seq_2_seq_lm.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    seq_2_seq_lm.optimizer.build(seq_2_seq_lm.trainable_variables)
+    checkpoints = TrainingCheckpoints(tempfile.mkdtemp(), keep=2)
     checkpoints.save(seq_2_seq_lm, step=1)
-    checkpoints.restore(seq_2_seq_lm)  # the latest step
+    assert checkpoints.restore(seq_2_seq_lm) == 1  # the latest step
+    # In `fit`: `callbacks=[checkpoints.callback()]` saves after each epoch.
     ```
     """
 
@@ -210,7 +243,7 @@ class TrainingCheckpoints:
         saved = self._manager.item_metadata(step)
         _check_same_variables(saved, target, self.path(step))
         restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(target))
-        model.set_state_tree(restored)
+        _assign(model, restored)
         return step
 
     def callback(self, step_offset=0):
