@@ -532,7 +532,10 @@ def run_fine_tune(args):
             )
             return 130
         losses = ", ".join(f"{loss:.4f}" for loss in history.history.get("loss", []))
-        _say(f"Loss per epoch: {losses or '-'}.\nCheckpoints of this run: {checkpoints.directory}.")
+        _say(
+            (f"Loss per epoch: {losses}." if losses else f"The run had finished its {done} epoch(s) already.")
+            + f"\nCheckpoints of this run: {checkpoints.directory}."
+        )
         if processes > 1:
             _say(
                 "Several processes hold the weights' shards; the checkpoint holds the whole model. Run the same "
