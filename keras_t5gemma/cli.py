@@ -446,12 +446,10 @@ def run_fine_tune(args):
     if training_checkpoints.agree(bool(refusal)):
         raise CommandError(refusal or f"process 0 refused --output {args.output}")
     data_axis = training_distribution.batch_axis_size(distribution)
+    if args.batch_size % data_axis:
+        raise CommandError(f"--batch-size {args.batch_size} must be a multiple of the mesh's batch axis ({data_axis})")
     processes = training_checkpoints.process_count()
-    if args.batch_size % (data_axis * processes):
-        raise CommandError(
-            f"--batch-size {args.batch_size} must be a multiple of the mesh's batch axis ({data_axis}) "
-            f"and of the number of processes ({processes})"
-        )
+    parts, _ = training_distribution.data_shards(distribution)
     pairs = read_pairs(args.data)
     _check_preset(args.preset)
     settings = _fine_tune_settings(args, _sha256(args.data))
@@ -462,7 +460,7 @@ def run_fine_tune(args):
     pairs = [pairs[i] for i in order]
     if distribution is not None:
         # Each process feeds its rows of every complete global batch.
-        rows = training_distribution.process_rows(len(pairs), args.batch_size)
+        rows = training_distribution.process_rows(len(pairs), args.batch_size, distribution)
         if not rows:
             raise CommandError(f"{args.data} has {len(pairs)} examples, fewer than one batch of {args.batch_size}")
         pairs = [pairs[row] for row in rows]
@@ -500,7 +498,7 @@ def run_fine_tune(args):
         trainable = sum(int(np.prod(weight.shape)) for weight in seq_2_seq_lm.trainable_weights)
         where = f" on {distribution.device_mesh.shape} devices (batch, model)" if distribution is not None else ""
         _say(
-            f"Fine-tuning {args.preset} on {len(pairs) * processes:,} examples from {args.data}{where}: "
+            f"Fine-tuning {args.preset} on {len(pairs) * parts:,} examples from {args.data}{where}: "
             f"{args.epochs} epoch(s) of batch {args.batch_size}, learning rate {args.learning_rate}, "
             f"{trainable:,} trainable parameters"
             + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else "")
@@ -510,7 +508,7 @@ def run_fine_tune(args):
         try:
             history = seq_2_seq_lm.fit(
                 x,
-                batch_size=args.batch_size // processes,
+                batch_size=args.batch_size // parts,
                 epochs=args.epochs,
                 initial_epoch=done,
                 shuffle=False,

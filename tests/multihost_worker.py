@@ -137,15 +137,13 @@ def main():
     distribution = make_distribution((2, 4))
     train, labels, prompts = batches()
     # This process' rows of the global batch: the batch-axis shards its devices hold.
-    rows = process_rows(BATCH, BATCH)
+    rows = process_rows(BATCH, BATCH, distribution)
     local = {key: value[rows] for key, value in train.items()}
     results = {}
     with distribution.scope():
         seq_2_seq_lm = build()
         initial = gather(seq_2_seq_lm.weights)
-        seq_2_seq_lm.fit(
-            local, labels[rows], batch_size=BATCH // jax.process_count(), epochs=1, shuffle=False, verbose=0
-        )
+        seq_2_seq_lm.fit(local, labels[rows], batch_size=len(rows), epochs=1, shuffle=False, verbose=0)
         after = gather(seq_2_seq_lm.weights)
         slots = gather(seq_2_seq_lm.optimizer.variables)
         # Generation: every process passes the whole prompt batch (replicated input).

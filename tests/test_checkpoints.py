@@ -6,6 +6,7 @@ The sharded, multi-process and cross-mesh cases are in `test_multihost.py`.
 import json
 import os
 import signal
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -207,3 +208,19 @@ def test_mesh_and_rows():
     assert make_distribution() is None  # one device
     # One process feeds every complete batch and drops the incomplete last one.
     assert process_rows(10, 4) == list(range(8))
+
+
+def two_hosts(batch_axis, shard):
+    """What `process_rows` reads of a distribution over 2 processes."""
+    mesh = SimpleNamespace(axis_names=("batch", "model"), shape=(batch_axis, 8 // batch_axis))
+    return SimpleNamespace(num_processes=2, device_mesh=mesh, batch_dim_name="batch", data_shard_id=shard)
+
+
+def test_each_host_feeds_the_rows_its_devices_hold():
+    # Batch axis 2 over 2 hosts: the second feeds the second half of every batch.
+    assert process_rows(10, 4, two_hosts(2, 1)) == [2, 3, 6, 7]
+    assert process_rows(10, 4, two_hosts(4, 0)) == [0, 1, 4, 5]
+    # Batch axis 1: both hosts hold every row, so both feed the whole batch.
+    assert process_rows(10, 4, two_hosts(1, 0)) == list(range(8))
+    with pytest.raises(ValueError, match="batch size 5 must be a multiple of the 2"):
+        process_rows(10, 5, two_hosts(2, 0))

@@ -67,26 +67,36 @@ def batch_axis_size(distribution):
     return dict(zip(mesh.axis_names, mesh.shape))[distribution.batch_dim_name]
 
 
-def process_rows(num_examples, global_batch_size):
+def data_shards(distribution):
+    """`(count, index)`: how many different parts of each global batch the processes feed, and this process' part.
+
+    Processes split the batch as far as the batch axis goes; processes that
+    hold the same rows (more processes than batch shards, e.g. a `1x16` mesh
+    on 2 hosts) feed the same part.
+    """
+    if distribution is None or distribution.num_processes == 1:
+        return 1, 0
+    count = min(distribution.num_processes, batch_axis_size(distribution))
+    return count, distribution.data_shard_id
+
+
+def process_rows(num_examples, global_batch_size, distribution=None):
     """Indices of the examples this process feeds, in order: its part of each complete global batch.
 
-    Process `p` of `P` feeds rows `[p * L, (p + 1) * L)` of every global batch
-    (`L = global_batch_size / P`), which are the rows its devices hold on the
-    batch axis. An incomplete last batch is left out.
+    With `S` parts (`data_shards`), the process feeding part `s` feeds rows
+    `[s * L, (s + 1) * L)` of every global batch (`L = global_batch_size / S`),
+    the rows its devices hold on the batch axis. An incomplete last batch is
+    left out.
 
     Raises:
-        ValueError: if the processes cannot split the batch evenly.
+        ValueError: if the parts cannot split the batch evenly.
     """
-    from keras_t5gemma.training.checkpoints import process_count
-    from keras_t5gemma.training.checkpoints import process_index
-
-    processes = process_count()
-    if global_batch_size % processes:
-        raise ValueError(f"the batch size {global_batch_size} must be a multiple of the {processes} processes")
-    local = global_batch_size // processes
-    start = process_index() * local
+    count, index = data_shards(distribution)
+    if global_batch_size % count:
+        raise ValueError(f"the batch size {global_batch_size} must be a multiple of the {count} processes' parts")
+    local = global_batch_size // count
     return [
-        first + start + row
+        first + index * local + row
         for first in range(0, num_examples - global_batch_size + 1, global_batch_size)
         for row in range(local)
     ]
