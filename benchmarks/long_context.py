@@ -10,7 +10,7 @@ Each measurement runs in its own process, so its peak memory is its own:
   package forced onto its dense attention path, as before blockwise
   attention) and `--peer-lengths`
   (`transformers` with sdpa attention, and KerasHub's `T5Gemma2Backbone`):
-  the 270m-270m config (presets/configs), random weights, float32, batch 1.
+  the 270m-270m config (tests/data), random weights, float32, batch 1.
   Keras encoders are compiled ahead of time (`jax.jit(...).lower().compile()`
   on JAX) and the run after compilation is timed; `transformers` runs eagerly.
 - `generate`: `--new-tokens` greedy tokens after a `--generate-length` input
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-CONFIG = ROOT / "presets" / "configs" / "t5gemma-2-270m-270m.json"
+CONFIG = ROOT / "tests" / "data" / "t5gemma-2-270m-270m.json"
 PEERS = ("transformers", "keras_hub")
 
 
@@ -288,8 +288,18 @@ def measure(task, implementation, length, args):
     """Runs one child; its result dict, or `{"failed": reason}`."""
     environment = {**os.environ, "KERAS_BACKEND": args.backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
-    command = [sys.executable, __file__, "--child", task, implementation, str(length),
-               "--new-tokens", str(args.new_tokens), "--fit-decoder-length", str(args.fit_decoder_length)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        task,
+        implementation,
+        str(length),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--fit-decoder-length",
+        str(args.fit_decoder_length),
+    ]
     limit = args.memory_limit_gib * 2**30
     started = time.perf_counter()
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -306,7 +316,7 @@ def measure(task, implementation, length, args):
     stdout, stderr = process.communicate()
     for line in stdout.splitlines():
         if line.startswith("RESULT "):
-            return {**json.loads(line[len("RESULT "):]), "wall_s": time.perf_counter() - started}
+            return {**json.loads(line[len("RESULT ") :]), "wall_s": time.perf_counter() - started}
     if reason is None:
         killed = process.returncode == -signal.SIGKILL
         reason = "out of memory (killed by the kernel)" if killed else f"failed: {stderr.strip()[-400:]}"

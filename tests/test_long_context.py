@@ -166,9 +166,7 @@ def test_blockwise_backbone_matches_reference(name, rng, count_blockwise):
     reference_encoder, reference_logits = reference_outputs(model, *batch)
     with blockwise_settings(**FORCED):
         encoder, logits = _run(backbone, *batch)
-    layers = len(CONFIGS[name]["encoder"]["text_config"]["layer_types"]) + len(
-        CONFIGS[name]["decoder"]["layer_types"]
-    )
+    layers = len(CONFIGS[name]["encoder"]["text_config"]["layer_types"]) + len(CONFIGS[name]["decoder"]["layer_types"])
     assert len(count_blockwise) == layers
     encoder_mask, decoder_mask = batch[1], batch[3]
     assert_matches_reference(encoder, reference_encoder, encoder_mask[..., None].repeat(encoder.shape[-1], -1))
@@ -252,9 +250,7 @@ def test_no_intermediate_grows_with_the_square_of_the_length(tiny_pair):
     def largest(gradient=False):
         # A new function each time: JAX caches traces by function.
         def forward(trainable):
-            outputs = backbone.stateless_call(
-                trainable, backbone.non_trainable_variables, inputs, training=gradient
-            )[0]
+            outputs = backbone.stateless_call(trainable, backbone.non_trainable_variables, inputs, training=gradient)[0]
             return sum(output.sum() for output in outputs.values())
 
         return _largest_intermediate(jax.make_jaxpr(jax.grad(forward) if gradient else forward)(trainable).jaxpr)

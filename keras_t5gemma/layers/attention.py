@@ -43,9 +43,7 @@ def grouped_attention(query, key, value, mask, scale, soft_cap=None, dropout=Non
         return ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
     batch, length, num_heads, head_dim = ops.shape(query)
     num_kv_heads = ops.shape(key)[2]
-    grouped = ops.reshape(
-        query, (batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    )
+    grouped = ops.reshape(query, (batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim))
     logits = ops.einsum("btkgh,bskh->bkgts", grouped, key)
     logits = ops.cast(logits, "float32") * scale
     if soft_cap is not None:
@@ -101,8 +99,7 @@ class Attention(keras.layers.Layer):
         super().__init__(**kwargs)
         if num_heads % num_key_value_heads:
             raise ValueError(
-                f"`num_heads` ({num_heads}) must be a multiple of "
-                f"`num_key_value_heads` ({num_key_value_heads})."
+                f"`num_heads` ({num_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})."
             )
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads

@@ -30,8 +30,8 @@ from keras_t5gemma.layers.masks import attention_mask
 from keras_t5gemma.layers.masks import window_reach
 
 _SETTINGS = {
-    # Blockwise above this many logits per head (`T * S`); 2048 x 2048 keeps
-    # the fused dense path for short inputs.
+    # Blockwise from this many logits per head (`T * S`) on; shorter inputs
+    # keep the dense path (fused on JAX).
     "min_logits": 2048 * 2048,
     # Query block, and the key blocks of sliding layers.
     "block_size": 128,
@@ -61,8 +61,9 @@ def blockwise_settings(min_logits=None, block_size=None, step_logits=None):
     """
     new = {"min_logits": min_logits, "block_size": block_size, "step_logits": step_logits}
     for name, value in new.items():
-        if value is not None and (not isinstance(value, int) or value < (0 if name == "min_logits" else 1)):
-            raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+        smallest = 0 if name == "min_logits" else 1
+        if value is not None and (not isinstance(value, int) or value < smallest):
+            raise ValueError(f"`{name}` must be an integer of at least {smallest}; got {value!r}.")
     previous = dict(_SETTINGS)
     _SETTINGS.update({k: v for k, v in new.items() if v is not None})
     try:

@@ -82,8 +82,12 @@ class TransformerLayer(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):
-        for norm in (self.pre_attention_norm, self.post_attention_norm,
-                     self.pre_feedforward_norm, self.post_feedforward_norm):
+        for norm in (
+            self.pre_attention_norm,
+            self.post_attention_norm,
+            self.pre_feedforward_norm,
+            self.post_feedforward_norm,
+        ):
             norm.build(input_shape)
         self.attention.build(input_shape)
         self.feedforward.build(input_shape)
@@ -183,9 +187,18 @@ class TransformerStack(keras.layers.Layer):
     def _window(self, layer_type):
         return self.sliding_window if layer_type == SLIDING else None
 
-    def _run(self, x, query_positions, key_positions, key_padding_mask,
-             caches=None, cache_update_index=None, cross_key_values=None,
-             encoder_padding_mask=None, training=False):
+    def _run(
+        self,
+        x,
+        query_positions,
+        key_positions,
+        key_padding_mask,
+        caches=None,
+        cache_update_index=None,
+        cross_key_values=None,
+        encoder_padding_mask=None,
+        training=False,
+    ):
         head_dim = self.layer_kwargs["head_dim"]
         if cross_key_values is not None and encoder_padding_mask is None:
             cross_shape = ops.shape(cross_key_values[0][0])

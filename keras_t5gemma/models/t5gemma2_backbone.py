@@ -87,9 +87,9 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
             then only the encoder's, and the output only
             `encoder_sequence_output`.
         remat: bool. Recompute each transformer layer in the backward pass
-            instead of keeping its activations, for training on long inputs
-            (a 16,384-token step of the 270m-270m model in float32 fits in
-            24 GiB on CPU). Off by default; inference is unaffected.
+            instead of keeping its activations, for training on long inputs:
+            a gradient then holds each layer's input, not its activations.
+            Off by default; inference is unaffected.
         dtype: dtype policy, e.g. `"float32"`, `"bfloat16"`, `"mixed_bfloat16"`.
 
     Example:
