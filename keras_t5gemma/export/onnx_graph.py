@@ -23,7 +23,7 @@ from onnx import numpy_helper
 OPSET = 17
 # `MatMulNBits` (weight-only int8 matmul) lives in onnxruntime's domain.
 MICROSOFT_DOMAIN = "com.microsoft"
-# As `keras_t5gemma.layers.attention.MASKED_LOGIT`: finite, so a fully
+# As `keras_t5gemma.layers.masks.MASKED_LOGIT`: finite, so a fully
 # masked row gives a uniform softmax instead of NaN.
 MASKED_LOGIT = -1e30
 # Weight-only int8 stores `uint8 = round(w / scale) + 128` per block of the

@@ -7,16 +7,19 @@ G = N // K query heads per key/value head, H head size, D model width.
 import keras
 from keras import ops
 
+from keras_t5gemma.layers.blockwise_attention import blockwise_attention
+from keras_t5gemma.layers.blockwise_attention import use_blockwise
+from keras_t5gemma.layers.masks import MASKED_LOGIT
+from keras_t5gemma.layers.masks import AttentionMask
 from keras_t5gemma.layers.normalization import RMSNormalization
 from keras_t5gemma.layers.rotary import apply_rotary
-
-# Large but finite, so a row whose keys are all masked gives a uniform softmax
-# instead of NaN (NaN would leak through `0 * NaN` into the values).
-MASKED_LOGIT = -1e30
 
 
 def grouped_attention(query, key, value, mask, scale, soft_cap=None, dropout=None, training=False):
     """Softmax attention with query heads grouped over shared key/value heads.
+
+    The dense path: logits `(B, N, T, S)` in one piece. Long text inputs go
+    through `blockwise_attention` instead (see `Attention.call`).
 
     Args:
         query: `(B, T, N, H)`.
@@ -40,9 +43,7 @@ def grouped_attention(query, key, value, mask, scale, soft_cap=None, dropout=Non
         return ops.dot_product_attention(query, key, value, mask=mask, scale=scale)
     batch, length, num_heads, head_dim = ops.shape(query)
     num_kv_heads = ops.shape(key)[2]
-    grouped = ops.reshape(
-        query, (batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    )
+    grouped = ops.reshape(query, (batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim))
     logits = ops.einsum("btkgh,bskh->bkgts", grouped, key)
     logits = ops.cast(logits, "float32") * scale
     if soft_cap is not None:
@@ -78,7 +79,7 @@ class Attention(keras.layers.Layer):
     Example:
     >>> attention = Attention(num_heads=4, num_key_value_heads=2, head_dim=8, query_scale=8**-0.5)
     >>> x = keras.ops.ones((2, 5, 16))
-    >>> attention(x, mask=keras.ops.ones((1, 5, 5), "bool")).shape
+    >>> attention(x, attention_mask=keras.ops.ones((1, 5, 5), "bool")).shape
     (2, 5, 16)
     """
 
@@ -98,8 +99,7 @@ class Attention(keras.layers.Layer):
         super().__init__(**kwargs)
         if num_heads % num_key_value_heads:
             raise ValueError(
-                f"`num_heads` ({num_heads}) must be a multiple of "
-                f"`num_key_value_heads` ({num_key_value_heads})."
+                f"`num_heads` ({num_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})."
             )
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads
@@ -166,7 +166,7 @@ class Attention(keras.layers.Layer):
     def call(
         self,
         x,
-        mask,
+        attention_mask=None,
         rope=None,
         cache=None,
         cache_update_index=None,
@@ -175,9 +175,15 @@ class Attention(keras.layers.Layer):
     ):
         """Attends from `x` `(B, T, D)`.
 
+        With a `masks.AttentionMask`, long inputs (`T * S` at least the
+        `blockwise_settings` threshold) run `blockwise_attention`, whose memory
+        grows linearly with the length; short ones build the dense mask.
+
         Args:
-            mask: bool `(B, T, S_total)` or None: over the self keys (the
-                cache length when a cache is given), then the cross keys if any.
+            attention_mask: `masks.AttentionMask`, or bool `(B, T, S_total)`,
+                or None:
+                over the self keys (the cache length when a cache is given),
+                then the cross keys if any.
             rope: optional `(cos, sin)` for the positions of `x`.
             cache: optional `(key_cache, value_cache)`, each `(B, T_max, K, H)`;
                 the new keys/values are written at `cache_update_index`.
@@ -200,21 +206,41 @@ class Attention(keras.layers.Layer):
             key = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
             value = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
             cache = (key, value)
-        if cross_key_value is not None:
-            key = ops.concatenate([key, cross_key_value[0]], axis=1)
-            value = ops.concatenate([value, cross_key_value[1]], axis=1)
-        attended = grouped_attention(
-            query,
-            key,
-            value,
-            mask,
-            scale=self.query_scale,
-            soft_cap=self.soft_cap,
-            dropout=self.dropout_layer,
-            training=training,
-        )
+        mask = attention_mask
+        if self._runs_blockwise(query, key, mask, cross_key_value, training):
+            attended = blockwise_attention(
+                query, key, value, mask, self.query_scale, self.soft_cap, cross_key_value, training
+            )
+        else:
+            if isinstance(mask, AttentionMask):
+                mask = mask.dense()
+            if cross_key_value is not None:
+                key = ops.concatenate([key, cross_key_value[0]], axis=1)
+                value = ops.concatenate([value, cross_key_value[1]], axis=1)
+            attended = grouped_attention(
+                query,
+                key,
+                value,
+                mask,
+                scale=self.query_scale,
+                soft_cap=self.soft_cap,
+                dropout=self.dropout_layer,
+                training=training,
+            )
         output = self.output_dense(attended)
         return output if cache is None else (output, cache)
+
+    def _runs_blockwise(self, query, key, mask, cross_key_value, training):
+        if not isinstance(mask, AttentionMask):
+            return False
+        # Dropout on blocks would need a random stream per loop step; a
+        # training step with attention dropout stays dense.
+        if training and self.dropout_layer is not None:
+            return False
+        key_length = ops.shape(key)[1]
+        if cross_key_value is not None:
+            key_length = key_length + ops.shape(cross_key_value[0])[1]
+        return use_blockwise(ops.shape(query)[1], key_length)
 
     def get_config(self):
         return {

@@ -12,8 +12,7 @@ from keras import ops
 from keras_t5gemma.layers.attention import Attention
 from keras_t5gemma.layers.feedforward import FeedForward
 from keras_t5gemma.layers.masks import SLIDING
-from keras_t5gemma.layers.masks import attention_mask
-from keras_t5gemma.layers.masks import padding_mask_for_keys
+from keras_t5gemma.layers.masks import AttentionMask
 from keras_t5gemma.layers.normalization import RMSNormalization
 from keras_t5gemma.layers.rotary import rotary_cos_sin
 
@@ -30,6 +29,9 @@ class TransformerLayer(keras.layers.Layer):
         attention_soft_cap: optional float.
         dropout: float, on the block outputs and MLP activations.
         attention_dropout: float, on the attention probabilities.
+        remat: bool, recompute the layer in the backward pass instead of
+            keeping its activations (`keras.remat`): a gradient then holds
+            only each layer's input, for long-input training.
     """
 
     def __init__(
@@ -43,9 +45,11 @@ class TransformerLayer(keras.layers.Layer):
         attention_soft_cap=None,
         dropout=0.0,
         attention_dropout=0.0,
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.remat = remat
         self.intermediate_dim = intermediate_dim
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads
@@ -78,18 +82,32 @@ class TransformerLayer(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):
-        for norm in (self.pre_attention_norm, self.post_attention_norm,
-                     self.pre_feedforward_norm, self.post_feedforward_norm):
+        for norm in (
+            self.pre_attention_norm,
+            self.post_attention_norm,
+            self.pre_feedforward_norm,
+            self.post_feedforward_norm,
+        ):
             norm.build(input_shape)
         self.attention.build(input_shape)
         self.feedforward.build(input_shape)
         self.built = True
 
-    def call(self, x, mask, rope, cache=None, cache_update_index=None, cross_key_value=None, training=False):
-        """See `Attention.call` for `mask`, `cache` and `cross_key_value`."""
+    def call(self, x, attention_mask, rope, cache=None, cache_update_index=None, cross_key_value=None, training=False):
+        """See `Attention.call` for `attention_mask`, `cache` and `cross_key_value`."""
+        if self.remat and cache is None:
+            # Tensors pass as arguments so the gradient reaches them; the
+            # mask (positions, flags) is closed over.
+            def layer(x, rope, cross_key_value):
+                return self._forward(x, attention_mask, rope, None, None, cross_key_value, training)
+
+            return keras.remat(layer)(x, rope, cross_key_value)
+        return self._forward(x, attention_mask, rope, cache, cache_update_index, cross_key_value, training)
+
+    def _forward(self, x, attention_mask, rope, cache, cache_update_index, cross_key_value, training):
         attended = self.attention(
             self.pre_attention_norm(x),
-            mask,
+            attention_mask=attention_mask,
             rope=rope,
             cache=cache,
             cache_update_index=cache_update_index,
@@ -115,6 +133,7 @@ class TransformerLayer(keras.layers.Layer):
             "attention_soft_cap": self.attention_soft_cap,
             "dropout": self.dropout,
             "attention_dropout": self.attention_dropout,
+            "remat": self.remat,
         }
 
 
@@ -122,8 +141,9 @@ class TransformerStack(keras.layers.Layer):
     """The encoder (`causal=False`) or decoder (`causal=True`) text stack.
 
     Runs input dropout, the layers, a final RMSNorm and output dropout. RoPE
-    tables and masks are built once per layer type and shared by the layers of
-    that type.
+    tables and `AttentionMask`s (positions and padding, from which attention
+    builds a dense mask or per-block masks) are made once per layer type and
+    shared by the layers of that type.
 
     Args:
         layer_types: list of `"sliding_attention"` / `"full_attention"`.
@@ -133,10 +153,12 @@ class TransformerStack(keras.layers.Layer):
         rope: dict layer type -> `(wavelength, scaling_factor)`.
         layer_kwargs: dict of `TransformerLayer` arguments.
         dropout: float.
+        remat: bool, rematerialise each layer in the backward pass.
     """
 
-    def __init__(self, layer_types, causal, sliding_window, rope, layer_kwargs, dropout=0.0, **kwargs):
+    def __init__(self, layer_types, causal, sliding_window, rope, layer_kwargs, dropout=0.0, remat=False, **kwargs):
         super().__init__(**kwargs)
+        self.remat = remat
         self.layer_types = list(layer_types)
         self.causal = causal
         self.sliding_window = sliding_window
@@ -144,7 +166,7 @@ class TransformerStack(keras.layers.Layer):
         self.layer_kwargs = dict(layer_kwargs)
         self.dropout = dropout
         self.transformer_layers = [
-            TransformerLayer(**layer_kwargs, dropout=dropout, dtype=self.dtype_policy, name=f"layer_{i}")
+            TransformerLayer(**layer_kwargs, dropout=dropout, remat=remat, dtype=self.dtype_policy, name=f"layer_{i}")
             for i in range(len(self.layer_types))
         ]
         self.final_norm = RMSNormalization(
@@ -165,38 +187,43 @@ class TransformerStack(keras.layers.Layer):
     def _window(self, layer_type):
         return self.sliding_window if layer_type == SLIDING else None
 
-    def _run(self, x, query_positions, key_positions, key_padding_mask,
-             caches=None, cache_update_index=None, cross_key_values=None,
-             encoder_padding_mask=None, training=False):
+    def _run(
+        self,
+        x,
+        query_positions,
+        key_positions,
+        key_padding_mask,
+        caches=None,
+        cache_update_index=None,
+        cross_key_values=None,
+        encoder_padding_mask=None,
+        training=False,
+    ):
         head_dim = self.layer_kwargs["head_dim"]
-        batch = ops.shape(x)[0]
+        if cross_key_values is not None and encoder_padding_mask is None:
+            cross_shape = ops.shape(cross_key_values[0][0])
+            encoder_padding_mask = ops.ones(cross_shape[:2], "bool")
         ropes, masks = {}, {}
         for layer_type in set(self.layer_types):
             wavelength, scaling = self.rope[layer_type]
             ropes[layer_type] = rotary_cos_sin(query_positions, head_dim, wavelength, scaling, self.compute_dtype)
-            mask = attention_mask(
+            masks[layer_type] = AttentionMask(
                 query_positions,
                 key_positions,
                 causal=self.causal,
                 sliding_window=self._window(layer_type),
                 key_padding_mask=key_padding_mask,
+                cross_padding_mask=None if cross_key_values is None else encoder_padding_mask,
+                aligned=caches is None,
             )
-            if cross_key_values is not None:
-                mask = ops.broadcast_to(mask, (batch, *ops.shape(mask)[1:]))
-                cross = ops.broadcast_to(
-                    padding_mask_for_keys(encoder_padding_mask),
-                    (batch, ops.shape(mask)[1], ops.shape(encoder_padding_mask)[1]),
-                )
-                mask = ops.concatenate([mask, cross], axis=-1)
-            masks[layer_type] = mask
 
         x = self.dropout_layer(x, training=training)
         new_caches = []
         for i, (layer, layer_type) in enumerate(zip(self.transformer_layers, self.layer_types)):
             x = layer(
                 x,
-                masks[layer_type],
-                ropes[layer_type],
+                attention_mask=masks[layer_type],
+                rope=ropes[layer_type],
                 cache=None if caches is None else caches[i],
                 cache_update_index=cache_update_index,
                 cross_key_value=None if cross_key_values is None else cross_key_values[i],
@@ -259,4 +286,5 @@ class TransformerStack(keras.layers.Layer):
             "rope": {key: list(value) for key, value in self.rope.items()},
             "layer_kwargs": self.layer_kwargs,
             "dropout": self.dropout,
+            "remat": self.remat,
         }

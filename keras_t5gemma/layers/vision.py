@@ -54,7 +54,7 @@ class VisionLayer(keras.layers.Layer):
         self.built = True
 
     def call(self, x, training=False):
-        x = x + self.attention(self.attention_norm(x), mask=None, training=training)
+        x = x + self.attention(self.attention_norm(x), training=training)
         return x + self.feedforward(self.feedforward_norm(x), training=training)
 
     def get_config(self):

@@ -86,6 +86,10 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
         encoder_only: bool. Build no decoder (for embeddings): the inputs are
             then only the encoder's, and the output only
             `encoder_sequence_output`.
+        remat: bool. Recompute each transformer layer in the backward pass
+            instead of keeping its activations, for training on long inputs:
+            a gradient then holds each layer's input, not its activations.
+            Off by default; inference is unaffected.
         dtype: dtype policy, e.g. `"float32"`, `"bfloat16"`, `"mixed_bfloat16"`.
 
     Example:
@@ -133,6 +137,7 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
         image_token_id=256_001,
         vision_encoder=None,
         encoder_only=False,
+        remat=False,
         dtype=None,
         **kwargs,
     ):
@@ -186,6 +191,7 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
                 rope=rope,
                 layer_kwargs=layer_kwargs,
                 dropout=dropout,
+                remat=remat,
                 dtype=dtype,
                 name=name,
             )
@@ -249,6 +255,7 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
         self.eoi_token_id = eoi_token_id
         self.image_token_id = image_token_id
         self.encoder_only = encoder_only
+        self.remat = remat
 
     def encode(self, token_ids, padding_mask, images=None, training=False):
         """Encoder output `(B, S, D)`; images (if any) replace their placeholders.
@@ -337,6 +344,7 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
             "image_token_id": self.image_token_id,
             "vision_encoder": None if self.vision_encoder is None else keras.layers.serialize(self.vision_encoder),
             "encoder_only": self.encoder_only,
+            "remat": self.remat,
         }
 
     @classmethod
