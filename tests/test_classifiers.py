@@ -134,3 +134,134 @@ def test_classification_checkpoint_loads_as_a_generation_model(checkpoint):
         warnings.simplefilter("ignore")
         seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(folder), preprocessor=None)
     assert seq_2_seq_lm.preprocessor is None
+
+
+# === Training on the bundled demo preset ===
+
+
+def sorted_digits(count, seed):
+    """`(texts, labels)`: digit sequences, half sorted (label 1), half shuffled (label 1 only if sorted)."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(count):
+        digits = rng.integers(0, 10, rng.integers(3, 7))
+        if i % 2:
+            digits = np.sort(digits)
+        texts.append(" ".join(map(str, digits)))
+        labels.append(int(np.all(np.diff(digits) >= 0)))
+    return texts, np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The demo preset fine-tuned to tell sorted digit sequences from unsorted ones."""
+    keras.utils.set_random_seed(0)
+    classifier = T5Gemma2TextClassifier.from_preset("t5gemma2_tiny_digits", num_classes=2, labels=["no", "yes"])
+    classifier.preprocessor.sequence_length = 10
+    classifier.compile(optimizer=keras.optimizers.Adam(1e-3))
+    texts, labels = sorted_digits(384, seed=0)
+    classifier.fit(texts, labels, batch_size=32, epochs=3, verbose=0)
+    return classifier
+
+
+def test_fit_learns_whether_digits_are_sorted(trained):
+    texts, labels = sorted_digits(128, seed=1)
+    scores = trained.predict(texts, batch_size=32, verbose=0)
+    assert scores.shape == (128, 2)
+    accuracy = (scores.argmax(-1) == labels).mean()
+    assert accuracy >= 0.9, accuracy
+
+
+def test_keras_file_and_preset_round_trips_keep_the_scores(trained, tmp_path):
+    texts = ["1 2 3", "9 1 5 2", "0 0 7 8 9"]
+    scores = trained.predict(texts, verbose=0)
+    path = tmp_path / "classifier.keras"
+    trained.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_allclose(restored.predict(texts, verbose=0), scores, atol=1e-6)
+    trained.save_to_preset(tmp_path / "preset")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = T5Gemma2TextClassifier.from_preset(str(tmp_path / "preset"))
+    assert loaded.labels == ["no", "yes"] and loaded.get_config() == trained.get_config()
+    np.testing.assert_allclose(loaded.predict(texts, verbose=0), scores, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (np.array([0, 2]), r"in \[0, 1\] for num_classes=2; got values in \[0, 2\]"),
+        (np.array([-1, 0]), r"in \[0, 1\]"),
+        (np.array([[0, 1], [1, 0]]), r"shape \(batch,\)"),
+        (np.array([0.5, 1.0]), "fractional"),
+    ],
+    ids=["too_large", "negative", "wrong_shape", "fractional"],
+)
+def test_bad_labels_get_a_clear_error(trained, labels, message):
+    with pytest.raises(ValueError, match=message):
+        trained.fit(["1 2 3", "3 2 1"], labels, verbose=0)
+
+
+def test_lora_fine_tuning_trains_only_the_adapters_and_the_head():
+    keras.utils.set_random_seed(1)
+    classifier = T5Gemma2TextClassifier.from_preset("t5gemma2_tiny_digits", num_classes=2)
+    classifier.preprocessor.sequence_length = 10
+    classifier.backbone.enable_lora(rank=4)
+    trainable = {weight.path for weight in classifier.trainable_weights}
+    # Keras' LoRA freezes kernels; biases (of the vision tower here) stay trainable.
+    assert trainable and all(
+        "lora" in path or path.startswith("logits/") or path.endswith("/bias") for path in trainable
+    )
+    frozen = keras.ops.convert_to_numpy(classifier.backbone.token_embedding.table.embeddings)
+    classifier.compile(optimizer=keras.optimizers.Adam(3e-3))
+    texts, labels = sorted_digits(128, seed=2)
+    history = classifier.fit(texts, labels, batch_size=32, epochs=2, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(classifier.backbone.token_embedding.table.embeddings), frozen
+    )
+
+
+def test_token_classifier_learns_to_tag_rises_and_round_trips(tmp_path):
+    """Tag each digit 1 when it is larger than the one before it (a per-token task)."""
+    rng = np.random.default_rng(3)
+    samples = [rng.integers(0, 10, rng.integers(2, 6)) for _ in range(256)]
+    words = [[str(d) for d in digits] for digits in samples]
+    tags = [[0] + [int(b > a) for a, b in zip(digits, digits[1:])] for digits in samples]
+    keras.utils.set_random_seed(3)
+    tagger = T5Gemma2TokenClassifier.from_preset("t5gemma2_tiny_digits", num_classes=2)
+    tagger.preprocessor.sequence_length = 8
+    tagger.compile(optimizer=keras.optimizers.Adam(2e-3))
+    tagger.fit(words, tags, batch_size=32, epochs=3, verbose=0)
+    scores = tagger.predict_words(words[:64], batch_size=32, verbose=0)
+    predicted = np.concatenate([row.argmax(-1) for row in scores])
+    accuracy = (predicted == np.concatenate(tags[:64])).mean()
+    assert accuracy >= 0.85, accuracy
+    with pytest.raises(ValueError, match="2 words but labels of shape"):
+        tagger.fit([["1", "2"]], [[0, 1, 1]], verbose=0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        tagger.fit([["1", "2"]], [[0, 5]], verbose=0)
+    tagger.save_to_preset(tmp_path / "tagger")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = T5Gemma2TokenClassifier.from_preset(str(tmp_path / "tagger"))
+    np.testing.assert_allclose(loaded.predict_words(words[:4], verbose=0)[2], scores[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("task_class", [T5Gemma2TextClassifier, T5Gemma2TokenClassifier, T5Gemma2Seq2SeqLM])
+def test_a_folder_without_tokenizer_files_loads_without_a_preprocessor(task_class, tmp_path):
+    backbone = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits").backbone
+    backbone.save_to_preset(tmp_path)
+    kwargs = {} if task_class is T5Gemma2Seq2SeqLM else {"num_classes": 3}
+    task = task_class.from_preset(str(tmp_path), preprocessor=None, **kwargs)
+    assert task.preprocessor is None
+    ids = np.array([[2, 40, 41, 0]], "int32")
+    outputs = task.predict(
+        {
+            "encoder_token_ids": ids,
+            "encoder_padding_mask": (ids != 0).astype("int32"),
+            **({} if kwargs else {"decoder_token_ids": ids[:, :2], "decoder_padding_mask": np.ones((1, 2), "int32")}),
+        },
+        verbose=0,
+    )
+    assert np.all(np.isfinite(outputs))
