@@ -6,6 +6,8 @@
     keras-t5gemma fine-tune data.jsonl --output my_model --epochs 3 --lora-rank 4
     keras-t5gemma generate --preset my_model "rotate: 1 2 3"
     keras-t5gemma embed "sort: 1 2" "sort: 2 1" --output vectors.npy
+    keras-t5gemma fine-tune labels.jsonl --task classify --output my_classifier
+    keras-t5gemma classify "1 2 3" "3 1 2" --preset my_classifier
     keras-t5gemma convert hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m
     keras-t5gemma export digits_onnx --format onnx --quantize int8
     keras-t5gemma generate --onnx digits_onnx "reverse: 1 2 3"
@@ -398,9 +400,102 @@ class PresetCheckpoint(keras.callbacks.Callback):
             shutil.rmtree(self.saved.pop(0), ignore_errors=True)
 
 
+def read_labelled(path):
+    """`(texts, labels)` from a JSONL file of `{"input": str, "label": int or str}` lines.
+
+    String labels are class names, numbered in order of first appearance.
+    Returns the texts, the label indices and the class names (or `None`).
+    """
+    if not os.path.isfile(path):
+        raise CommandError(f"no such file: {path}")
+    if Path(path).suffix.lower() != ".jsonl":
+        raise CommandError(f"{path}: classification data must be a .jsonl file")
+    texts, labels = [], []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CommandError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("input"), str):
+                raise CommandError(f"{path}, line {number}: expected an object with a string `input`")
+            label = record.get("label")
+            if isinstance(label, bool) or not isinstance(label, (int, str)) or (isinstance(label, int) and label < 0):
+                raise CommandError(f"{path}, line {number}: `label` must be a class index or name; got {label!r}")
+            texts.append(record["input"])
+            labels.append(label)
+    if not texts:
+        raise CommandError(f"{path}: no examples")
+    if all(isinstance(label, int) for label in labels):
+        return texts, np.array(labels), None
+    if any(isinstance(label, int) for label in labels):
+        raise CommandError(f"{path}: labels mix class indices and names; use one or the other")
+    names = list(dict.fromkeys(labels))
+    return texts, np.array([names.index(label) for label in labels]), names
+
+
+def run_fine_tune_classifier(args):
+    """`fine-tune --task classify`: a `T5Gemma2TextClassifier` on `{"input", "label"}` lines."""
+    from keras_t5gemma.models.t5gemma2_text_classifier import T5Gemma2TextClassifier
+
+    texts, labels, names = read_labelled(args.data)
+    _check_preset(args.preset)
+    keras.utils.set_random_seed(args.seed)
+    order = np.random.default_rng(args.seed).permutation(len(texts))
+    texts, labels = [texts[i] for i in order], labels[order]
+    num_classes = len(names) if names else int(labels.max()) + 1
+    classifier = T5Gemma2TextClassifier.from_preset(args.preset, num_classes=num_classes, labels=names)
+    if args.encoder_length:
+        classifier.preprocessor.sequence_length = args.encoder_length
+    if args.lora_rank:
+        classifier.backbone.enable_lora(args.lora_rank)
+    _say(
+        f"Fine-tuning a {num_classes}-class classifier from {args.preset} on {len(texts):,} examples from "
+        f"{args.data}: {args.epochs} epoch(s) of batch {args.batch_size}, learning rate {args.learning_rate}."
+    )
+    classifier.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay))
+    history = classifier.fit(
+        texts,
+        labels,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        shuffle=False,
+        verbose=0 if args.quiet else _progress_verbosity(),
+    )
+    classifier.save_to_preset(args.output)
+    accuracy = history.history["sparse_categorical_accuracy"][-1]
+    _say(
+        f"Training accuracy after the last epoch: {accuracy:.1%}.\n"
+        f'Saved the classifier to {args.output}; try `keras-t5gemma classify --preset {args.output} "..."`.'
+    )
+    return 0
+
+
+def run_classify(args):
+    """Prints each text's most likely class and its probability."""
+    texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
+    if not texts:
+        raise CommandError("give texts as arguments or with --file")
+    _check_preset(args.preset)
+    from keras_t5gemma.models.t5gemma2_text_classifier import T5Gemma2TextClassifier
+
+    classifier = T5Gemma2TextClassifier.from_preset(args.preset)
+    logits = np.asarray(classifier.predict(texts, batch_size=args.batch_size, verbose=0), "float64")
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    names = classifier.labels or [str(i) for i in range(classifier.num_classes)]
+    for text, row in zip(texts, probabilities):
+        _say(f"{text}\t{names[int(row.argmax())]}\t{row.max():.3f}")
+    return 0
+
+
 def run_fine_tune(args):
     if not 0.0 < args.learning_rate < 1.0:
         raise CommandError("--learning-rate must be in (0, 1)")
+    if args.task == "classify":
+        return run_fine_tune_classifier(args)
     pairs = read_pairs(args.data)
     _check_preset(args.preset)
     # Seed before anything builds a tokenizer: seeding clears TF's caches.
@@ -631,6 +726,13 @@ def build_parser():
     )
     _add_preset(fine_tune)
     fine_tune.add_argument("data", help="a .jsonl or .csv file")
+    fine_tune.add_argument(
+        "--task",
+        default="generate",
+        choices=("generate", "classify"),
+        help='generate: input/target pairs (T5Gemma2Seq2SeqLM); classify: JSONL {"input": ..., "label": ...} '
+        "lines, a label being a class index or name (T5Gemma2TextClassifier) (default: %(default)s)",
+    )
     fine_tune.add_argument("--output", default="t5gemma2_fine_tuned", help="folder to save to (default: %(default)s)")
     fine_tune.add_argument("--epochs", type=_positive_int, default=3, help="(default: %(default)s)")
     fine_tune.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
@@ -676,6 +778,17 @@ def build_parser():
     embed.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
     embed.add_argument("--output", help="a .npy or .jsonl file to save to")
     embed.set_defaults(run=run_embed)
+
+    classify = commands.add_parser(
+        "classify",
+        help="classify texts with a classifier preset (e.g. one from `fine-tune --task classify`)",
+        description="Prints `text<TAB>class<TAB>probability` for each text.",
+    )
+    _add_preset(classify)
+    classify.add_argument("texts", nargs="*", help="texts (quote each one)")
+    classify.add_argument("--file", help="a text file, one text per line")
+    classify.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
+    classify.set_defaults(run=run_classify)
 
     commands.add_parser(
         "convert",
