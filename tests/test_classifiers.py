@@ -110,6 +110,26 @@ def test_batch_with_an_image_matches_reference(checkpoint, rng):
     _compare(classifier, kind, ours, reference, mask)
 
 
+def test_strings_and_images_through_the_preprocessor_match_reference(small_proto, tmp_path, rng):
+    from hf_checkpoints import checkpoint_config
+    from hf_checkpoints import write_checkpoint
+
+    config = checkpoint_config(num_labels=2)
+    model = write_checkpoint(tmp_path, config, small_proto, seed=2, model_class=T5Gemma2ForSequenceClassification)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classifier = T5Gemma2TextClassifier.from_preset(str(tmp_path))
+    classifier.preprocessor.sequence_length = 24
+    image = rng.integers(0, 255, (20, 30, 3)).astype("uint8")
+    samples = [{"text": "A photo <start_of_image> of a cat", "images": image}, {"text": "The quick brown fox"}]
+    scores = classifier.predict(samples, verbose=0)
+    x = classifier.preprocessor(samples)
+    mask = np.asarray(x["encoder_padding_mask"]).astype("int32")
+    images = np.asarray(x["images"])
+    reference = _reference_logits(model, np.asarray(x["encoder_token_ids"]), mask, images[:1, 0])
+    assert_matches_reference(scores, reference)
+
+
 def test_generation_checkpoint_gets_a_new_head_with_a_log_line(tmp_path, caplog):
     config = tiny_config()
     reference_model(config, seed=1).save_pretrained(tmp_path)

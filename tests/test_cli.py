@@ -306,7 +306,7 @@ def test_fine_tune_classify_then_classify(capsys, tmp_path):
 @pytest.mark.parametrize(
     "records, message",
     [
-        ([{"input": "1 2", "label": 1.5}], "`label` must be a class index or name"),
+        ([{"input": "1 2", "label": 1.5}], "`label` must hold class indices or names"),
         ([{"input": "1 2", "label": 0}, {"input": "2 1", "label": "no"}], "mix class indices and names"),
         ([{"text": "1 2", "label": 0}], "a string `input`"),
     ],
@@ -315,3 +315,35 @@ def test_fine_tune_classify_rejects_bad_lines(capsys, tmp_path, records, message
     data = write_jsonl(tmp_path / "bad.jsonl", records)
     status, _, err = run(capsys, "fine-tune", data, "--task", "classify")
     assert status == 2 and message in err
+
+
+def test_fine_tune_classify_tokens_then_classify_tokens(capsys, tmp_path):
+    records = [{"input": "3 1 4 1", "labels": ["-", "down", "up", "down"]}, {"input": "2 7", "labels": ["-", "up"]}]
+    data = write_jsonl(tmp_path / "tags.jsonl", records * 8)
+    output = tmp_path / "tagger"
+    status, out, err = run(
+        capsys,
+        "fine-tune",
+        data,
+        "--task",
+        "classify-tokens",
+        "--output",
+        output,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--encoder-length",
+        "8",
+        "--quiet",
+    )
+    assert status == 0, err
+    assert "3-class token classifier" in out
+    status, out, err = run(capsys, "classify", "--tokens", "5 2 9", "--preset", output)
+    assert status == 0, err
+    tags = out.split()
+    assert [tag.split("/")[0] for tag in tags] == ["5", "2", "9"]
+    assert all(tag.split("/")[1] in ("-", "down", "up") for tag in tags)
+    bad = write_jsonl(tmp_path / "bad_tags.jsonl", [{"input": "3 1", "labels": ["-"]}])
+    status, _, err = run(capsys, "fine-tune", bad, "--task", "classify-tokens")
+    assert status == 2 and "a list of 2 classes, one per word" in err

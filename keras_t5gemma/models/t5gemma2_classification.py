@@ -72,11 +72,10 @@ def encoder_inputs(backbone):
     return inputs
 
 
-def check_labels(labels, num_classes, per_token, ignore_index=None):
+def check_labels(labels, num_classes, per_token):
     """Raises a `ValueError` naming the problem unless `labels` are class indices of the right shape.
 
     Sequence labels are `(B,)` (or `(B, 1)`); token labels `(B, S)`.
-    `ignore_index` (token labels) marks positions without a label.
     """
     try:
         array = np.asarray(labels)
@@ -92,11 +91,10 @@ def check_labels(labels, num_classes, per_token, ignore_index=None):
         raise ValueError(f"Token labels must have shape (batch, sequence_length); got shape {array.shape}.")
     if not per_token and not (array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)):
         raise ValueError(f"Labels must have shape (batch,), one class index per input; got shape {array.shape}.")
-    values = array if ignore_index is None else array[array != ignore_index]
-    if values.size and (values.min() < 0 or values.max() >= num_classes):
+    if array.size and (array.min() < 0 or array.max() >= num_classes):
         raise ValueError(
             f"Labels must be class indices in [0, {num_classes - 1}] for num_classes={num_classes}; "
-            f"got values in [{values.min()}, {values.max()}]."
+            f"got values in [{array.min():g}, {array.max():g}]."
         )
 
 
@@ -153,7 +151,7 @@ class ClassifierMixin:
     def _check_labels(self, y):
         if y is None or isinstance(y, tf.data.Dataset) or isinstance(y, keras.utils.PyDataset):
             return
-        check_labels(y, self.num_classes, self.per_token, ignore_index=None)
+        check_labels(y, self.num_classes, self.per_token)
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """Keras `fit`; labels given as arrays are checked first (class indices, shape)."""

@@ -10,7 +10,9 @@ from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
 from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
 from keras_t5gemma.models.t5gemma2_classification import last_non_pad_position
 from keras_t5gemma.models.t5gemma2_classification import reference_decoder_states
+from keras_t5gemma.models.t5gemma2_embedder import _PreprocessedBatches
 from keras_t5gemma.models.t5gemma2_text_classifier_preprocessor import T5Gemma2TextClassifierPreprocessor
+from keras_t5gemma.utils.keras_hub_compat import tf
 from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
@@ -85,3 +87,17 @@ class T5Gemma2TextClassifier(
         # [batch, hidden_dim]
         pooled = keras.ops.take_along_axis(hidden, position[:, None, None], axis=1)[:, 0]
         super().__init__(inputs=inputs, outputs=self._head(pooled), **kwargs)
+
+    def predict(self, x=None, batch_size=None, **kwargs):
+        """Scores `(B, num_classes)`, one row per input in order.
+
+        Strings, `{"text": ..., "images": ...}` dicts (images of any sizes)
+        and lists of those are preprocessed in batches of `batch_size`
+        (default 32); model inputs and datasets go to Keras' `predict`.
+        """
+        model_inputs = isinstance(x, dict) and "encoder_token_ids" in x
+        if self.preprocessor is None or model_inputs or isinstance(x, tf.data.Dataset) or tf.is_tensor(x):
+            return super().predict(x, batch_size=batch_size, **kwargs)
+        batches = _PreprocessedBatches(self.preprocessor, self.preprocessor.as_samples(x), batch_size or 32)
+        # The batches are preprocessed already: skip the task's own pipeline.
+        return keras.Model.predict(self, batches, **kwargs)

@@ -8,7 +8,6 @@ from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
-from keras_t5gemma.models.t5gemma2_classification import check_labels
 from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
 from keras_t5gemma.models.t5gemma2_classification import reference_decoder_states
 from keras_t5gemma.models.t5gemma2_token_classifier_preprocessor import T5Gemma2TokenClassifierPreprocessor
@@ -119,8 +118,7 @@ class T5Gemma2TokenClassifier(ClassifierMixin, PresetMixin, DefaultImagesMixin, 
             if y is None:
                 return self.preprocessor(x), None, None
             x, y, sample_weight = self.preprocessor(x, y, sample_weight)
-        if y is not None:
-            check_labels(y, self.num_classes, per_token=True)
+        self._check_labels(y)
         return x, y, sample_weight
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, sample_weight=None, **kwargs):
