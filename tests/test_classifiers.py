@@ -137,7 +137,7 @@ def test_generation_checkpoint_gets_a_new_head_with_a_log_line(tmp_path, caplog)
         warnings.simplefilter("ignore")
         classifier = T5Gemma2TextClassifier.from_preset(str(tmp_path), num_classes=4, preprocessor=None)
         seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(tmp_path), preprocessor=None)
-    assert "newly initialised" in caplog.text
+    assert "randomly initialised" in caplog.text
     assert classifier.num_classes == 4 and classifier.labels is None
     # Same backbone weights as the generation model; the head is new.
     np.testing.assert_array_equal(
