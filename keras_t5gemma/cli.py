@@ -6,6 +6,8 @@
     keras-t5gemma fine-tune data.jsonl --output my_model --epochs 3 --lora-rank 4
     keras-t5gemma generate --preset my_model "rotate: 1 2 3"
     keras-t5gemma embed "sort: 1 2" "sort: 2 1" --output vectors.npy
+    keras-t5gemma fine-tune labels.jsonl --task classify --output my_classifier
+    keras-t5gemma classify "1 2 3" "3 1 2" --preset my_classifier
     keras-t5gemma convert hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m
     keras-t5gemma export digits_onnx --format onnx --quantize int8
     keras-t5gemma generate --onnx digits_onnx "reverse: 1 2 3"
@@ -421,12 +423,142 @@ def _run_to_continue(args, settings):
     return run
 
 
+def read_labelled(path, per_word=False):
+    """`(texts, labels, names)` from a JSONL file of labelled inputs.
+
+    Lines are `{"input": str, "label": class}`, or with `per_word`
+    `{"input": str, "labels": [class per whitespace-separated word]}`; a class
+    is an index or a name. Names are numbered in order of first appearance
+    and returned (else `names` is `None`); per-word labels are lists.
+    """
+    if not os.path.isfile(path):
+        raise CommandError(f"no such file: {path}")
+    if Path(path).suffix.lower() != ".jsonl":
+        raise CommandError(f"{path}: classification data must be a .jsonl file")
+    key = "labels" if per_word else "label"
+    texts, labels = [], []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CommandError(f"{where}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("input"), str):
+                raise CommandError(f"{where}: expected an object with a string `input`")
+            label = record.get(key)
+            if per_word:
+                words = len(record["input"].split())
+                if not isinstance(label, list) or len(label) != words:
+                    raise CommandError(f"{where}: `labels` must be a list of {words} classes, one per word")
+            for value in label if per_word else [label]:
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, (int, str))
+                    or (isinstance(value, int) and value < 0)
+                ):
+                    raise CommandError(f"{where}: `{key}` must hold class indices or names; got {value!r}")
+            texts.append(record["input"])
+            labels.append(label)
+    if not texts:
+        raise CommandError(f"{path}: no examples")
+    flat = [value for label in labels for value in (label if per_word else [label])]
+    if all(isinstance(value, int) for value in flat):
+        return texts, labels, None
+    if any(isinstance(value, int) for value in flat):
+        raise CommandError(f"{path}: labels mix class indices and names; use one or the other")
+    names = list(dict.fromkeys(flat))
+    index = {name: i for i, name in enumerate(names)}
+    if per_word:
+        return texts, [[index[value] for value in label] for label in labels], names
+    return texts, [index[label] for label in labels], names
+
+
+def _classifier_class(per_word):
+    from keras_t5gemma.models.t5gemma2_text_classifier import T5Gemma2TextClassifier
+    from keras_t5gemma.models.t5gemma2_token_classifier import T5Gemma2TokenClassifier
+
+    return T5Gemma2TokenClassifier if per_word else T5Gemma2TextClassifier
+
+
+def run_fine_tune_classifier(args):
+    """`fine-tune --task classify` / `classify-tokens`: a text or token classifier on labelled JSONL lines."""
+    per_word = args.task == "classify-tokens"
+    texts, labels, names = read_labelled(args.data, per_word)
+    _check_preset(args.preset)
+    keras.utils.set_random_seed(args.seed)
+    order = np.random.default_rng(args.seed).permutation(len(texts))
+    texts, labels = [texts[i] for i in order], [labels[i] for i in order]
+    flat = [value for label in labels for value in (label if per_word else [label])]
+    num_classes = len(names) if names else max(flat) + 1
+    classifier = _classifier_class(per_word).from_preset(args.preset, num_classes=num_classes, labels=names)
+    if args.encoder_length:
+        classifier.preprocessor.sequence_length = args.encoder_length
+    if args.lora_rank:
+        classifier.backbone.enable_lora(args.lora_rank)
+    kind = "token classifier" if per_word else "classifier"
+    _say(
+        f"Fine-tuning a {num_classes}-class {kind} from {args.preset} on {len(texts):,} examples from "
+        f"{args.data}: {args.epochs} epoch(s) of batch {args.batch_size}, learning rate {args.learning_rate}."
+    )
+    classifier.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay))
+    history = classifier.fit(
+        texts,
+        labels if per_word else np.array(labels),
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        shuffle=False,
+        verbose=0 if args.quiet else _progress_verbosity(),
+    )
+    classifier.save_to_preset(args.output)
+    accuracy = next(values[-1] for name, values in history.history.items() if "accuracy" in name)
+    flag = " --tokens" if per_word else ""
+    _say(
+        f"Training accuracy after the last epoch: {accuracy:.1%}.\n"
+        f'Saved the {kind} to {args.output}; try `keras-t5gemma classify{flag} --preset {args.output} "..."`.'
+    )
+    return 0
+
+
+def _softmax(logits):
+    logits = np.asarray(logits, "float64")
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    return probabilities / probabilities.sum(-1, keepdims=True)
+
+
+def run_classify(args):
+    """Prints each text's most likely class and its probability (or, with `--tokens`, each word's class)."""
+    texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
+    if not texts:
+        raise CommandError("give texts as arguments or with --file")
+    _check_preset(args.preset)
+    classifier = _classifier_class(args.tokens).from_preset(args.preset)
+    names = classifier.labels or [str(i) for i in range(classifier.num_classes)]
+    if args.tokens:
+        for text, scores in zip(texts, classifier.predict_words(texts, batch_size=args.batch_size, verbose=0)):
+            tags = [f"{word}/{names[int(row.argmax())]}" for word, row in zip(text.split(), scores)]
+            _say(" ".join(tags))
+        return 0
+    probabilities = _softmax(classifier.predict(texts, batch_size=args.batch_size, verbose=0))
+    for text, row in zip(texts, probabilities):
+        _say(f"{text}\t{names[int(row.argmax())]}\t{row.max():.3f}")
+    return 0
+
+
 def run_fine_tune(args):
     from keras_t5gemma.training import checkpoints as training_checkpoints
     from keras_t5gemma.training import distribution as training_distribution
 
     if not 0.0 < args.learning_rate < 1.0:
         raise CommandError("--learning-rate must be in (0, 1)")
+    if args.task != "generate":
+        if args.resume or args.mesh or args.multi_host:
+            raise CommandError(
+                f"--task {args.task} trains on one process and saves at the end: drop --resume, --mesh and --multi-host"
+            )
+        return run_fine_tune_classifier(args)
     if args.resume and args.overwrite:
         raise CommandError("--resume continues the last run in --output, --overwrite starts a new one: give one")
     if args.multi_host:
@@ -722,6 +854,15 @@ def build_parser():
     )
     _add_preset(fine_tune)
     fine_tune.add_argument("data", help="a .jsonl or .csv file")
+    fine_tune.add_argument(
+        "--task",
+        default="generate",
+        choices=("generate", "classify", "classify-tokens"),
+        help='generate: input/target pairs (T5Gemma2Seq2SeqLM); classify: JSONL {"input": ..., "label": ...} '
+        'lines (T5Gemma2TextClassifier); classify-tokens: JSONL {"input": ..., "labels": [...]} lines, one '
+        "label per whitespace-separated word (T5Gemma2TokenClassifier); a label is a class index or name "
+        "(default: %(default)s)",
+    )
     fine_tune.add_argument("--output", default="t5gemma2_fine_tuned", help="folder to save to (default: %(default)s)")
     fine_tune.add_argument("--epochs", type=_positive_int, default=3, help="(default: %(default)s)")
     fine_tune.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
@@ -793,6 +934,19 @@ def build_parser():
     embed.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
     embed.add_argument("--output", help="a .npy or .jsonl file to save to")
     embed.set_defaults(run=run_embed)
+
+    classify = commands.add_parser(
+        "classify",
+        help="classify texts with a classifier preset (e.g. one from `fine-tune --task classify`)",
+        description="Prints `text<TAB>class<TAB>probability` for each text, or with --tokens `word/class` "
+        "for each word.",
+    )
+    _add_preset(classify)
+    classify.add_argument("texts", nargs="*", help="texts (quote each one)")
+    classify.add_argument("--file", help="a text file, one text per line")
+    classify.add_argument("--tokens", action="store_true", help="a token classifier: one class per word")
+    classify.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
+    classify.set_defaults(run=run_classify)
 
     commands.add_parser(
         "convert",

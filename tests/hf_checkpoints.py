@@ -31,13 +31,14 @@ def checkpoint_config(**overrides):
     return tiny_config(text=text, special_ids=SPECIAL_IDS, **overrides)
 
 
-def write_checkpoint(directory, config, tokenizer_proto, seed=0, max_shard_size=None):
-    """Saves a random reference model with tokenizer and image processor files.
+def write_checkpoint(directory, config, tokenizer_proto, seed=0, max_shard_size=None, model_class=None):
+    """Saves a random reference model (a `model_class`, by default for generation) with tokenizer and
+    image processor files.
 
     Returns the reference model (in memory, float32).
     """
     directory = Path(directory)
-    model = reference_model(config, seed=seed)
+    model = reference_model(config, seed=seed, **({"model_class": model_class} if model_class else {}))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     (directory / "tokenizer.model").write_bytes(tokenizer_proto)

@@ -62,8 +62,8 @@ def tiny_config(text=None, decoder=None, vision=None, mm_tokens_per_image=4, spe
     }
 
 
-def reference_model(config, seed=0):
-    """A `T5Gemma2ForConditionalGeneration` with every parameter random.
+def reference_model(config, seed=0, model_class=T5Gemma2ForConditionalGeneration):
+    """A `model_class` (default `T5Gemma2ForConditionalGeneration`) with every parameter random.
 
     The reference initialises norms and the end-of-image vector to zero, which
     would hide mapping mistakes, so all parameters are redrawn.
@@ -71,7 +71,7 @@ def reference_model(config, seed=0):
     torch.manual_seed(seed)
     hf_config = T5Gemma2Config(**{k: v for k, v in config.items() if k != "model_type"})
     hf_config._attn_implementation = "eager"
-    model = T5Gemma2ForConditionalGeneration(hf_config).eval()
+    model = model_class(hf_config).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

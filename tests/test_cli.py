@@ -264,3 +264,86 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "keras_t5gemma", "presets"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and DEFAULT_PRESET in result.stdout, result.stderr
+
+
+def test_fine_tune_classify_then_classify(capsys, tmp_path):
+    rng = np.random.default_rng(5)
+    records = []
+    for i in range(64):
+        digits = rng.integers(0, 10, 4)
+        digits = np.sort(digits) if i % 2 else digits
+        label = "sorted" if np.all(np.diff(digits) >= 0) else "unsorted"
+        records.append({"input": " ".join(map(str, digits)), "label": label})
+    data = write_jsonl(tmp_path / "labels.jsonl", records)
+    output = tmp_path / "classifier"
+    status, out, err = run(
+        capsys,
+        "fine-tune",
+        data,
+        "--task",
+        "classify",
+        "--output",
+        output,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--encoder-length",
+        "8",
+        "--learning-rate",
+        "1e-3",
+        "--quiet",
+    )
+    assert status == 0, err
+    assert "2-class classifier" in out and "Training accuracy" in out
+    status, out, err = run(capsys, "classify", "1 2 3", "9 5 1", "--preset", output)
+    assert status == 0, err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [line[0] for line in lines] == ["1 2 3", "9 5 1"]
+    assert all(line[1] in ("sorted", "unsorted") and 0.5 <= float(line[2]) <= 1.0 for line in lines)
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"input": "1 2", "label": 1.5}], "`label` must hold class indices or names"),
+        ([{"input": "1 2", "label": 0}, {"input": "2 1", "label": "no"}], "mix class indices and names"),
+        ([{"text": "1 2", "label": 0}], "a string `input`"),
+    ],
+)
+def test_fine_tune_classify_rejects_bad_lines(capsys, tmp_path, records, message):
+    data = write_jsonl(tmp_path / "bad.jsonl", records)
+    status, _, err = run(capsys, "fine-tune", data, "--task", "classify")
+    assert status == 2 and message in err
+
+
+def test_fine_tune_classify_tokens_then_classify_tokens(capsys, tmp_path):
+    records = [{"input": "3 1 4 1", "labels": ["-", "down", "up", "down"]}, {"input": "2 7", "labels": ["-", "up"]}]
+    data = write_jsonl(tmp_path / "tags.jsonl", records * 8)
+    output = tmp_path / "tagger"
+    status, out, err = run(
+        capsys,
+        "fine-tune",
+        data,
+        "--task",
+        "classify-tokens",
+        "--output",
+        output,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--encoder-length",
+        "8",
+        "--quiet",
+    )
+    assert status == 0, err
+    assert "3-class token classifier" in out
+    status, out, err = run(capsys, "classify", "--tokens", "5 2 9", "--preset", output)
+    assert status == 0, err
+    tags = out.split()
+    assert [tag.split("/")[0] for tag in tags] == ["5", "2", "9"]
+    assert all(tag.split("/")[1] in ("-", "down", "up") for tag in tags)
+    bad = write_jsonl(tmp_path / "bad_tags.jsonl", [{"input": "3 1", "labels": ["-"]}])
+    status, _, err = run(capsys, "fine-tune", bad, "--task", "classify-tokens")
+    assert status == 2 and "a list of 2 classes, one per word" in err

@@ -9,8 +9,11 @@ from keras_t5gemma.conversion.checkpoint import HFCheckpoint
 from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
 from keras_t5gemma.conversion.config import backbone_from_hf_config
 from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
+from keras_t5gemma.conversion.weights import CLASSIFIER_HEAD_KEY
+from keras_t5gemma.conversion.weights import load_classifier_head
 from keras_t5gemma.conversion.weights import load_weights
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
 from keras_t5gemma.utils.keras_hub_compat import PresetLoader
 
 
@@ -100,8 +103,33 @@ class T5Gemma2CheckpointLoader(PresetLoader):
             return bool(config.get("add_bos_token", True)), bool(config.get("add_eos_token", False))
         return True, False
 
+    def has_classifier_head(self):
+        """Whether the checkpoint holds a classification head (`score.out_proj`)."""
+        return f"{CLASSIFIER_HEAD_KEY}.weight" in set(self.checkpoint.keys())
+
+    def classifier_kwargs(self, num_classes_given):
+        """Classifier arguments from the config: ids, dropout, and (with a head) classes and names."""
+        decoder = self.config.get("decoder", {})
+        kwargs = {
+            "start_token_id": decoder.get("bos_token_id", 2),
+            "pad_token_id": self.config.get("pad_token_id", decoder.get("pad_token_id", 0)),
+            "dropout": float(self.config.get("classifier_dropout_rate", 0.0)),
+        }
+        if self.has_classifier_head() and not num_classes_given:
+            id2label = self.config.get("id2label") or {}
+            kwargs["num_classes"] = len(id2label) or int(self.config.get("num_labels", 2))
+            if id2label:
+                kwargs["labels"] = [id2label[str(i)] for i in range(len(id2label))]
+        return kwargs
+
     def load_task(self, cls, load_weights, load_task_weights, **kwargs):
         # A text-only model gets a preprocessor without an image converter.
         if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
             kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
-        return super().load_task(cls, load_weights, load_task_weights, **kwargs)
+        if not issubclass(cls, ClassifierMixin):
+            return super().load_task(cls, load_weights, load_task_weights, **kwargs)
+        kwargs = {**self.classifier_kwargs("num_classes" in kwargs), **kwargs}
+        classifier = super().load_task(cls, load_weights, load_task_weights, **kwargs)
+        if load_weights and load_task_weights and self.has_classifier_head():
+            load_classifier_head(classifier, self.checkpoint.keys(), self.checkpoint.read)
+        return classifier

@@ -114,11 +114,14 @@ def weight_specs(backbone):
 
 
 # Checkpoint tensors that carry no information for the backbone: copies of the
-# tied embedding, and the SigLIP pooling head the projector does not use.
+# tied embedding, the SigLIP pooling head the projector does not use, and a
+# classification head (read by `load_classifier_head`).
 _IGNORED = re.compile(
     r"^(model\.decoder\.embed_tokens\.(weight|eoi_embedding)|lm_head\.out_proj\.weight"
-    r"|model\.encoder\.vision_tower\.head\..*)$"
+    r"|model\.encoder\.vision_tower\.head\..*|score\.out_proj\.(weight|bias))$"
 )
+# The classification head of `T5Gemma2ForSequenceClassification` / `...ForTokenClassification`.
+CLASSIFIER_HEAD_KEY = "score.out_proj"
 
 
 # Tensors of parts a backbone may leave out: the vision tower (text-only) and
@@ -164,3 +167,18 @@ def load_weights(backbone, keys, get_tensor, progress=None):
         spec.variable.assign(spec.convert(get_tensor(by_canonical[spec.key])))
         if progress is not None:
             progress(1)
+
+
+def load_classifier_head(classifier, keys, get_tensor):
+    """Assigns a classifier's projection from the checkpoint's `score.out_proj` tensors.
+
+    Raises:
+        ValueError: if the checkpoint has no head, or one of another size.
+    """
+    keys = set(keys)
+    specs = list(_dense_specs(classifier.output_dense, CLASSIFIER_HEAD_KEY))
+    missing = sorted(spec.key for spec in specs if spec.key not in keys)
+    if missing:
+        raise ValueError(f"The checkpoint has no classification head: it lacks {missing}.")
+    for spec in specs:
+        spec.variable.assign(spec.convert(get_tensor(spec.key)))

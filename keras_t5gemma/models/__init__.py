@@ -7,6 +7,10 @@ from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
 from keras_t5gemma.models.t5gemma2_presets import backbone_presets
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma2_text_classifier import T5Gemma2TextClassifier
+from keras_t5gemma.models.t5gemma2_text_classifier_preprocessor import T5Gemma2TextClassifierPreprocessor
+from keras_t5gemma.models.t5gemma2_token_classifier import T5Gemma2TokenClassifier
+from keras_t5gemma.models.t5gemma2_token_classifier_preprocessor import T5Gemma2TokenClassifierPreprocessor
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
 from keras_t5gemma.utils.preset_utils import register_presets
 
@@ -17,6 +21,10 @@ __all__ = [
     "T5Gemma2ImageConverter",
     "T5Gemma2Seq2SeqLM",
     "T5Gemma2Seq2SeqLMPreprocessor",
+    "T5Gemma2TextClassifier",
+    "T5Gemma2TextClassifierPreprocessor",
+    "T5Gemma2TokenClassifier",
+    "T5Gemma2TokenClassifierPreprocessor",
     "T5Gemma2Tokenizer",
 ]
 
@@ -29,6 +37,10 @@ register_presets(
         T5Gemma2ImageConverter,
         T5Gemma2Seq2SeqLM,
         T5Gemma2Seq2SeqLMPreprocessor,
+        T5Gemma2TextClassifier,
+        T5Gemma2TextClassifierPreprocessor,
+        T5Gemma2TokenClassifier,
+        T5Gemma2TokenClassifierPreprocessor,
         T5Gemma2Tokenizer,
     ],
 )

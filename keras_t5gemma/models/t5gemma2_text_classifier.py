@@ -1,0 +1,103 @@
+"""T5Gemma 2 sequence classification: one class per input, read where the reference reads it."""
+
+import keras
+from keras_hub.models import TextClassifier
+
+from keras_t5gemma.models.model_mixins import DefaultImagesMixin
+from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
+from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
+from keras_t5gemma.models.t5gemma2_classification import last_non_pad_position
+from keras_t5gemma.models.t5gemma2_classification import reference_decoder_states
+from keras_t5gemma.models.t5gemma2_embedder import _PreprocessedBatches
+from keras_t5gemma.models.t5gemma2_text_classifier_preprocessor import T5Gemma2TextClassifierPreprocessor
+from keras_t5gemma.utils.keras_hub_compat import tf
+from keras_t5gemma.utils.preset_utils import PresetMixin
+
+
+@keras.saving.register_keras_serializable(package="keras_t5gemma")
+class T5Gemma2TextClassifier(
+    ClassifierMixin, PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TextClassifier
+):
+    """T5Gemma 2 with a classification head: one label per input (text, or text with images).
+
+    Built as `transformers`' `T5Gemma2ForSequenceClassification`: the encoder
+    reads the input; the decoder reads the same ids shifted right behind
+    `<bos>` (causal, no padding mask); dropout and a projection to
+    `num_classes` are applied to the decoder state at the last position whose
+    decoder input is not `<pad>` (the position that has read the whole
+    input, for left and right padding alike).
+
+    Inputs of the functional model (as the preprocessor gives them, or as
+    the backbone's encoder takes them):
+        encoder_token_ids, encoder_padding_mask: int `(B, S)`.
+        images (vision models): float `(B, N, H, W, 3)`; may be left out.
+
+    Output: logits `(B, num_classes)` (or probabilities with
+    `activation="softmax"`).
+
+    Args:
+        backbone: a `T5Gemma2Backbone` (with its decoder).
+        num_classes: int.
+        preprocessor: a `T5Gemma2TextClassifierPreprocessor`, or `None`.
+        dropout: float, before the projection (the reference's
+            `classifier_dropout_rate`).
+        labels: optional list of `num_classes` class names (`id2label`).
+        start_token_id, pad_token_id: the decoder's start id and the padding
+            id; default to the preprocessor's tokenizer's, else 2 and 0.
+        activation: the projection's activation; `None` gives logits.
+
+    Example:
+    ```python
+    classifier = T5Gemma2TextClassifier.from_preset("t5gemma2_tiny_digits", num_classes=2)
+    classifier.preprocessor.sequence_length = 16
+    classifier.fit(x=["sort: 1 2 3", "sort: 3 1 2"], y=np.array([1, 0]), batch_size=2)
+    scores = classifier.predict(["sort: 2 3 4"])  # (1, 2) logits
+    ```
+    """
+
+    backbone_cls = T5Gemma2Backbone
+    preprocessor_cls = T5Gemma2TextClassifierPreprocessor
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        preprocessor=None,
+        dropout=0.0,
+        labels=None,
+        start_token_id=None,
+        pad_token_id=None,
+        activation=None,
+        **kwargs,
+    ):
+        if backbone.decoder is None:
+            raise ValueError("The classifier runs the decoder, as the reference does; this backbone is encoder-only.")
+        self._configure(num_classes, dropout, labels, start_token_id, pad_token_id, activation, preprocessor)
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional model ===
+        inputs = encoder_inputs(backbone)
+        decoder_token_ids, hidden = reference_decoder_states(backbone, inputs, self.start_token_id)
+        # [batch]: the decoder position that is read.
+        position = last_non_pad_position(decoder_token_ids, self.pad_token_id)
+        # [batch, hidden_dim]
+        pooled = keras.ops.take_along_axis(hidden, position[:, None, None], axis=1)[:, 0]
+        super().__init__(inputs=inputs, outputs=self._head(pooled), **kwargs)
+
+    def predict(self, x=None, batch_size=None, **kwargs):
+        """Scores `(B, num_classes)`, one row per input in order.
+
+        Strings, `{"text": ..., "images": ...}` dicts (images of any sizes)
+        and lists of those are preprocessed in batches of `batch_size`
+        (default 32); model inputs and datasets go to Keras' `predict`.
+        """
+        model_inputs = isinstance(x, dict) and "encoder_token_ids" in x
+        if self.preprocessor is None or model_inputs or isinstance(x, tf.data.Dataset) or tf.is_tensor(x):
+            return super().predict(x, batch_size=batch_size, **kwargs)
+        batches = _PreprocessedBatches(self.preprocessor, self.preprocessor.as_samples(x), batch_size or 32)
+        # The batches are preprocessed already: skip the task's own pipeline.
+        return keras.Model.predict(self, batches, **kwargs)
