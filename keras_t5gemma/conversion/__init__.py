@@ -1,12 +1,16 @@
-"""Hugging Face checkpoints to keras_t5gemma models.
+"""Hugging Face checkpoints to keras_t5gemma models and back.
 
 Importing this package registers the T5Gemma 2 checkpoint loader, through
 which every class's `from_preset` converts `hf://` handles and local
-Hugging Face folders. Conversion imports the models; the models never import
-conversion.
+Hugging Face folders, and the "transformers" exporter behind every class's
+`export_to_transformers`. Conversion imports the models; the models never
+import conversion.
 """
 
 from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
+from keras_t5gemma.conversion.transformers_export import export_to_transformers
 from keras_t5gemma.utils.preset_utils import register_checkpoint_loader
+from keras_t5gemma.utils.preset_utils import register_exporter
 
 register_checkpoint_loader("t5gemma2", T5Gemma2CheckpointLoader)
+register_exporter("transformers", export_to_transformers)
