@@ -34,6 +34,7 @@ from keras_t5gemma.utils.keras_hub_compat import get_file
 
 BUNDLED_DIRECTORY = Path(__file__).resolve().parents[1] / "presets"
 BUNDLED_SCHEME = "bundled://"
+KAGGLE_SCHEME = "kaggle://"
 
 # {name: metadata}: `handle`, `description`, `params`.
 _PRESETS = {}
@@ -105,6 +106,13 @@ def fetch_file(preset, name):
         raise
     except Exception as error:
         kind = type(error).__name__
+        if preset.startswith(KAGGLE_SCHEME) and isinstance(error, (OSError, ImportError)):
+            raise ConnectionError(
+                f"Could not fetch `{name}` of `{preset}` through kagglehub ({kind}: {str(error)[:200]}). "
+                "Kaggle is unreachable or kagglehub is missing: attach the model to a Kaggle notebook "
+                "(kagglehub then finds it offline), or download the preset folder elsewhere and pass "
+                "its path instead."
+            ) from error
         if kind == "GatedRepoError":
             raise PermissionError(
                 f"`{preset}` is gated. Accept the Gemma license on its Hugging Face page, then log "
