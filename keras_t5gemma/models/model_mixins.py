@@ -74,8 +74,11 @@ class TransformersExportMixin:
 
         Example:
         ```python
+        import tempfile
+
         seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
-        seq_2_seq_lm.export_to_transformers(tmp_path / "digits_hf")
+        folder = seq_2_seq_lm.export_to_transformers(tempfile.mkdtemp() + "/digits_hf")
+        # transformers.T5Gemma2ForConditionalGeneration.from_pretrained(folder)
         ```
         """
         return get_exporter("transformers")(self, path, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
