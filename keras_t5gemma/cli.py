@@ -11,6 +11,7 @@
     keras-t5gemma convert hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m
     keras-t5gemma export digits_onnx --format onnx --quantize int8
     keras-t5gemma generate --onnx digits_onnx "reverse: 1 2 3"
+    keras-t5gemma export my_model_hf --format transformers --preset my_model --dtype bfloat16
     keras-t5gemma presets
 
 `--preset` takes a bundled or released preset name, a folder written by
@@ -37,7 +38,7 @@ from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAG
 
 DEFAULT_PRESET = "t5gemma2_tiny_digits"
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam")
-EXPORT_FORMATS = ("onnx",)
+EXPORT_FORMATS = ("onnx", "transformers")
 
 
 class CommandError(Exception):
@@ -356,7 +357,7 @@ def _generate_onnx(args, prompts, images):
     return 0
 
 
-def run_export(args):
+def run_export_onnx(args):
     """`export OUTPUT --format onnx`: graphs, tokenizer and settings for serving without Keras."""
     from keras_t5gemma.export import export_onnx
 
@@ -747,6 +748,26 @@ def run_convert(argv):
     return 0
 
 
+def run_export_transformers(args):
+    """`export OUTPUT --format transformers`: a folder `transformers` loads (weights, config, tokenizer)."""
+    seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
+    started = time.time()
+    try:
+        output = seq_2_seq_lm.export_to_transformers(args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    except ValueError as error:  # a folder in the way, a quantized or text-only model, a bad size
+        raise CommandError(str(error)) from None
+    size = sum(path.stat().st_size for path in output.iterdir())
+    _say(
+        f"Exported {args.preset} to {output} for transformers ({size / 2**20:.1f} MiB) in "
+        f"{time.time() - started:.1f}s; load it with T5Gemma2ForConditionalGeneration.from_pretrained."
+    )
+    return 0
+
+
+def run_export(args):
+    return {"onnx": run_export_onnx, "transformers": run_export_transformers}[args.format](args)
+
+
 def run_presets(args):
     from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
     from keras_t5gemma.utils.preset_utils import is_bundled
@@ -956,25 +977,40 @@ def build_parser():
 
     export = commands.add_parser(
         "export",
-        help="export a preset for serving without Keras (ONNX)",
-        description="Writes encoder.onnx (encoder output and cross keys/values), decoder.onnx (one step or a "
-        "prompt chunk against a static self-attention cache), embedder.onnx, the tokenizer and "
-        "t5gemma2_onnx.json to OUTPUT. The `t5gemma_onnx` package generates from it with numpy, onnxruntime "
-        "and sentencepiece only.",
+        help="export a preset for serving without Keras (ONNX) or for transformers",
+        description="--format onnx writes encoder.onnx (encoder output and cross keys/values), decoder.onnx (one "
+        "step or a prompt chunk against a static self-attention cache), embedder.onnx, the tokenizer and "
+        "t5gemma2_onnx.json to OUTPUT; the `t5gemma_onnx` package generates from it with numpy, onnxruntime "
+        "and sentencepiece only. --format transformers writes safetensors weights (LoRA merged), config.json, "
+        "generation_config.json, the tokenizer and the image processor config, for "
+        "T5Gemma2ForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained.",
     )
     _add_preset(export)
-    export.add_argument("output", help="folder to write (new, empty, or an earlier export)")
+    export.add_argument("output", help="folder to write (new, empty, or an earlier ONNX export)")
     export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="export format")
     export.add_argument(
         "--max-decode-length",
         type=_positive_int,
-        help="decoder cache length in tokens, <bos> included (default: the preset's decoder sequence length)",
+        help="onnx: decoder cache length in tokens, <bos> included (default: the preset's decoder sequence length)",
     )
-    export.add_argument("--quantize", choices=("int8",), help="weight-only int8 matmuls and embedding table")
+    export.add_argument("--quantize", choices=("int8",), help="onnx: weight-only int8 matmuls and embedding table")
     export.add_argument(
-        "--pooling", default="mean", choices=("mean", "first", "last"), help="embedder pooling (default: %(default)s)"
+        "--pooling",
+        default="mean",
+        choices=("mean", "first", "last"),
+        help="onnx: embedder pooling (default: %(default)s)",
     )
-    export.add_argument("--no-normalize", action="store_true", help="embedder keeps the vectors' norms")
+    export.add_argument("--no-normalize", action="store_true", help="onnx: embedder keeps the vectors' norms")
+    export.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="transformers: weights' dtype (default: the preset's)",
+    )
+    export.add_argument(
+        "--max-shard-size",
+        default="2GB",
+        help="transformers: largest safetensors file, e.g. 500MB (default: %(default)s)",
+    )
     export.set_defaults(run=run_export)
 
     presets = commands.add_parser("presets", help="list the bundled and released presets")

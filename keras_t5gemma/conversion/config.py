@@ -200,3 +200,130 @@ def backbone_kwargs_from_hf_config(config):
         kwargs["vision_config"] = dict(vision_config)
         kwargs["mm_tokens_per_image"] = encoder_config.get("mm_tokens_per_image", 256)
     return kwargs
+
+
+# === Backbone -> Hugging Face config (the inverse, for export) ===
+
+TRANSFORMERS_VERSION = "5.23.0"
+
+
+def _rope_entry(wavelength, factor):
+    if factor == 1.0:
+        return {"rope_type": "default", "rope_theta": float(wavelength)}
+    return {"rope_type": "linear", "factor": float(factor), "rope_theta": float(wavelength)}
+
+
+def _text_config_for_export(backbone, model_type, num_layers, layer_types, special_ids):
+    return {
+        "model_type": model_type,
+        "vocab_size": backbone.vocabulary_size,
+        "hidden_size": backbone.hidden_dim,
+        "intermediate_size": backbone.intermediate_dim,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": backbone.num_heads,
+        "num_key_value_heads": backbone.num_key_value_heads,
+        "head_dim": backbone.head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": backbone.layer_norm_epsilon,
+        "query_pre_attn_scalar": backbone.query_pre_attn_scalar,
+        "sliding_window": backbone.sliding_window,
+        "layer_types": list(layer_types),
+        "rope_parameters": {
+            SLIDING: _rope_entry(backbone.local_rope_wavelength, backbone.local_rope_scaling_factor),
+            FULL: _rope_entry(backbone.global_rope_wavelength, backbone.global_rope_scaling_factor),
+        },
+        "attention_bias": False,
+        "attention_dropout": backbone.attention_dropout,
+        "dropout_rate": backbone.dropout,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": backbone.final_logit_soft_cap,
+        "max_position_embeddings": 131_072,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        **special_ids,
+    }
+
+
+def _vision_config_for_export(vision_encoder):
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": vision_encoder.hidden_dim,
+        "intermediate_size": vision_encoder.intermediate_dim,
+        "num_hidden_layers": vision_encoder.num_layers,
+        "num_attention_heads": vision_encoder.num_heads,
+        "image_size": vision_encoder.image_size,
+        "patch_size": vision_encoder.patch_size,
+        "num_channels": 3,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": vision_encoder.layer_norm_epsilon,
+        "attention_dropout": vision_encoder.attention_dropout,
+        "vision_use_head": False,
+    }
+
+
+def hf_config_from_backbone(backbone, boi_token_id, pad_token_id=0, bos_token_id=2, eos_token_id=1, dtype="float32"):
+    """A T5Gemma 2 `config.json` dict, in the spelling `transformers` 5.23 writes, for `backbone`.
+
+    An encoder-only backbone gets the config of a `T5Gemma2Encoder`
+    (`model_type` "t5gemma2_encoder"). `backbone_kwargs_from_hf_config`
+    reads the result back to the same arguments.
+
+    Raises:
+        ValueError: for what `transformers` cannot express: a text-only
+            backbone (its T5Gemma 2 always builds the vision tower) or
+            attention-logit soft-capping (which it does not apply).
+    """
+    if backbone.vision_encoder is None:
+        raise ValueError(
+            "This model has no vision tower (it was loaded with `text_only=True` or built without one), "
+            "but transformers' T5Gemma 2 always builds one: its weights would be missing there. "
+            "Export a model loaded with its vision tower."
+        )
+    if backbone.attention_logit_soft_cap is not None:
+        raise ValueError(
+            "This model soft-caps attention logits, which transformers' T5Gemma 2 (5.23) does not do: the "
+            "exported model would compute something else."
+        )
+    special_ids = {"pad_token_id": pad_token_id, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    vision_encoder = backbone.vision_encoder
+    encoder = {
+        "model_type": "t5gemma2_encoder",
+        "text_config": _text_config_for_export(
+            backbone, "t5gemma2_text", backbone.num_encoder_layers, backbone.encoder_layer_types, special_ids
+        ),
+        "vision_config": _vision_config_for_export(vision_encoder),
+        "mm_tokens_per_image": vision_encoder.mm_tokens_per_image,
+        "boi_token_index": boi_token_id,
+        "eoi_token_index": backbone.eoi_token_id,
+        "image_token_index": backbone.image_token_id,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
+    }
+    if backbone.decoder is None:
+        return {
+            "architectures": ["T5Gemma2Encoder"],
+            **encoder,
+            "dtype": dtype,
+            "transformers_version": TRANSFORMERS_VERSION,
+        }
+    return {
+        "architectures": ["T5Gemma2ForConditionalGeneration"],
+        "model_type": "t5gemma2",
+        "encoder": encoder,
+        "decoder": _text_config_for_export(
+            backbone, "t5gemma2_decoder", backbone.num_decoder_layers, backbone.decoder_layer_types, special_ids
+        ),
+        "eoi_token_index": backbone.eoi_token_id,
+        "image_token_index": backbone.image_token_id,
+        "vocab_size": backbone.vocabulary_size,
+        "dropout_rate": backbone.dropout,
+        "attention_dropout": backbone.attention_dropout,
+        "classifier_dropout_rate": 0.0,
+        "initializer_range": 0.02,
+        "is_encoder_decoder": True,
+        "tie_word_embeddings": True,
+        **special_ids,
+        "dtype": dtype,
+        "transformers_version": TRANSFORMERS_VERSION,
+    }

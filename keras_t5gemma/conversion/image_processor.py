@@ -100,3 +100,32 @@ def image_converter_kwargs_from_hf(preprocessor_config):
         "scale": [rescale_factor / s for s in std],
         "offset": [-m / s for m, s in zip(mean, std)],
     }
+
+
+def hf_image_processor_from_converter(image_size, scale, offset):
+    """A Gemma 3 image processor config (dict) for a converter's `image_size`, `scale` and `offset`.
+
+    The inverse of `image_converter_kwargs_from_hf`, with `rescale_factor`
+    1/255: `std = rescale_factor / scale` and `mean = -offset * std` per
+    channel (rounded to 10 decimals, so that 0.5 stays 0.5).
+    """
+    if image_size is None or image_size[0] != image_size[1]:
+        raise ValueError(f"The Gemma 3 image processor resizes to a fixed square; the converter has {image_size}.")
+    rescale_factor = _DEFAULTS["rescale_factor"]
+    scale = _per_channel("scale", 1.0 if scale is None else scale)
+    offset = _per_channel("offset", 0.0 if offset is None else offset)
+    std = [round(rescale_factor / s, 10) for s in scale]
+    mean = [round(-o * s, 10) for o, s in zip(offset, std)]
+    return {
+        "image_processor_type": "Gemma3ImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"height": int(image_size[0]), "width": int(image_size[1])},
+        "resample": _PIL_BILINEAR,
+        "do_rescale": True,
+        "rescale_factor": rescale_factor,
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
+        "do_pan_and_scan": False,
+    }

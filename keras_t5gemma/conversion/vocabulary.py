@@ -26,6 +26,7 @@ The settings that make SentencePiece segment like Gemma 3:
   pieces, a run of 40 spaces would split 31 + 9 instead of 16 + 24).
 """
 
+import base64
 import re
 
 from sentencepiece import sentencepiece_model_pb2
@@ -207,3 +208,134 @@ def train_vocabulary(texts, vocab_size, special_pieces, **options):
         **options,
     )
     return model.getvalue()
+
+
+def _normalizer(spec):
+    """The `tokenizer.json` normaliser for a SentencePiece `normalizer_spec`.
+
+    Gemma 3's is the identity; vocabularies trained with SentencePiece's
+    defaults (as the bundled demo's) also apply its NFKC character map and
+    collapse runs of spaces. Spaces become `▁` in the pre-tokenizer, which
+    also adds the dummy prefix.
+    """
+    steps = []
+    if spec.precompiled_charsmap:
+        steps.append(
+            {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(spec.precompiled_charsmap).decode()}
+        )
+    if spec.remove_extra_whitespaces:
+        # SentencePiece also strips the text's ends; a normaliser cannot, as it sees the text in pieces
+        # between added tokens, so a leading or trailing space stays (one `▁`).
+        steps.append({"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "})
+    return {"type": "Sequence", "normalizers": steps} if steps else None
+
+
+def tokenizer_json_from_proto(proto, add_bos=True, add_eos=False):
+    """A Hugging Face `tokenizer.json` (dict) that segments like the Gemma 3 SentencePiece `proto`.
+
+    The inverse of `proto_from_tokenizer_json`. SentencePiece's BPE joins the
+    adjacent pair whose concatenation scores highest; a BPE merge list ranked
+    by that score, with every split of a piece into two pieces, makes the
+    same choices. Control, unknown and user-defined pieces become added
+    tokens (matched whole in the raw text); byte pieces serve the byte
+    fallback.
+
+    Args:
+        proto: bytes, a serialized SentencePiece `ModelProto` (BPE, byte
+            fallback), e.g. `T5Gemma2Tokenizer.proto`.
+        add_bos, add_eos: whether encoding a text adds `<bos>` / `<eos>`.
+
+    Returns:
+        dict, to be written as JSON.
+    """
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(proto)
+    if model.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE or not model.trainer_spec.byte_fallback:
+        raise ValueError("Only byte-fallback BPE SentencePiece vocabularies (as Gemma 3's) can be exported.")
+    pieces = [piece.piece for piece in model.pieces]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    mergeable = {
+        piece.piece: piece.score
+        for piece in model.pieces
+        if piece.type == NORMAL and not _BYTE_PIECE.fullmatch(piece.piece)
+    }
+    merges = []
+    for piece, score in mergeable.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                merges.append((-score, vocab[piece], cut, [left, right]))
+    merges.sort(key=lambda merge: merge[:3])
+    added_tokens = []
+    for i, piece in enumerate(model.pieces):
+        if piece.type in (CONTROL, UNKNOWN, USER_DEFINED):
+            added_tokens.append(
+                {
+                    "id": i,
+                    "content": piece.piece,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": piece.type != USER_DEFINED,
+                }
+            )
+    unk_piece = model.trainer_spec.unk_piece or UNK_PIECE
+
+    def template(sequence_id, type_id):
+        items = [{"Sequence": {"id": sequence_id, "type_id": type_id}}]
+        if add_bos:
+            items.insert(0, {"SpecialToken": {"id": BOS_PIECE, "type_id": type_id}})
+        if add_eos:
+            items.append({"SpecialToken": {"id": EOS_PIECE, "type_id": type_id}})
+        return items
+
+    special_tokens = {
+        piece: {"id": piece, "ids": [vocab[piece]], "tokens": [piece]}
+        for piece, wanted in ((BOS_PIECE, add_bos), (EOS_PIECE, add_eos))
+        if wanted
+    }
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added_tokens,
+        "normalizer": _normalizer(model.normalizer_spec),
+        "pre_tokenizer": {
+            "type": "Metaspace",
+            "replacement": SPACE,
+            "prepend_scheme": "first" if model.normalizer_spec.add_dummy_prefix else "never",
+            "split": False,
+        },
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": template("A", 0),
+            "pair": template("A", 0) + template("B", 1),
+            "special_tokens": special_tokens,
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                *(
+                    [{"type": "Strip", "content": " ", "start": 1, "stop": 0}]
+                    if model.normalizer_spec.add_dummy_prefix
+                    else []
+                ),
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": unk_piece,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [merge[3] for merge in merges],
+        },
+    }

@@ -32,11 +32,30 @@ def canonical_key(key):
 
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
-    """One variable, the checkpoint key that fills it, and the axis permutation."""
+    """One variable, the checkpoint key that fills it, and the axis permutation.
+
+    `input_axes` says how many leading axes of a `LINEAR` kernel make the
+    torch `in` dimension (2 for the attention output kernel `(N, H, D)`), so
+    that `to_checkpoint` can rebuild the checkpoint's `[out, in]` matrix.
+    """
 
     variable: object
     key: str
     permutation: tuple = None
+    input_axes: int = 1
+
+    def to_checkpoint(self, array):
+        """The inverse of `convert`: a variable's value in the checkpoint's layout."""
+        array = np.asarray(array)
+        if self.permutation == LINEAR:
+            split = self.input_axes
+            array = array.reshape(int(np.prod(array.shape[:split])), int(np.prod(array.shape[split:])))
+        elif self.key.endswith(".bias"):
+            # Per-head biases `(N, H)` are stored flat.
+            array = array.reshape(-1)
+        if self.permutation is not None:
+            array = np.transpose(array, np.argsort(self.permutation))
+        return array
 
     def convert(self, array):
         array = np.asarray(array)
@@ -60,7 +79,7 @@ def _text_layer_specs(layer, prefix):
     yield WeightSpec(attention.query_dense.kernel, f"{prefix}.self_attn.q_proj.weight", LINEAR)
     yield WeightSpec(attention.key_dense.kernel, f"{prefix}.self_attn.k_proj.weight", LINEAR)
     yield WeightSpec(attention.value_dense.kernel, f"{prefix}.self_attn.v_proj.weight", LINEAR)
-    yield WeightSpec(attention.output_dense.kernel, f"{prefix}.self_attn.o_proj.weight", LINEAR)
+    yield WeightSpec(attention.output_dense.kernel, f"{prefix}.self_attn.o_proj.weight", LINEAR, input_axes=2)
     yield WeightSpec(attention.query_norm.scale, f"{prefix}.self_attn.q_norm.weight")
     yield WeightSpec(attention.key_norm.scale, f"{prefix}.self_attn.k_norm.weight")
     yield WeightSpec(layer.feedforward.gate_dense.kernel, f"{prefix}.mlp.gate_proj.weight", LINEAR)
@@ -68,8 +87,8 @@ def _text_layer_specs(layer, prefix):
     yield WeightSpec(layer.feedforward.down_dense.kernel, f"{prefix}.mlp.down_proj.weight", LINEAR)
 
 
-def _dense_specs(layer, prefix, permutation=LINEAR):
-    yield WeightSpec(layer.kernel, f"{prefix}.weight", permutation)
+def _dense_specs(layer, prefix, permutation=LINEAR, input_axes=1):
+    yield WeightSpec(layer.kernel, f"{prefix}.weight", permutation, input_axes)
     yield WeightSpec(layer.bias, f"{prefix}.bias")
 
 
@@ -88,7 +107,7 @@ def _vision_specs(vision, prefix):
         yield from _dense_specs(attention.query_dense, f"{layer_prefix}.self_attn.q_proj")
         yield from _dense_specs(attention.key_dense, f"{layer_prefix}.self_attn.k_proj")
         yield from _dense_specs(attention.value_dense, f"{layer_prefix}.self_attn.v_proj")
-        yield from _dense_specs(attention.output_dense, f"{layer_prefix}.self_attn.out_proj")
+        yield from _dense_specs(attention.output_dense, f"{layer_prefix}.self_attn.out_proj", input_axes=2)
         yield from _layer_norm_specs(layer.feedforward_norm, f"{layer_prefix}.layer_norm2")
         yield from _dense_specs(layer.feedforward.up_dense, f"{layer_prefix}.mlp.fc1")
         yield from _dense_specs(layer.feedforward.down_dense, f"{layer_prefix}.mlp.fc2")

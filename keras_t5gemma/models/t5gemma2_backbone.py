@@ -14,6 +14,7 @@ from keras_t5gemma.layers.vision import ImageMerge
 from keras_t5gemma.layers.vision import check_image_placeholders
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
+from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
@@ -31,7 +32,7 @@ def _check_layer_types(name, layer_types, num_layers):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, Backbone):
+class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, Backbone):
     """T5Gemma 2 encoder-decoder backbone.
 
     A bidirectional Gemma 3 encoder and a Gemma 3 decoder whose attention

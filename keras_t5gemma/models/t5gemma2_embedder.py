@@ -11,6 +11,7 @@ from keras_t5gemma.layers.pooling import POOLING_MODES
 from keras_t5gemma.layers.pooling import SequencePooling
 from keras_t5gemma.layers.pooling import l2_normalize
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
+from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
@@ -43,7 +44,7 @@ class _PreprocessedBatches(keras.utils.PyDataset):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Embedder(PresetMixin, DefaultImagesMixin, Task):
+class T5Gemma2Embedder(PresetMixin, DefaultImagesMixin, TransformersExportMixin, Task):
     """T5Gemma 2 encoder embeddings: one `(hidden_dim,)` vector per input.
 
     The bidirectional encoder runs over the prompt (text, or text with

@@ -7,6 +7,7 @@ from keras_hub.samplers import GreedySampler
 
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
+from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import any_equal
@@ -28,7 +29,7 @@ class ArgmaxSampler(GreedySampler):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Seq2SeqLM(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, Seq2SeqLM):
+class T5Gemma2Seq2SeqLM(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, Seq2SeqLM):
     """T5Gemma 2 with a language-modelling head, for generation and fine-tuning.
 
     `fit` trains on `(x, y, sample_weight)` from the preprocessor: `x` holds the

@@ -10,7 +10,10 @@ never the converters: a converter registers itself when
 A preset is one of:
 - a registered name (a hub handle, or a folder bundled with the package
   under `keras_t5gemma/presets/`, written `bundled://NAME`);
-- a Keras preset folder written by `save_to_preset` (loaded by KerasHub);
+- a Keras preset folder written by `save_to_preset` (loaded by KerasHub),
+  or one written by another library's model of a registered
+  `registered_name` (KerasHub's own T5Gemma 2, converted on load); local or
+  a `kaggle://` handle;
 - a Hugging Face checkpoint of a registered `model_type`: an `hf://org/name`
   handle or a local folder with `config.json` and safetensors weights.
 """
@@ -31,6 +34,7 @@ from keras_t5gemma.utils.keras_hub_compat import get_file
 
 BUNDLED_DIRECTORY = Path(__file__).resolve().parents[1] / "presets"
 BUNDLED_SCHEME = "bundled://"
+KAGGLE_SCHEME = "kaggle://"
 
 # {name: metadata}: `handle`, `description`, `params`.
 _PRESETS = {}
@@ -38,6 +42,10 @@ _PRESETS = {}
 _CLASS_PRESETS = {}
 # {Hugging Face `model_type`: PresetLoader subclass}.
 _CHECKPOINT_LOADERS = {}
+# {Keras `registered_name` of another library's backbone: PresetLoader subclass}.
+_FOREIGN_PRESET_LOADERS = {}
+# {export format: callable(model, path, **options)}.
+_EXPORTERS = {}
 
 
 def register_presets(presets, classes):
@@ -98,6 +106,13 @@ def fetch_file(preset, name):
         raise
     except Exception as error:
         kind = type(error).__name__
+        if preset.startswith(KAGGLE_SCHEME) and isinstance(error, (OSError, ImportError)):
+            raise ConnectionError(
+                f"Could not fetch `{name}` of `{preset}` through kagglehub ({kind}: {str(error)[:200]}). "
+                "Kaggle is unreachable or kagglehub is missing: attach the model to a Kaggle notebook "
+                "(kagglehub then finds it offline), or download the preset folder elsewhere and pass "
+                "its path instead."
+            ) from error
         if kind == "GatedRepoError":
             raise PermissionError(
                 f"`{preset}` is gated. Accept the Gemma license on its Hugging Face page, then log "
@@ -120,11 +135,34 @@ def register_checkpoint_loader(model_type, loader_cls):
     _CHECKPOINT_LOADERS[model_type] = loader_cls
 
 
+def register_foreign_preset_loader(registered_name, loader_cls):
+    """Loads Keras preset folders whose backbone is `registered_name` (another library's) with `loader_cls`."""
+    _FOREIGN_PRESET_LOADERS[registered_name] = loader_cls
+
+
+def register_exporter(export_format, exporter):
+    """Makes `exporter(model, path, **options)` the `export_format` export of every model class.
+
+    Models reach exporters through `get_exporter`, so that they never import
+    the converters that register them.
+    """
+    _EXPORTERS[export_format] = exporter
+
+
+def get_exporter(export_format):
+    """The exporter registered for `export_format`."""
+    if export_format not in _EXPORTERS:
+        raise ValueError(f"No exporter for format {export_format!r}; registered: {sorted(_EXPORTERS)}.")
+    return _EXPORTERS[export_format]
+
+
 def get_preset_loader(preset):
     """The loader for `preset` (see the module docstring)."""
     preset = resolve_preset(preset)
     with open(fetch_file(preset, "config.json"), encoding="utf-8") as file:
         config = json.load(file)
+    if config.get("registered_name") in _FOREIGN_PRESET_LOADERS:
+        return _FOREIGN_PRESET_LOADERS[config["registered_name"]](preset, config)
     if "registered_name" in config:
         return KerasPresetLoader(preset, config)
     if "model_type" in config:
