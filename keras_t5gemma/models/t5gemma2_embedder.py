@@ -11,7 +11,9 @@ from keras_t5gemma.layers.pooling import POOLING_MODES
 from keras_t5gemma.layers.pooling import SequencePooling
 from keras_t5gemma.layers.pooling import l2_normalize
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
+from keras_t5gemma.models.model_mixins import ShuffledFitMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
+from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
@@ -44,7 +46,9 @@ class _PreprocessedBatches(keras.utils.PyDataset):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Embedder(PresetMixin, DefaultImagesMixin, TransformersExportMixin, Task):
+class T5Gemma2Embedder(
+    PresetMixin, DefaultImagesMixin, TransformersExportMixin, VisionTowerTrainingMixin, ShuffledFitMixin, Task
+):
     """T5Gemma 2 encoder embeddings: one `(hidden_dim,)` vector per input.
 
     The bidirectional encoder runs over the prompt (text, or text with
@@ -80,6 +84,9 @@ class T5Gemma2Embedder(PresetMixin, DefaultImagesMixin, TransformersExportMixin,
             inputs are the token-id dicts above).
         pooling: `"mean"`, `"first"` or `"last"`.
         normalize: bool, L2-normalise the vectors.
+        train_vision_tower: bool, default `False`: training the embedder
+            (e.g. a contrastive model around it) leaves the vision tower and
+            the end-of-image embedding frozen. See `VisionTowerTrainingMixin`.
 
     Example:
     ```python
@@ -96,7 +103,7 @@ class T5Gemma2Embedder(PresetMixin, DefaultImagesMixin, TransformersExportMixin,
     backbone_cls = T5Gemma2Backbone
     preprocessor_cls = T5Gemma2EmbedderPreprocessor
 
-    def __init__(self, backbone, preprocessor=None, pooling="mean", normalize=True, **kwargs):
+    def __init__(self, backbone, preprocessor=None, pooling="mean", normalize=True, train_vision_tower=False, **kwargs):
         if pooling not in POOLING_MODES:
             raise ValueError(f"`pooling` must be one of {POOLING_MODES}; got {pooling!r}.")
         vision_encoder = backbone.vision_encoder
@@ -127,6 +134,7 @@ class T5Gemma2Embedder(PresetMixin, DefaultImagesMixin, TransformersExportMixin,
         # === Config ===
         self.pooling = pooling
         self.normalize = normalize
+        self.train_vision_tower = train_vision_tower
 
     def predict(self, x=None, batch_size=None, **kwargs):
         """Embeds inputs: strings, dicts with `text` and/or `images`, or lists of those.
@@ -186,7 +194,12 @@ class T5Gemma2Embedder(PresetMixin, DefaultImagesMixin, TransformersExportMixin,
         return vectors.astype("float32")
 
     def get_config(self):
-        return {**super().get_config(), "pooling": self.pooling, "normalize": self.normalize}
+        return {
+            **super().get_config(),
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "train_vision_tower": self.train_vision_tower,
+        }
 
     @classmethod
     def load_preset(cls, loader, load_weights=True, pooling=None, normalize=None, **kwargs):

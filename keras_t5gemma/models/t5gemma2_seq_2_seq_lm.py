@@ -7,7 +7,9 @@ from keras_hub.samplers import GreedySampler
 
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
+from keras_t5gemma.models.model_mixins import ShuffledFitMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
+from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import any_equal
@@ -29,7 +31,15 @@ class ArgmaxSampler(GreedySampler):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Seq2SeqLM(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, Seq2SeqLM):
+class T5Gemma2Seq2SeqLM(
+    PresetMixin,
+    DefaultImagesMixin,
+    QuantizeProjectionsMixin,
+    TransformersExportMixin,
+    VisionTowerTrainingMixin,
+    ShuffledFitMixin,
+    Seq2SeqLM,
+):
     """T5Gemma 2 with a language-modelling head, for generation and fine-tuning.
 
     `fit` trains on `(x, y, sample_weight)` from the preprocessor: `x` holds the
@@ -56,7 +66,7 @@ class T5Gemma2Seq2SeqLM(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixi
     backbone_cls = T5Gemma2Backbone
     preprocessor_cls = T5Gemma2Seq2SeqLMPreprocessor
 
-    def __init__(self, backbone, preprocessor=None, **kwargs):
+    def __init__(self, backbone, preprocessor=None, train_vision_tower=False, **kwargs):
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
@@ -66,6 +76,12 @@ class T5Gemma2Seq2SeqLM(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixi
         hidden = backbone(inputs)["decoder_sequence_output"]
         logits = backbone.token_embedding.logits(hidden)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
+
+        # === Config ===
+        self.train_vision_tower = train_vision_tower
+
+    def get_config(self):
+        return {**super().get_config(), "train_vision_tower": self.train_vision_tower}
 
     def compile(self, *args, sampler="top_k", **kwargs):
         """KerasHub's `compile`; `sampler="greedy"` takes the argmax of the logits (`ArgmaxSampler`)."""

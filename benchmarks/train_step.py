@@ -1,0 +1,315 @@
+"""One training step: keras_t5gemma against KerasHub 0.32 and transformers, interleaved.
+
+    python benchmarks/train_step.py --config 270m --rounds 2 --steps 3
+    python benchmarks/train_step.py --config tiny --rounds 3 --steps 5   # quick
+
+The step is batch 4, 256 encoder / 64 decoder tokens, float32, next-token
+cross-entropy over the whole vocabulary, AdamW (Keras' `AdamW(1e-5)` for the
+Keras ports, `torch.optim.AdamW(lr=1e-5)` for `transformers`). All three
+start from one random checkpoint written by `benchmark_generate.py`'s
+`write_checkpoints` (KerasHub reads a text-only copy: its vision model cannot
+train without images; `transformers` and keras_t5gemma hold the vision tower,
+which gets no update: `transformers` skips parameters without gradients,
+keras_t5gemma freezes it by default). `keras_t5gemma_lora` is keras_t5gemma
+with `enable_lora(8)`.
+
+Each implementation runs in its own process (a 270m model with its optimizer
+state takes ~8 GB, too much for all at once on a small machine); one round
+starts each of them in turn (A, B, C, A, B, C, ...), and each process times
+`--steps` steps after one warm-up step (the compile). The report gives the
+median over rounds of each process's median step, tokens/s (encoder plus
+decoder tokens), achieved FLOP/s (model FLOPs: 6 per parameter per token it
+passes, plus attention) next to the machine's float32 matmul peak measured
+before and after, and the ratio of keras_t5gemma to each peer. With
+`--profile`, keras_t5gemma's step is also split into data (the bundled
+preset's preprocessor on string pairs), forward, backward and optimizer.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchmark_generate import CONFIGS  # noqa: E402
+from benchmark_generate import write_checkpoints  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+IMPLEMENTATIONS = ("keras_t5gemma", "keras_hub", "transformers", "keras_t5gemma_lora")
+BATCH, ENCODER_TOKENS, DECODER_TOKENS = 4, 256, 64
+
+
+def matmul_peak(size=2048, repeats=5):
+    """float32 matmul FLOP/s on this machine (median of `repeats`, jitted JAX)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        matmul(a).block_until_ready()
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times)
+
+
+def train_flops(config):
+    """Model FLOPs of one training step: 3x the forward's multiply-adds, times two."""
+    text, decoder = config["encoder"]["text_config"], config["decoder"]
+
+    def layer_params(c):
+        d, heads, kv, hd, ff = (
+            c["hidden_size"],
+            c["num_attention_heads"],
+            c["num_key_value_heads"],
+            c["head_dim"],
+            c["intermediate_size"],
+        )
+        return d * hd * (2 * heads + 2 * kv) + 3 * d * ff
+
+    s, t = ENCODER_TOKENS, DECODER_TOKENS
+    encoder = text["num_hidden_layers"] * (
+        layer_params(text) * s + 2 * s * s * text["num_attention_heads"] * text["head_dim"]
+    )
+    # Decoder layers also project the encoder output to keys/values and attend over self + cross keys.
+    heads, kv, hd, d = (
+        decoder["num_attention_heads"],
+        decoder["num_key_value_heads"],
+        decoder["head_dim"],
+        decoder["hidden_size"],
+    )
+    cross = 2 * d * kv * hd * s + 2 * t * (t + s) * heads * hd
+    decoder_flops = decoder["num_hidden_layers"] * (layer_params(decoder) * t + cross)
+    head = decoder["vocab_size"] * d * t
+    return 6 * BATCH * (encoder + decoder_flops + head)
+
+
+def _batch(vocabulary):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    encoder = rng.integers(3, min(vocabulary, 255_000), (BATCH, ENCODER_TOKENS)).astype("int32")
+    decoder = rng.integers(3, min(vocabulary, 255_000), (BATCH, DECODER_TOKENS)).astype("int32")
+    return encoder, decoder
+
+
+def _time_steps(step, steps):
+    started = time.perf_counter()
+    step()
+    first = time.perf_counter() - started
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return {"first_step_s": first, "step_s": times}
+
+
+def _keras_step(seq_2_seq_lm, vocabulary, steps):
+    import keras
+    import numpy as np
+
+    encoder, decoder = _batch(vocabulary)
+    x = {
+        "encoder_token_ids": encoder,
+        "encoder_padding_mask": np.ones_like(encoder),
+        "decoder_token_ids": decoder,
+        "decoder_padding_mask": np.ones_like(decoder),
+    }
+    seq_2_seq_lm.compile(
+        optimizer=keras.optimizers.AdamW(1e-5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    trainable = sum(int(np.prod(w.shape)) for w in seq_2_seq_lm.trainable_weights)
+    # Under `jax.jit` the Python `train_step` runs only when the step is traced.
+    traces = []
+    train_step = seq_2_seq_lm.train_step
+    seq_2_seq_lm.train_step = lambda *args: traces.append(1) or train_step(*args)
+    results = _time_steps(lambda: seq_2_seq_lm.train_on_batch(x, decoder), steps)
+    results["traces"] = len(traces)
+    results["trainable_parameters"] = trainable
+    return results, x, decoder
+
+
+def _profile(seq_2_seq_lm, x, y, repeats=2):
+    """keras_t5gemma's step split into forward, backward and optimizer (jitted separately), and data."""
+    import jax
+    import keras
+
+    from keras_t5gemma import T5Gemma2Seq2SeqLM
+
+    model = seq_2_seq_lm
+    trainable = [v.value for v in model.trainable_variables]
+    frozen = [v.value for v in model.non_trainable_variables]
+    optimizer_state = [v.value for v in model.optimizer.variables]
+
+    def loss(trainable, frozen):
+        metrics = [v.value for v in model.metrics_variables]
+        return model.compute_loss_and_updates(
+            trainable, frozen, metrics, x, y, None, training=True, optimizer_variables=optimizer_state
+        )[0]
+
+    forward = jax.jit(loss)
+    gradient = jax.jit(jax.grad(loss))
+    apply = jax.jit(
+        lambda optimizer_state, grads, trainable: model.optimizer.stateless_apply(optimizer_state, grads, trainable)
+    )
+
+    def timed(function):
+        jax.block_until_ready(function())
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            jax.block_until_ready(function())
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    results = {"forward_s": timed(lambda: forward(trainable, frozen))}
+    forward_backward = timed(lambda: gradient(trainable, frozen))
+    results["backward_s"] = forward_backward - results["forward_s"]
+    grads = gradient(trainable, frozen)
+    results["optimizer_s"] = timed(lambda: apply(optimizer_state, grads, trainable))
+
+    # Data: the bundled preset's preprocessor over string pairs of about the step's lengths.
+    preprocessor = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits").preprocessor
+    preprocessor.encoder_sequence_length, preprocessor.decoder_sequence_length = ENCODER_TOKENS, DECODER_TOKENS
+    words = " ".join(str(i % 10) for i in range(ENCODER_TOKENS))
+    pairs = {"encoder_text": [words] * BATCH, "decoder_text": [words[: 2 * DECODER_TOKENS]] * BATCH}
+    results["data_s"] = timed(lambda: keras.tree.map_structure(keras.ops.convert_to_numpy, preprocessor(pairs)))
+    return results
+
+
+def run_keras_t5gemma(checkpoint, steps, lora=False, profile=False):
+    from keras_t5gemma import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.utils.preset_utils import get_preset_loader
+
+    backbone = get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+    if lora:
+        backbone.enable_lora(8)
+    results, x, y = _keras_step(seq_2_seq_lm, backbone.vocabulary_size, steps)
+    if profile:
+        results["profile"] = _profile(seq_2_seq_lm, x, y)
+    return results
+
+
+def run_keras_hub(checkpoint, steps):
+    from keras_hub.models import T5Gemma2Backbone
+    from keras_hub.models import T5Gemma2Seq2SeqLM
+
+    backbone = T5Gemma2Backbone.from_preset(str(checkpoint))
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone=backbone, preprocessor=None)
+    return _keras_step(seq_2_seq_lm, backbone.vocabulary_size, steps)[0]
+
+
+def run_transformers(checkpoint, steps):
+    import torch
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    model = T5Gemma2ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32)
+    encoder, labels = (torch.tensor(a).long() for a in _batch(model.config.decoder.vocab_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+
+    def step():
+        optimizer.zero_grad()
+        loss = model(input_ids=encoder, attention_mask=torch.ones_like(encoder), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+
+    results = _time_steps(step, steps)
+    results["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return results
+
+
+def child(implementation, checkpoints, steps, profile):
+    current, earlier = checkpoints
+    if implementation == "keras_t5gemma":
+        results = run_keras_t5gemma(current, steps, profile=profile)
+    elif implementation == "keras_t5gemma_lora":
+        results = run_keras_t5gemma(current, steps, lora=True)
+    elif implementation == "keras_hub":
+        results = run_keras_hub(earlier, steps)
+    else:
+        results = run_transformers(current, steps)
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def run_child(implementation, directory, steps, profile):
+    environment = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, __file__, "--child", implementation, "--checkpoints", directory, "--steps", str(steps)]
+    if profile:
+        command.append("--profile")
+    output = subprocess.run(command, env=environment, capture_output=True, text=True)
+    for line in output.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"{implementation} failed:\n{output.stderr[-4000:]}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="270m")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up")
+    parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument("--profile", action="store_true", help="split keras_t5gemma's step (first round)")
+    parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoints", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        directory = Path(args.checkpoints)
+        child(args.child, (directory / "current", directory / "earlier"), args.steps, args.profile)
+        return
+
+    config = CONFIGS[args.config]()
+    peak_before = matmul_peak()
+    flops = train_flops(config)
+    runs = {name: [] for name in args.implementations}
+    with tempfile.TemporaryDirectory() as directory:
+        write_checkpoints(config, directory)
+        for round_index in range(args.rounds):
+            for name in args.implementations:
+                profile = args.profile and round_index == 0 and name == "keras_t5gemma"
+                result = run_child(name, directory, args.steps, profile)
+                runs[name].append(result)
+                print(f"round {round_index + 1} {name}: steps {[round(s, 3) for s in result['step_s']]} s", flush=True)
+    peak_after = matmul_peak()
+    peak = statistics.median([peak_before, peak_after])
+    tokens = BATCH * (ENCODER_TOKENS + DECODER_TOKENS)
+    print(
+        f"\n{args.config}: batch {BATCH}, {ENCODER_TOKENS}/{DECODER_TOKENS} tokens, float32, AdamW; "
+        f"{args.rounds} rounds x {args.steps} steps; model FLOPs per step {flops / 1e9:.0f} G; "
+        f"float32 matmul peak {peak_before / 1e9:.0f} / {peak_after / 1e9:.0f} GFLOP/s (before / after)"
+    )
+    medians = {
+        name: statistics.median(statistics.median(r["step_s"]) for r in results) for name, results in runs.items()
+    }
+    header = ("implementation", "step (s)", "tokens/s", "GFLOP/s", "of peak", "trainable", "first (s)")
+    print(f"{header[0]:<20}" + "".join(f"{h:>12}" for h in header[1:]))
+    for name, step in medians.items():
+        first = statistics.median(r["first_step_s"] for r in runs[name])
+        print(
+            f"{name:<20}{step:>12.3f}{tokens / step:>12.0f}{flops / step / 1e9:>12.1f}{flops / step / peak:>12.1%}"
+            f"{runs[name][0]['trainable_parameters']:>12,}{first:>12.1f}"
+        )
+    if "keras_t5gemma" in medians:
+        for peer in ("keras_hub", "transformers", "keras_t5gemma_lora"):
+            if peer in medians:
+                print(f"keras_t5gemma step speed / {peer}: {medians[peer] / medians['keras_t5gemma']:.2f}x")
+        traces = [r.get("traces") for r in runs["keras_t5gemma"]]
+        print(f"keras_t5gemma train function traces per process: {traces}")
+        profile = runs["keras_t5gemma"][0].get("profile")
+        if profile:
+            print("keras_t5gemma profile (s): " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in profile.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Fine-tuning: the vision tower frozen by default (and trainable on request),
+weights without a gradient left bit-identical whatever the optimizer, the
+chunked loss against the plain one, and `fit`'s shuffling."""
+
+import warnings
+
+import jax
+import keras
+import numpy as np
+import pytest
+
+from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
+from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+
+VOCABULARY = 40
+EOI, IMAGE, BOI = 37, 38, 39
+MM_TOKENS = 4
+
+OPTIMIZERS = {
+    "adamw_weight_decay": lambda: keras.optimizers.AdamW(1e-2, weight_decay=0.1),
+    "sgd_momentum_weight_decay": lambda: keras.optimizers.SGD(1e-2, momentum=0.9, weight_decay=0.1),
+    "adafactor": lambda: keras.optimizers.Adafactor(1e-2, weight_decay=0.1),
+}
+
+
+def _vision_backbone(**kwargs):
+    vision = T5Gemma2VisionEncoder(
+        image_size=8,
+        patch_size=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        num_layers=1,
+        num_heads=2,
+        output_dim=16,
+        mm_tokens_per_image=MM_TOKENS,
+    )
+    return T5Gemma2Backbone(
+        vocabulary_size=VOCABULARY,
+        hidden_dim=16,
+        intermediate_dim=32,
+        num_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        sliding_window=8,
+        eoi_token_id=EOI,
+        image_token_id=IMAGE,
+        vision_encoder=vision,
+        **kwargs,
+    )
+
+
+def _text_batch(rng, batch=4, length=6):
+    """Token-id inputs without image tokens, and next-token targets."""
+    ids = rng.integers(1, 30, (batch, length)).astype("int32")
+    x = {
+        "encoder_token_ids": ids,
+        "encoder_padding_mask": np.ones_like(ids),
+        "decoder_token_ids": ids[:, ::-1].copy(),
+        "decoder_padding_mask": np.ones_like(ids),
+    }
+    return x, np.roll(x["decoder_token_ids"], -1, axis=1)
+
+
+def _image_batch(rng, batch=2):
+    """One image per sample with its placeholders."""
+    x, y = _text_batch(rng, batch)
+    block = [BOI] + [IMAGE] * MM_TOKENS + [EOI]
+    ids = np.concatenate([x["encoder_token_ids"], np.tile(block, (batch, 1))], axis=1).astype("int32")
+    x["encoder_token_ids"], x["encoder_padding_mask"] = ids, np.ones_like(ids)
+    x["images"] = rng.uniform(-1, 1, (batch, 1, 8, 8, 3)).astype("float32")
+    return x, y
+
+
+def _weights(model):
+    return {w.path: keras.ops.convert_to_numpy(w).copy() for w in model.weights}
+
+
+@pytest.fixture(scope="module")
+def text_batch():
+    return _text_batch(np.random.default_rng(5))
+
+
+@pytest.fixture(scope="module")
+def zero_gradient_positions(text_batch):
+    """Positions in `weights` of those whose gradient on the text batch is zero, found with every weight free."""
+    model = T5Gemma2Seq2SeqLM(_vision_backbone())
+    x, y = text_batch
+    x = model.backbone.with_default_images(x)
+
+    def loss(values):
+        with keras.StatelessScope(state_mapping=list(zip(model.weights, values))):
+            return model.compute_loss(x, y, model(x))
+
+    gradients = jax.jit(jax.grad(loss))([w.value for w in model.weights])
+    return {i for i, g in enumerate(gradients) if not np.any(np.asarray(g))}
+
+
+@pytest.mark.parametrize(
+    "optimizer, lora",
+    [
+        ("adamw_weight_decay", False),
+        ("adamw_weight_decay", True),
+        ("sgd_momentum_weight_decay", False),
+        ("adafactor", True),
+    ],
+)
+def test_text_only_fit_leaves_weights_without_a_gradient_bit_identical(
+    optimizer, lora, text_batch, zero_gradient_positions
+):
+    keras.utils.set_random_seed(0)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(_vision_backbone())
+    without_gradient = {seq_2_seq_lm.weights[i].path for i in zero_gradient_positions}
+    vision = {w.path for w in seq_2_seq_lm.backbone.vision_encoder.weights}
+    # The vision tower and the end-of-image vector get none; the text weights all do.
+    assert without_gradient == vision | {"token_embedding/eoi_embedding"}
+    if lora:
+        # `enable_lora` makes the tower's attention layers trainable again; `compile` re-freezes it.
+        seq_2_seq_lm.backbone.enable_lora(2)
+    seq_2_seq_lm.compile(optimizer=OPTIMIZERS[optimizer]())
+    trainable = {w.path for w in seq_2_seq_lm.trainable_weights}
+    assert trainable and not trainable & without_gradient
+    before = _weights(seq_2_seq_lm)
+    seq_2_seq_lm.fit(*text_batch, batch_size=2, epochs=1, verbose=0)
+    after = _weights(seq_2_seq_lm)
+    for path in without_gradient:
+        np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+    assert all(not np.array_equal(after[path], before[path]) for path in trainable if "lora_kernel_a" not in path)
+
+
+def test_train_vision_tower_trains_it_on_image_data(rng):
+    keras.utils.set_random_seed(0)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(_vision_backbone(), train_vision_tower=True)
+    vision = seq_2_seq_lm.backbone.vision_encoder
+    assert {w.path for w in vision.weights} <= {w.path for w in seq_2_seq_lm.trainable_weights}
+    seq_2_seq_lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x, y = _image_batch(rng)
+    before = _weights(seq_2_seq_lm)
+    seq_2_seq_lm.fit(x, y, batch_size=2, epochs=1, verbose=0)
+    after = _weights(seq_2_seq_lm)
+    for path in [w.path for w in vision.weights] + ["token_embedding/eoi_embedding"]:
+        assert not np.array_equal(after[path], before[path]), path
+
+
+def test_train_vision_tower_round_trips_and_rejects_non_bools():
+    backbone = _vision_backbone(encoder_only=True)
+    embedder = T5Gemma2Embedder(backbone, train_vision_tower=True)
+    assert T5Gemma2Embedder.from_config(embedder.get_config()).train_vision_tower is True
+    assert T5Gemma2Embedder(backbone).train_vision_tower is False
+    assert not backbone.vision_encoder.trainable
+    with pytest.raises(ValueError, match="train_vision_tower"):
+        embedder.train_vision_tower = "yes"
+
+
+def test_fit_on_strings_shuffles_each_epoch_without_warning():
+    keras.utils.set_random_seed(0)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
+    seq_2_seq_lm.compile(optimizer=keras.optimizers.SGD(0.1))
+    x = {
+        "encoder_text": [f"reverse: {i} {i + 1}" for i in range(6)],
+        "decoder_text": [f"{i + 1} {i}" for i in range(6)],
+    }
+    start = [keras.ops.convert_to_numpy(w) for w in seq_2_seq_lm.weights]
+
+    def fit(**kwargs):
+        seq_2_seq_lm.set_weights(start)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seq_2_seq_lm.fit(x, batch_size=1, epochs=1, verbose=0, **kwargs)
+        assert not [w for w in caught if "shuffle" in str(w.message)], [str(w.message) for w in caught]
+        return [keras.ops.convert_to_numpy(w) for w in seq_2_seq_lm.weights]
+
+    in_order = fit(shuffle=False)
+    # With batch 1 the order of the samples shows in the weights.
+    assert all(np.array_equal(a, b) for a, b in zip(in_order, fit(shuffle=False)))
+    assert not all(np.array_equal(a, b) for a, b in zip(in_order, fit()))
