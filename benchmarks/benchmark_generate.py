@@ -82,7 +82,7 @@ def tiny_config():
 
 
 def released_config(name):
-    return json.loads((ROOT / "presets" / "configs" / f"t5gemma-2-{name}.json").read_text())
+    return json.loads((ROOT / "tests" / "data" / f"t5gemma-2-{name}.json").read_text())
 
 
 CONFIGS = {"tiny": tiny_config, "270m": lambda: released_config("270m-270m")}

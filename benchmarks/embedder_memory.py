@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-DEFAULT_CONFIG = ROOT / "presets" / "configs" / "t5gemma-2-270m-270m.json"
+DEFAULT_CONFIG = ROOT / "tests" / "data" / "t5gemma-2-270m-270m.json"
 PARTS = ("encoder_only", "full")
 
 

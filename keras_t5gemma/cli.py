@@ -616,6 +616,8 @@ def run_fine_tune(args):
                 if image:
                     images[row, 0] = _load_image(image, image_size)
             x["images"] = images
+        # Before `enable_lora`, so that a trained vision tower gets adapters too.
+        seq_2_seq_lm.train_vision_tower = args.train_vision_tower
         if args.lora_rank:
             seq_2_seq_lm.backbone.enable_lora(args.lora_rank)
         seq_2_seq_lm.compile(
@@ -893,6 +895,11 @@ def build_parser():
         "--lora-rank",
         type=_positive_int,
         help="train LoRA adapters of this rank instead of all weights (merged when saved)",
+    )
+    fine_tune.add_argument(
+        "--train-vision-tower",
+        action="store_true",
+        help="train the vision tower too (default: frozen, as T5Gemma 2 is fine-tuned)",
     )
     fine_tune.add_argument(
         "--encoder-length",

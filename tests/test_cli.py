@@ -15,6 +15,7 @@ from keras_t5gemma import demo
 from keras_t5gemma.cli import DEFAULT_PRESET
 from keras_t5gemma.cli import main
 from keras_t5gemma.cli import make_sampler
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 from keras_t5gemma.utils.preset_utils import is_bundled
@@ -120,9 +121,12 @@ def test_fine_tune_checkpoints_saves_and_the_result_loads(capsys, tmp_path):
         "24",
         "--decoder-length",
         "12",
+        "--train-vision-tower",
         "--quiet",
     )
     assert status == 0, err
+    # Trained, the tower moves even on text (by weight decay); frozen by default (below), it does not.
+    assert not _vision_weights_equal(output)
     assert (output / "config.json").exists() and (output / "runs" / "run_001" / "checkpoints" / "2").is_dir()
     assert "Loss per epoch" in out
     status, out, err = run(capsys, "generate", "--preset", output, "rotate: 1 2 3")
@@ -157,6 +161,13 @@ def test_fine_tune_from_csv_with_lora_and_images(capsys, tmp_path):
     assert status == 0, err
     config = json.loads((output / "config.json").read_text())
     assert config["class_name"] == "T5Gemma2Backbone"  # LoRA merged: a plain backbone
+    assert _vision_weights_equal(output)
+
+
+def _vision_weights_equal(preset):
+    """Whether `preset`'s vision tower holds the bundled preset's weights, bit for bit."""
+    tuned, bundled = (T5Gemma2Backbone.from_preset(str(p)).vision_encoder for p in (preset, "t5gemma2_tiny_digits"))
+    return all(np.array_equal(a, b) for a, b in zip(tuned.get_weights(), bundled.get_weights()))
 
 
 def test_embed_prints_and_saves_unit_vectors(capsys, tmp_path):
