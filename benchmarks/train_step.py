@@ -280,7 +280,7 @@ def main():
                 profile = args.profile and round_index == 0 and name == "keras_t5gemma"
                 result = run_child(name, directory, args.steps, profile)
                 runs[name].append(result)
-                print(f"round {round_index + 1} {name}: steps {[round(s, 3) for s in result['step_s']]} s", flush=True)
+                print(f"round {round_index + 1} {name}: {json.dumps(result)}", flush=True)
     peak_after = matmul_peak()
     peak = statistics.median([peak_before, peak_after])
     tokens = BATCH * (ENCODER_TOKENS + DECODER_TOKENS)
