@@ -92,6 +92,35 @@ def test_greedy_generation_of_ragged_text_prompts_matches_reference(pair, rng):
     assert len(np.unique(expected)) > 8  # not one repeated token
 
 
+def test_greedy_generation_from_ragged_multi_token_decoder_prompts_matches_reference(pair, rng):
+    """Decoder prompts of several tokens (the prefill branch), of different lengths in one batch."""
+    model, seq_2_seq_lm = pair
+    encoder_ids, encoder_mask = _encoder_batch(rng, [9, 12, 5])
+    width = NEW_TOKENS + 1
+    prompts = [[2] + list(rng.integers(3, 290, n - 1)) for n in (5, 3, 8)]
+    decoder_ids = np.zeros((3, width), "int32")
+    for row, prompt in enumerate(prompts):
+        decoder_ids[row, : len(prompt)] = prompt
+    inputs = {
+        "encoder_token_ids": encoder_ids,
+        "encoder_padding_mask": encoder_mask,
+        "decoder_token_ids": decoder_ids,
+        "decoder_padding_mask": (decoder_ids > 0).astype("int32"),
+    }
+    output = seq_2_seq_lm.generate(inputs, stop_token_ids=None)["decoder_token_ids"]
+    for row, prompt in enumerate(prompts):
+        real = encoder_mask[row].astype(bool)
+        with torch.no_grad():
+            expected = model.generate(
+                input_ids=torch.tensor(encoder_ids[row : row + 1, real]).long(),
+                decoder_input_ids=torch.tensor([prompt]).long(),
+                max_new_tokens=width - len(prompt),
+                do_sample=False,
+                eos_token_id=None,
+            ).numpy()[0]
+        np.testing.assert_array_equal(output[row], expected)
+
+
 def test_greedy_generation_with_images_matches_reference(pair, rng):
     model, seq_2_seq_lm = pair
     encoder_ids, encoder_mask = _encoder_batch(rng, [5, 4], images_per_sample=[2, 1])
