@@ -157,6 +157,22 @@ def test_fine_tune_from_csv_with_lora_and_images(capsys, tmp_path):
     assert status == 0, err
     config = json.loads((output / "config.json").read_text())
     assert config["class_name"] == "T5Gemma2Backbone"  # LoRA merged: a plain backbone
+    # The adapters are merged into the saved kernels: those differ from the base; the rest is frozen.
+    import keras
+
+    from keras_t5gemma import T5Gemma2Backbone
+
+    tuned = T5Gemma2Backbone.from_preset(str(output))
+    base = T5Gemma2Backbone.from_preset(DEFAULT_PRESET)
+    assert not any("lora" in weight.path for weight in tuned.weights)
+    changed = {
+        b.path
+        for a, b in zip(tuned.weights, base.weights)
+        if not np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    }
+    # (Keras leaves the bias of a LoRA-enabled layer trainable: the vision tower's query/value biases move.)
+    assert any(path.startswith("decoder/") and path.endswith("kernel") for path in changed)
+    assert all(path.rsplit("/", 2)[-2] in ("query", "value") for path in changed), changed
 
 
 def test_embed_prints_and_saves_unit_vectors(capsys, tmp_path):

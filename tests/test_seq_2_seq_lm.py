@@ -281,7 +281,7 @@ def test_fit_learns_a_toy_task_and_then_generates_it(rng):
     assert (generated[:, 1:] == y).all(axis=1).mean() >= 15 / 16, generated
 
 
-def test_lora_trains_only_the_adapters(rng):
+def test_lora_trains_only_the_adapters_which_save_and_load_alone(rng, tmp_path):
     seq_2_seq_lm = T5Gemma2Seq2SeqLM(_tiny_backbone())
     seq_2_seq_lm.backbone.enable_lora(2)
     trainable = {w.path for w in seq_2_seq_lm.trainable_weights}
@@ -295,6 +295,18 @@ def test_lora_trains_only_the_adapters(rng):
             np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), frozen[weight.path])
     lora_b = [w for w in seq_2_seq_lm.weights if "lora_kernel_b" in w.path]
     assert any(np.abs(keras.ops.convert_to_numpy(w)).max() > 0 for w in lora_b)
+
+    # The trained adapters alone (`save_lora_weights`) restore the model on the same base weights.
+    path = os.path.join(tmp_path, "adapters.lora.h5")
+    seq_2_seq_lm.backbone.save_lora_weights(path)
+    backbone = T5Gemma2Backbone.from_config(seq_2_seq_lm.backbone.get_config())
+    backbone.enable_lora(2)
+    for ours, theirs in zip(backbone.weights, seq_2_seq_lm.backbone.weights):
+        if "lora" not in theirs.path:
+            ours.assign(theirs)
+    backbone.load_lora_weights(path)
+    restored = T5Gemma2Seq2SeqLM(backbone)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(restored(x)), keras.ops.convert_to_numpy(seq_2_seq_lm(x)))
 
 
 def test_keras_file_round_trip_is_exact(pair, rng, tmp_path):
