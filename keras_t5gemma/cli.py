@@ -719,7 +719,9 @@ def build_convert_parser():
         prog="keras-t5gemma convert",
         description="Converts a Hugging Face T5Gemma 2 checkpoint to a Keras preset folder, loadable with "
         "`T5Gemma2Seq2SeqLM.from_preset(OUTPUT)`. --verify loads the same weights in transformers (when "
-        "installed) and reports the largest logit difference and how many greedy tokens agree.",
+        "installed), reports the largest logit difference and how many greedy tokens agree, and exits with "
+        "status 2 when they disagree (logits beyond 1e-4 of the logit scale in float32, 1e-2 in float16, "
+        "5e-2 in bfloat16; in float32 also any greedy token).",
         epilog="Example: keras-t5gemma convert hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m "
         "--dtype bfloat16 --verify",
     )
@@ -746,7 +748,9 @@ def run_convert(argv):
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.verify:
-        verify(seq_2_seq_lm, loader)
+        result = verify(seq_2_seq_lm, loader)
+        if result is not None and not result[-1]:
+            return 2
     return 0
 
 

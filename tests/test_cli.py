@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -161,7 +162,18 @@ def test_fine_tune_from_csv_with_lora_and_images(capsys, tmp_path):
     assert status == 0, err
     config = json.loads((output / "config.json").read_text())
     assert config["class_name"] == "T5Gemma2Backbone"  # LoRA merged: a plain backbone
-    assert _vision_weights_equal(output)
+    # The adapters are merged into the saved kernels: those differ from the base; the rest is frozen.
+    tuned = T5Gemma2Backbone.from_preset(str(output))
+    base = T5Gemma2Backbone.from_preset(DEFAULT_PRESET)
+    assert not any("lora" in weight.path for weight in tuned.weights)
+    changed = {
+        b.path
+        for a, b in zip(tuned.weights, base.weights)
+        if not np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    }
+    assert any(path.startswith("decoder/") and path.endswith("kernel") for path in changed)
+    assert all(path.rsplit("/", 2)[-2] in ("query", "value") for path in changed), changed
+    assert _vision_weights_equal(output)  # frozen by default, biases included
 
 
 def _vision_weights_equal(preset):

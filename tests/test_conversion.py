@@ -12,6 +12,8 @@ from conftest import assert_matches_reference
 from hf_checkpoints import checkpoint_config
 from hf_checkpoints import to_earlier_layout
 from hf_checkpoints import write_checkpoint
+from safetensors import safe_open
+from transformers import T5Gemma2ForConditionalGeneration
 
 from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma import T5Gemma2Seq2SeqLM
@@ -19,6 +21,12 @@ from keras_t5gemma import T5Gemma2Tokenizer
 from keras_t5gemma.cli import main as command_line
 
 PROMPT = "A <start_of_image> fox jumped."
+# Two bfloat16 implementations each round to 8 significant bits (unit roundoff
+# u = 2**-8) after every operation, in different places. Their rounding errors
+# random-walk over the L = 6 text layers, and a logit is a D = 32 term dot
+# product whose terms each carry them: 2 * u * sqrt(L) * sqrt(D) of the logit
+# scale (0.108; measured 0.053).
+BFLOAT16_TOLERANCE = 2 * 2**-8 * (6 * 32) ** 0.5
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,15 @@ def checkpoints(small_proto, tmp_path_factory):
 
 def _compare_with_reference(seq_2_seq_lm, model, rng, atol=1e-4, rtol=1e-5):
     """Logits of an image prompt through the whole pipeline, against the reference."""
+    ours, expected = _image_prompt_logits(seq_2_seq_lm, model, rng)
+    return assert_matches_reference(ours, expected, atol=atol, rtol_to_scale=rtol)
+
+
+def _image_prompt_logits(seq_2_seq_lm, model, rng):
+    """`(ours, reference)` float32 logits at the real decoder positions of an image prompt.
+
+    The reference runs in its own dtype (pixels are cast to it).
+    """
     image = rng.integers(0, 255, (40, 30, 3), dtype="uint8")
     x, _, _ = seq_2_seq_lm.preprocessor(
         {"encoder_text": [PROMPT], "decoder_text": ["fox"], "images": [[image]]},
@@ -47,16 +64,20 @@ def _compare_with_reference(seq_2_seq_lm, model, rng, atol=1e-4, rtol=1e-5):
     )
     images = np.asarray(x["images"])
     with torch.no_grad():
-        expected = model(
-            input_ids=torch.tensor(np.asarray(x["encoder_token_ids"])).long(),
-            attention_mask=torch.tensor(np.asarray(x["encoder_padding_mask"])),
-            pixel_values=torch.tensor(images[0].transpose(0, 3, 1, 2)),
-            decoder_input_ids=torch.tensor(np.asarray(x["decoder_token_ids"])).long(),
-            decoder_attention_mask=torch.tensor(np.asarray(x["decoder_padding_mask"])),
-        ).logits.numpy()
+        expected = (
+            model(
+                input_ids=torch.tensor(np.asarray(x["encoder_token_ids"])).long(),
+                attention_mask=torch.tensor(np.asarray(x["encoder_padding_mask"])),
+                pixel_values=torch.tensor(images[0].transpose(0, 3, 1, 2)).to(model.dtype),
+                decoder_input_ids=torch.tensor(np.asarray(x["decoder_token_ids"])).long(),
+                decoder_attention_mask=torch.tensor(np.asarray(x["decoder_padding_mask"])),
+            )
+            .logits.float()
+            .numpy()
+        )
     logits = keras.ops.convert_to_numpy(keras.ops.cast(seq_2_seq_lm(x), "float32"))
     real = np.asarray(x["decoder_padding_mask"]).astype(bool)
-    return assert_matches_reference(logits[real], expected[real], atol=atol, rtol_to_scale=rtol)
+    return logits[real], expected[real]
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded", "earlier"])
@@ -163,6 +184,38 @@ def test_bfloat16_conversion(checkpoints, rng):
     _compare_with_reference(seq_2_seq_lm, model, rng, atol=np.inf, rtol=0.05)
 
 
+@pytest.fixture(scope="module")
+def bfloat16_checkpoint(small_proto, tmp_path_factory):
+    """A checkpoint stored in bfloat16 (as released ones are) and `transformers` models loaded from it."""
+    folder = tmp_path_factory.mktemp("bfloat16")
+    write_checkpoint(folder, checkpoint_config(), small_proto, seed=7).to(torch.bfloat16).save_pretrained(folder)
+    with safe_open(folder / "model.safetensors", framework="np") as stored:
+        assert {stored.get_slice(name).get_dtype() for name in stored.keys()} == {"BF16"}
+    models = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        models[dtype] = T5Gemma2ForConditionalGeneration.from_pretrained(
+            folder, dtype=dtype, attn_implementation="eager"
+        ).eval()
+    return folder, models
+
+
+def test_bfloat16_checkpoint_loads_in_float32_like_the_reference(bfloat16_checkpoint, rng):
+    folder, models = bfloat16_checkpoint
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(folder))
+    _compare_with_reference(seq_2_seq_lm, models[torch.float32], rng, atol=np.inf, rtol=1e-5)
+
+
+def test_bfloat16_checkpoint_in_bfloat16_matches_the_reference_in_bfloat16(bfloat16_checkpoint, rng):
+    folder, models = bfloat16_checkpoint
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(folder), dtype="bfloat16")
+    assert {keras.backend.standardize_dtype(w.dtype) for w in seq_2_seq_lm.backbone.weights} == {"bfloat16"}
+    ours, reference = _image_prompt_logits(seq_2_seq_lm, models[torch.bfloat16], rng)
+    assert_matches_reference(ours, reference, atol=np.inf, rtol_to_scale=BFLOAT16_TOLERANCE)
+    # And no farther from float32 compute on the same weights than transformers' bfloat16 is.
+    _, exact = _image_prompt_logits(seq_2_seq_lm, models[torch.float32], np.random.default_rng(1234))
+    assert np.abs(ours - exact).max() <= np.abs(reference - exact).max()
+
+
 def test_text_only_conversion_skips_the_vision_tower(checkpoints):
     folder, _ = checkpoints["earlier"]
     seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(folder), text_only=True)
@@ -201,6 +254,22 @@ def test_tool_converts_verifies_and_round_trips(checkpoints, tmp_path, rng, caps
             {"encoder_text": text, "images": [[], [np.zeros((8, 8, 3), "uint8")]]}
         )["encoder_token_ids"],
     )
+
+
+def test_verify_fails_when_a_weight_is_mapped_wrong(checkpoints, tmp_path, monkeypatch, capsys):
+    """A converter bug (one tensor scaled on the way in) makes `convert --verify` exit non-zero."""
+    import keras_t5gemma.conversion.convert as conversion
+
+    def load_one_wrong(backbone, keys, read, **kwargs):
+        load_weights(backbone, keys, read, **kwargs)
+        weight = [w for w in backbone.weights if "decoder" in w.path][-1]
+        weight.assign(-weight)
+
+    load_weights = conversion.load_weights
+    monkeypatch.setattr(conversion, "load_weights", load_one_wrong)
+    folder, _ = checkpoints["single"]
+    assert command_line(["convert", str(folder), str(tmp_path / "preset"), "--verify"]) == 2
+    assert "MISMATCH" in capsys.readouterr().out
 
 
 def test_tool_reports_bad_sources(tmp_path, capsys):

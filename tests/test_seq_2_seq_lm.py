@@ -92,6 +92,35 @@ def test_greedy_generation_of_ragged_text_prompts_matches_reference(pair, rng):
     assert len(np.unique(expected)) > 8  # not one repeated token
 
 
+def test_greedy_generation_from_ragged_multi_token_decoder_prompts_matches_reference(pair, rng):
+    """Decoder prompts of several tokens (the prefill branch), of different lengths in one batch."""
+    model, seq_2_seq_lm = pair
+    encoder_ids, encoder_mask = _encoder_batch(rng, [9, 12, 5])
+    width = NEW_TOKENS + 1
+    prompts = [[2] + list(rng.integers(3, 290, n - 1)) for n in (5, 3, 8)]
+    decoder_ids = np.zeros((3, width), "int32")
+    for row, prompt in enumerate(prompts):
+        decoder_ids[row, : len(prompt)] = prompt
+    inputs = {
+        "encoder_token_ids": encoder_ids,
+        "encoder_padding_mask": encoder_mask,
+        "decoder_token_ids": decoder_ids,
+        "decoder_padding_mask": (decoder_ids > 0).astype("int32"),
+    }
+    output = seq_2_seq_lm.generate(inputs, stop_token_ids=None)["decoder_token_ids"]
+    for row, prompt in enumerate(prompts):
+        real = encoder_mask[row].astype(bool)
+        with torch.no_grad():
+            expected = model.generate(
+                input_ids=torch.tensor(encoder_ids[row : row + 1, real]).long(),
+                decoder_input_ids=torch.tensor([prompt]).long(),
+                max_new_tokens=width - len(prompt),
+                do_sample=False,
+                eos_token_id=None,
+            ).numpy()[0]
+        np.testing.assert_array_equal(output[row], expected)
+
+
 def test_greedy_generation_with_images_matches_reference(pair, rng):
     model, seq_2_seq_lm = pair
     encoder_ids, encoder_mask = _encoder_batch(rng, [5, 4], images_per_sample=[2, 1])
@@ -252,7 +281,7 @@ def test_fit_learns_a_toy_task_and_then_generates_it(rng):
     assert (generated[:, 1:] == y).all(axis=1).mean() >= 15 / 16, generated
 
 
-def test_lora_trains_only_the_adapters(rng):
+def test_lora_trains_only_the_adapters_which_save_and_load_alone(rng, tmp_path):
     seq_2_seq_lm = T5Gemma2Seq2SeqLM(_tiny_backbone())
     seq_2_seq_lm.backbone.enable_lora(2)
     trainable = {w.path for w in seq_2_seq_lm.trainable_weights}
@@ -266,6 +295,18 @@ def test_lora_trains_only_the_adapters(rng):
             np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), frozen[weight.path])
     lora_b = [w for w in seq_2_seq_lm.weights if "lora_kernel_b" in w.path]
     assert any(np.abs(keras.ops.convert_to_numpy(w)).max() > 0 for w in lora_b)
+
+    # The trained adapters alone (`save_lora_weights`) restore the model on the same base weights.
+    path = os.path.join(tmp_path, "adapters.lora.h5")
+    seq_2_seq_lm.backbone.save_lora_weights(path)
+    backbone = T5Gemma2Backbone.from_config(seq_2_seq_lm.backbone.get_config())
+    backbone.enable_lora(2)
+    for ours, theirs in zip(backbone.weights, seq_2_seq_lm.backbone.weights):
+        if "lora" not in theirs.path:
+            ours.assign(theirs)
+    backbone.load_lora_weights(path)
+    restored = T5Gemma2Seq2SeqLM(backbone)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(restored(x)), keras.ops.convert_to_numpy(seq_2_seq_lm(x)))
 
 
 def test_keras_file_round_trip_is_exact(pair, rng, tmp_path):

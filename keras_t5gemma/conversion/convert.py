@@ -4,8 +4,9 @@ The command line is `keras-t5gemma convert` (`keras_t5gemma.cli`). `convert`
 takes a local Hugging Face folder, an `hf://org/name` handle, a bare
 `org/name` hub id, or a released preset name; its output loads with
 `T5Gemma2Seq2SeqLM.from_preset(OUTPUT)`. `verify` loads the same weights in
-`transformers` (when installed) and reports the largest logit difference and
-how many greedy tokens agree.
+`transformers` (when installed), reports the largest logit difference and
+how many greedy tokens agree, and says whether they agree within the
+tolerance of the converted dtype (`VERIFY_TOLERANCE`).
 """
 
 import os
@@ -27,6 +28,12 @@ def _source(source):
     if "://" not in source and not os.path.exists(source) and source.count("/") == 1:
         return f"hf://{source}"
     return source
+
+
+# Largest logit difference accepted by `verify`, relative to the logit scale.
+# float32 matches the reference up to rounding; bfloat16 (8 significant bits)
+# and float16 (11) weights and compute drift by a few of their ulps per layer.
+VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 
 
 def convert(source, output, dtype="float32", text_only=False, log=print):
@@ -51,8 +58,15 @@ def convert(source, output, dtype="float32", text_only=False, log=print):
 def verify(seq_2_seq_lm, loader, new_tokens=16, log=print):
     """Max logit difference and greedy agreement against `transformers` on a fixed prompt.
 
+    The reference runs in float32. The check passes when the largest logit
+    difference is within `VERIFY_TOLERANCE[dtype]` of the logit scale (the
+    dtype of the converted weights) and, for float32, every greedy token
+    agrees (at lower precision a near tie may flip a token, which is
+    reported but not failed).
+
     Returns:
-        `(max_abs_logit_diff, logit_scale, agreeing_tokens, new_tokens)`.
+        `(max_abs_logit_diff, logit_scale, agreeing_tokens, new_tokens, passed)`,
+        or `None` when `torch` or `transformers` is missing.
     """
     try:
         import torch
@@ -101,4 +115,14 @@ def verify(seq_2_seq_lm, loader, new_tokens=16, log=print):
     agreeing = int((tokens[1:] == expected_tokens[1:]).sum())
     log(f"max |logit difference| = {difference:.3g} (logit scale {scale:.3g}, relative {difference / scale:.3g})")
     log(f"greedy tokens agreeing with transformers: {agreeing}/{new_tokens}")
-    return difference, scale, agreeing, new_tokens
+    dtype = keras.backend.standardize_dtype(backbone.compute_dtype)
+    tolerance = VERIFY_TOLERANCE.get(dtype, VERIFY_TOLERANCE["bfloat16"])
+    passed = difference <= tolerance * scale and (agreeing == new_tokens or dtype != "float32")
+    if passed:
+        log(f"verified: within {tolerance:g} of the logit scale ({dtype})")
+    else:
+        log(
+            f"MISMATCH: the converted model does not agree with transformers ({dtype}: logits must be within "
+            f"{tolerance:g} of the logit scale" + (", every greedy token equal)" if dtype == "float32" else ")")
+        )
+    return difference, scale, agreeing, new_tokens, passed
