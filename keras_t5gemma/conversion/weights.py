@@ -6,6 +6,7 @@ brought to it by `canonical_key` before lookup.
 """
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -32,23 +33,62 @@ def canonical_key(key):
 
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
-    """One variable, the checkpoint key that fills it, and the axis permutation."""
+    """One variable, the checkpoint key that fills it, and the axis permutation.
+
+    `input_axes` is, for a `LINEAR` weight, how many leading axes of the
+    variable make the torch input axis (2 for an output projection
+    `(heads, head_dim, hidden)`, else 1).
+    """
 
     variable: object
     key: str
     permutation: tuple = None
+    input_axes: int = 1
+
+    def expected_shape(self, rank):
+        """The checkpoint tensor's shape after `permutation`, for a tensor of `rank` axes.
+
+        The variable's shape, with its head axes merged as torch stores them:
+        `LINEAR` weights as `(inputs, outputs)`, a rank-1 tensor for a
+        multi-axis variable (a bias `(heads, head_dim)`) as one axis.
+        """
+        target = tuple(self.variable.shape)
+        if self.permutation == LINEAR and len(target) > 2:
+            return (math.prod(target[: self.input_axes]), math.prod(target[self.input_axes :]))
+        if rank == 1 and len(target) > 1 and self.permutation is None:
+            return (math.prod(target),)
+        return target
 
     def convert(self, array):
+        """`array` in the variable's layout; refuses any other shape, and integer tensors for float variables."""
         array = np.asarray(array)
+        if array.dtype.kind in "iub" and "float" in str(self.variable.dtype):
+            raise ValueError(
+                f"Checkpoint tensor `{self.key}` holds {array.dtype} values; variable "
+                f"`{self.variable.path}` is {self.variable.dtype}. Is the file damaged?"
+            )
         if self.permutation is not None:
+            if array.ndim != len(self.permutation):
+                raise ValueError(
+                    f"Checkpoint tensor `{self.key}` has shape {array.shape}; expected {len(self.permutation)} "
+                    f"axes for variable `{self.variable.path}` of shape {tuple(self.variable.shape)}."
+                )
             array = np.transpose(array, self.permutation)
         target = tuple(self.variable.shape)
-        if int(np.prod(array.shape)) != int(np.prod(target)):
+        expected = self.expected_shape(array.ndim)
+        if array.shape != expected:
             raise ValueError(
-                f"Checkpoint tensor `{self.key}` has shape {array.shape}, which does not fit "
-                f"variable `{self.variable.path}` of shape {target}. Does the config match the weights?"
+                f"Checkpoint tensor `{self.key}` has shape {self._stored(array.shape)}, which does not fit "
+                f"variable `{self.variable.path}` of shape {target} (it needs {self._stored(expected)}). "
+                "Does the config match the weights (or is the tensor transposed)?"
             )
         return array.reshape(target)
+
+    def _stored(self, shape):
+        """`shape` (in the variable's axis order) as the checkpoint stores it."""
+        if self.permutation is None:
+            return tuple(shape)
+        return tuple(shape[self.permutation.index(axis)] for axis in range(len(shape)))
 
 
 def _text_layer_specs(layer, prefix):
@@ -60,7 +100,7 @@ def _text_layer_specs(layer, prefix):
     yield WeightSpec(attention.query_dense.kernel, f"{prefix}.self_attn.q_proj.weight", LINEAR)
     yield WeightSpec(attention.key_dense.kernel, f"{prefix}.self_attn.k_proj.weight", LINEAR)
     yield WeightSpec(attention.value_dense.kernel, f"{prefix}.self_attn.v_proj.weight", LINEAR)
-    yield WeightSpec(attention.output_dense.kernel, f"{prefix}.self_attn.o_proj.weight", LINEAR)
+    yield WeightSpec(attention.output_dense.kernel, f"{prefix}.self_attn.o_proj.weight", LINEAR, input_axes=2)
     yield WeightSpec(attention.query_norm.scale, f"{prefix}.self_attn.q_norm.weight")
     yield WeightSpec(attention.key_norm.scale, f"{prefix}.self_attn.k_norm.weight")
     yield WeightSpec(layer.feedforward.gate_dense.kernel, f"{prefix}.mlp.gate_proj.weight", LINEAR)
@@ -68,8 +108,8 @@ def _text_layer_specs(layer, prefix):
     yield WeightSpec(layer.feedforward.down_dense.kernel, f"{prefix}.mlp.down_proj.weight", LINEAR)
 
 
-def _dense_specs(layer, prefix, permutation=LINEAR):
-    yield WeightSpec(layer.kernel, f"{prefix}.weight", permutation)
+def _dense_specs(layer, prefix, permutation=LINEAR, input_axes=1):
+    yield WeightSpec(layer.kernel, f"{prefix}.weight", permutation, input_axes)
     yield WeightSpec(layer.bias, f"{prefix}.bias")
 
 
@@ -88,7 +128,7 @@ def _vision_specs(vision, prefix):
         yield from _dense_specs(attention.query_dense, f"{layer_prefix}.self_attn.q_proj")
         yield from _dense_specs(attention.key_dense, f"{layer_prefix}.self_attn.k_proj")
         yield from _dense_specs(attention.value_dense, f"{layer_prefix}.self_attn.v_proj")
-        yield from _dense_specs(attention.output_dense, f"{layer_prefix}.self_attn.out_proj")
+        yield from _dense_specs(attention.output_dense, f"{layer_prefix}.self_attn.out_proj", input_axes=2)
         yield from _layer_norm_specs(layer.feedforward_norm, f"{layer_prefix}.layer_norm2")
         yield from _dense_specs(layer.feedforward.up_dense, f"{layer_prefix}.mlp.fc1")
         yield from _dense_specs(layer.feedforward.down_dense, f"{layer_prefix}.mlp.fc2")
