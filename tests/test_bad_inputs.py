@@ -16,7 +16,6 @@ from keras_t5gemma.cli import DEFAULT_PRESET
 from keras_t5gemma.models import t5gemma2_seq_2_seq_lm_preprocessor as preprocessor_module
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 from keras_t5gemma.utils.preset_utils import resolve_preset
-from keras_t5gemma.utils.safe_files import atomic_file
 
 BUNDLED = resolve_preset(DEFAULT_PRESET)
 
@@ -88,6 +87,8 @@ def test_an_interrupted_save_leaves_the_folder_as_it_was(seq_2_seq_lm, tmp_path,
 
 
 def test_atomic_file_keeps_the_old_content_on_error(tmp_path):
+    from keras_t5gemma.utils.safe_files import atomic_file
+
     path = tmp_path / "vectors.jsonl"
     path.write_text("old")
     with pytest.raises(RuntimeError):
