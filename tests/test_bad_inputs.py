@@ -59,8 +59,10 @@ def _token_inputs(encoder_token_ids):
 
 def test_save_to_preset_refuses_a_non_empty_folder_and_overwrites_only_its_own_files(seq_2_seq_lm, tmp_path):
     target = _preset_copy(tmp_path)  # a preset with a DESCRIPTION, as the bundled one
-    (target / "NOTES.txt").write_text("mine")
     before = (target / "config.json").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds \\['assets', 'config.json'.*refusing to overwrite"):
+        seq_2_seq_lm.save_to_preset(str(target))
+    (target / "NOTES.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="is not empty; refusing to write into it"):
         seq_2_seq_lm.save_to_preset(str(target))
     assert (target / "config.json").read_bytes() == before and (target / "DESCRIPTION").exists()

@@ -55,15 +55,21 @@ def is_empty_folder(path):
     return os.path.isdir(path) and not os.listdir(path)
 
 
-def check_writable_folder(path, overwrite=False, what="output folder"):
+def check_writable_folder(path, overwrite=False, what="output folder", owns=None):
     """Raises unless `path` may receive a new folder: absent, empty, or `overwrite` given.
+
+    With `owns` (see `atomic_folder`), a folder holding only entries the
+    writer owns also passes: the writer may add to it what it lacks.
 
     Raises:
         FileExistsError: `path` is a file, or a non-empty folder without `overwrite`.
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"The {what} `{path}` is a file, not a folder.")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    if not os.path.isdir(path) or overwrite:
+        return
+    names = os.listdir(path)
+    if names and (owns is None or not all(owns(name) for name in names)):
         raise FileExistsError(
             f"The {what} `{path}` is not empty; refusing to write into it. Choose a new folder, "
             "or pass `overwrite=True` (`--overwrite` on the command line) to replace what this "
@@ -75,30 +81,53 @@ def check_writable_folder(path, overwrite=False, what="output folder"):
 def atomic_folder(path, owns, overwrite=False, what="output folder"):
     """Yields a temporary folder beside `path`; puts it at `path` when the block ends without error.
 
-    With `overwrite`, an existing `path` is replaced in two renames; from the
-    old folder only the entries the writer owns (`owns(name)`) are removed,
-    every other entry is moved into the new folder. On an error or an
-    interruption the temporary folder is removed and `path` is left as it was.
+    `path` must be absent or empty, or hold only entries the writer owns
+    (`owns(name)`, e.g. a preset's backbone, to which a tokenizer is added)
+    none of which the new content would replace. With `overwrite`, an
+    existing `path` is replaced in two renames; from the old folder only the
+    owned entries are removed, every other entry is moved into the new
+    folder. On an error or an interruption the temporary folder is removed
+    and `path` is left as it was.
 
     Args:
         path: the destination folder.
         owns: callable, whether an entry name (file or folder) is one the
             writer creates.
-        overwrite: allow a non-empty `path` (see above).
+        overwrite: replace what `path` holds (see above).
 
     Raises:
-        FileExistsError: see `check_writable_folder`.
+        FileExistsError: `path` is a file, holds entries the writer does
+            not own, or (without `overwrite`) entries the new content would
+            replace.
     """
-    check_writable_folder(path, overwrite, what)
+    check_writable_folder(path, overwrite, what, owns)
     parent, prefix = _temporary_name(path, "partial")
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield temporary
-        _move_into_place(temporary, path, owns)
+        if overwrite or not os.path.isdir(path) or is_empty_folder(path):
+            _move_into_place(temporary, path, owns)
+        else:
+            _add_into_place(temporary, path, what)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def _add_into_place(temporary, path, what):
+    """Moves the new entries into `path`, which must hold none of them."""
+    names = os.listdir(temporary)
+    clashes = sorted(name for name in names if os.path.lexists(os.path.join(path, name)))
+    if clashes:
+        raise FileExistsError(
+            f"The {what} `{path}` already holds {clashes}; refusing to overwrite them. Choose a new "
+            "folder, or pass `overwrite=True` (`--overwrite` on the command line) to replace what this "
+            "package wrote there."
+        )
+    for name in names:
+        os.rename(os.path.join(temporary, name), os.path.join(path, name))
+    os.rmdir(temporary)
 
 
 def _move_into_place(temporary, path, owns):
