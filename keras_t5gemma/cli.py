@@ -16,9 +16,11 @@
 
 `--preset` takes a bundled or released preset name, a folder written by
 `save_to_preset` (or by `fine-tune`), an `hf://org/name` handle, or a local
-Hugging Face checkpoint folder. User errors (a missing file, a bad data line,
-an unknown preset) print one `error:` line and exit with status 2; failures
-while loading or running a model exit with status 1.
+Hugging Face checkpoint folder. User errors (a missing or damaged file, a bad
+data line or prompt, an unknown preset, an output folder that is not empty, no
+network for an `hf://` handle) print one `error:` line and exit with status 2;
+other failures while loading or running a model exit with status 1. Nothing
+the command did not write is overwritten without `--overwrite`.
 """
 
 import argparse
@@ -26,6 +28,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -57,6 +60,15 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
     return value
+
+
+def _one_line(error):
+    """An error's message on one line, without the frame Keras puts around errors raised in a layer."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line]
+    if len(lines) > 1 and lines[0].startswith("Exception encountered when calling"):
+        return lines[1]
+    return " ".join(lines)
 
 
 def _say(*args, **kwargs):
@@ -103,20 +115,25 @@ def _read_lines(path):
 
 
 def _load_image(path, size=None):
-    """An RGB uint8 `(H, W, 3)` array; resized (Pillow bilinear) to `size` if given."""
+    """An RGB uint8 `(H, W, 3)` array, converted as the Python API converts PIL images; resized
+    (Pillow bilinear) to `size` if given."""
     from PIL import Image
     from PIL import UnidentifiedImageError
+
+    from keras_t5gemma.models.t5gemma2_image_converter import pil_image_to_rgb
 
     if not os.path.isfile(path):
         raise CommandError(f"no such image file: {path}")
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            if size is not None and image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(image)
+            pixels = pil_image_to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise CommandError(f"the image {path} is too large to read safely ({error})") from None
     except (UnidentifiedImageError, OSError) as error:
         raise CommandError(f"cannot read the image {path}: {error}") from None
+    if size is not None and pixels.shape[:2] != tuple(size):
+        pixels = np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    return pixels
 
 
 def with_image_markers(prompt, images):
@@ -187,6 +204,13 @@ def _pair(record, where, folder):
         image = os.path.join(folder, image)
         if not os.path.isfile(image):
             raise CommandError(f"{where}: no such image file: {image}")
+        inside = os.path.realpath(folder)
+        if os.path.commonpath([inside, os.path.realpath(image)]) != inside:
+            print(
+                f"keras-t5gemma: warning: {where}: the image {image} is outside the data file's folder", file=sys.stderr
+            )
+    elif IMAGE_MARKER in record["input"]:
+        raise CommandError(f"{where}: `input` has a {IMAGE_MARKER} marker but the record has no `image`")
     return record["input"], record["target"], image
 
 
@@ -302,7 +326,7 @@ def run_generate(args):
     if not prompts:
         raise CommandError("give prompts as arguments or with --file")
     images = [_load_image(path) for path in args.image or []]
-    prompts = [with_image_markers(prompt, len(images)) for prompt in prompts] if images else prompts
+    prompts = [with_image_markers(prompt, len(images)) for prompt in prompts]
     if args.onnx:
         return _generate_onnx(args, prompts, images)
     seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
@@ -319,7 +343,10 @@ def run_generate(args):
         inputs = {"encoder_text": batch}
         if images:
             inputs["images"] = [images] * len(batch)
-        answers = seq_2_seq_lm.generate(inputs, max_length=max_length)
+        try:
+            answers = seq_2_seq_lm.generate(inputs, max_length=max_length)
+        except ValueError as error:  # the prompts or images, as the preprocessor checks them
+            raise CommandError(_one_line(error)) from None
         for prompt, answer in zip(batch, answers):
             _say(f"{prompt} -> {answer.strip()}" if args.show_prompt else answer.strip())
     return 0
@@ -602,6 +629,10 @@ def run_fine_tune(args):
         preprocessor = seq_2_seq_lm.preprocessor
         _set_sequence_lengths(preprocessor, args.encoder_length, args.decoder_length)
         image_size = _image_size(seq_2_seq_lm)
+        placeholder = preprocessor.tokenizer.image_placeholder_token
+        for text, _, _ in pairs:
+            if placeholder and placeholder in text:
+                raise CommandError(f"{args.data}: the input {text!r} holds {placeholder}, which is reserved for images")
         has_images = any(image for _, _, image in pairs)
         if has_images and image_size is None:
             raise CommandError(f"{args.data} has images but the preset {args.preset} has no vision tower")
@@ -675,7 +706,8 @@ def run_fine_tune(args):
                 f"command with --resume on one host to write the final model to {args.output}."
             )
             return 0
-        seq_2_seq_lm.save_to_preset(args.output)
+        # OUTPUT holds the runs: the preset's files are replaced, the runs kept.
+        seq_2_seq_lm.save_to_preset(args.output, overwrite=True)
     _say(f"Saved the fine-tuned model to {args.output}; use it with `--preset {args.output}`.")
     return 0
 
@@ -686,6 +718,8 @@ def run_embed(args):
         raise CommandError("give texts as arguments or with --file")
     if args.output and Path(args.output).suffix.lower() not in (".npy", ".jsonl"):
         raise CommandError(f"--output must end in .npy or .jsonl; got {args.output}")
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        raise CommandError(f"{args.output} exists; pass --overwrite to replace it")
     _check_preset(args.preset)
     try:
         from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
@@ -694,10 +728,13 @@ def run_embed(args):
     embedder = T5Gemma2Embedder.from_preset(args.preset, pooling=args.pooling, normalize=not args.no_normalize)
     vectors = np.asarray(embedder.predict(texts, batch_size=args.batch_size, verbose=0), "float32")
     if args.output:
+        from keras_t5gemma.utils.safe_files import atomic_file
+
         if args.output.lower().endswith(".npy"):
-            np.save(args.output, vectors)
+            with atomic_file(args.output, "wb") as file:
+                np.save(file, vectors)
         else:
-            with open(args.output, "w", encoding="utf-8") as file:
+            with atomic_file(args.output, "w", encoding="utf-8") as file:
                 for text, vector in zip(texts, vectors):
                     file.write(json.dumps({"text": text, "embedding": vector.tolist()}) + "\n")
         _say(f"Saved {vectors.shape[0]} embeddings of size {vectors.shape[1]} to {args.output}.")
@@ -735,6 +772,9 @@ def run_convert(argv):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--text-only", action="store_true", help="leave out the vision tower")
     parser.add_argument("--verify", action="store_true", help="compare with transformers after converting")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the preset in a non-empty OUTPUT (other files are kept)"
+    )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # argparse: --help, or bad arguments
@@ -743,10 +783,10 @@ def run_convert(argv):
     from keras_t5gemma.conversion.convert import verify
 
     try:
-        seq_2_seq_lm, loader = convert(args.source, args.output, args.dtype, args.text_only)
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        seq_2_seq_lm, loader = convert(args.source, args.output, args.dtype, args.text_only, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as error:
+        print(f"keras-t5gemma: error: {error}", file=sys.stderr)
+        return 2
     if args.verify:
         result = verify(seq_2_seq_lm, loader)
         if result is not None and not result[-1]:
@@ -965,6 +1005,7 @@ def build_parser():
     embed.add_argument("--no-normalize", action="store_true", help="keep the vectors' norms")
     embed.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
     embed.add_argument("--output", help="a .npy or .jsonl file to save to")
+    embed.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     embed.set_defaults(run=run_embed)
 
     classify = commands.add_parser(
@@ -1047,7 +1088,11 @@ def main(argv=None):
     except CommandError as error:
         print(f"keras-t5gemma: error: {error}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as error:
+        # A damaged or missing file, a bad input, an unreachable hub: the user's to fix.
+        print(f"keras-t5gemma: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as error:
         print(f"keras-t5gemma: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

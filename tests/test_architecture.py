@@ -96,7 +96,6 @@ FIRST_PARTY = {"keras_t5gemma", "t5gemma_onnx"}
 # Declared but not imported by the package, and why.
 UNIMPORTED = {
     "jax": "the default Keras backend",
-    "huggingface_hub": "KerasHub downloads `hf://` handles with it",
     "tensorflow-text": "KerasHub's SentencePiece tokenizer runs on it",
 }
 

@@ -19,6 +19,7 @@ from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma import T5Gemma2Tokenizer
 from keras_t5gemma.cli import main as command_line
+from keras_t5gemma.utils import preset_utils
 
 PROMPT = "A <start_of_image> fox jumped."
 # Two bfloat16 implementations each round to 8 significant bits (unit roundoff
@@ -106,6 +107,7 @@ def test_hf_handle_and_released_name_load_through_the_hub(checkpoints, monkeypat
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(preset_utils, "_hub_unreachable", lambda: None)  # the faked hub answers
     seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_270m_270m")
     assert ("google/t5gemma-2-270m-270m", "config.json") in requested
     _compare_with_reference(seq_2_seq_lm, model, rng)
@@ -124,6 +126,7 @@ def test_gated_repository_says_how_to_get_access(monkeypatch):
         raise GatedRepoError("403 Client Error: access to this model is restricted", response=Forbidden())
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    monkeypatch.setattr(preset_utils, "_hub_unreachable", lambda: None)  # the faked hub answers
     with pytest.raises(PermissionError, match="is gated. Accept the Gemma license.*HF_TOKEN"):
         T5Gemma2Backbone.from_preset("hf://google/t5gemma-2-270m-270m")
 
@@ -273,7 +276,7 @@ def test_verify_fails_when_a_weight_is_mapped_wrong(checkpoints, tmp_path, monke
 
 
 def test_tool_reports_bad_sources(tmp_path, capsys):
-    assert command_line(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert command_line(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "Unknown preset" in capsys.readouterr().err
 
 

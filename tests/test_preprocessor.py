@@ -97,7 +97,7 @@ def test_images_in_a_batch_with_different_counts(tokenizer, preprocessor, rng):
 @pytest.mark.parametrize(
     "text, images, message",
     [
-        ("One <start_of_image> marker.", [[]], "placeholders for 1 image(s) but 0 image(s)"),
+        ("One <start_of_image> marker.", [[]], "1 <start_of_image> marker(s) but no image was given"),
         ("One <start_of_image> marker.", [[np.zeros((8, 8, 3), "uint8")] * 2], "placeholders for 1 image(s) but 2"),
         ("No marker.", [[np.zeros((8, 8, 3), "uint8")]], "placeholders for 0 image(s) but 1"),
     ],

@@ -130,7 +130,7 @@ def test_image_features_match_reference_projector(pair, rng):
     "image_counts, slots, message",
     [
         ([2, 1], 1, "Sample 0 has placeholders for 2 image(s) but 1 image(s) were given"),
-        ([1, 0], 0, "Sample 0 has placeholders for 1 image(s) but 0 image(s) were given"),
+        ([1, 0], 0, "Sample 0 has 1 <start_of_image> marker(s) but no image was given"),
     ],
 )
 def test_placeholders_without_images_give_a_clear_error(pair, rng, image_counts, slots, message):

@@ -125,6 +125,9 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=8, help="log points; each sees fresh data (default: %(default)s)")
     parser.add_argument("--held-out", type=int, default=600, help="held-out examples (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the preset in a non-empty --output (the bundled one)"
+    )
     args = parser.parse_args(argv)
     if args.steps % args.epochs:
         parser.error("--steps must be a multiple of --epochs")
@@ -136,6 +139,7 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
 
     from keras_t5gemma import demo
+    from keras_t5gemma.utils.safe_files import atomic_file
 
     started = time.time()
     proto = train_vocabulary(args.seed)
@@ -165,7 +169,7 @@ def main(argv=None):
 
     preprocessor = seq_2_seq_lm.preprocessor
     preprocessor.encoder_sequence_length, preprocessor.decoder_sequence_length = SAVED_SEQUENCE_LENGTHS
-    seq_2_seq_lm.save_to_preset(args.output)
+    seq_2_seq_lm.save_to_preset(args.output, overwrite=args.overwrite)
     arguments = sys.argv[1:] if argv is None else argv
     command = " ".join(["python tools/make_demo_preset.py", *arguments])
     training = {
@@ -200,7 +204,7 @@ def main(argv=None):
     with open(metadata_path, encoding="utf-8") as file:
         metadata = json.load(file)
     metadata["training"] = training
-    with open(metadata_path, "w", encoding="utf-8") as file:
+    with atomic_file(metadata_path, "w", encoding="utf-8") as file:
         json.dump(metadata, file, indent=4)
     description = (
         f"Tiny T5Gemma 2 ({parameters / 1e6:.2f}M parameters, vision tower included) trained from scratch "
@@ -214,7 +218,7 @@ def main(argv=None):
         + f").\nMade by: {command}\n"
         "Details: the `training` section of metadata.json.\n"
     )
-    with open(os.path.join(args.output, "DESCRIPTION"), "w", encoding="utf-8") as file:
+    with atomic_file(os.path.join(args.output, "DESCRIPTION"), "w", encoding="utf-8") as file:
         file.write(description)
     size = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(args.output) for name in names)
     print(f"saved {args.output} ({size / 1e6:.2f} MB) in {(time.time() - started) / 60:.1f} min")

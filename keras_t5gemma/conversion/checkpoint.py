@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_t5gemma.conversion.config import check_t5gemma2_config
 from keras_t5gemma.utils.preset_utils import fetch_file
+from keras_t5gemma.utils.preset_utils import read_json_file
 
 _DTYPES = {
     "BF16": ml_dtypes.bfloat16,
@@ -140,13 +141,12 @@ class HFCheckpoint:
             return False
 
     def json(self, name):
-        with open(self.path(name), encoding="utf-8") as file:
-            return json.load(file)
+        return read_json_file(self.path(name), f"`{self.preset}/{name}`")
 
     def _index(self):
         if self._weight_map is None:
             if self.has(SAFETENSORS_INDEX):
-                self._weight_map = self.json(SAFETENSORS_INDEX)["weight_map"]
+                self._weight_map = self._checked_weight_map(self.json(SAFETENSORS_INDEX))
             elif self.has(SAFETENSORS_FILE):
                 self._weight_map = {key: SAFETENSORS_FILE for key in self._file(SAFETENSORS_FILE).keys()}
             else:
@@ -155,6 +155,27 @@ class HFCheckpoint:
                     "only safetensors checkpoints are supported."
                 )
         return self._weight_map
+
+    def _checked_weight_map(self, index):
+        """The index's `weight_map`, refusing shard names that leave the checkpoint folder."""
+        weight_map = index.get("weight_map")
+        where = f"`{self.preset}/{SAFETENSORS_INDEX}`"
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{where} has no `weight_map` object.")
+        for key, name in weight_map.items():
+            normalized = os.path.normpath(name) if isinstance(name, str) else ""
+            if (
+                not normalized
+                or os.path.isabs(name)
+                or normalized.split(os.sep)[0] in ("..", "")
+                or "\\" in name
+                or ":" in name
+            ):
+                raise ValueError(
+                    f"{where} maps `{key}` to {name!r}, which is not a file inside the checkpoint folder; "
+                    "refusing to read it."
+                )
+        return weight_map
 
     def _file(self, name):
         if name not in self._files:

@@ -21,6 +21,7 @@ from keras_t5gemma.conversion.weights import weight_specs
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 from keras_t5gemma.utils.preset_utils import get_preset_loader
+from keras_t5gemma.utils.safe_files import check_writable_folder
 
 
 def _source(source):
@@ -36,9 +37,35 @@ def _source(source):
 VERIFY_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 
 
-def convert(source, output, dtype="float32", text_only=False, log=print):
-    """Converts `source` and saves it to `output`; returns the Keras model and the loader."""
-    loader = get_preset_loader(_source(source))
+def check_output_folder(source, output, overwrite=False):
+    """Refuses an `output` that is, holds or lies inside a local `source`, or is not empty.
+
+    Raises:
+        ValueError: `output` and `source` overlap.
+        FileExistsError: `output` is a non-empty folder and `overwrite` is False.
+    """
+    if os.path.exists(source):
+        source_path, output_path = os.path.realpath(source), os.path.realpath(output)
+        if output_path == source_path or output_path.startswith(source_path + os.sep):
+            raise ValueError(
+                f"The output folder `{output}` is (inside) the source `{source}`; a conversion never "
+                "writes into its source. Choose another output folder."
+            )
+        if source_path.startswith(output_path + os.sep):
+            raise ValueError(f"The output folder `{output}` holds the source `{source}`. Choose another folder.")
+    check_writable_folder(output, overwrite)
+
+
+def convert(source, output, dtype="float32", text_only=False, overwrite=False, log=print):
+    """Converts `source` and saves it to `output`; returns the Keras model and the loader.
+
+    `output` must be absent or empty unless `overwrite` (then the previous
+    preset's files are replaced, other files kept); it never overlaps a local
+    `source`.
+    """
+    source = _source(source)
+    check_output_folder(source, output, overwrite)
+    loader = get_preset_loader(source)
     if not isinstance(loader, T5Gemma2CheckpointLoader):
         raise ValueError(f"`{source}` is already a Keras preset; there is nothing to convert.")
     started = time.time()
@@ -50,7 +77,7 @@ def convert(source, output, dtype="float32", text_only=False, log=print):
     preprocessor_kwargs = {"image_converter": None} if text_only else {}
     preprocessor = loader.load_preprocessor(T5Gemma2Seq2SeqLM.preprocessor_cls, **preprocessor_kwargs)
     seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone, preprocessor)
-    seq_2_seq_lm.save_to_preset(output)
+    seq_2_seq_lm.save_to_preset(output, overwrite=overwrite)
     log(f"Saved the preset to {output} ({time.time() - started:.1f}s in all).")
     return seq_2_seq_lm, loader
 

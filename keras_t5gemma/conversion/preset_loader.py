@@ -58,14 +58,19 @@ class T5Gemma2CheckpointLoader(PresetLoader):
         from keras_t5gemma.conversion.vocabulary import proto_from_tokenizer_json
 
         if self.checkpoint.has("tokenizer.model"):
-            with open(self.checkpoint.path("tokenizer.model"), "rb") as file:
+            source = "tokenizer.model"
+            with open(self.checkpoint.path(source), "rb") as file:
                 proto = file.read()
         elif self.checkpoint.has("tokenizer.json"):
-            proto = proto_from_tokenizer_json(self.checkpoint.json("tokenizer.json"))
+            source = "tokenizer.json"
+            proto = proto_from_tokenizer_json(self.checkpoint.json(source))
         else:
             raise FileNotFoundError(f"`{self.preset}` has neither `tokenizer.model` nor `tokenizer.json`.")
         image_token_id = self.config.get("image_token_index", 256_001)
-        return cls(proto=proto, image_placeholder=image_token_id, **kwargs)
+        try:
+            return cls(proto=proto, image_placeholder=image_token_id, **kwargs)
+        except ValueError as error:
+            raise ValueError(f"`{self.preset}/{source}`: {error}") from None
 
     def load_image_converter(self, cls, **kwargs):
         encoder = self.config.get("encoder", {})

@@ -6,6 +6,7 @@ brought to it by `canonical_key` before lookup.
 """
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -57,17 +58,50 @@ class WeightSpec:
             array = np.transpose(array, np.argsort(self.permutation))
         return array
 
+    def expected_shape(self, rank):
+        """The checkpoint tensor's shape after `permutation`, for a tensor of `rank` axes.
+
+        The variable's shape, with its head axes merged as torch stores them:
+        `LINEAR` weights as `(inputs, outputs)`, a rank-1 tensor for a
+        multi-axis variable (a bias `(heads, head_dim)`) as one axis.
+        """
+        target = tuple(self.variable.shape)
+        if self.permutation == LINEAR and len(target) > 2:
+            return (math.prod(target[: self.input_axes]), math.prod(target[self.input_axes :]))
+        if rank == 1 and len(target) > 1 and self.permutation is None:
+            return (math.prod(target),)
+        return target
+
     def convert(self, array):
+        """`array` in the variable's layout; refuses any other shape, and integer tensors for float variables."""
         array = np.asarray(array)
+        if array.dtype.kind in "iub" and "float" in str(self.variable.dtype):
+            raise ValueError(
+                f"Checkpoint tensor `{self.key}` holds {array.dtype} values; variable "
+                f"`{self.variable.path}` is {self.variable.dtype}. Is the file damaged?"
+            )
         if self.permutation is not None:
+            if array.ndim != len(self.permutation):
+                raise ValueError(
+                    f"Checkpoint tensor `{self.key}` has shape {array.shape}; expected {len(self.permutation)} "
+                    f"axes for variable `{self.variable.path}` of shape {tuple(self.variable.shape)}."
+                )
             array = np.transpose(array, self.permutation)
         target = tuple(self.variable.shape)
-        if int(np.prod(array.shape)) != int(np.prod(target)):
+        expected = self.expected_shape(array.ndim)
+        if array.shape != expected:
             raise ValueError(
-                f"Checkpoint tensor `{self.key}` has shape {array.shape}, which does not fit "
-                f"variable `{self.variable.path}` of shape {target}. Does the config match the weights?"
+                f"Checkpoint tensor `{self.key}` has shape {self._stored(array.shape)}, which does not fit "
+                f"variable `{self.variable.path}` of shape {target} (it needs {self._stored(expected)}). "
+                "Does the config match the weights (or is the tensor transposed)?"
             )
         return array.reshape(target)
+
+    def _stored(self, shape):
+        """`shape` (in the variable's axis order) as the checkpoint stores it."""
+        if self.permutation is None:
+            return tuple(shape)
+        return tuple(shape[self.permutation.index(axis)] for axis in range(len(shape)))
 
 
 def _text_layer_specs(layer, prefix):

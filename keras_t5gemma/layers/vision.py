@@ -284,6 +284,11 @@ def check_image_placeholders(token_ids, images_per_sample, image_token_id, mm_to
                 f"not a multiple of mm_tokens_per_image={mm_tokens_per_image}; was the prompt truncated?"
             )
         needed = count // mm_tokens_per_image
+        if needed and not images:
+            raise ValueError(
+                f"Sample {sample} has {needed} <start_of_image> marker(s) but no image was given. Pass "
+                "the images with the prompt, or remove the marker(s)."
+            )
         if needed > images or (exact and needed != images):
             raise ValueError(
                 f"Sample {sample} has placeholders for {needed} image(s) but {images} image(s) "

@@ -18,6 +18,43 @@ from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
+def check_token_ids(inputs, vocabulary_size):
+    """Refuses token ids that are not integers or lie outside `[0, vocabulary_size)`.
+
+    An id outside the table gathers no row (zeros, or non-finite logits
+    downstream) and a float id is silently truncated, so both are errors.
+    Symbolic tensors (inside a trace) are skipped; this runs on the host,
+    outside any compiled step.
+
+    Args:
+        inputs: dict with `encoder_token_ids` and/or `decoder_token_ids`.
+        vocabulary_size: int, the embedding table's rows.
+
+    Returns:
+        `{key: token ids as a NumPy array}` for the inputs checked.
+
+    Raises:
+        ValueError: naming the input and the ids found.
+    """
+    checked = {}
+    for key in ("encoder_token_ids", "decoder_token_ids"):
+        if key not in inputs:
+            continue
+        try:
+            token_ids = np.asarray(ops.convert_to_numpy(inputs[key]))
+        except Exception:  # a symbolic tensor
+            continue
+        if token_ids.dtype.kind not in "iu":
+            raise ValueError(f"`{key}` must hold integer token ids; got {token_ids.dtype} values.")
+        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocabulary_size):
+            raise ValueError(
+                f"`{key}` holds ids in [{token_ids.min()}, {token_ids.max()}], outside the "
+                f"vocabulary of {vocabulary_size} tokens."
+            )
+        checked[key] = token_ids
+    return checked
+
+
 def default_layer_types(num_layers, full_attention_every=6):
     """Gemma 3's pattern: every sixth layer attends fully, the others slide."""
     return [FULL if (i + 1) % full_attention_every == 0 else SLIDING for i in range(num_layers)]
@@ -295,27 +332,17 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
         """Token ids in range and image placeholders matching the images.
 
         Runs only on concrete inputs (eager calls); traced calls (`fit`,
-        `predict`, `generate`) are checked by the preprocessor.
+        `predict`, `generate`) are checked before tracing, by the task and
+        the preprocessor.
         """
-        for key in ("encoder_token_ids", "decoder_token_ids"):
-            if key not in inputs:
-                continue
-            try:
-                token_ids = np.asarray(ops.convert_to_numpy(inputs[key]))
-            except Exception:
-                return
-            if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocabulary_size):
-                raise ValueError(
-                    f"`{key}` holds ids in [{token_ids.min()}, {token_ids.max()}], outside the "
-                    f"vocabulary of {self.vocabulary_size} tokens."
-                )
-            if key == "encoder_token_ids" and self.vision_encoder is not None:
-                check_image_placeholders(
-                    token_ids,
-                    ops.shape(inputs["images"])[1],
-                    self.image_token_id,
-                    self.vision_encoder.mm_tokens_per_image,
-                )
+        checked = check_token_ids(inputs, self.vocabulary_size)
+        if "encoder_token_ids" in checked and self.vision_encoder is not None:
+            check_image_placeholders(
+                checked["encoder_token_ids"],
+                ops.shape(inputs["images"])[1],
+                self.image_token_id,
+                self.vision_encoder.mm_tokens_per_image,
+            )
 
     def get_config(self):
         return {

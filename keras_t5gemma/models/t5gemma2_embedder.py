@@ -15,6 +15,7 @@ from keras_t5gemma.models.model_mixins import ShuffledFitMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_backbone import check_token_ids
 from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import check_config_class
@@ -150,6 +151,8 @@ class T5Gemma2Embedder(
                 text nor images.
         """
         if self.preprocessor is None or isinstance(x, tf.data.Dataset) or tf.is_tensor(x):
+            if isinstance(x, dict):
+                check_token_ids(x, self.backbone.vocabulary_size)
             return super().predict(x, batch_size=batch_size, **kwargs)
         samples = self.preprocessor.as_samples(x)
         batch_size = batch_size or 32

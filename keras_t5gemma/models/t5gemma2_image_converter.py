@@ -135,8 +135,11 @@ def resize_like_pillow(images, image_size):
     return images
 
 
-def _pil_image_to_rgb(image):
-    """RGB pixels of a PIL image; transparency is composited onto white, like the reference."""
+def pil_image_to_rgb(image):
+    """RGB uint8 pixels `(H, W, 3)` of a PIL image; transparency is composited onto white, like the reference.
+
+    The one conversion for images from files and from the Python API alike.
+    """
     from PIL import Image
 
     if "A" in image.getbands() or image.info.get("transparency") is not None:
@@ -174,7 +177,12 @@ def _check_shape(shape, ranks, what):
 def _check_pixels(pixels, ranks, what):
     """Checks shape and dtype; returns uint8 or float pixels."""
     _check_shape(pixels.shape, ranks, what)
-    if pixels.dtype == np.uint8 or np.issubdtype(pixels.dtype, np.floating):
+    if pixels.dtype == np.uint8:
+        return pixels
+    if np.issubdtype(pixels.dtype, np.floating):
+        if not np.all(np.isfinite(pixels)):
+            bad = int(np.size(pixels) - np.count_nonzero(np.isfinite(pixels)))
+            raise ValueError(f"{what} hold {bad} NaN or infinite pixel value(s); pixels must be finite.")
         return pixels
     if np.issubdtype(pixels.dtype, np.integer):
         if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
@@ -288,12 +296,12 @@ class T5Gemma2ImageConverter(PresetMixin, ImageConverter):
                 )
             return np.stack([self._convert_pixels(image) for image in images])
         if _is_pil_image(inputs):
-            return self._convert_pixels(_pil_image_to_rgb(inputs))
+            return self._convert_pixels(pil_image_to_rgb(inputs))
         return self._convert_pixels(_check_pixels(_to_numpy(inputs), (3, 4), "Images"))
 
     def _single_image(self, image):
         if _is_pil_image(image):
-            return _pil_image_to_rgb(image)
+            return pil_image_to_rgb(image)
         return _check_pixels(_to_numpy(image), (3,), "Each image in a list")
 
     def _convert_pixels(self, pixels):

@@ -11,6 +11,7 @@ from keras_t5gemma.models.model_mixins import ShuffledFitMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_backbone import check_token_ids
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import any_equal
 from keras_t5gemma.utils.preset_utils import PresetMixin
@@ -101,7 +102,28 @@ class T5Gemma2Seq2SeqLM(
             # The saved optimizer variables are loaded into these next.
             self.optimizer.build(self.trainable_variables)
 
+    def predict(self, x=None, *args, **kwargs):
+        """Keras `predict`; token-id inputs (no preprocessor) are checked first, see `check_token_ids`."""
+        if self.preprocessor is None and isinstance(x, dict):
+            check_token_ids(x, self.backbone.vocabulary_size)
+        return super().predict(x, *args, **kwargs)
+
     # === Generation ===
+
+    def make_generate_function(self):
+        """KerasHub's compiled generate function, behind a host-side check of each batch's token ids.
+
+        The check costs a pass over `(B, S)` ints per `generate` call, outside
+        the compiled step.
+        """
+        generate_function = super().make_generate_function()
+        vocabulary_size = self.backbone.vocabulary_size
+
+        def checked_generate_function(inputs, stop_token_ids=None):
+            check_token_ids(inputs, vocabulary_size)
+            return generate_function(inputs, stop_token_ids=stop_token_ids)
+
+        return checked_generate_function
 
     def _decoder_step(self, token_ids, cache, cache_update_index):
         """Runs `token_ids` `(B, T)` at positions `cache_update_index + t` against the cache.

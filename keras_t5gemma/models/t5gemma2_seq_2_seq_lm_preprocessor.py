@@ -1,5 +1,7 @@
 """Strings (and images) to T5Gemma 2 encoder/decoder inputs, labels and weights."""
 
+import threading
+
 import keras
 import numpy as np
 from keras_hub.layers import StartEndPacker
@@ -21,6 +23,41 @@ IMAGE_BLOCK = f"\n\n{START_OF_IMAGE_PIECE}<end_of_image>\n\n"
 
 # How prompts are laid out, shared with `T5Gemma2EmbedderPreprocessor`.
 PROMPT_SETTINGS = ("mm_tokens_per_image", "max_images_per_prompt", "add_start_token", "add_end_token")
+
+# Held while a preprocessor builds: threads calling `generate` on a freshly
+# loaded model would otherwise both build it, the second into a locked layer.
+_BUILD_LOCK = threading.RLock()
+
+
+def check_texts(text, name):
+    """Refuses Python inputs that are not strings, and empty batches; tensors pass.
+
+    Raises:
+        ValueError: naming `name` (and the item) and what was found.
+    """
+    if tf.is_tensor(text):
+        return
+    if isinstance(text, np.ndarray):
+        if text.dtype.kind not in "USO":
+            raise ValueError(f"`{name}` must hold strings; got an array of {text.dtype}.")
+        if text.size == 0:
+            raise ValueError(f"`{name}` is an empty batch: give at least one text.")
+        return
+    if isinstance(text, str):
+        return
+    if isinstance(text, (list, tuple)):
+        if not text:
+            raise ValueError(f"`{name}` is an empty batch: give at least one text.")
+        for index, item in enumerate(text):
+            if not isinstance(item, str):
+                raise ValueError(f"`{name}[{index}]` is {_describe(item)}; texts must be strings.")
+        return
+    raise ValueError(f"`{name}` must be a string or a list of strings; got {_describe(text)}.")
+
+
+def _describe(value):
+    hint = " (decode bytes first: `value.decode()`)" if isinstance(value, bytes) else ""
+    return f"{type(value).__name__} {value!r:.60}{hint}"
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
@@ -95,6 +132,11 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
         self.add_end_token = add_end_token
 
     def build(self, input_shape):
+        with _BUILD_LOCK:
+            if not self.built:
+                self._build_packers()
+
+    def _build_packers(self):
         tokenizer = self.tokenizer
         self.encoder_packer = StartEndPacker(
             start_value=tokenizer.start_token_id if self.add_start_token else None,
@@ -192,7 +234,24 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
         """Tokenized prompts with each image marker expanded to its block."""
         text = tf.strings.regex_replace(text, START_OF_IMAGE_PIECE, IMAGE_BLOCK)
         token_ids = self._tokenize(text)
-        return self._insert_placeholders(token_ids) if self.image_converter is not None else token_ids
+        if self.image_converter is None:
+            return token_ids
+        self._refuse_placeholders_in_text(token_ids)
+        return self._insert_placeholders(token_ids)
+
+    def _refuse_placeholders_in_text(self, token_ids):
+        """The image placeholder typed in a prompt would take an image's place (and get none)."""
+        flat = token_ids.flat_values if isinstance(token_ids, tf.RaggedTensor) else tf.reshape(token_ids, [-1])
+        placeholder = self.tokenizer.image_placeholder_token_id
+        message = (
+            f"A prompt holds `{self.tokenizer.image_placeholder_token}`, the image placeholder, as text; it "
+            f"is reserved for images. Write `{START_OF_IMAGE_PIECE}` where an image goes and pass the image."
+        )
+        if tf.executing_eagerly():
+            if np.any(np.asarray(flat) == placeholder):
+                raise ValueError(message)
+        else:
+            tf.debugging.assert_none_equal(flat, tf.cast(placeholder, flat.dtype), message=message)
 
     def _insert_placeholders(self, token_ids):
         """Puts `mm_tokens_per_image` placeholders after every `<start_of_image>` id."""
@@ -207,14 +266,19 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
         within_block = tf.range(tf.shape(repeated, out_type=copies.dtype)[0]) - block_start
         placeholder = tf.cast(self.tokenizer.image_placeholder_token_id, flat.dtype)
         expanded = tf.where(within_block > 0, placeholder, repeated)
-        row_lengths = tf.math.segment_sum(copies, token_ids.value_rowids())
+        # Summed per row (not per segment id): empty rows keep their place, at the end of a batch too.
+        row_lengths = tf.reduce_sum(token_ids.with_flat_values(copies), axis=-1)
         result = tf.RaggedTensor.from_row_lengths(expanded, row_lengths)
         return result if ragged else result[0]
 
     def _check_images(self, encoder_token_ids, counts):
-        """Exact per-sample counts for image lists; at most the slot count for arrays."""
-        if counts is None or self.image_converter is None or tf.is_tensor(counts):
+        """Exact per-sample counts for image lists; at most the slot count for arrays; none without images."""
+        if self.image_converter is None or tf.is_tensor(counts):
             return
+        if counts is None:
+            if not tf.executing_eagerly():
+                return
+            counts = 0
         token_ids = np.asarray(encoder_token_ids)
         check_image_placeholders(
             token_ids.reshape(-1, token_ids.shape[-1]),
@@ -225,12 +289,17 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
 
     @staticmethod
     def _split(x, y):
-        """`(encoder_text, decoder_text or None, images or None)` from either input form."""
+        """`(encoder_text, decoder_text or None, images or None)` from either input form, texts checked."""
         if isinstance(x, dict):
             if "encoder_text" not in x:
                 raise ValueError(f"Expected a dict with `encoder_text`; got keys {sorted(x)}.")
-            return x["encoder_text"], x.get("decoder_text", y), x.get("images")
-        return x, y, None
+            x, y, images = x["encoder_text"], x.get("decoder_text", y), x.get("images")
+        else:
+            images = None
+        check_texts(x, "encoder_text")
+        if y is not None:
+            check_texts(y, "decoder_text")
+        return x, y, images
 
     @staticmethod
     def _is_batched(text):
@@ -305,7 +374,7 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
                 image markers and images do not match.
         """
         if not self.built:
-            self.build(None)
+            self.build(None)  # not through `__call__`, which builds on first use
         encoder_text, decoder_text, images = self._split(x, None)
         batched = self._is_batched(encoder_text)
         if decoder_text is None:

@@ -80,6 +80,16 @@ class T5Gemma2Tokenizer(PresetMixin, SentencePieceTokenizer):
         self._add_special_token(piece, "image_placeholder_token")
         super().__init__(proto=proto, **kwargs)
 
+    def set_proto(self, proto):
+        """KerasHub's `set_proto`; a file or bytes that are not a SentencePiece model get a `ValueError`."""
+        try:
+            super().set_proto(proto)
+        except (ValueError, OSError):
+            raise
+        except Exception as error:  # TensorFlow's InternalError, SentencePiece's RuntimeError
+            source = f"`{proto}`" if isinstance(proto, str) and len(proto) < 2048 else "The `proto` given"
+            raise ValueError(f"{source} is not a SentencePiece model ({type(error).__name__}).") from None
+
     def _update_special_token_ids(self):
         if isinstance(self.image_placeholder, int):
             size = self.vocabulary_size()

@@ -18,8 +18,10 @@ A preset is one of:
   handle or a local folder with `config.json` and safetensors weights.
 """
 
+import contextvars
 import json
 import os
+import re
 from pathlib import Path
 
 from keras_hub.layers import ImageConverter
@@ -31,6 +33,7 @@ from keras_hub.tokenizers import Tokenizer
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import classproperty
 from keras_t5gemma.utils.keras_hub_compat import get_file
+from keras_t5gemma.utils.safe_files import atomic_folder
 
 BUNDLED_DIRECTORY = Path(__file__).resolve().parents[1] / "presets"
 BUNDLED_SCHEME = "bundled://"
@@ -46,6 +49,19 @@ _CHECKPOINT_LOADERS = {}
 _FOREIGN_PRESET_LOADERS = {}
 # {export format: callable(model, path, **options)}.
 _EXPORTERS = {}
+# What `save_to_preset` writes in a preset folder (KerasHub's files, sharded
+# weights, and `DESCRIPTION`, the first line of which the registry shows).
+_PRESET_ENTRIES = re.compile(
+    r"^(config|task|preprocessor|tokenizer|image_converter|audio_converter|video_converter|metadata"
+    r"|model\.weights)\.json$|^(model|task)(_\d+)?\.weights\.h5$|^assets$|^DESCRIPTION$"
+)
+# Set while a `save_to_preset` writes its temporary folder (parts save into it too).
+_SAVING_INTO = contextvars.ContextVar("saving_into", default=None)
+
+
+def is_preset_entry(name):
+    """Whether `name` is a file or folder that `save_to_preset` writes in a preset folder."""
+    return bool(_PRESET_ENTRIES.match(name))
 
 
 def register_presets(presets, classes):
@@ -98,8 +114,61 @@ def resolve_preset(preset):
     )
 
 
+# Hub endpoints that answered once in this process.
+_REACHABLE_ENDPOINTS = set()
+
+
+def _hub_unreachable():
+    """Why the Hugging Face Hub cannot be reached, or `None` if it can (or a proxy decides).
+
+    `huggingface_hub` retries a failed request five times over some 25
+    seconds before it gives up; one connection attempt answers at once.
+    """
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if constants.HF_HUB_OFFLINE or endpoint in _REACHABLE_ENDPOINTS or any(os.environ.get(p) for p in proxies):
+        return None
+    import socket
+
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=5).close()
+    except OSError as error:
+        return f"{endpoint} did not answer ({error})"
+    _REACHABLE_ENDPOINTS.add(endpoint)
+    return None
+
+
+def _cached_hub_file(preset, name):
+    """The local copy of `name` of an `hf://` handle in the Hugging Face cache, or `None`."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(preset.split("://", 1)[1], name)
+    return path if isinstance(path, str) else None
+
+
 def fetch_file(preset, name):
-    """KerasHub's `get_file`, with hub errors turned into messages that say what to do."""
+    """KerasHub's `get_file`, with hub errors turned into messages that say what to do.
+
+    Without a network an `hf://` handle is served from the Hugging Face cache,
+    or refused at once with a `ConnectionError`.
+    """
+    if preset.startswith("hf://"):
+        reason = _hub_unreachable()
+        if reason is not None:
+            cached = _cached_hub_file(preset, name)
+            if cached is None:
+                raise ConnectionError(
+                    f"Cannot reach the Hugging Face Hub to download `{name}` of `{preset}`: {reason}, and "
+                    "the file is not in the local cache. Check the network, or download the checkpoint "
+                    "elsewhere and pass its local folder instead."
+                )
+            return cached
     try:
         return get_file(preset, name)
     except FileNotFoundError:
@@ -128,6 +197,27 @@ def fetch_file(preset, name):
                 "on. Download the checkpoint elsewhere and pass its local folder instead."
             ) from error
         raise
+
+
+def read_json_file(path, what=None):
+    """A JSON object from `path`; errors name the file (`what`, if given, in its place).
+
+    Raises:
+        ValueError: the file is not UTF-8 JSON holding an object.
+    """
+    what = what or f"`{path}`"
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = json.load(file)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} is not UTF-8 text ({error.reason}).") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{what} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})."
+        ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must hold a JSON object; it holds a {type(value).__name__}.")
+    return value
 
 
 def register_checkpoint_loader(model_type, loader_cls):
@@ -159,11 +249,11 @@ def get_exporter(export_format):
 def get_preset_loader(preset):
     """The loader for `preset` (see the module docstring)."""
     preset = resolve_preset(preset)
-    with open(fetch_file(preset, "config.json"), encoding="utf-8") as file:
-        config = json.load(file)
+    config = read_json_file(fetch_file(preset, "config.json"), f"`{preset}/config.json`")
     if config.get("registered_name") in _FOREIGN_PRESET_LOADERS:
         return _FOREIGN_PRESET_LOADERS[config["registered_name"]](preset, config)
     if "registered_name" in config:
+        _check_saved_classes(preset)
         return KerasPresetLoader(preset, config)
     if "model_type" in config:
         model_type = config["model_type"]
@@ -174,6 +264,33 @@ def get_preset_loader(preset):
             )
         return _CHECKPOINT_LOADERS[model_type](preset, config)
     raise ValueError(f"`{preset}/config.json` is neither a Keras preset config nor a Hugging Face model config.")
+
+
+# The files of a Keras preset folder that name a class to build.
+_CLASS_FILES = ("config.json", "task.json", "preprocessor.json", "tokenizer.json", "image_converter.json")
+
+
+def _check_saved_classes(preset):
+    """Every class a local Keras preset folder names is registered with Keras.
+
+    Raises:
+        ValueError: naming the file and the unknown class, or a file that is
+            not a JSON object.
+    """
+    if not os.path.isdir(preset):
+        return
+    import keras
+
+    for name in _CLASS_FILES:
+        path = os.path.join(preset, name)
+        if not os.path.isfile(path):
+            continue
+        registered_name = read_json_file(path).get("registered_name")
+        if registered_name is not None and keras.saving.get_registered_object(registered_name) is None:
+            raise ValueError(
+                f"`{path}` names the class `{registered_name}`, which is not registered with Keras: the "
+                "preset was saved by another package (import it first), or the file is damaged."
+            )
 
 
 class PresetMixin:
@@ -200,6 +317,28 @@ class PresetMixin:
         (no vision tower) and `dtype`.
         """
         return cls.load_preset(get_preset_loader(preset), *args, **kwargs)
+
+    def save_to_preset(self, preset_dir, *args, overwrite=False, **kwargs):
+        """KerasHub's `save_to_preset`, written atomically and refusing to clobber a folder.
+
+        The preset is written to a temporary folder beside `preset_dir` and
+        renamed into place, so an interruption leaves no half-written preset.
+        A non-empty `preset_dir` is refused unless `overwrite=True`; then the
+        previous preset's files are replaced and none of them is left behind,
+        while files the preset format does not hold (a README, notes) are kept.
+
+        Raises:
+            FileExistsError: `preset_dir` is a file, or a non-empty folder
+                without `overwrite=True`.
+        """
+        if _SAVING_INTO.get() is not None:
+            return super().save_to_preset(preset_dir, *args, **kwargs)
+        with atomic_folder(os.fspath(preset_dir), is_preset_entry, overwrite, "preset folder") as temporary:
+            token = _SAVING_INTO.set(temporary)
+            try:
+                super().save_to_preset(temporary, *args, **kwargs)
+            finally:
+                _SAVING_INTO.reset(token)
 
     @classmethod
     def load_preset(cls, loader, *args, **kwargs):
