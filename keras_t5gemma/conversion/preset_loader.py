@@ -54,6 +54,11 @@ class T5Gemma2CheckpointLoader(PresetLoader):
         return backbone
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):
+        image_token_id = self.config.get("image_token_index", 256_001)
+        return self.tokenizer_from_checkpoint(cls, image_placeholder=image_token_id, **kwargs)
+
+    def tokenizer_from_checkpoint(self, cls, **kwargs):
+        """`cls(proto=..., **kwargs)` from `tokenizer.model` or `tokenizer.json`; errors name the file."""
         # Imported here: the SentencePiece protobuf is needed only for checkpoints without `tokenizer.model`.
         from keras_t5gemma.conversion.vocabulary import proto_from_tokenizer_json
 
@@ -66,9 +71,8 @@ class T5Gemma2CheckpointLoader(PresetLoader):
             proto = proto_from_tokenizer_json(self.checkpoint.json(source))
         else:
             raise FileNotFoundError(f"`{self.preset}` has neither `tokenizer.model` nor `tokenizer.json`.")
-        image_token_id = self.config.get("image_token_index", 256_001)
         try:
-            return cls(proto=proto, image_placeholder=image_token_id, **kwargs)
+            return cls(proto=proto, **kwargs)
         except ValueError as error:
             raise ValueError(f"`{self.preset}/{source}`: {error}") from None
 

@@ -184,7 +184,7 @@ _DECODER = re.compile(r"^model\.decoder\.")
 
 
 def load_weights(backbone, keys, get_tensor, progress=None):
-    """Assigns every backbone variable from a checkpoint.
+    """Assigns every `T5Gemma2Backbone` variable from a checkpoint.
 
     Args:
         backbone: a `T5Gemma2Backbone`.
@@ -195,21 +195,44 @@ def load_weights(backbone, keys, get_tensor, progress=None):
     Raises:
         ValueError: naming missing or unexpected tensors, or a shape mismatch.
     """
-    by_canonical = {canonical_key(key): key for key in keys}
-    specs = list(weight_specs(backbone))
-    expected = {spec.key for spec in specs}
-    missing = sorted(expected - set(by_canonical))
-    if missing:
-        raise ValueError(
-            f"The checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}. "
-            "Is it a T5Gemma 2 checkpoint matching its config (and does it include the vision "
-            "tower, if the config has one)?"
-        )
     left_out = [_IGNORED]
     if backbone.vision_encoder is None:
         left_out.append(_VISION)
     if backbone.decoder is None:
         left_out.append(_DECODER)
+    assign_weights(
+        list(weight_specs(backbone)),
+        keys,
+        get_tensor,
+        left_out,
+        progress=progress,
+        model_name="a T5Gemma 2 checkpoint matching its config (and does it include the vision tower, if the "
+        "config has one)",
+    )
+
+
+def assign_weights(specs, keys, get_tensor, left_out, progress=None, model_name="a checkpoint matching its config"):
+    """Assigns each `WeightSpec`'s variable from the checkpoint tensor it names.
+
+    Args:
+        specs: list of `WeightSpec`.
+        keys: iterable of the checkpoint's keys, in any supported spelling.
+        get_tensor: callable key -> array (a key as spelled in `keys`).
+        left_out: compiled patterns of checkpoint keys the model has no place
+            for on purpose (tied copies, parts not built).
+        progress: optional callable advanced by one per assigned tensor.
+        model_name: what the checkpoint should be, for the error message.
+
+    Raises:
+        ValueError: naming missing or unexpected tensors, or a shape mismatch.
+    """
+    by_canonical = {canonical_key(key): key for key in keys}
+    expected = {spec.key for spec in specs}
+    missing = sorted(expected - set(by_canonical))
+    if missing:
+        raise ValueError(
+            f"The checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:5]}. Is it {model_name}?"
+        )
     unexpected = sorted(key for key in by_canonical if key not in expected and not any(p.match(key) for p in left_out))
     if unexpected:
         raise ValueError(

@@ -7,10 +7,12 @@ from keras import ops
 
 
 class TokenEmbedding(keras.layers.Layer):
-    """Scaled token embedding with a learned end-of-image vector; tied LM head.
+    """Scaled token embedding, optionally with a learned end-of-image vector; tied LM head.
 
     T5Gemma 2 ties one table across the encoder input, the decoder input and
-    the output projection. Looked-up rows are multiplied by `sqrt(hidden_dim)`
+    the output projection; T5Gemma (the first generation) gives the encoder
+    its own table and ties the decoder's to the output projection, with no
+    end-of-image vector. Looked-up rows are multiplied by `sqrt(hidden_dim)`
     (rounded to the compute dtype first, as the reference does), then rows of
     the end-of-image token are replaced by `eoi_embedding`, which is not scaled.
 
@@ -20,7 +22,8 @@ class TokenEmbedding(keras.layers.Layer):
     Args:
         vocabulary_size: int.
         hidden_dim: int.
-        eoi_token_id: int, the end-of-image token.
+        eoi_token_id: int, the end-of-image token, or `None` for no
+            end-of-image vector.
         logit_soft_cap: optional float, `cap * tanh(logits / cap)` on logits.
 
     Example:
@@ -48,13 +51,16 @@ class TokenEmbedding(keras.layers.Layer):
 
     def build(self, input_shape=None):
         self.table.build()
-        self.eoi_embedding = self.add_weight(name="eoi_embedding", shape=(self.hidden_dim,), initializer="zeros")
+        if self.eoi_token_id is not None:
+            self.eoi_embedding = self.add_weight(name="eoi_embedding", shape=(self.hidden_dim,), initializer="zeros")
         self.built = True
 
     def call(self, token_ids):
         """`(B, T)` ids to `(B, T, D)` embeddings."""
         scale = ops.cast(ops.convert_to_tensor(math.sqrt(self.hidden_dim), "float32"), self.compute_dtype)
         rows = self.table(token_ids) * scale
+        if self.eoi_token_id is None:
+            return rows
         is_eoi = ops.equal(token_ids, self.eoi_token_id)[..., None]
         return ops.where(is_eoi, ops.cast(self.eoi_embedding, self.compute_dtype), rows)
 

@@ -1,0 +1,46 @@
+"""Builds T5Gemma (first generation) models from Hugging Face checkpoints (`hf://` handles or local folders).
+
+Registered for `model_type` "t5gemma" in `keras_t5gemma/conversion/__init__.py`.
+The tokenizer files and their `<bos>`/`<eos>` convention are read as for
+T5Gemma 2 (`T5Gemma2CheckpointLoader`); the model is text only.
+"""
+
+from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
+from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
+from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
+from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
+from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
+
+
+class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
+    """Builds T5Gemma models from a Hugging Face checkpoint.
+
+    Extra `load_backbone` arguments: `encoder_only` (skip the decoder) and
+    `progress` (a callable advanced once per loaded tensor).
+    """
+
+    def check_backbone_class(self):
+        return T5GemmaBackbone
+
+    def load_backbone(self, cls, load_weights_=True, encoder_only=False, progress=None, dtype=None, **kwargs):
+        kwargs.pop("text_only", None)  # T5Gemma is text only; the option is accepted and has nothing to skip.
+        if kwargs:
+            raise ValueError(f"Unexpected arguments for a T5Gemma checkpoint: {sorted(kwargs)}.")
+        return_freed_memory_to_the_system()
+        backbone = backbone_from_t5gemma_config(self.config, encoder_only=encoder_only, dtype=dtype, cls=cls)
+        if load_weights_:
+            load_t5gemma_weights(backbone, self.checkpoint.keys(), self.checkpoint.read, progress=progress)
+        return backbone
+
+    def load_tokenizer(self, cls, config_file=None, **kwargs):
+        return self.tokenizer_from_checkpoint(cls, **kwargs)
+
+    def load_image_converter(self, cls, **kwargs):
+        return None
+
+    def load_preprocessor(self, cls, config_file=None, **kwargs):
+        kwargs = cls._add_missing_kwargs(self, kwargs)
+        add_bos, add_eos = self._special_tokens_added()
+        kwargs.setdefault("add_start_token", add_bos)
+        kwargs.setdefault("add_end_token", add_eos)
+        return cls(**kwargs)
