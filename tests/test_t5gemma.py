@@ -1,7 +1,10 @@
 """T5Gemma (first generation): parity with `transformers`' T5Gemma, generation, training, saving, conversion."""
 
 import json
+import os
+from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import torch
@@ -12,12 +15,21 @@ from transformers import T5GemmaForConditionalGeneration
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import backbone_kwargs_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
+from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
 from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma_presets import backbone_presets
+from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
+from keras_t5gemma.models.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma_tokenizer import T5GemmaTokenizer
+
+DATA = Path(__file__).parent / "data"
+NEW_TOKENS = 8
 
 # Unbalanced (the encoder wider, deeper, with more heads than the decoder, as
 # 9b-2b), soft-capping on at values the random logits reach, odd windows.
 ENCODER = {
-    "vocab_size": 300,
+    # The small test vocabulary's size (`tests/vocabularies.py`).
+    "vocab_size": 330,
     "hidden_size": 32,
     "intermediate_size": 48,
     "num_hidden_layers": 3,
@@ -199,3 +211,171 @@ def test_checkpoint_mismatch_is_named(pair):
     del state["model.decoder.layers.1.cross_attn.k_proj.weight"]
     with pytest.raises(ValueError, match="cross_attn.k_proj"):
         load_t5gemma_weights(backbone, state.keys(), state.__getitem__)
+
+
+# === The task: generation, training, saving ===
+
+
+@pytest.fixture(scope="module")
+def seq_2_seq_lm(pair):
+    _, _, backbone = pair
+    model = T5GemmaSeq2SeqLM(backbone)
+    model.compile(sampler="greedy")
+    return model
+
+
+def _generation_inputs(encoder_ids, encoder_mask):
+    batch = len(encoder_ids)
+    decoder_ids = np.zeros((batch, NEW_TOKENS + 1), "int32")
+    decoder_ids[:, 0] = 2  # <bos>, the decoder start token
+    decoder_mask = np.zeros_like(decoder_ids)
+    decoder_mask[:, 0] = 1
+    return {
+        "encoder_token_ids": encoder_ids,
+        "encoder_padding_mask": encoder_mask,
+        "decoder_token_ids": decoder_ids,
+        "decoder_padding_mask": decoder_mask,
+    }
+
+
+def test_greedy_generation_matches_reference(pair, seq_2_seq_lm, rng):
+    _, model, _ = pair
+    encoder_ids, encoder_mask = right_padded(rng, [10, 6, 3], 10)
+    with torch.no_grad():
+        expected = model.generate(
+            input_ids=torch.tensor(encoder_ids, dtype=torch.long),
+            attention_mask=torch.tensor(encoder_mask),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            decoder_start_token_id=2,
+        ).numpy()
+    output = seq_2_seq_lm.generate(_generation_inputs(encoder_ids, encoder_mask), stop_token_ids=None)
+    np.testing.assert_array_equal(output["decoder_token_ids"], expected)
+
+
+def _toy_task(rng, count=16):
+    encoder_ids, encoder_mask = right_padded(rng, [5] * count, 6)
+    labels = np.concatenate([encoder_ids[:, :4], np.ones((count, 1), "int32")], axis=1)  # copy 4 tokens, <eos>
+    decoder_ids = np.concatenate([np.full((count, 1), 2, "int32"), labels[:, :-1]], axis=1)
+    x = {
+        "encoder_token_ids": encoder_ids,
+        "encoder_padding_mask": encoder_mask,
+        "decoder_token_ids": decoder_ids,
+        "decoder_padding_mask": np.ones_like(decoder_ids),
+    }
+    return x, labels
+
+
+def _tiny_task_model():
+    return T5GemmaSeq2SeqLM(backbone_from_t5gemma_config(t5gemma_config()))
+
+
+def test_fit_lowers_the_loss_and_lora_trains_only_the_adapters(rng):
+    x, y = _toy_task(rng)
+    model = _tiny_task_model()
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(True))
+    history = model.fit(x, y, batch_size=8, epochs=4, verbose=0)
+    assert history.history["loss"][-1] < 0.9 * history.history["loss"][0]
+
+    model.backbone.enable_lora(2)
+    trainable = {w.path for w in model.trainable_weights}
+    # The adapters reach the cross-attention projections too.
+    assert trainable and all("lora" in path for path in trainable)
+    assert any("cross_attention" in path for path in trainable)
+    frozen = {w.path: keras.ops.convert_to_numpy(w) for w in model.weights if "lora" not in w.path}
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(True))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    for weight in model.weights:
+        if weight.path in frozen:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), frozen[weight.path])
+    lora_b = [w for w in model.weights if "lora_kernel_b" in w.path]
+    assert any(np.abs(keras.ops.convert_to_numpy(w)).max() > 0 for w in lora_b)
+
+
+def test_keras_file_round_trip_is_exact(seq_2_seq_lm, rng, tmp_path):
+    path = os.path.join(tmp_path, "model.keras")
+    seq_2_seq_lm.save(path)
+    restored = keras.saving.load_model(path)
+    assert type(restored) is T5GemmaSeq2SeqLM and type(restored.sampler) is ArgmaxSampler
+    x, _ = _toy_task(rng, count=2)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(seq_2_seq_lm(x)), keras.ops.convert_to_numpy(restored(x)))
+
+
+def test_quantized_generation_stays_close(pair, rng):
+    config, model, _ = pair
+    quantized = T5GemmaSeq2SeqLM(converted(model, config))
+    x, _ = _toy_task(rng, count=2)
+    before = keras.ops.convert_to_numpy(quantized(x))
+    quantized.quantize("int8")
+    after = keras.ops.convert_to_numpy(quantized(x))
+    assert any("int8" in str(w.dtype) for w in quantized.weights)
+    assert np.abs(after - before).max() < 0.1 * np.abs(before).max()
+
+
+def test_preset_round_trip_with_tokenizer(seq_2_seq_lm, small_proto, tmp_path):
+    tokenizer = T5GemmaTokenizer(small_proto)
+    preprocessor = T5GemmaSeq2SeqLMPreprocessor(tokenizer, encoder_sequence_length=12, decoder_sequence_length=10)
+    model = T5GemmaSeq2SeqLM(seq_2_seq_lm.backbone, preprocessor)
+    model.compile(sampler="greedy")
+    expected = model.generate(["The quick brown fox", "Numbers"], max_length=10, stop_token_ids=None)
+    model.save_to_preset(str(tmp_path / "preset"))
+    restored = T5GemmaSeq2SeqLM.from_preset(str(tmp_path / "preset"))
+    restored.compile(sampler="greedy")
+    assert type(restored.preprocessor.tokenizer) is T5GemmaTokenizer
+    assert restored.generate(["The quick brown fox", "Numbers"], max_length=10, stop_token_ids=None) == expected
+    x, y, weights = preprocessor({"encoder_text": ["The fox"], "decoder_text": ["a dog"]})
+    # <bos> + prompt for the encoder; <bos> + target for the decoder, target + <eos> as labels.
+    assert x["encoder_token_ids"][0, 0] == tokenizer.start_token_id
+    assert x["decoder_token_ids"][0, 0] == tokenizer.start_token_id
+    assert tokenizer.end_token_id in np.asarray(y[0])
+    with pytest.raises(ValueError, match="text-only"):
+        T5GemmaSeq2SeqLMPreprocessor(tokenizer, image_converter=object())
+
+
+def test_hugging_face_folder_loads_through_from_preset(pair, small_proto, rng, tmp_path):
+    config, model, backbone = pair
+    model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(small_proto)
+    loaded = T5GemmaSeq2SeqLM.from_preset(str(tmp_path))
+    assert isinstance(loaded.backbone, T5GemmaBackbone)
+    assert isinstance(loaded.preprocessor.tokenizer, T5GemmaTokenizer)
+    x, _ = _toy_task(rng, count=2)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(T5GemmaSeq2SeqLM(backbone)(x)), atol=1e-6
+    )
+
+
+# === Presets ===
+
+
+def _reference_count(config):
+    """`transformers`' parameter count of a config, on the meta device (no memory)."""
+    hf_config = T5GemmaConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = T5GemmaForConditionalGeneration(hf_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_lists_the_32_released_checkpoints():
+    sizes = ("s-s", "b-b", "l-l", "ml-ml", "xl-xl", "2b-2b", "9b-2b", "9b-9b")
+    handles = {
+        f"hf://google/t5gemma-{size}-{objective}{suffix}"
+        for size in sizes
+        for objective in ("prefixlm", "ul2")
+        for suffix in ("", "-it")
+    }
+    assert {preset["handle"] for preset in backbone_presets.values()} == handles
+    assert set(T5GemmaSeq2SeqLM.presets) == set(backbone_presets)
+
+
+@pytest.mark.parametrize("size", ["s-s", "b-b", "l-l", "xl-xl", "2b-2b", "9b-2b", "9b-9b"])
+def test_registry_counts_equal_transformers_counts(size):
+    config = json.loads((DATA / f"t5gemma-{size}.json").read_text())
+    expected = _reference_count(config)
+    key = size.replace("-", "_")
+    counts = {preset["params"] for name, preset in backbone_presets.items() if name.startswith(f"t5gemma_{key}_")}
+    assert counts == {expected}
+    # The bundled config converts (the sizes the registry describes are buildable).
+    kwargs = backbone_kwargs_from_t5gemma_config(config)
+    assert kwargs["attention_logit_soft_cap"] == 50.0 and kwargs["final_logit_soft_cap"] == 30.0

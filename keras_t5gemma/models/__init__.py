@@ -12,6 +12,11 @@ from keras_t5gemma.models.t5gemma2_text_classifier_preprocessor import T5Gemma2T
 from keras_t5gemma.models.t5gemma2_token_classifier import T5Gemma2TokenClassifier
 from keras_t5gemma.models.t5gemma2_token_classifier_preprocessor import T5Gemma2TokenClassifierPreprocessor
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma_presets import backbone_presets as t5gemma_backbone_presets
+from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
+from keras_t5gemma.models.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma_tokenizer import T5GemmaTokenizer
 from keras_t5gemma.utils.preset_utils import register_presets
 
 __all__ = [
@@ -26,6 +31,10 @@ __all__ = [
     "T5Gemma2TokenClassifier",
     "T5Gemma2TokenClassifierPreprocessor",
     "T5Gemma2Tokenizer",
+    "T5GemmaBackbone",
+    "T5GemmaSeq2SeqLM",
+    "T5GemmaSeq2SeqLMPreprocessor",
+    "T5GemmaTokenizer",
 ]
 
 register_presets(
@@ -43,4 +52,9 @@ register_presets(
         T5Gemma2TokenClassifierPreprocessor,
         T5Gemma2Tokenizer,
     ],
+)
+
+register_presets(
+    t5gemma_backbone_presets,
+    [T5GemmaBackbone, T5GemmaSeq2SeqLM, T5GemmaSeq2SeqLMPreprocessor, T5GemmaTokenizer],
 )

@@ -145,10 +145,12 @@ class T5Gemma2Seq2SeqLM(
         encoder_output = backbone.encode(inputs["encoder_token_ids"], encoder_padding_mask, inputs.get("images"))
         cross_key_values = backbone.decoder.cross_key_values(encoder_output)
         batch = ops.shape(encoder_output)[0]
-        shape = (batch, max_length, backbone.num_key_value_heads, backbone.head_dim)
+        # The decoder's sizes (T5Gemma's may differ from its encoder's).
+        sizes = backbone.decoder.layer_kwargs
+        shape = (batch, max_length, sizes["num_key_value_heads"], sizes["head_dim"])
         self_caches = [
             (ops.zeros(shape, self.compute_dtype), ops.zeros(shape, self.compute_dtype))
-            for _ in range(backbone.num_decoder_layers)
+            for _ in backbone.decoder.transformer_layers
         ]
         return self_caches, cross_key_values, encoder_padding_mask
 
