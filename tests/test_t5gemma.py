@@ -274,8 +274,8 @@ def _tiny_task_model():
 def test_fit_lowers_the_loss_and_lora_trains_only_the_adapters(rng):
     x, y = _toy_task(rng)
     model = _tiny_task_model()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(True))
-    history = model.fit(x, y, batch_size=8, epochs=4, verbose=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=keras.losses.SparseCategoricalCrossentropy(True))
+    history = model.fit(x, y, batch_size=8, epochs=6, verbose=0)
     assert history.history["loss"][-1] < 0.9 * history.history["loss"][0]
 
     model.backbone.enable_lora(2)
@@ -315,7 +315,7 @@ def test_quantized_generation_stays_close(pair, rng):
 
 def test_preset_round_trip_with_tokenizer(seq_2_seq_lm, small_proto, tmp_path):
     tokenizer = T5GemmaTokenizer(small_proto)
-    preprocessor = T5GemmaSeq2SeqLMPreprocessor(tokenizer, encoder_sequence_length=12, decoder_sequence_length=10)
+    preprocessor = T5GemmaSeq2SeqLMPreprocessor(tokenizer, encoder_sequence_length=24, decoder_sequence_length=10)
     model = T5GemmaSeq2SeqLM(seq_2_seq_lm.backbone, preprocessor)
     model.compile(sampler="greedy")
     expected = model.generate(["The quick brown fox", "Numbers"], max_length=10, stop_token_ids=None)

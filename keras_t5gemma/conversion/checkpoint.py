@@ -113,19 +113,20 @@ class SafetensorsFile:
 
 
 class HFCheckpoint:
-    """A Hugging Face T5Gemma 2 checkpoint: a local folder or an `hf://` handle.
+    """A Hugging Face T5Gemma 2 (or T5Gemma) checkpoint: a local folder or an `hf://` handle.
 
     Files are fetched through KerasHub's `get_file` (which downloads `hf://`
     handles), with clear errors for gated or missing repositories.
 
     Args:
         preset: local folder path or `hf://org/name`.
+        check_config: callable raising a clear error for a config of another model.
     """
 
-    def __init__(self, preset, config=None):
+    def __init__(self, preset, config=None, check_config=check_t5gemma2_config):
         self.preset = preset
         self.config = config if config is not None else self.json("config.json")
-        check_t5gemma2_config(self.config)
+        check_config(self.config)
         self._files = {}
         self._weight_map = None
 

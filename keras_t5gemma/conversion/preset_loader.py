@@ -8,6 +8,7 @@ converts such checkpoints on load.
 from keras_t5gemma.conversion.checkpoint import HFCheckpoint
 from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
 from keras_t5gemma.conversion.config import backbone_from_hf_config
+from keras_t5gemma.conversion.config import check_t5gemma2_config
 from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
 from keras_t5gemma.conversion.weights import CLASSIFIER_HEAD_KEY
 from keras_t5gemma.conversion.weights import load_classifier_head
@@ -27,7 +28,11 @@ class T5Gemma2CheckpointLoader(PresetLoader):
 
     def __init__(self, preset, config):
         super().__init__(preset, config)
-        self.checkpoint = HFCheckpoint(preset, config)
+        self.checkpoint = HFCheckpoint(preset, config, check_config=self.check_config)
+
+    @staticmethod
+    def check_config(config):
+        check_t5gemma2_config(config)
 
     def check_backbone_class(self):
         return T5Gemma2Backbone

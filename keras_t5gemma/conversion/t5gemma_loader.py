@@ -8,6 +8,7 @@ T5Gemma 2 (`T5Gemma2CheckpointLoader`); the model is text only.
 from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
 from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
+from keras_t5gemma.conversion.t5gemma_config import check_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
 from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
 
@@ -18,6 +19,10 @@ class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
     Extra `load_backbone` arguments: `encoder_only` (skip the decoder) and
     `progress` (a callable advanced once per loaded tensor).
     """
+
+    @staticmethod
+    def check_config(config):
+        check_t5gemma_config(config)
 
     def check_backbone_class(self):
         return T5GemmaBackbone
