@@ -17,7 +17,7 @@ from keras_t5gemma.layers.attention import Attention
 from keras_t5gemma.layers.attention import grouped_attention
 from keras_t5gemma.layers.feedforward import FeedForward
 from keras_t5gemma.layers.masks import SLIDING
-from keras_t5gemma.layers.masks import AttentionMask
+from keras_t5gemma.layers.masks import attention_mask
 from keras_t5gemma.layers.normalization import RMSNormalization
 from keras_t5gemma.layers.rotary import rotary_cos_sin
 
@@ -188,7 +188,7 @@ class CrossAttentionTransformerLayer(keras.layers.Layer):
         encoder_padding_mask=None,
         training=False,
     ):
-        """`x` `(B, T, D)`; see `Attention.call` for `attention_mask` and `cache`.
+        """`x` `(B, T, D)`; `attention_mask` bool `(B, T, S)`; see `Attention.call` for `cache`.
 
         Decoder layers need `encoder_key_value` (this layer's
         `cross_attention.key_value` of the encoder output) and the encoder's
@@ -196,7 +196,7 @@ class CrossAttentionTransformerLayer(keras.layers.Layer):
         """
         attended = self.attention(
             self.pre_attention_norm(x),
-            attention_mask=attention_mask,
+            attention_mask,
             rope=rope,
             cache=cache,
             cache_update_index=cache_update_index,
@@ -295,13 +295,12 @@ class CrossAttentionTransformerStack(keras.layers.Layer):
         for layer_type in set(self.layer_types):
             wavelength, scaling = self.rope[layer_type]
             ropes[layer_type] = rotary_cos_sin(query_positions, head_dim, wavelength, scaling, self.compute_dtype)
-            masks[layer_type] = AttentionMask(
+            masks[layer_type] = attention_mask(
                 query_positions,
                 key_positions,
                 causal=self.causal,
                 sliding_window=self.sliding_window if layer_type == SLIDING else None,
                 key_padding_mask=key_padding_mask,
-                aligned=caches is None,
             )
         x = self.dropout_layer(x, training=training)
         new_caches = []
