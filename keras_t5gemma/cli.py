@@ -100,10 +100,16 @@ def _check_preset(preset):
 
 
 def load_seq_2_seq_lm(preset):
+    """The task of the preset's generation: `T5GemmaSeq2SeqLM` for T5Gemma (first generation), else T5Gemma 2's."""
     from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
+    from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
+    from keras_t5gemma.utils.preset_utils import get_preset_loader
 
     _check_preset(preset)
-    return T5Gemma2Seq2SeqLM.from_preset(preset)
+    backbone_cls = get_preset_loader(preset).check_backbone_class()
+    task_cls = T5GemmaSeq2SeqLM if issubclass(backbone_cls, T5GemmaBackbone) else T5Gemma2Seq2SeqLM
+    return task_cls.from_preset(preset)
 
 
 def _read_lines(path):
@@ -816,9 +822,10 @@ def run_export(args):
 
 def run_presets(args):
     from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
     from keras_t5gemma.utils.preset_utils import is_bundled
 
-    presets = T5Gemma2Seq2SeqLM.presets
+    presets = {**T5Gemma2Seq2SeqLM.presets, **T5GemmaSeq2SeqLM.presets}
     bundled = {name: preset for name, preset in presets.items() if is_bundled(preset)}
     released = {name: preset for name, preset in presets.items() if not is_bundled(preset)}
     for title, group in (("Bundled (no download):", bundled), ("Released (downloaded from the Hub):", released)):

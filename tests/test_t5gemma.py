@@ -12,6 +12,7 @@ from conftest import assert_matches_reference
 from transformers import T5GemmaConfig
 from transformers import T5GemmaForConditionalGeneration
 
+from keras_t5gemma.cli import load_seq_2_seq_lm
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import backbone_kwargs_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
@@ -302,7 +303,9 @@ def test_keras_file_round_trip_is_exact(seq_2_seq_lm, rng, tmp_path):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(seq_2_seq_lm(x)), keras.ops.convert_to_numpy(restored(x)))
 
 
+@pytest.mark.slow
 def test_quantized_generation_stays_close(pair, rng):
+    """int8 weights (slow on 2 cores: eager calls before and after quantizing)."""
     config, model, _ = pair
     quantized = T5GemmaSeq2SeqLM(converted(model, config))
     x, _ = _toy_task(rng, count=2)
@@ -338,6 +341,8 @@ def test_hugging_face_folder_loads_through_from_preset(pair, small_proto, rng, t
     model.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(small_proto)
     loaded = T5GemmaSeq2SeqLM.from_preset(str(tmp_path))
+    # The command line's `--preset` picks the task of the checkpoint's generation.
+    assert type(load_seq_2_seq_lm(str(tmp_path))) is T5GemmaSeq2SeqLM
     assert isinstance(loaded.backbone, T5GemmaBackbone)
     assert isinstance(loaded.preprocessor.tokenizer, T5GemmaTokenizer)
     x, _ = _toy_task(rng, count=2)
