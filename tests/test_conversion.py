@@ -145,9 +145,9 @@ def _broken_copy(checkpoints, tmp_path):
 def test_wrong_model_type_is_rejected(checkpoints, tmp_path):
     folder = _broken_copy(checkpoints, tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "t5gemma"
+    config["model_type"] = "gemma3"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="`model_type` 't5gemma'; keras_t5gemma converts \\['t5gemma2'\\]"):
+    with pytest.raises(ValueError, match="`model_type` 'gemma3'; keras_t5gemma converts \\['t5gemma', 't5gemma2'\\]"):
         T5Gemma2Backbone.from_preset(str(folder))
 
 

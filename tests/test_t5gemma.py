@@ -16,6 +16,7 @@ from keras_t5gemma.cli import load_seq_2_seq_lm
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import backbone_kwargs_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
 from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
 from keras_t5gemma.models.t5gemma_presets import backbone_presets
@@ -341,6 +342,8 @@ def test_hugging_face_folder_loads_through_from_preset(pair, small_proto, rng, t
     model.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(small_proto)
     loaded = T5GemmaSeq2SeqLM.from_preset(str(tmp_path))
+    with pytest.raises(ValueError, match="T5Gemma \\(first generation\\) checkpoint; load it with `T5GemmaBackbone`"):
+        T5Gemma2Backbone.from_preset(str(tmp_path))
     # The command line's `--preset` picks the task of the checkpoint's generation.
     assert type(load_seq_2_seq_lm(str(tmp_path))) is T5GemmaSeq2SeqLM
     assert isinstance(loaded.backbone, T5GemmaBackbone)

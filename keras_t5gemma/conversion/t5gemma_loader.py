@@ -31,6 +31,11 @@ class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
         kwargs.pop("text_only", None)  # T5Gemma is text only; the option is accepted and has nothing to skip.
         if kwargs:
             raise ValueError(f"Unexpected arguments for a T5Gemma checkpoint: {sorted(kwargs)}.")
+        if not issubclass(cls, T5GemmaBackbone):
+            raise ValueError(
+                f"`{self.preset}` is a T5Gemma (first generation) checkpoint; load it with `T5GemmaBackbone` or "
+                f"`T5GemmaSeq2SeqLM`, not `{cls.__name__}`."
+            )
         return_freed_memory_to_the_system()
         backbone = backbone_from_t5gemma_config(self.config, encoder_only=encoder_only, dtype=dtype, cls=cls)
         if load_weights_:
