@@ -206,6 +206,11 @@ def test_bad_backbone_arguments_are_named(overrides, message):
         T5GemmaBackbone(**kwargs)
 
 
+def test_export_to_transformers_says_it_covers_t5gemma_2_only(seq_2_seq_lm, tmp_path):
+    with pytest.raises(ValueError, match="covers T5Gemma 2 models; `T5GemmaBackbone` is not one"):
+        seq_2_seq_lm.export_to_transformers(str(tmp_path / "out"))
+
+
 def test_checkpoint_mismatch_is_named(pair):
     config, model, _ = pair
     backbone = backbone_from_t5gemma_config(config)

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints to keras_t5gemma models and back.
 
-Importing this package registers the T5Gemma 2 and T5Gemma checkpoint loaders, through
+Importing this package registers the T5Gemma 2 and T5Gemma (first generation) checkpoint loaders, through
 which every class's `from_preset` converts `hf://` handles and local
 Hugging Face folders, the loader of KerasHub's own T5Gemma 2 presets, and
 the "transformers" exporter behind every class's

@@ -29,6 +29,7 @@ from keras_t5gemma.conversion.config import hf_config_from_backbone
 from keras_t5gemma.conversion.image_processor import hf_image_processor_from_converter
 from keras_t5gemma.conversion.vocabulary import tokenizer_json_from_proto
 from keras_t5gemma.conversion.weights import weight_specs
+from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -60,6 +61,11 @@ def parse_size(size):
 def _parts(model):
     """`(backbone, preprocessor or None, encoder_only)` of a backbone, seq2seq task or embedder."""
     backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, T5Gemma2Backbone):
+        raise ValueError(
+            f"Export to `transformers` covers T5Gemma 2 models; `{type(backbone).__name__}` is not one "
+            "(T5Gemma, the first generation, has no exporter yet)."
+        )
     preprocessor = getattr(model, "preprocessor", None)
     # An embedder only needs the encoder, whatever its backbone holds.
     encoder_only = backbone.decoder is None or type(model).__name__ == "T5Gemma2Embedder"
