@@ -211,6 +211,8 @@ class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
         # The reference encoder lets query i see key j when |i - j| <= w: the
         # bidirectional split (`masks.window_reach`) of a window of 2w + 1.
         self.encoder = stack("encoder", encoder_layer_types, causal=False, window=2 * sliding_window + 1)
+        # Text only; the tasks shared with T5Gemma 2 look for a vision tower here.
+        self.vision_encoder = None
         self.token_embedding = None
         self.decoder = None
         if not encoder_only:
