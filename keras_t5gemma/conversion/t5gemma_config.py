@@ -136,7 +136,7 @@ def _attention_specs(attention, prefix):
     yield WeightSpec(attention.query_dense.kernel, f"{prefix}.q_proj.weight", LINEAR)
     yield WeightSpec(attention.key_dense.kernel, f"{prefix}.k_proj.weight", LINEAR)
     yield WeightSpec(attention.value_dense.kernel, f"{prefix}.v_proj.weight", LINEAR)
-    yield WeightSpec(attention.output_dense.kernel, f"{prefix}.o_proj.weight", LINEAR)
+    yield WeightSpec(attention.output_dense.kernel, f"{prefix}.o_proj.weight", LINEAR, input_axes=2)
 
 
 def _layer_specs(layer, prefix):
