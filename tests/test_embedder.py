@@ -153,7 +153,7 @@ def test_image_only_vectors_are_pooled_reference_image_features(loaded, checkpoi
         ([{"text": "A fox"}, {}], "Sample 1 has neither text nor images"),
         ({"text": "A fox", "image": None}, "got also \\['image'\\]"),
         (3, "must be strings"),
-        (["<start_of_image> without its image"], "placeholders for 1 image"),
+        (["<start_of_image> without its image"], "marker\\(s\\) but no image was given"),
     ],
 )
 def test_empty_or_malformed_input_is_a_clear_error(loaded, inputs, message):

@@ -48,7 +48,8 @@ class WeightSpec:
     def to_checkpoint(self, array):
         """The inverse of `convert`: a variable's value in the checkpoint's layout."""
         array = np.asarray(array)
-        if self.permutation == LINEAR:
+        if self.permutation == LINEAR and array.ndim > 2:
+            # Merge the head axes; a 2-D kernel (KerasHub's vision projections) is already `[in, out]`.
             split = self.input_axes
             array = array.reshape(int(np.prod(array.shape[:split])), int(np.prod(array.shape[split:])))
         elif self.key.endswith(".bias"):
