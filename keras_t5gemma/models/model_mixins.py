@@ -49,7 +49,7 @@ class QuantizeProjectionsMixin:
 
 
 class TransformersExportMixin:
-    """`export_to_transformers`, through the exporter that the `conversion` package registers (models never import it)."""
+    """`export_to_transformers`, through the exporter the `conversion` package registers."""
 
     def export_to_transformers(self, path, dtype=None, max_shard_size="2GB", overwrite=False):
         """Writes a Hugging Face `transformers` folder of this model.
