@@ -21,8 +21,9 @@ ALLOWED = {
     "conversion": {"conversion", "layers", "models", "utils"},
     "training": {"training", "conversion", "layers", "models", "utils"},
     "demo": set(),
-    # Reads a `T5Gemma2Seq2SeqLM`'s weights and config by attribute; needs no model class.
-    "export": {"export"},
+    # Reads a `T5Gemma2Seq2SeqLM`'s weights and config by attribute (needs no model class);
+    # writes through `utils.safe_files`.
+    "export": {"export", "utils"},
 }
 COMPAT_MODULE = PACKAGE / "utils" / "keras_hub_compat.py"
 

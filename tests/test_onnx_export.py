@@ -343,3 +343,24 @@ def test_command_line_exports_and_generates_from_the_export(capsys, tmp_path):
         err = capsys.readouterr().err
         assert err.startswith("keras-t5gemma: error:") and message in err and "Traceback" not in err
     assert main(["export", str(output)]) == 2  # --format is required
+
+
+def test_an_interrupted_export_leaves_the_earlier_one_and_the_users_files(demo, tmp_path, monkeypatch):
+    from keras_t5gemma.export import onnx as onnx_export
+
+    export_onnx(demo[0], tmp_path, max_decode_length=DEMO_MAX_LENGTH)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    def fail_after_the_graphs(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "_special_token_ids", fail_after_the_graphs)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(demo[0], tmp_path, max_decode_length=DEMO_MAX_LENGTH + 1)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert not [path for path in tmp_path.parent.iterdir() if path.name.startswith(f".{tmp_path.name}.")]
+    monkeypatch.undo()
+    export_onnx(demo[0], tmp_path, max_decode_length=DEMO_MAX_LENGTH + 1)
+    assert json.loads((tmp_path / "t5gemma2_onnx.json").read_text())["max_decode_length"] == DEMO_MAX_LENGTH + 1
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -46,6 +46,7 @@ import numpy as np
 
 from keras_t5gemma.export import onnx_graph as graph
 from keras_t5gemma.export.onnx_graph import GraphBuilder
+from keras_t5gemma.utils.safe_files import atomic_folder
 
 CONFIG_FILE = "t5gemma2_onnx.json"
 FILES = {
@@ -403,8 +404,12 @@ def _listify(value):
     return np.asarray(value).tolist() if value is not None else None
 
 
-def _prepare_output(output):
-    """Creates the folder; refuses one holding files that an export did not write."""
+def _is_export_file(name):
+    return name == CONFIG_FILE or name in FILES.values()
+
+
+def _check_output(output):
+    """Refuses a file, or a non-empty folder that holds no earlier export; says whether one is replaced."""
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"The export output {output} is a file; give a folder.")
@@ -413,8 +418,7 @@ def _prepare_output(output):
             f"The export output {output} is a non-empty folder that holds no previous ONNX export "
             f"({CONFIG_FILE}); give a new or empty folder so that no other file is overwritten."
         )
-    output.mkdir(parents=True, exist_ok=True)
-    return output
+    return (output / CONFIG_FILE).exists()
 
 
 def export_onnx(seq_2_seq_lm, output, max_decode_length=None, quantize=None, pooling="mean", normalize=True):
@@ -457,8 +461,19 @@ def export_onnx(seq_2_seq_lm, output, max_decode_length=None, quantize=None, poo
         raise ValueError(f"`max_decode_length` must be a positive int; got {max_decode_length!r}.")
     if pooling not in POOLING_MODES:
         raise ValueError(f"`pooling` must be one of {POOLING_MODES}; got {pooling!r}.")
-    output = _prepare_output(output)
+    replaces_export = _check_output(output)
+    # Written into a temporary folder beside `output`, then renamed into place: an interrupted export leaves
+    # the earlier one (or nothing); the user's other files in the folder stay.
+    with atomic_folder(output, owns=_is_export_file, overwrite=replaces_export, what="export output") as folder:
+        settings = _write_export(seq_2_seq_lm, Path(folder), max_decode_length, quantize, pooling, normalize)
+    settings["export_seconds"] = time.perf_counter() - started
+    return settings
 
+
+def _write_export(seq_2_seq_lm, output, max_decode_length, quantize, pooling, normalize):
+    """Writes the graphs, weights, tokenizer and settings into the folder `output`; returns the settings."""
+    backbone = seq_2_seq_lm.backbone
+    preprocessor = seq_2_seq_lm.preprocessor
     config = model_config(backbone)
     weights = model_weights(backbone)
     with graph.WeightsFile(output / FILES["weights"]) as weights_file:
@@ -510,5 +525,4 @@ def export_onnx(seq_2_seq_lm, output, max_decode_length=None, quantize=None, poo
                 "resize": "Pillow bilinear (antialiased), aspect ratio not kept",
             }
     (output / CONFIG_FILE).write_text(json.dumps(settings, indent=2))
-    settings["export_seconds"] = time.perf_counter() - started
     return settings
