@@ -7,15 +7,13 @@ through `WeightSpec.to_checkpoint`, so a checkpoint read in and written out
 comes back bit for bit.
 
 The folder is written next to its destination under a temporary name and
-renamed into place when complete, so a failed export leaves nothing behind.
+renamed into place when complete (`utils/safe_files.py`), so a failed export
+leaves nothing behind.
 """
 
 import json
-import os
 import re
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import keras
@@ -30,6 +28,7 @@ from keras_t5gemma.conversion.image_processor import hf_image_processor_from_con
 from keras_t5gemma.conversion.vocabulary import tokenizer_json_from_proto
 from keras_t5gemma.conversion.weights import weight_specs
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.utils.safe_files import atomic_folder
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -251,22 +250,6 @@ def _check_destination(path, overwrite):
         )
 
 
-def _move_into_place(staging, path):
-    """Renames the finished `staging` folder to `path`, replacing an empty folder or an earlier export."""
-    if not path.exists():
-        os.replace(staging, path)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.rmdir(retired)
-    os.replace(path, retired)
-    try:
-        os.replace(staging, path)
-    except OSError:
-        os.replace(retired, path)
-        raise
-    shutil.rmtree(retired)
-
-
 def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwrite=False):
     """Writes `model` (backbone, `T5Gemma2Seq2SeqLM` or `T5Gemma2Embedder`) as a `transformers` folder.
 
@@ -291,9 +274,9 @@ def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwr
         dtype=dtype,
     )
     _check_destination(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
+    # Written beside `path` and renamed into place: a failed export leaves nothing, or the earlier export.
+    with atomic_folder(path, owns=_EXPORT_FILE.match, overwrite=overwrite, what="export folder") as staging:
+        staging = Path(staging)
         _write_weights(staging, _tensors(backbone, encoder_only), dtype, max_shard_size)
         _write_json(staging / "config.json", config)
         if not encoder_only:
@@ -309,10 +292,6 @@ def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwr
             _write_tokenizer(staging, preprocessor, backbone)
             if getattr(preprocessor, "image_converter", None) is not None:
                 _write_processor(staging, preprocessor, backbone)
-        _move_into_place(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return path
 
 
