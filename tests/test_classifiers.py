@@ -97,6 +97,29 @@ def test_padded_text_batch_matches_reference(checkpoint, rng, left):
     _compare(classifier, kind, ours, reference, mask)
 
 
+def test_export_to_transformers_gives_back_the_classification_checkpoint(checkpoint, tmp_path, rng):
+    model, classifier, kind, folder = checkpoint
+    # A head changed in Keras must reach transformers: redraw it first.
+    head = classifier.output_dense
+    head.kernel.assign(rng.normal(size=head.kernel.shape).astype("float32") * 0.1)
+    head.bias.assign(rng.normal(size=head.bias.shape).astype("float32"))
+    exported = classifier.export_to_transformers(tmp_path / "exported")
+    reference_class = HEADS[kind][0]
+    reloaded, info = reference_class.from_pretrained(exported, output_loading_info=True)
+    assert not any(info[name] for name in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert reloaded.config.id2label == dict(enumerate(LABELS))
+    assert reloaded.config.pad_token_id == classifier.pad_token_id == model.config.pad_token_id
+    ids, mask = _padded(rng, [9, 4], 9)
+    ours = keras.ops.convert_to_numpy(classifier({"encoder_token_ids": ids, "encoder_padding_mask": mask}))
+    _compare(classifier, kind, ours, _reference_logits(reloaded.eval(), ids, mask), mask)
+    # And back: the exported folder loads as the same classifier.
+    again = HEADS[kind][1].from_preset(str(exported), preprocessor=None)
+    assert again.labels == LABELS
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(again.output_dense.kernel), keras.ops.convert_to_numpy(head.kernel)
+    )
+
+
 def test_batch_with_an_image_matches_reference(checkpoint, rng):
     model, classifier, kind, _ = checkpoint
     image_block = [BOI] + [IMAGE] * 4 + [EOI]

@@ -26,8 +26,10 @@ from keras_t5gemma.conversion.config import TRANSFORMERS_VERSION
 from keras_t5gemma.conversion.config import hf_config_from_backbone
 from keras_t5gemma.conversion.image_processor import hf_image_processor_from_converter
 from keras_t5gemma.conversion.vocabulary import tokenizer_json_from_proto
+from keras_t5gemma.conversion.weights import classifier_head_specs
 from keras_t5gemma.conversion.weights import weight_specs
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
 from keras_t5gemma.utils.safe_files import atomic_folder
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -58,7 +60,7 @@ def parse_size(size):
 
 
 def _parts(model):
-    """`(backbone, preprocessor or None, encoder_only)` of a backbone, seq2seq task or embedder."""
+    """`(backbone, preprocessor or None, encoder_only)` of a backbone, task or embedder."""
     backbone = getattr(model, "backbone", model)
     if not isinstance(backbone, T5Gemma2Backbone):
         raise ValueError(
@@ -82,8 +84,8 @@ def _check_not_quantized(backbone):
         )
 
 
-def _tensors(backbone, encoder_only):
-    """`[(checkpoint key, WeightSpec)]` in table order; LoRA kernels read merged."""
+def _tensors(backbone, encoder_only, classifier=None):
+    """`[(checkpoint key, WeightSpec)]` in table order (a classifier's head last); LoRA kernels read merged."""
     tensors = []
     for spec in weight_specs(backbone):
         key = spec.key
@@ -92,7 +94,26 @@ def _tensors(backbone, encoder_only):
                 continue
             key = key[len(_ENCODER_PREFIX) :]
         tensors.append((key, spec))
+    if classifier is not None:
+        tensors.extend((spec.key, spec) for spec in classifier_head_specs(classifier))
     return tensors
+
+
+def _classifier_config(classifier):
+    """The config entries of `T5Gemma2ForSequenceClassification` / `...ForTokenClassification`."""
+    if keras.activations.get(classifier.activation) is not keras.activations.linear:
+        raise ValueError(
+            f"This classifier applies `activation={classifier.activation!r}` to its scores; transformers' "
+            "classification heads give logits. Export a classifier built with `activation=None`."
+        )
+    labels = classifier.labels or [f"LABEL_{i}" for i in range(classifier.num_classes)]
+    kind = "Token" if classifier.per_token else "Sequence"
+    return {
+        "architectures": [f"T5Gemma2For{kind}Classification"],
+        "id2label": {str(i): label for i, label in enumerate(labels)},
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "classifier_dropout_rate": classifier.dropout,
+    }
 
 
 def _checkpoint_shape(spec):
@@ -265,6 +286,10 @@ def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwr
     path = Path(path).expanduser().absolute()
     tokenizer = getattr(preprocessor, "tokenizer", None)
     ids = _special_ids(tokenizer, backbone)
+    classifier = model if isinstance(model, ClassifierMixin) else None
+    if classifier is not None:
+        # The reference builds the decoder input from `bos_token_id` and reads the head by `pad_token_id`.
+        ids.update(bos=classifier.start_token_id, pad=classifier.pad_token_id)
     config = hf_config_from_backbone(
         backbone if not encoder_only or backbone.decoder is None else _EncoderView(backbone),
         boi_token_id=ids["boi"],
@@ -273,11 +298,13 @@ def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwr
         eos_token_id=ids["eos"],
         dtype=dtype,
     )
+    if classifier is not None:
+        config.update(_classifier_config(classifier))
     _check_destination(path, overwrite)
     # Written beside `path` and renamed into place: a failed export leaves nothing, or the earlier export.
     with atomic_folder(path, owns=_EXPORT_FILE.match, overwrite=overwrite, what="export folder") as staging:
         staging = Path(staging)
-        _write_weights(staging, _tensors(backbone, encoder_only), dtype, max_shard_size)
+        _write_weights(staging, _tensors(backbone, encoder_only, classifier), dtype, max_shard_size)
         _write_json(staging / "config.json", config)
         if not encoder_only:
             generation = {

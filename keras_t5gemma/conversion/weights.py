@@ -246,6 +246,11 @@ def assign_weights(specs, keys, get_tensor, left_out, progress=None, model_name=
             progress(1)
 
 
+def classifier_head_specs(classifier):
+    """The `WeightSpec`s of a classifier's projection, as `score.out_proj.weight` and `.bias`."""
+    return list(_dense_specs(classifier.output_dense, CLASSIFIER_HEAD_KEY))
+
+
 def load_classifier_head(classifier, keys, get_tensor):
     """Assigns a classifier's projection from the checkpoint's `score.out_proj` tensors.
 
@@ -253,7 +258,7 @@ def load_classifier_head(classifier, keys, get_tensor):
         ValueError: if the checkpoint has no head, or one of another size.
     """
     keys = set(keys)
-    specs = list(_dense_specs(classifier.output_dense, CLASSIFIER_HEAD_KEY))
+    specs = classifier_head_specs(classifier)
     missing = sorted(spec.key for spec in specs if spec.key not in keys)
     if missing:
         raise ValueError(f"The checkpoint has no classification head: it lacks {missing}.")

@@ -60,7 +60,10 @@ class TransformersExportMixin:
         models) `processor_config.json`. A backbone or a `T5Gemma2Seq2SeqLM`
         loads with `T5Gemma2ForConditionalGeneration.from_pretrained`, a
         `T5Gemma2Embedder` with `AutoModel.from_pretrained`
-        (`T5Gemma2Encoder`).
+        (`T5Gemma2Encoder`), a `T5Gemma2TextClassifier` /
+        `T5Gemma2TokenClassifier` with `T5Gemma2ForSequenceClassification` /
+        `T5Gemma2ForTokenClassification` (the head as `score.out_proj`,
+        `labels` as `id2label`).
 
         Args:
             path: the folder to write; it must not exist or be empty, unless

@@ -5,6 +5,7 @@ from keras_hub.models import TextClassifier
 
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
+from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
 from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
@@ -18,7 +19,7 @@ from keras_t5gemma.utils.preset_utils import PresetMixin
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
 class T5Gemma2TextClassifier(
-    ClassifierMixin, PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TextClassifier
+    ClassifierMixin, PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, TextClassifier
 ):
     """T5Gemma 2 with a classification head: one label per input (text, or text with images).
 

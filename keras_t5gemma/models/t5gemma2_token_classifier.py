@@ -6,6 +6,7 @@ from keras_hub.models import Task
 
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
+from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
 from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
@@ -16,7 +17,9 @@ from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2TokenClassifier(ClassifierMixin, PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, Task):
+class T5Gemma2TokenClassifier(
+    ClassifierMixin, PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, Task
+):
     """T5Gemma 2 with a classification head on every input token.
 
     Built as `transformers`' `T5Gemma2ForTokenClassification`: the encoder
