@@ -105,6 +105,7 @@ def test_text_vectors_match_pooled_reference_encoder_outputs(keras_embedder, che
 
 # The vision model's calls embed four prompts with one image slot at the
 # fixture's length where they can, so that its compiled function is reused.
+@pytest.mark.backend_smoke
 def test_fused_vectors_match_pooled_reference_encoder_outputs(loaded, checkpoint, rng):
     embedder, _ = loaded
     inputs = [*TEXTS, _fused(rng)]

@@ -22,7 +22,13 @@ GEOMETRIES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(GEOMETRIES))
+def _parametrize():
+    # The first geometry is re-run on the torch and tensorflow backends.
+    smoke = next(iter(GEOMETRIES))
+    return [pytest.param(name, marks=[pytest.mark.backend_smoke] if name == smoke else []) for name in GEOMETRIES]
+
+
+@pytest.fixture(scope="module", params=_parametrize())
 def pair(request):
     image_size, patch_size, tokens, hidden, heads = GEOMETRIES[request.param]
     config = tiny_config(

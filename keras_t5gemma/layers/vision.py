@@ -181,11 +181,25 @@ class T5Gemma2VisionEncoder(keras.layers.Layer):
         self.projection.build((None, self.mm_tokens_per_image, self.hidden_dim))
         self.built = True
 
+    def embed_patches(self, images):
+        """`(N, H, W, 3)` images to `(N, patches, hidden_dim)`: the patch convolution's kernel as one matmul.
+
+        The patches do not overlap, so the convolution is a matmul over each
+        flattened patch. TensorFlow's convolution fails on an empty batch,
+        which text-only input gives (forward and gradient alike); the matmul
+        works on every backend.
+        """
+        count, side, size = ops.shape(images)[0], self.patches_per_side, self.patch_size
+        # [N, row, y, column, x, 3] -> [N, row, column, y, x, 3]: the kernel's (y, x, channel) order.
+        patches = ops.reshape(ops.cast(images, self.compute_dtype), (count, side, size, side, size, 3))
+        patches = ops.reshape(ops.transpose(patches, (0, 1, 3, 2, 4, 5)), (count, side * side, size * size * 3))
+        kernel = ops.reshape(ops.cast(self.patch_embedding.kernel, self.compute_dtype), (size * size * 3, -1))
+        return ops.matmul(patches, kernel) + ops.cast(self.patch_embedding.bias, self.compute_dtype)
+
     def encode_images(self, images, training=False):
         """`(N, H, W, 3)` images to `(N, mm_tokens_per_image, output_dim)`."""
-        patches = self.patch_embedding(ops.cast(images, self.compute_dtype))
-        count = ops.shape(patches)[0]
-        x = ops.reshape(patches, (count, self.patches_per_side**2, self.hidden_dim))
+        x = self.embed_patches(images)
+        count = ops.shape(x)[0]
         x = x + ops.cast(self.position_embedding, self.compute_dtype)
         for layer in self.vision_layers:
             x = layer(x, training=training)
