@@ -229,7 +229,9 @@ def test_int8_export_is_a_quarter_of_the_size_and_agrees_with_float32(demo, demo
         )
     agreement = np.mean([a == b for a, b in zip(answers["float32"], answers["int8"])])
     print(f"int8 greedy agreement with float32: {agreement:.4f} on {len(examples)} prompts; size ratio {ratio:.3f}")
-    assert agreement >= 0.95
+    # The README's claim: the same answers on every one of the held-out prompts (whole answers, so tokens
+    # after the end token do not count).
+    assert agreement == 1.0, [a for a in zip(answers["float32"], answers["int8"]) if a[0] != a[1]]
 
 
 def test_embeddings_match_the_embedder(demo, tmp_path):
