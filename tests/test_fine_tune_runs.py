@@ -110,9 +110,11 @@ def test_a_non_empty_output_is_refused_without_resume_or_overwrite(capsys, data,
     uninterrupted, _ = uninterrupted
     first = sorted(os.listdir(uninterrupted / "runs" / "run_001" / "checkpoints"))
     (uninterrupted / "notes.txt").write_text("kept")
-    status, out, err = fine_tune(capsys, data, uninterrupted, "--epochs", "1", "--overwrite")
+    status, out, err = fine_tune(capsys, data, uninterrupted, "--epochs", "3", "--overwrite")
     assert status == 0, err
     assert sorted(os.listdir(uninterrupted / "runs")) == ["run_001", "run_002"]
+    # By default only the last two epochs' checkpoints are kept (the README's claim).
+    assert sorted(os.listdir(uninterrupted / "runs" / "run_002" / "checkpoints")) == ["2", "3"]
     assert sorted(os.listdir(uninterrupted / "runs" / "run_001" / "checkpoints")) == first
     assert (uninterrupted / "notes.txt").read_text() == "kept"
 
