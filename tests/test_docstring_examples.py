@@ -28,7 +28,7 @@ MODULES = sorted(
     if path.name not in ("__init__.py", "__main__.py")
 )
 EIGHT_DEVICES = {
-    "keras_t5gemma.models.t5gemma2_backbone.T5Gemma2Backbone.get_layout_map",
+    "keras_t5gemma.models.encoder_decoder_backbone.EncoderDecoderBackbone.get_layout_map",
     "keras_t5gemma.models.t5gemma2_layout.layout_map",
 }
 # Examples that read a file no test can make offline, and the test that covers what they show.

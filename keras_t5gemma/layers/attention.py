@@ -62,8 +62,11 @@ class Attention(keras.layers.Layer):
     """Multi-head attention with grouped key/value heads.
 
     The text encoder uses it with q/k RMSNorm, RoPE and a bidirectional mask;
-    the decoder adds encoder keys/values after its own (merged self+cross
-    attention, one softmax); the vision tower uses biases and no RoPE.
+    the T5Gemma 2 decoder adds encoder keys/values after its own (merged
+    self+cross attention, one softmax); the T5Gemma decoder's separate
+    cross-attention block attends to encoder keys/values only (`key_value`,
+    projected from the encoder's width `key_value_dim`); the vision tower uses
+    biases and no RoPE.
 
     Args:
         num_heads: int, query heads N.
@@ -75,6 +78,9 @@ class Attention(keras.layers.Layer):
         layer_norm_epsilon: float, for the q/k norms.
         soft_cap: optional attention-logit soft cap.
         dropout: float, dropout on the attention probabilities.
+        key_value_dim: optional int, the width keys and values project from
+            when it differs from the queries' (cross-attention from a wider
+            or narrower encoder). Default: the input width.
 
     Example:
     >>> attention = Attention(num_heads=4, num_key_value_heads=2, head_dim=8, query_scale=8**-0.5)
@@ -94,6 +100,7 @@ class Attention(keras.layers.Layer):
         layer_norm_epsilon=1e-6,
         soft_cap=None,
         dropout=0.0,
+        key_value_dim=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -110,6 +117,7 @@ class Attention(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.soft_cap = soft_cap
         self.dropout = dropout
+        self.key_value_dim = key_value_dim
 
         def projection(name, equation, output_shape, bias_axes):
             return keras.layers.EinsumDense(
@@ -143,8 +151,11 @@ class Attention(keras.layers.Layer):
             name="attention_output",
         )
         self.query_dense.build(input_shape)
-        self.key_dense.build(input_shape)
-        self.value_dense.build(input_shape)
+        key_value_shape = input_shape
+        if self.key_value_dim is not None:
+            key_value_shape = (*input_shape[:-1], self.key_value_dim)
+        self.key_dense.build(key_value_shape)
+        self.value_dense.build(key_value_shape)
         self.output_dense.build((None, None, self.num_heads, self.head_dim))
         if self.use_query_key_norm:
             self.query_norm.build((None, None, self.num_heads, self.head_dim))
@@ -171,6 +182,7 @@ class Attention(keras.layers.Layer):
         cache=None,
         cache_update_index=None,
         cross_key_value=None,
+        key_value=None,
         training=False,
     ):
         """Attends from `x` `(B, T, D)`.
@@ -189,14 +201,23 @@ class Attention(keras.layers.Layer):
                 the new keys/values are written at `cache_update_index`.
             cross_key_value: optional `(key, value)` appended after the self
                 keys (merged self+cross attention).
+            key_value: optional `(key, value)`, `(B, S, K, H)` each, attended
+                to in place of keys and values of `x` (a separate
+                cross-attention block, no RoPE and no cache);
+                `attention_mask` then covers these keys.
 
         Returns:
             `(B, T, D)`, and the updated cache when one was given.
         """
         query = self.query_dense(x)
-        key, value = self.key_value(x)
         if self.use_query_key_norm:
             query = self.query_norm(query)
+        if key_value is None:
+            key, value = self.key_value(x)
+        else:
+            if rope is not None or cache is not None or cross_key_value is not None:
+                raise ValueError("`key_value` (cross-attention) takes no `rope`, `cache` or `cross_key_value`.")
+            key, value = key_value
         if rope is not None:
             query = apply_rotary(query, *rope)
             key = apply_rotary(key, *rope)
@@ -254,4 +275,5 @@ class Attention(keras.layers.Layer):
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "soft_cap": self.soft_cap,
             "dropout": self.dropout,
+            "key_value_dim": self.key_value_dim,
         }

@@ -1,9 +1,15 @@
 """Text transformer layers and the encoder/decoder stacks built from them.
 
-What T5Gemma 2 changes from a Gemma 3 stack is confined to `TransformerStack`:
-the encoder's masks are bidirectional (its sliding window split around the
-query), and the decoder appends the encoder's keys/values to its own inside
-the same softmax ("merged attention").
+One layer and one stack serve both generations; they differ by arguments:
+- T5Gemma 2 (Gemma 3 layers): RMSNorm on queries and keys; the encoder's
+  masks are bidirectional (its sliding window split around the query), and
+  the decoder appends the encoder's keys/values to its own inside the same
+  softmax ("merged attention").
+- T5Gemma (Gemma 2 layers, `use_query_key_norm=False`, attention logits
+  soft-capped): the decoder attends to the encoder in a block of its own
+  (`cross_attention_dim`: its own softmax, projections and pre/post norms)
+  between self-attention and the MLP, its keys/values projecting from the
+  encoder's width, which may differ from the decoder's (9b-2b).
 """
 
 import keras
@@ -18,15 +24,20 @@ from keras_t5gemma.layers.rotary import rotary_cos_sin
 
 
 class TransformerLayer(keras.layers.Layer):
-    """Pre- and post-normed attention and GeGLU blocks (Gemma 3 layer).
+    """Pre- and post-normed attention and GeGLU blocks (a Gemma 2 or Gemma 3 layer).
 
-    `x + post_norm(attention(pre_norm(x)))`, then the same around the MLP.
+    `x + post_norm(attention(pre_norm(x)))`, then the same around the
+    cross-attention (with `cross_attention_dim`) and around the MLP.
 
     Args:
         intermediate_dim, num_heads, num_key_value_heads, head_dim: sizes.
         query_scale: float multiplied into the attention logits.
         layer_norm_epsilon: float.
-        attention_soft_cap: optional float.
+        attention_soft_cap: optional float, in self- and cross-attention.
+        use_query_key_norm: bool, RMSNorm on queries and keys (Gemma 3).
+        cross_attention_dim: optional int, the encoder width: the layer gets
+            a separate cross-attention block (T5Gemma decoder). Without it a
+            decoder's encoder keys join the self-attention (merged).
         dropout: float, on the block outputs and MLP activations.
         attention_dropout: float, on the attention probabilities.
         remat: bool, recompute the layer in the backward pass instead of
@@ -43,6 +54,8 @@ class TransformerLayer(keras.layers.Layer):
         query_scale,
         layer_norm_epsilon=1e-6,
         attention_soft_cap=None,
+        use_query_key_norm=True,
+        cross_attention_dim=None,
         dropout=0.0,
         attention_dropout=0.0,
         remat=False,
@@ -57,66 +70,112 @@ class TransformerLayer(keras.layers.Layer):
         self.query_scale = query_scale
         self.layer_norm_epsilon = layer_norm_epsilon
         self.attention_soft_cap = attention_soft_cap
+        self.use_query_key_norm = use_query_key_norm
+        self.cross_attention_dim = cross_attention_dim
         self.dropout = dropout
         self.attention_dropout = attention_dropout
 
         def norm(name):
             return RMSNormalization(layer_norm_epsilon, dtype=self.dtype_policy, name=name)
 
+        def attention(name, key_value_dim=None):
+            return Attention(
+                num_heads,
+                num_key_value_heads,
+                head_dim,
+                query_scale=query_scale,
+                use_query_key_norm=use_query_key_norm,
+                layer_norm_epsilon=layer_norm_epsilon,
+                soft_cap=attention_soft_cap,
+                dropout=attention_dropout,
+                key_value_dim=key_value_dim,
+                dtype=self.dtype_policy,
+                name=name,
+            )
+
         self.pre_attention_norm = norm("pre_attention_norm")
         self.post_attention_norm = norm("post_attention_norm")
+        self.attention = attention("attention")
+        self.cross_attention = None
+        if cross_attention_dim is not None:
+            self.pre_cross_attention_norm = norm("pre_cross_attention_norm")
+            self.post_cross_attention_norm = norm("post_cross_attention_norm")
+            self.cross_attention = attention("cross_attention", key_value_dim=cross_attention_dim)
         self.pre_feedforward_norm = norm("pre_feedforward_norm")
         self.post_feedforward_norm = norm("post_feedforward_norm")
-        self.attention = Attention(
-            num_heads,
-            num_key_value_heads,
-            head_dim,
-            query_scale=query_scale,
-            layer_norm_epsilon=layer_norm_epsilon,
-            soft_cap=attention_soft_cap,
-            dropout=attention_dropout,
-            dtype=self.dtype_policy,
-            name="attention",
-        )
         self.feedforward = FeedForward(intermediate_dim, dropout=dropout, dtype=self.dtype_policy, name="feedforward")
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):
-        for norm in (
-            self.pre_attention_norm,
-            self.post_attention_norm,
-            self.pre_feedforward_norm,
-            self.post_feedforward_norm,
-        ):
+        norms = [self.pre_attention_norm, self.post_attention_norm, self.pre_feedforward_norm]
+        norms.append(self.post_feedforward_norm)
+        if self.cross_attention is not None:
+            norms += [self.pre_cross_attention_norm, self.post_cross_attention_norm]
+            self.cross_attention.build(input_shape)
+        for norm in norms:
             norm.build(input_shape)
         self.attention.build(input_shape)
         self.feedforward.build(input_shape)
         self.built = True
 
-    def call(self, x, attention_mask, rope, cache=None, cache_update_index=None, cross_key_value=None, training=False):
-        """See `Attention.call` for `attention_mask`, `cache` and `cross_key_value`."""
+    def cross_key_value(self, encoder_output):
+        """This layer's encoder `(key, value)`, `(B, S, K, H)` each, from `(B, S, D_encoder)`."""
+        attention = self.attention if self.cross_attention is None else self.cross_attention
+        return attention.key_value(encoder_output)
+
+    def call(
+        self,
+        x,
+        attention_mask,
+        rope,
+        cache=None,
+        cache_update_index=None,
+        cross_key_value=None,
+        cross_attention_mask=None,
+        training=False,
+    ):
+        """See `Attention.call` for `attention_mask`, `cache` and `cross_key_value`.
+
+        With a cross-attention block, `cross_key_value` goes there, under
+        `cross_attention_mask` (an `AttentionMask` over the encoder keys).
+        """
         if self.remat and cache is None:
             # Tensors pass as arguments so the gradient reaches them; the
-            # mask (positions, flags) is closed over.
+            # masks (positions, flags) are closed over.
             def layer(x, rope, cross_key_value):
-                return self._forward(x, attention_mask, rope, None, None, cross_key_value, training)
+                return self._forward(
+                    x, attention_mask, rope, None, None, cross_key_value, cross_attention_mask, training
+                )
 
             return keras.remat(layer)(x, rope, cross_key_value)
-        return self._forward(x, attention_mask, rope, cache, cache_update_index, cross_key_value, training)
+        return self._forward(
+            x, attention_mask, rope, cache, cache_update_index, cross_key_value, cross_attention_mask, training
+        )
 
-    def _forward(self, x, attention_mask, rope, cache, cache_update_index, cross_key_value, training):
+    def _forward(
+        self, x, attention_mask, rope, cache, cache_update_index, cross_key_value, cross_attention_mask, training
+    ):
+        separate = self.cross_attention is not None
         attended = self.attention(
             self.pre_attention_norm(x),
             attention_mask=attention_mask,
             rope=rope,
             cache=cache,
             cache_update_index=cache_update_index,
-            cross_key_value=cross_key_value,
+            cross_key_value=None if separate else cross_key_value,
             training=training,
         )
         if cache is not None:
             attended, cache = attended
         x = x + self.dropout_layer(self.post_attention_norm(attended), training=training)
+        if separate:
+            attended = self.cross_attention(
+                self.pre_cross_attention_norm(x),
+                attention_mask=cross_attention_mask,
+                key_value=cross_key_value,
+                training=training,
+            )
+            x = x + self.dropout_layer(self.post_cross_attention_norm(attended), training=training)
         fed = self.feedforward(self.pre_feedforward_norm(x), training=training)
         x = x + self.dropout_layer(self.post_feedforward_norm(fed), training=training)
         return x if cache is None else (x, cache)
@@ -131,6 +190,8 @@ class TransformerLayer(keras.layers.Layer):
             "query_scale": self.query_scale,
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "attention_soft_cap": self.attention_soft_cap,
+            "use_query_key_norm": self.use_query_key_norm,
+            "cross_attention_dim": self.cross_attention_dim,
             "dropout": self.dropout,
             "attention_dropout": self.attention_dropout,
             "remat": self.remat,
@@ -149,15 +210,20 @@ class TransformerStack(keras.layers.Layer):
         layer_types: list of `"sliding_attention"` / `"full_attention"`.
         causal: bool, decoder (causal self-attention plus encoder keys) or
             encoder (bidirectional).
-        sliding_window: int, the window of sliding layers.
+        sliding_window: int, the window of sliding layers in the convention
+            of `masks.window_reach`.
         rope: dict layer type -> `(wavelength, scaling_factor)`.
-        layer_kwargs: dict of `TransformerLayer` arguments.
+        layer_kwargs: dict of `TransformerLayer` arguments; a decoder with
+            `cross_attention_dim` attends to the encoder in separate blocks
+            (T5Gemma), one without in its self-attention (T5Gemma 2).
         dropout: float.
         remat: bool, rematerialise each layer in the backward pass.
     """
 
     def __init__(self, layer_types, causal, sliding_window, rope, layer_kwargs, dropout=0.0, remat=False, **kwargs):
         super().__init__(**kwargs)
+        if not causal and layer_kwargs.get("cross_attention_dim") is not None:
+            raise ValueError("An encoder stack has no cross-attention; `cross_attention_dim` is for a decoder.")
         self.remat = remat
         self.layer_types = list(layer_types)
         self.causal = causal
@@ -181,8 +247,8 @@ class TransformerStack(keras.layers.Layer):
         self.built = True
 
     def cross_key_values(self, encoder_output):
-        """Per-layer `(key, value)` of the encoder output, `(B, S, K, H)` each."""
-        return [layer.attention.key_value(encoder_output) for layer in self.transformer_layers]
+        """Per-layer `(key, value)` of the encoder output, `(B, S, K, H)` each; computed once per generation."""
+        return [layer.cross_key_value(encoder_output) for layer in self.transformer_layers]
 
     def _window(self, layer_type):
         return self.sliding_window if layer_type == SLIDING else None
@@ -200,9 +266,20 @@ class TransformerStack(keras.layers.Layer):
         training=False,
     ):
         head_dim = self.layer_kwargs["head_dim"]
-        if cross_key_values is not None and encoder_padding_mask is None:
+        separate = self.layer_kwargs.get("cross_attention_dim") is not None
+        cross_attention_mask = None
+        if cross_key_values is not None:
             cross_shape = ops.shape(cross_key_values[0][0])
-            encoder_padding_mask = ops.ones(cross_shape[:2], "bool")
+            if encoder_padding_mask is None:
+                encoder_padding_mask = ops.ones(cross_shape[:2], "bool")
+            if separate:
+                # Every decoder query sees every unpadded encoder key.
+                cross_attention_mask = AttentionMask(
+                    query_positions,
+                    ops.arange(cross_shape[1], dtype="int32"),
+                    causal=False,
+                    key_padding_mask=encoder_padding_mask,
+                )
         ropes, masks = {}, {}
         for layer_type in set(self.layer_types):
             wavelength, scaling = self.rope[layer_type]
@@ -213,7 +290,7 @@ class TransformerStack(keras.layers.Layer):
                 causal=self.causal,
                 sliding_window=self._window(layer_type),
                 key_padding_mask=key_padding_mask,
-                cross_padding_mask=None if cross_key_values is None else encoder_padding_mask,
+                cross_padding_mask=None if cross_key_values is None or separate else encoder_padding_mask,
                 aligned=caches is None,
             )
 
@@ -227,6 +304,7 @@ class TransformerStack(keras.layers.Layer):
                 cache=None if caches is None else caches[i],
                 cache_update_index=cache_update_index,
                 cross_key_value=None if cross_key_values is None else cross_key_values[i],
+                cross_attention_mask=cross_attention_mask,
                 training=training,
             )
             if caches is not None:
@@ -238,8 +316,10 @@ class TransformerStack(keras.layers.Layer):
     def call(self, x, padding_mask, encoder_output=None, encoder_padding_mask=None, training=False):
         """Full-sequence pass over `x` `(B, T, D)`; returns `(B, T, D)`.
 
-        The decoder needs `encoder_output` `(B, S, D)` and its padding mask.
+        The decoder needs `encoder_output` `(B, S, D_encoder)` and its padding mask.
         """
+        if self.causal and encoder_output is None:
+            raise ValueError("The decoder stack needs `encoder_output`.")
         positions = ops.arange(ops.shape(x)[1], dtype="int32")
         cross = None if encoder_output is None else self.cross_key_values(encoder_output)
         return self._run(

@@ -3,56 +3,23 @@
 import keras
 import numpy as np
 from keras import ops
-from keras_hub.models import Backbone
 
 from keras_t5gemma.layers.masks import FULL
-from keras_t5gemma.layers.masks import LAYER_TYPES
 from keras_t5gemma.layers.masks import SLIDING
 from keras_t5gemma.layers.token_embedding import TokenEmbedding
 from keras_t5gemma.layers.transformer import TransformerStack
 from keras_t5gemma.layers.vision import ImageMerge
 from keras_t5gemma.layers.vision import check_image_placeholders
+from keras_t5gemma.models.encoder_decoder_backbone import EncoderDecoderBackbone
+from keras_t5gemma.models.encoder_decoder_backbone import check_attention_sizes
+from keras_t5gemma.models.encoder_decoder_backbone import check_layer_types
+from keras_t5gemma.models.encoder_decoder_backbone import check_positive_int
+from keras_t5gemma.models.encoder_decoder_backbone import check_regularisation
+from keras_t5gemma.models.encoder_decoder_backbone import layer_arguments
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.utils.preset_utils import PresetMixin
-
-
-def check_token_ids(inputs, vocabulary_size):
-    """Refuses token ids that are not integers or lie outside `[0, vocabulary_size)`.
-
-    An id outside the table gathers no row (zeros, or non-finite logits
-    downstream) and a float id is silently truncated, so both are errors.
-    Symbolic tensors (inside a trace) are skipped; this runs on the host,
-    outside any compiled step.
-
-    Args:
-        inputs: dict with `encoder_token_ids` and/or `decoder_token_ids`.
-        vocabulary_size: int, the embedding table's rows.
-
-    Returns:
-        `{key: token ids as a NumPy array}` for the inputs checked.
-
-    Raises:
-        ValueError: naming the input and the ids found.
-    """
-    checked = {}
-    for key in ("encoder_token_ids", "decoder_token_ids"):
-        if key not in inputs:
-            continue
-        try:
-            token_ids = np.asarray(ops.convert_to_numpy(inputs[key]))
-        except Exception:  # a symbolic tensor
-            continue
-        if token_ids.dtype.kind not in "iu":
-            raise ValueError(f"`{key}` must hold integer token ids; got {token_ids.dtype} values.")
-        if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocabulary_size):
-            raise ValueError(
-                f"`{key}` holds ids in [{token_ids.min()}, {token_ids.max()}], outside the "
-                f"vocabulary of {vocabulary_size} tokens."
-            )
-        checked[key] = token_ids
-    return checked
 
 
 def default_layer_types(num_layers, full_attention_every=6):
@@ -60,16 +27,10 @@ def default_layer_types(num_layers, full_attention_every=6):
     return [FULL if (i + 1) % full_attention_every == 0 else SLIDING for i in range(num_layers)]
 
 
-def _check_layer_types(name, layer_types, num_layers):
-    if len(layer_types) != num_layers:
-        raise ValueError(f"`{name}` has {len(layer_types)} entries but the stack has {num_layers} layers.")
-    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
-    if unknown:
-        raise ValueError(f"`{name}` has unknown layer types {unknown}; expected {list(LAYER_TYPES)}.")
-
-
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, Backbone):
+class T5Gemma2Backbone(
+    PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, EncoderDecoderBackbone
+):
     """T5Gemma 2 encoder-decoder backbone.
 
     A bidirectional Gemma 3 encoder and a Gemma 3 decoder whose attention
@@ -179,21 +140,13 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
         dtype=None,
         **kwargs,
     ):
-        if num_heads % num_key_value_heads:
-            raise ValueError(
-                f"`num_heads` ({num_heads}) must be a multiple of `num_key_value_heads` ({num_key_value_heads})."
-            )
-        if head_dim % 2:
-            raise ValueError(f"`head_dim` must be even for rotary embeddings; got {head_dim}.")
-        if not sliding_window or sliding_window < 1:
-            raise ValueError(f"`sliding_window` must be a positive integer; got {sliding_window}.")
-        for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1); got {rate}.")
+        check_attention_sizes("", num_heads, num_key_value_heads, head_dim)
+        check_positive_int("sliding_window", sliding_window)
+        check_regularisation(dropout, attention_dropout, attention_logit_soft_cap, final_logit_soft_cap)
         encoder_layer_types = list(encoder_layer_types or default_layer_types(num_encoder_layers))
         decoder_layer_types = list(decoder_layer_types or default_layer_types(num_decoder_layers))
-        _check_layer_types("encoder_layer_types", encoder_layer_types, num_encoder_layers)
-        _check_layer_types("decoder_layer_types", decoder_layer_types, num_decoder_layers)
+        check_layer_types("encoder_layer_types", encoder_layer_types, num_encoder_layers)
+        check_layer_types("decoder_layer_types", decoder_layer_types, num_decoder_layers)
         if query_pre_attn_scalar is None:
             query_pre_attn_scalar = head_dim
 
@@ -206,16 +159,16 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
             dtype=dtype,
             name="token_embedding",
         )
-        layer_kwargs = {
-            "intermediate_dim": intermediate_dim,
-            "num_heads": num_heads,
-            "num_key_value_heads": num_key_value_heads,
-            "head_dim": head_dim,
-            "query_scale": float(query_pre_attn_scalar) ** -0.5,
-            "layer_norm_epsilon": layer_norm_epsilon,
-            "attention_soft_cap": attention_logit_soft_cap,
-            "attention_dropout": attention_dropout,
-        }
+        layer_kwargs = layer_arguments(
+            intermediate_dim,
+            num_heads,
+            num_key_value_heads,
+            head_dim,
+            query_pre_attn_scalar,
+            layer_norm_epsilon,
+            attention_logit_soft_cap,
+            attention_dropout,
+        )
         rope = {
             SLIDING: (local_rope_wavelength, local_rope_scaling_factor),
             FULL: (global_rope_wavelength, global_rope_scaling_factor),
@@ -245,28 +198,8 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
             self.image_merge = ImageMerge(image_token_id, dtype=dtype, name="image_merge")
 
         # === Functional model ===
-        encoder_token_ids = keras.Input((None,), dtype="int32", name="encoder_token_ids")
-        encoder_padding_mask = keras.Input((None,), dtype="int32", name="encoder_padding_mask")
-        inputs = {"encoder_token_ids": encoder_token_ids, "encoder_padding_mask": encoder_padding_mask}
-        images = None
-        if vision_encoder is not None:
-            size = vision_encoder.image_size
-            images = keras.Input((None, size, size, 3), name="images")
-            inputs["images"] = images
-        encoder_output = self.encode(encoder_token_ids, encoder_padding_mask, images)
-        outputs = {"encoder_sequence_output": encoder_output}
-        if not encoder_only:
-            decoder_token_ids = keras.Input((None,), dtype="int32", name="decoder_token_ids")
-            decoder_padding_mask = keras.Input((None,), dtype="int32", name="decoder_padding_mask")
-            inputs["decoder_token_ids"] = decoder_token_ids
-            inputs["decoder_padding_mask"] = decoder_padding_mask
-            outputs["decoder_sequence_output"] = self.decoder(
-                self.token_embedding(decoder_token_ids),
-                decoder_padding_mask,
-                encoder_output,
-                encoder_padding_mask,
-            )
-        super().__init__(inputs=inputs, outputs=outputs, dtype=dtype, **kwargs)
+        image_size = None if vision_encoder is None else vision_encoder.image_size
+        self._build_functional_model(encoder_only, image_size=image_size, dtype=dtype, **kwargs)
 
         # === Config ===
         self.vocabulary_size = vocabulary_size
@@ -321,21 +254,9 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
         zeros = np.zeros if isinstance(token_ids, np.ndarray) else ops.zeros
         return {**inputs, "images": zeros(shape, "float32")}
 
-    def call(self, inputs, training=None, mask=None):
-        # The images are checked with the placeholders, so they are filled in first.
-        inputs = self.with_default_images(inputs)
-        if isinstance(inputs, dict):
-            self._check_inputs(inputs)
-        return super().call(inputs, training=training, mask=mask)
-
     def _check_inputs(self, inputs):
-        """Token ids in range and image placeholders matching the images.
-
-        Runs only on concrete inputs (eager calls); traced calls (`fit`,
-        `predict`, `generate`) are checked before tracing, by the task and
-        the preprocessor.
-        """
-        checked = check_token_ids(inputs, self.vocabulary_size)
+        """Token ids in range and image placeholders matching the images (eager calls only)."""
+        checked = super()._check_inputs(inputs)
         if "encoder_token_ids" in checked and self.vision_encoder is not None:
             check_image_placeholders(
                 checked["encoder_token_ids"],
@@ -343,6 +264,7 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
                 self.image_token_id,
                 self.vision_encoder.mm_tokens_per_image,
             )
+        return checked
 
     def get_config(self):
         return {
@@ -381,42 +303,3 @@ class T5Gemma2Backbone(PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin
         if isinstance(config.get("vision_encoder"), dict):
             config["vision_encoder"] = keras.layers.deserialize(config["vision_encoder"])
         return super().from_config(config)
-
-    @classmethod
-    def get_layout_map(cls, device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
-        """A `keras.distribution.LayoutMap` sharding every backbone weight.
-
-        Large matrices are split over `model_parallel_dim_name` (vocabulary,
-        MLP width, or the model width D for attention, since the released
-        query and key/value head counts, 4/1 and 8/4, do not divide a model
-        axis of 8) and, except attention, over `data_parallel_dim_name` too;
-        norms, biases and vectors are replicated. LoRA kernels added by
-        `enable_lora` are sharded like the kernel they adapt. See
-        `keras_t5gemma/models/t5gemma2_layout.py` for the reasons.
-
-        Example:
-        ```python
-        devices = keras.distribution.list_devices()  # e.g. 8 TPU cores
-        mesh = keras.distribution.DeviceMesh(shape=(1, 8), axis_names=("batch", "model"), devices=devices)
-        layout_map = T5Gemma2Backbone.get_layout_map(mesh)
-        distribution = keras.distribution.ModelParallel(
-            layout_map=layout_map, batch_dim_name="batch"
-        )
-        with distribution.scope():
-            seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
-            seq_2_seq_lm.backbone.enable_lora(rank=8)
-        for variable in seq_2_seq_lm.backbone.weights[:8]:
-            print(variable.path, variable.value.sharding.spec)
-        ```
-
-        Args:
-            device_mesh: `keras.distribution.DeviceMesh`.
-            model_parallel_dim_name: str, the mesh axis weights are split over.
-            data_parallel_dim_name: str, the mesh axis batches are split over.
-
-        Returns:
-            `keras.distribution.LayoutMap`.
-        """
-        from keras_t5gemma.models.t5gemma2_layout import layout_map
-
-        return layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)

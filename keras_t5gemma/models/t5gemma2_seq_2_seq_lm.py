@@ -5,13 +5,13 @@ from keras import ops
 from keras_hub.models import Seq2SeqLM
 from keras_hub.samplers import GreedySampler
 
+from keras_t5gemma.models.encoder_decoder_backbone import check_token_ids
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
 from keras_t5gemma.models.model_mixins import ShuffledFitMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_backbone import check_token_ids
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import any_equal
 from keras_t5gemma.utils.preset_utils import PresetMixin

@@ -1,15 +1,17 @@
 """T5Gemma (first generation) backbone: a Gemma 2 encoder and decoder, text only."""
 
 import keras
-import numpy as np
-from keras import ops
-from keras_hub.models import Backbone
 
-from keras_t5gemma.layers.cross_attention_transformer import CrossAttentionTransformerStack
 from keras_t5gemma.layers.masks import FULL
-from keras_t5gemma.layers.masks import LAYER_TYPES
 from keras_t5gemma.layers.masks import SLIDING
 from keras_t5gemma.layers.token_embedding import TokenEmbedding
+from keras_t5gemma.layers.transformer import TransformerStack
+from keras_t5gemma.models.encoder_decoder_backbone import EncoderDecoderBackbone
+from keras_t5gemma.models.encoder_decoder_backbone import check_attention_sizes
+from keras_t5gemma.models.encoder_decoder_backbone import check_layer_types
+from keras_t5gemma.models.encoder_decoder_backbone import check_positive_int
+from keras_t5gemma.models.encoder_decoder_backbone import check_regularisation
+from keras_t5gemma.models.encoder_decoder_backbone import layer_arguments
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
 from keras_t5gemma.utils.preset_utils import PresetMixin
 
@@ -19,13 +21,8 @@ def alternating_layer_types(num_layers):
     return [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
 
 
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
-
-
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
+class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, EncoderDecoderBackbone):
     """T5Gemma encoder-decoder backbone (the first generation, adapted from Gemma 2).
 
     A bidirectional Gemma 2 encoder and a causal Gemma 2 decoder whose layers
@@ -69,6 +66,8 @@ class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
             stack outputs.
         attention_dropout: float, on attention probabilities.
         encoder_only: bool, build no decoder (for embeddings).
+        remat: bool, recompute each transformer layer in the backward pass
+            (see `T5Gemma2Backbone`).
         dtype: dtype policy.
 
     Example:
@@ -116,6 +115,7 @@ class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
         dropout=0.0,
         attention_dropout=0.0,
         encoder_only=False,
+        remat=False,
         dtype=None,
         **kwargs,
     ):
@@ -137,44 +137,18 @@ class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
                 decoder_head_dim,
             ),
         }
-        _positive_int("vocabulary_size", vocabulary_size)
-        _positive_int("sliding_window", sliding_window)
+        check_positive_int("vocabulary_size", vocabulary_size)
+        check_positive_int("sliding_window", sliding_window)
+        names = ("hidden_dim", "intermediate_dim", "num_layers", "num_heads", "num_key_value_heads", "head_dim")
         for side, sizes in sides.items():
-            names = ("hidden_dim", "intermediate_dim", "num_layers", "num_heads", "num_key_value_heads", "head_dim")
             for name, value in zip(names, sizes):
-                _positive_int(f"{side}_{name}", value)
-            num_heads, num_key_value_heads, head_dim = sizes[3:]
-            if num_heads % num_key_value_heads:
-                raise ValueError(
-                    f"`{side}_num_heads` ({num_heads}) must be a multiple of "
-                    f"`{side}_num_key_value_heads` ({num_key_value_heads})."
-                )
-            if head_dim % 2:
-                raise ValueError(f"`{side}_head_dim` must be even for rotary embeddings; got {head_dim}.")
-        for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1); got {rate}.")
-        for name, cap in (
-            ("attention_logit_soft_cap", attention_logit_soft_cap),
-            ("final_logit_soft_cap", final_logit_soft_cap),
-        ):
-            if cap is not None and not cap > 0:
-                raise ValueError(f"`{name}` must be positive or None; got {cap}.")
+                check_positive_int(f"{side}_{name}", value)
+            check_attention_sizes(f"{side}_", *sizes[3:])
+        check_regularisation(dropout, attention_dropout, attention_logit_soft_cap, final_logit_soft_cap)
         encoder_layer_types = list(encoder_layer_types or alternating_layer_types(encoder_num_layers))
         decoder_layer_types = list(decoder_layer_types or alternating_layer_types(decoder_num_layers))
-        for side, layer_types, num_layers in (
-            ("encoder", encoder_layer_types, encoder_num_layers),
-            ("decoder", decoder_layer_types, decoder_num_layers),
-        ):
-            if len(layer_types) != num_layers:
-                raise ValueError(
-                    f"`{side}_layer_types` has {len(layer_types)} entries but the {side} has {num_layers} layers."
-                )
-            unknown = sorted(set(layer_types) - set(LAYER_TYPES))
-            if unknown:
-                raise ValueError(
-                    f"`{side}_layer_types` has unknown layer types {unknown}; expected {list(LAYER_TYPES)}."
-                )
+        check_layer_types("encoder_layer_types", encoder_layer_types, encoder_num_layers)
+        check_layer_types("decoder_layer_types", decoder_layer_types, decoder_num_layers)
 
         # === Layers ===
         def embedding(hidden_dim, logit_soft_cap, name):
@@ -183,26 +157,29 @@ class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
             )
 
         def stack(side, layer_types, causal, window):
-            hidden_dim, intermediate_dim, _, num_heads, num_key_value_heads, head_dim = sides[side]
-            layer_kwargs = {
-                "intermediate_dim": intermediate_dim,
-                "num_heads": num_heads,
-                "num_key_value_heads": num_key_value_heads,
-                "head_dim": head_dim,
-                "query_scale": float(query_pre_attn_scalar) ** -0.5,
-                "layer_norm_epsilon": layer_norm_epsilon,
-                "attention_soft_cap": attention_logit_soft_cap,
-                "attention_dropout": attention_dropout,
-            }
-            if causal:
-                layer_kwargs["cross_attention_dim"] = encoder_hidden_dim
-            return CrossAttentionTransformerStack(
+            _, intermediate_dim, _, num_heads, num_key_value_heads, head_dim = sides[side]
+            # Gemma 2 layers: no query/key norm. The decoder attends to the
+            # encoder in blocks of its own, projecting from the encoder width.
+            layer_kwargs = layer_arguments(
+                intermediate_dim,
+                num_heads,
+                num_key_value_heads,
+                head_dim,
+                query_pre_attn_scalar,
+                layer_norm_epsilon,
+                attention_logit_soft_cap,
+                attention_dropout,
+                use_query_key_norm=False,
+                cross_attention_dim=encoder_hidden_dim if causal else None,
+            )
+            return TransformerStack(
                 layer_types,
                 causal=causal,
                 sliding_window=window,
                 rope={SLIDING: (rope_wavelength, 1.0), FULL: (rope_wavelength, 1.0)},
                 layer_kwargs=layer_kwargs,
                 dropout=dropout,
+                remat=remat,
                 dtype=dtype,
                 name=side,
             )
@@ -220,23 +197,7 @@ class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
             self.decoder = stack("decoder", decoder_layer_types, causal=True, window=sliding_window)
 
         # === Functional model ===
-        encoder_token_ids = keras.Input((None,), dtype="int32", name="encoder_token_ids")
-        encoder_padding_mask = keras.Input((None,), dtype="int32", name="encoder_padding_mask")
-        inputs = {"encoder_token_ids": encoder_token_ids, "encoder_padding_mask": encoder_padding_mask}
-        encoder_output = self.encode(encoder_token_ids, encoder_padding_mask)
-        outputs = {"encoder_sequence_output": encoder_output}
-        if not encoder_only:
-            decoder_token_ids = keras.Input((None,), dtype="int32", name="decoder_token_ids")
-            decoder_padding_mask = keras.Input((None,), dtype="int32", name="decoder_padding_mask")
-            inputs["decoder_token_ids"] = decoder_token_ids
-            inputs["decoder_padding_mask"] = decoder_padding_mask
-            outputs["decoder_sequence_output"] = self.decoder(
-                self.token_embedding(decoder_token_ids),
-                decoder_padding_mask,
-                encoder_output,
-                encoder_padding_mask,
-            )
-        super().__init__(inputs=inputs, outputs=outputs, dtype=dtype, **kwargs)
+        self._build_functional_model(encoder_only, dtype=dtype, **kwargs)
 
         # === Config ===
         self.vocabulary_size = vocabulary_size
@@ -263,6 +224,7 @@ class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
         self.dropout = dropout
         self.attention_dropout = attention_dropout
         self.encoder_only = encoder_only
+        self.remat = remat
 
     def encode(self, token_ids, padding_mask, images=None, training=False):
         """Encoder output `(B, S, encoder_hidden_dim)`. Text only: `images` must be None."""
@@ -270,31 +232,10 @@ class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
             raise ValueError("T5Gemma is a text-only model; it takes no images.")
         return self.encoder(self.encoder_token_embedding(token_ids), padding_mask, training=training)
 
-    def with_default_images(self, inputs):
-        """`inputs` unchanged: a text-only model needs no image entry (tasks shared with T5Gemma 2 call this)."""
-        return inputs
-
-    def call(self, inputs, training=None, mask=None):
-        if isinstance(inputs, dict):
-            self._check_inputs(inputs)
-        return super().call(inputs, training=training, mask=mask)
-
     def _check_inputs(self, inputs):
-        """Token ids in range; only on concrete (eager) inputs."""
         if "images" in inputs:
             raise ValueError("T5Gemma is a text-only model; it takes no `images`.")
-        for key in ("encoder_token_ids", "decoder_token_ids"):
-            if key not in inputs:
-                continue
-            try:
-                token_ids = np.asarray(ops.convert_to_numpy(inputs[key]))
-            except Exception:
-                return
-            if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= self.vocabulary_size):
-                raise ValueError(
-                    f"`{key}` holds ids in [{token_ids.min()}, {token_ids.max()}], outside the "
-                    f"vocabulary of {self.vocabulary_size} tokens."
-                )
+        return super()._check_inputs(inputs)
 
     def get_config(self):
         return {
@@ -323,16 +264,5 @@ class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, Backbone):
             "dropout": self.dropout,
             "attention_dropout": self.attention_dropout,
             "encoder_only": self.encoder_only,
+            "remat": self.remat,
         }
-
-    @classmethod
-    def get_layout_map(cls, device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"):
-        """A `keras.distribution.LayoutMap` sharding every backbone weight.
-
-        The same rules as `T5Gemma2Backbone.get_layout_map` (see
-        `keras_t5gemma/models/t5gemma2_layout.py`); the cross-attention
-        projections and the encoder's own table follow them.
-        """
-        from keras_t5gemma.models.t5gemma2_layout import layout_map
-
-        return layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)
