@@ -16,9 +16,14 @@ from keras_t5gemma.cli import load_seq_2_seq_lm
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import backbone_kwargs_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
+from keras_t5gemma.layers import attention as attention_module
+from keras_t5gemma.layers.blockwise_attention import blockwise_attention
+from keras_t5gemma.layers.blockwise_attention import blockwise_settings
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
 from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma_embedder import T5GemmaEmbedder
+from keras_t5gemma.models.t5gemma_embedder_preprocessor import T5GemmaEmbedderPreprocessor
 from keras_t5gemma.models.t5gemma_presets import backbone_presets
 from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
 from keras_t5gemma.models.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
@@ -123,6 +128,44 @@ def test_logits_match_reference_unbalanced_soft_capped_padded(pair, rng):
     logits = backbone.token_embedding.logits(outputs["decoder_sequence_output"])
     # The soft cap bounds the logits; make sure it is exercised.
     assert np.abs(reference.logits.numpy()).max() > 1.5
+    assert_matches_reference(logits, reference.logits.numpy(), mask=decoder_mask)
+
+
+def test_blockwise_path_matches_reference(pair, rng, monkeypatch):
+    """The shared stack's linear-memory attention serves T5Gemma too: self-attention with soft-capping and
+    the separate cross-attention block, forced blockwise at tiny sizes."""
+    config, model, backbone = pair
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return blockwise_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "blockwise_attention", counted)
+    encoder_ids, encoder_mask = right_padded(rng, [23, 14], 23)
+    decoder_ids, decoder_mask = right_padded(rng, [11, 6], 11)
+    with torch.no_grad():
+        reference = model(
+            input_ids=torch.tensor(encoder_ids, dtype=torch.long),
+            attention_mask=torch.tensor(encoder_mask),
+            decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long),
+            decoder_attention_mask=torch.tensor(decoder_mask),
+        )
+    with blockwise_settings(min_logits=0, block_size=4, step_logits=64):
+        outputs = backbone(
+            {
+                "encoder_token_ids": encoder_ids,
+                "encoder_padding_mask": encoder_mask,
+                "decoder_token_ids": decoder_ids,
+                "decoder_padding_mask": decoder_mask,
+            }
+        )
+    # Encoder self-attention, decoder self- and cross-attention.
+    assert len(calls) == config["encoder"]["num_hidden_layers"] + 2 * config["decoder"]["num_hidden_layers"]
+    assert_matches_reference(
+        outputs["encoder_sequence_output"], reference.encoder_last_hidden_state.numpy(), mask=encoder_mask
+    )
+    logits = backbone.token_embedding.logits(outputs["decoder_sequence_output"])
     assert_matches_reference(logits, reference.logits.numpy(), mask=decoder_mask)
 
 
@@ -357,6 +400,29 @@ def test_hugging_face_folder_loads_through_from_preset(pair, small_proto, rng, t
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(T5GemmaSeq2SeqLM(backbone)(x)), atol=1e-6
     )
+
+
+def test_embedder_matches_reference_mean_pooled_encoder(pair, small_proto, tmp_path):
+    """`T5GemmaEmbedder.from_preset` of a Hugging Face folder: the encoder alone, mean-pooled over real tokens."""
+    _, model, _ = pair
+    model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(small_proto)
+    embedder = T5GemmaEmbedder.from_preset(str(tmp_path), normalize=False)
+    assert embedder.backbone.decoder is None
+    assert isinstance(embedder.preprocessor, T5GemmaEmbedderPreprocessor)
+    texts = ["The quick brown fox jumps", "Numbers"]
+    vectors = embedder.predict(texts)
+    inputs = embedder.preprocessor(texts)
+    ids = np.asarray(inputs["encoder_token_ids"])
+    mask = np.asarray(inputs["encoder_padding_mask"]).astype("float32")
+    assert mask[1].sum() < mask[0].sum()  # padding is left out of the mean
+    with torch.no_grad():
+        hidden = model.get_encoder()(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
+        ).last_hidden_state.numpy()
+    reference = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    assert vectors.shape == (2, ENCODER["hidden_size"])
+    assert_matches_reference(vectors, reference)
 
 
 # === Presets ===

@@ -13,6 +13,8 @@ from keras_t5gemma.models.t5gemma2_token_classifier import T5Gemma2TokenClassifi
 from keras_t5gemma.models.t5gemma2_token_classifier_preprocessor import T5Gemma2TokenClassifierPreprocessor
 from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
 from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma_embedder import T5GemmaEmbedder
+from keras_t5gemma.models.t5gemma_embedder_preprocessor import T5GemmaEmbedderPreprocessor
 from keras_t5gemma.models.t5gemma_presets import backbone_presets as t5gemma_backbone_presets
 from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
 from keras_t5gemma.models.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
@@ -32,6 +34,8 @@ __all__ = [
     "T5Gemma2TokenClassifierPreprocessor",
     "T5Gemma2Tokenizer",
     "T5GemmaBackbone",
+    "T5GemmaEmbedder",
+    "T5GemmaEmbedderPreprocessor",
     "T5GemmaSeq2SeqLM",
     "T5GemmaSeq2SeqLMPreprocessor",
     "T5GemmaTokenizer",
@@ -56,5 +60,12 @@ register_presets(
 
 register_presets(
     t5gemma_backbone_presets,
-    [T5GemmaBackbone, T5GemmaSeq2SeqLM, T5GemmaSeq2SeqLMPreprocessor, T5GemmaTokenizer],
+    [
+        T5GemmaBackbone,
+        T5GemmaEmbedder,
+        T5GemmaEmbedderPreprocessor,
+        T5GemmaSeq2SeqLM,
+        T5GemmaSeq2SeqLMPreprocessor,
+        T5GemmaTokenizer,
+    ],
 )

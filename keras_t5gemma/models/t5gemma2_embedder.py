@@ -10,12 +10,12 @@ from keras_hub.models import Task
 from keras_t5gemma.layers.pooling import POOLING_MODES
 from keras_t5gemma.layers.pooling import SequencePooling
 from keras_t5gemma.layers.pooling import l2_normalize
+from keras_t5gemma.models.encoder_decoder_backbone import check_token_ids
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import ShuffledFitMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_backbone import check_token_ids
 from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import check_config_class
@@ -79,8 +79,9 @@ class T5Gemma2Embedder(
     Output: float32 `(B, hidden_dim)`.
 
     Args:
-        backbone: a `T5Gemma2Backbone`, preferably with `encoder_only=True`
-            (a full backbone works too; its decoder is left unused).
+        backbone: a `T5Gemma2Backbone` (or a `T5GemmaBackbone`, see
+            `T5GemmaEmbedder`), preferably with `encoder_only=True` (a full
+            backbone works too; its decoder is left unused).
         preprocessor: a `T5Gemma2EmbedderPreprocessor`, or `None` (then
             inputs are the token-id dicts above).
         pooling: `"mean"`, `"first"` or `"last"`.
@@ -156,7 +157,7 @@ class T5Gemma2Embedder(
             return super().predict(x, batch_size=batch_size, **kwargs)
         samples = self.preprocessor.as_samples(x)
         batch_size = batch_size or 32
-        vectors = np.zeros((len(samples), self.backbone.hidden_dim), "float32")
+        vectors = np.zeros((len(samples), self.outputs[0].shape[-1]), "float32")
         prompts = [i for i, (text, _) in enumerate(samples) if text is not None]
         image_only = [i for i, (text, _) in enumerate(samples) if text is None]
         if prompts:

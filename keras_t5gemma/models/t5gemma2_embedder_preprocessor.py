@@ -117,6 +117,8 @@ class T5Gemma2EmbedderPreprocessor(PresetMixin, Preprocessor):
     backbone_cls = T5Gemma2Backbone
     tokenizer_cls = T5Gemma2Tokenizer
     image_converter_cls = T5Gemma2ImageConverter
+    # Lays out the prompts: the family's seq2seq preprocessor.
+    prompt_preprocessor_cls = T5Gemma2Seq2SeqLMPreprocessor
 
     def __init__(
         self,
@@ -135,9 +137,9 @@ class T5Gemma2EmbedderPreprocessor(PresetMixin, Preprocessor):
         self.sequence_length = sequence_length
         # The encoder half of the seq2seq preprocessor, which lays out the
         # prompts; its decoder inputs (for an empty target) are dropped.
-        self.prompt_preprocessor = T5Gemma2Seq2SeqLMPreprocessor(
+        self.prompt_preprocessor = self.prompt_preprocessor_cls(
             tokenizer,
-            image_converter,
+            image_converter=image_converter,
             encoder_sequence_length=sequence_length,
             decoder_sequence_length=1,
             mm_tokens_per_image=mm_tokens_per_image,
