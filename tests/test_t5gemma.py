@@ -96,17 +96,8 @@ def right_padded(rng, lengths, length, vocab=300):
     return ids, mask
 
 
-@pytest.fixture(scope="module")
-def pair():
-    config = t5gemma_config()
-    model = reference_model(config)
-    return config, model, converted(model, config)
-
-
-def test_logits_match_reference_unbalanced_soft_capped_padded(pair, rng):
-    config, model, backbone = pair
-    encoder_ids, encoder_mask = right_padded(rng, [11, 6], 11)
-    decoder_ids, decoder_mask = right_padded(rng, [7, 4], 7)
+def run_both(model, backbone, encoder_ids, encoder_mask, decoder_ids, decoder_mask):
+    """`(reference output, our encoder output, our logits)` for one padded batch."""
     with torch.no_grad():
         reference = model(
             input_ids=torch.tensor(encoder_ids, dtype=torch.long),
@@ -122,10 +113,23 @@ def test_logits_match_reference_unbalanced_soft_capped_padded(pair, rng):
             "decoder_padding_mask": decoder_mask,
         }
     )
-    assert_matches_reference(
-        outputs["encoder_sequence_output"], reference.encoder_last_hidden_state.numpy(), mask=encoder_mask
-    )
     logits = backbone.token_embedding.logits(outputs["decoder_sequence_output"])
+    return reference, outputs["encoder_sequence_output"], logits
+
+
+@pytest.fixture(scope="module")
+def pair():
+    config = t5gemma_config()
+    model = reference_model(config)
+    return config, model, converted(model, config)
+
+
+def test_logits_match_reference_unbalanced_soft_capped_padded(pair, rng):
+    _, model, backbone = pair
+    encoder_ids, encoder_mask = right_padded(rng, [11, 6], 11)
+    decoder_ids, decoder_mask = right_padded(rng, [7, 4], 7)
+    reference, encoder, logits = run_both(model, backbone, encoder_ids, encoder_mask, decoder_ids, decoder_mask)
+    assert_matches_reference(encoder, reference.encoder_last_hidden_state.numpy(), mask=encoder_mask)
     # The soft cap bounds the logits; make sure it is exercised.
     assert np.abs(reference.logits.numpy()).max() > 1.5
     assert_matches_reference(logits, reference.logits.numpy(), mask=decoder_mask)
@@ -144,28 +148,11 @@ def test_blockwise_path_matches_reference(pair, rng, monkeypatch):
     monkeypatch.setattr(attention_module, "blockwise_attention", counted)
     encoder_ids, encoder_mask = right_padded(rng, [23, 14], 23)
     decoder_ids, decoder_mask = right_padded(rng, [11, 6], 11)
-    with torch.no_grad():
-        reference = model(
-            input_ids=torch.tensor(encoder_ids, dtype=torch.long),
-            attention_mask=torch.tensor(encoder_mask),
-            decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long),
-            decoder_attention_mask=torch.tensor(decoder_mask),
-        )
     with blockwise_settings(min_logits=0, block_size=4, step_logits=64):
-        outputs = backbone(
-            {
-                "encoder_token_ids": encoder_ids,
-                "encoder_padding_mask": encoder_mask,
-                "decoder_token_ids": decoder_ids,
-                "decoder_padding_mask": decoder_mask,
-            }
-        )
+        reference, encoder, logits = run_both(model, backbone, encoder_ids, encoder_mask, decoder_ids, decoder_mask)
     # Encoder self-attention, decoder self- and cross-attention.
     assert len(calls) == config["encoder"]["num_hidden_layers"] + 2 * config["decoder"]["num_hidden_layers"]
-    assert_matches_reference(
-        outputs["encoder_sequence_output"], reference.encoder_last_hidden_state.numpy(), mask=encoder_mask
-    )
-    logits = backbone.token_embedding.logits(outputs["decoder_sequence_output"])
+    assert_matches_reference(encoder, reference.encoder_last_hidden_state.numpy(), mask=encoder_mask)
     assert_matches_reference(logits, reference.logits.numpy(), mask=decoder_mask)
 
 
@@ -180,23 +167,8 @@ def test_encoder_windows_match_reference(window, rng):
     backbone = converted(model, config)
     encoder_ids, encoder_mask = right_padded(rng, [9, 5], 9)
     decoder_ids, decoder_mask = right_padded(rng, [8, 3], 8)
-    with torch.no_grad():
-        reference = model(
-            input_ids=torch.tensor(encoder_ids, dtype=torch.long),
-            attention_mask=torch.tensor(encoder_mask),
-            decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long),
-            decoder_attention_mask=torch.tensor(decoder_mask),
-        ).logits.numpy()
-    outputs = backbone(
-        {
-            "encoder_token_ids": encoder_ids,
-            "encoder_padding_mask": encoder_mask,
-            "decoder_token_ids": decoder_ids,
-            "decoder_padding_mask": decoder_mask,
-        }
-    )
-    logits = backbone.token_embedding.logits(outputs["decoder_sequence_output"])
-    assert_matches_reference(logits, reference, mask=decoder_mask)
+    reference, _, logits = run_both(model, backbone, encoder_ids, encoder_mask, decoder_ids, decoder_mask)
+    assert_matches_reference(logits, reference.logits.numpy(), mask=decoder_mask)
 
 
 def test_parameter_count_matches_reference(pair):
