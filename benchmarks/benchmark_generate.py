@@ -2,12 +2,16 @@
 
     python benchmarks/benchmark_generate.py                 # tiny and 270m-270m configs
     python benchmarks/benchmark_generate.py --configs tiny  # quick
+    python benchmarks/benchmark_generate.py --configs t5gemma-tiny t5gemma-s-s  # the first T5Gemma family
 
 For each config the script writes one random checkpoint with `transformers`
 (float32), a copy in the earlier layout that KerasHub 0.32 reads (vision tower
 under `vision_model.`, `factor` in the full-attention RoPE parameters; and no
 vision config, since KerasHub's vision model cannot train without images), then
-measures each implementation in its own process (so peak memory is its own):
+measures each implementation in its own process (so peak memory is its own).
+The `t5gemma-*` configs are the first generation (Gemma 2 layers, text only):
+`T5GemmaSeq2SeqLM` here, KerasHub's `T5GemmaSeq2SeqLM` and transformers'
+`T5GemmaForConditionalGeneration`, all reading the one checkpoint. Measured:
 
 - encoder time for a 512-token input (batch 1);
 - greedy decode tokens/s for 64 new tokens at batch 1 and 8 (64-token
@@ -85,7 +89,42 @@ def released_config(name):
     return json.loads((ROOT / "tests" / "data" / f"t5gemma-2-{name}.json").read_text())
 
 
-CONFIGS = {"tiny": tiny_config, "270m": lambda: released_config("270m-270m")}
+def t5gemma_tiny_config():
+    """A tiny first-generation config: Gemma 2 layers alternating sliding/full, soft-capped logits."""
+    text = {
+        "vocab_size": 1024,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "sliding_window": 32,
+        "query_pre_attn_scalar": 16,
+        "rope_theta": 10_000.0,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+    }
+    return {"model_type": "t5gemma", "encoder": dict(text), "decoder": dict(text)}
+
+
+def t5gemma_released_config(name):
+    return json.loads((ROOT / "tests" / "data" / f"t5gemma-{name}.json").read_text())
+
+
+CONFIGS = {
+    "tiny": tiny_config,
+    "270m": lambda: released_config("270m-270m"),
+    "t5gemma-tiny": t5gemma_tiny_config,
+    "t5gemma-s-s": lambda: t5gemma_released_config("s-s"),
+    "t5gemma-b-b": lambda: t5gemma_released_config("b-b"),
+    "t5gemma-2b-2b": lambda: t5gemma_released_config("2b-2b"),
+}
+DEFAULT_CONFIGS = ("tiny", "270m")
+
+
+def _is_first_generation(config):
+    return config.get("model_type") == "t5gemma"
 
 
 def _float32(config):
@@ -105,8 +144,15 @@ def write_checkpoints(config, directory, earlier_copy=True):
 
     current, earlier = Path(directory) / "current", Path(directory) / "earlier"
     torch.manual_seed(0)
-    hf_config = T5Gemma2Config(**{k: v for k, v in _float32(config).items() if k != "model_type"})
-    model = T5Gemma2ForConditionalGeneration(hf_config)
+    config_class, model_class = T5Gemma2Config, T5Gemma2ForConditionalGeneration
+    if _is_first_generation(config):
+        # KerasHub reads the first generation's current layout: no earlier copy.
+        from transformers import T5GemmaConfig
+        from transformers import T5GemmaForConditionalGeneration
+
+        config_class, model_class, earlier_copy = T5GemmaConfig, T5GemmaForConditionalGeneration, False
+    hf_config = config_class(**{k: v for k, v in _float32(config).items() if k != "model_type"})
+    model = model_class(hf_config)
     with torch.no_grad():
         for parameter in model.parameters():  # non-zero norms and end-of-image vector
             parameter.normal_(0.0, 0.02)
@@ -268,13 +314,22 @@ def _keras_run(seq_2_seq_lm, backbone, vocabulary, implementation):
     return results
 
 
+def _checkpoint_is_first_generation(checkpoint):
+    return _is_first_generation(json.loads((Path(checkpoint) / "config.json").read_text()))
+
+
 def run_keras_t5gemma(checkpoint):
+    from keras_t5gemma import T5Gemma2Backbone
     from keras_t5gemma import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma import T5GemmaBackbone
+    from keras_t5gemma import T5GemmaSeq2SeqLM
     from keras_t5gemma.utils.preset_utils import get_preset_loader
 
-    backbone = get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True)
-    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+    backbone_class, task_class = T5Gemma2Backbone, T5Gemma2Seq2SeqLM
+    if _checkpoint_is_first_generation(checkpoint):
+        backbone_class, task_class = T5GemmaBackbone, T5GemmaSeq2SeqLM
+    backbone = get_preset_loader(str(checkpoint)).load_backbone(backbone_class, True)
+    seq_2_seq_lm = task_class(backbone)
     results = {"parameters": backbone.count_params(), "weight_bytes": 4 * backbone.count_params()}
     results.update(_keras_run(seq_2_seq_lm, backbone, backbone.vocabulary_size, "keras_t5gemma"))
     return results
@@ -283,9 +338,14 @@ def run_keras_t5gemma(checkpoint):
 def run_keras_hub(checkpoint):
     from keras_hub.models import T5Gemma2Backbone
     from keras_hub.models import T5Gemma2Seq2SeqLM
+    from keras_hub.models import T5GemmaBackbone
+    from keras_hub.models import T5GemmaSeq2SeqLM
 
-    backbone = T5Gemma2Backbone.from_preset(str(checkpoint))
-    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone=backbone, preprocessor=None)
+    backbone_class, task_class = T5Gemma2Backbone, T5Gemma2Seq2SeqLM
+    if _checkpoint_is_first_generation(checkpoint):
+        backbone_class, task_class = T5GemmaBackbone, T5GemmaSeq2SeqLM
+    backbone = backbone_class.from_preset(str(checkpoint))
+    seq_2_seq_lm = task_class(backbone=backbone, preprocessor=None)
     results = {"parameters": backbone.count_params(), "weight_bytes": 4 * backbone.count_params()}
     results.update(_keras_run(seq_2_seq_lm, backbone, backbone.vocabulary_size, "keras_hub"))
     return results
@@ -294,8 +354,12 @@ def run_keras_hub(checkpoint):
 def run_transformers(checkpoint):
     import torch
     from transformers import T5Gemma2ForConditionalGeneration
+    from transformers import T5GemmaForConditionalGeneration
 
-    model = T5Gemma2ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    model_class = T5Gemma2ForConditionalGeneration
+    if _checkpoint_is_first_generation(checkpoint):
+        model_class = T5GemmaForConditionalGeneration
+    model = model_class.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     vocabulary = model.config.decoder.vocab_size
     parameters = model.num_parameters()
     results = {"parameters": parameters, "weight_bytes": 4 * parameters, "peak_load_bytes": _peak_rss()}
@@ -376,6 +440,10 @@ def decode_bytes_per_step(config):
     head_dim, intermediate = decoder.get("head_dim", 256), decoder["intermediate_size"]
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads) + 2 * head_dim
     layer = attention + 3 * hidden * intermediate + 4 * hidden
+    if _is_first_generation(config):
+        # The separate cross-attention block: its query and output
+        # projections and two norms (the encoder keys/values are computed once).
+        layer += 2 * hidden * head_dim * heads + 2 * hidden
     return 4 * (decoder["num_hidden_layers"] * layer + hidden + decoder["vocab_size"] * hidden)
 
 
@@ -440,7 +508,7 @@ def report(name, config, results, bandwidth):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -458,7 +526,7 @@ def main():
             current, earlier = write_checkpoints(config, directory)
             results = {}
             for implementation in args.implementations:
-                checkpoint = earlier if implementation == "keras_hub" else current
+                checkpoint = (earlier or current) if implementation == "keras_hub" else current
                 results[implementation] = run_child(implementation, checkpoint, environment)
         print(report(name, config, results, bandwidth))
         print(flush=True)
