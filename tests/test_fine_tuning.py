@@ -13,6 +13,8 @@ from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.models.t5gemma2_text_classifier import T5Gemma2TextClassifier
+from keras_t5gemma.models.t5gemma2_token_classifier import T5Gemma2TokenClassifier
 
 VOCABULARY = 40
 EOI, IMAGE, BOI = 37, 38, 39
@@ -153,6 +155,27 @@ def test_train_vision_tower_round_trips_and_rejects_non_bools():
     assert not backbone.vision_encoder.trainable
     with pytest.raises(ValueError, match="train_vision_tower"):
         embedder.train_vision_tower = "yes"
+
+
+@pytest.mark.parametrize("classifier_class", [T5Gemma2TextClassifier, T5Gemma2TokenClassifier])
+def test_classifiers_freeze_the_vision_tower_by_default(classifier_class, text_batch):
+    keras.utils.set_random_seed(0)
+    classifier = classifier_class(_vision_backbone(), num_classes=3)
+    frozen = {w.path for w in classifier.backbone.vision_encoder.weights} | {"token_embedding/eoi_embedding"}
+    assert not frozen & {w.path for w in classifier.trainable_weights}
+    classifier.compile(optimizer=OPTIMIZERS["adamw_weight_decay"]())
+    x = {key: text_batch[0][key] for key in ("encoder_token_ids", "encoder_padding_mask")}
+    labels = np.arange(x["encoder_token_ids"].size).reshape(x["encoder_token_ids"].shape) % 3
+    before = _weights(classifier)
+    classifier.fit(x, labels if classifier.per_token else labels[:, 0], batch_size=2, epochs=1, verbose=0)
+    after = _weights(classifier)
+    for path in frozen:
+        np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+    assert not np.array_equal(after["logits/kernel"], before["logits/kernel"])
+
+    restored = classifier_class.from_config({**classifier.get_config(), "train_vision_tower": True})
+    assert restored.train_vision_tower is True
+    assert frozen <= {w.path for w in restored.trainable_weights}
 
 
 def test_fit_on_strings_shuffles_each_epoch_without_warning():

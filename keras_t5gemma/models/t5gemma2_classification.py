@@ -99,7 +99,15 @@ def check_labels(labels, num_classes, per_token):
 
 
 # The arguments both classifiers take besides `backbone` and `preprocessor`.
-CLASSIFIER_ARGUMENTS = ("num_classes", "dropout", "labels", "start_token_id", "pad_token_id", "activation")
+CLASSIFIER_ARGUMENTS = (
+    "num_classes",
+    "dropout",
+    "labels",
+    "start_token_id",
+    "pad_token_id",
+    "activation",
+    "train_vision_tower",
+)
 
 
 class ClassifierMixin:

@@ -6,6 +6,7 @@ from keras_hub.models import TextClassifier
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
+from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
 from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
@@ -19,7 +20,13 @@ from keras_t5gemma.utils.preset_utils import PresetMixin
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
 class T5Gemma2TextClassifier(
-    ClassifierMixin, PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, TextClassifier
+    ClassifierMixin,
+    PresetMixin,
+    DefaultImagesMixin,
+    QuantizeProjectionsMixin,
+    TransformersExportMixin,
+    VisionTowerTrainingMixin,
+    TextClassifier,
 ):
     """T5Gemma 2 with a classification head: one label per input (text, or text with images).
 
@@ -48,6 +55,9 @@ class T5Gemma2TextClassifier(
         start_token_id, pad_token_id: the decoder's start id and the padding
             id; default to the preprocessor's tokenizer's, else 2 and 0.
         activation: the projection's activation; `None` gives logits.
+        train_vision_tower: bool, default `False`: `fit` leaves the vision
+            tower and the end-of-image embedding frozen, as T5Gemma 2 is
+            fine-tuned. See `VisionTowerTrainingMixin`.
 
     Example:
     ```python
@@ -71,6 +81,7 @@ class T5Gemma2TextClassifier(
         start_token_id=None,
         pad_token_id=None,
         activation=None,
+        train_vision_tower=False,
         **kwargs,
     ):
         if backbone.decoder is None:
@@ -88,6 +99,9 @@ class T5Gemma2TextClassifier(
         # [batch, hidden_dim]
         pooled = keras.ops.take_along_axis(hidden, position[:, None, None], axis=1)[:, 0]
         super().__init__(inputs=inputs, outputs=self._head(pooled), **kwargs)
+
+        # === Config ===
+        self.train_vision_tower = train_vision_tower
 
     def predict(self, x=None, batch_size=None, **kwargs):
         """Scores `(B, num_classes)`, one row per input in order.

@@ -7,6 +7,7 @@ from keras_hub.models import Task
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
+from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
 from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
@@ -18,7 +19,13 @@ from keras_t5gemma.utils.preset_utils import PresetMixin
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
 class T5Gemma2TokenClassifier(
-    ClassifierMixin, PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, Task
+    ClassifierMixin,
+    PresetMixin,
+    DefaultImagesMixin,
+    QuantizeProjectionsMixin,
+    TransformersExportMixin,
+    VisionTowerTrainingMixin,
+    Task,
 ):
     """T5Gemma 2 with a classification head on every input token.
 
@@ -51,6 +58,9 @@ class T5Gemma2TokenClassifier(
         start_token_id, pad_token_id: the decoder's start id and the padding
             id; default to the preprocessor's tokenizer's, else 2 and 0.
         activation: the projection's activation; `None` gives logits.
+        train_vision_tower: bool, default `False`: `fit` leaves the vision
+            tower and the end-of-image embedding frozen, as T5Gemma 2 is
+            fine-tuned. See `VisionTowerTrainingMixin`.
 
     Example:
     ```python
@@ -76,6 +86,7 @@ class T5Gemma2TokenClassifier(
         start_token_id=None,
         pad_token_id=None,
         activation=None,
+        train_vision_tower=False,
         **kwargs,
     ):
         if backbone.decoder is None:
@@ -90,6 +101,9 @@ class T5Gemma2TokenClassifier(
         # [batch, seq, hidden_dim]
         _, hidden = reference_decoder_states(backbone, inputs, self.start_token_id)
         super().__init__(inputs=inputs, outputs=self._head(hidden), **kwargs)
+
+        # === Config ===
+        self.train_vision_tower = train_vision_tower
 
     def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", **kwargs):
         """Keras `compile` with defaults: Adam(5e-5), sparse cross-entropy, token accuracy.
