@@ -28,6 +28,7 @@ preset's preprocessor on string pairs), forward, backward and optimizer.
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from benchmark_generate import CONFIGS  # noqa: E402
 from benchmark_generate import write_checkpoints  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-IMPLEMENTATIONS = ("keras_t5gemma", "keras_hub", "transformers", "keras_t5gemma_lora")
+IMPLEMENTATIONS = ("keras_t5gemma", "keras_hub", "transformers", "keras_t5gemma_lora", "keras_t5gemma_plain_loss")
 BATCH, ENCODER_TOKENS, DECODER_TOKENS = 4, 256, 64
 
 
@@ -138,28 +139,31 @@ def _keras_step(seq_2_seq_lm, vocabulary, steps):
 
 
 def _profile(seq_2_seq_lm, x, y, repeats=2):
-    """keras_t5gemma's step split into forward, backward and optimizer (jitted separately), and data."""
+    """keras_t5gemma's step split into data, forward, backward, optimizer, and the LM head's share.
+
+    Forward and backward are jitted separately on the plain loss path (the
+    chunked path computes the head's gradients in its forward pass); the
+    head is timed alone (logits and loss over the decoder states, forward
+    and backward) on the plain and the chunked path.
+    """
     import jax
     import keras
+    import numpy as np
 
     from keras_t5gemma import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.chunked_loss import chunked_cross_entropy
+    from keras_t5gemma.models.chunked_loss import default_chunk_tokens
 
     model = seq_2_seq_lm
     trainable = [v.value for v in model.trainable_variables]
     frozen = [v.value for v in model.non_trainable_variables]
     optimizer_state = [v.value for v in model.optimizer.variables]
+    metrics = [v.value for v in model.metrics_variables]
 
     def loss(trainable, frozen):
-        metrics = [v.value for v in model.metrics_variables]
         return model.compute_loss_and_updates(
             trainable, frozen, metrics, x, y, None, training=True, optimizer_variables=optimizer_state
         )[0]
-
-    forward = jax.jit(loss)
-    gradient = jax.jit(jax.grad(loss))
-    apply = jax.jit(
-        lambda optimizer_state, grads, trainable: model.optimizer.stateless_apply(optimizer_state, grads, trainable)
-    )
 
     def timed(function):
         jax.block_until_ready(function())
@@ -170,11 +174,40 @@ def _profile(seq_2_seq_lm, x, y, repeats=2):
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
+    model.chunked_loss = False
+    forward = jax.jit(loss)
+    gradient = jax.jit(jax.grad(loss))
+    apply = jax.jit(
+        lambda optimizer_state, grads, trainable: model.optimizer.stateless_apply(optimizer_state, grads, trainable)
+    )
     results = {"forward_s": timed(lambda: forward(trainable, frozen))}
     forward_backward = timed(lambda: gradient(trainable, frozen))
     results["backward_s"] = forward_backward - results["forward_s"]
     grads = gradient(trainable, frozen)
     results["optimizer_s"] = timed(lambda: apply(optimizer_state, grads, trainable))
+    model.chunked_loss = True
+
+    # The LM head alone: decoder states (B * T, D) to the mean loss, with gradients to the states and table.
+    embedding = model.backbone.token_embedding
+    table = embedding.table.embeddings
+    rng = np.random.default_rng(0)
+    hidden = jax.numpy.asarray(rng.normal(size=(BATCH * DECODER_TOKENS, table.shape[1])).astype("float32"))
+    labels = jax.numpy.asarray(np.asarray(y).reshape(-1))
+    weights = jax.numpy.ones(labels.shape, "float32")
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def plain_head(hidden, table_value):
+        with keras.StatelessScope(state_mapping=[(table, table_value)]):
+            return cross_entropy(labels, embedding.logits(hidden))
+
+    def chunked_head(hidden, table_value):
+        chunk = default_chunk_tokens(embedding.vocabulary_size)
+        total = chunked_cross_entropy(embedding, [table_value], hidden, labels, weights, chunk)[0]
+        return total / labels.shape[0]
+
+    for name, head in (("head_plain_s", plain_head), ("head_chunked_s", chunked_head)):
+        step = jax.jit(jax.value_and_grad(head, argnums=(0, 1)))
+        results[name] = timed(lambda: step(hidden, table.value))
 
     # Data: the bundled preset's preprocessor over string pairs of about the step's lengths.
     preprocessor = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits").preprocessor
@@ -185,13 +218,14 @@ def _profile(seq_2_seq_lm, x, y, repeats=2):
     return results
 
 
-def run_keras_t5gemma(checkpoint, steps, lora=False, profile=False):
+def run_keras_t5gemma(checkpoint, steps, lora=False, profile=False, chunked_loss=True):
     from keras_t5gemma import T5Gemma2Seq2SeqLM
     from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
     from keras_t5gemma.utils.preset_utils import get_preset_loader
 
     backbone = get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True)
     seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+    seq_2_seq_lm.chunked_loss = chunked_loss
     if lora:
         backbone.enable_lora(8)
     results, x, y = _keras_step(seq_2_seq_lm, backbone.vocabulary_size, steps)
@@ -235,10 +269,14 @@ def child(implementation, checkpoints, steps, profile):
         results = run_keras_t5gemma(current, steps, profile=profile)
     elif implementation == "keras_t5gemma_lora":
         results = run_keras_t5gemma(current, steps, lora=True)
+    elif implementation == "keras_t5gemma_plain_loss":
+        results = run_keras_t5gemma(current, steps, chunked_loss=False)
     elif implementation == "keras_hub":
         results = run_keras_hub(earlier, steps)
     else:
         results = run_transformers(current, steps)
+    # Peak resident memory of this process (loading included), in GB.
+    results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(results), flush=True)
 
 
@@ -259,8 +297,8 @@ def main():
     parser.add_argument("--config", choices=sorted(CONFIGS), default="270m")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up")
-    parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
-    parser.add_argument("--profile", action="store_true", help="split keras_t5gemma's step (first round)")
+    parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS[:4]))
+    parser.add_argument("--profile", action="store_true", help="split keras_t5gemma's step (own process, first)")
     parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoints", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,12 +311,19 @@ def main():
     peak_before = matmul_peak()
     flops = train_flops(config)
     runs = {name: [] for name in args.implementations}
+    profile = None
     with tempfile.TemporaryDirectory() as directory:
         write_checkpoints(config, directory)
+        if args.profile:
+            # Its own process (one compile step, then the pieces), before the timed rounds.
+            try:
+                profile = run_child("keras_t5gemma", directory, 0, True)["profile"]
+                print(f"profile: {json.dumps(profile)}", flush=True)
+            except RuntimeError as error:
+                print(f"profile failed: {error}", flush=True)
         for round_index in range(args.rounds):
             for name in args.implementations:
-                profile = args.profile and round_index == 0 and name == "keras_t5gemma"
-                result = run_child(name, directory, args.steps, profile)
+                result = run_child(name, directory, args.steps, False)
                 runs[name].append(result)
                 print(f"round {round_index + 1} {name}: {json.dumps(result)}", flush=True)
     peak_after = matmul_peak()
@@ -292,23 +337,23 @@ def main():
     medians = {
         name: statistics.median(statistics.median(r["step_s"]) for r in results) for name, results in runs.items()
     }
-    header = ("implementation", "step (s)", "tokens/s", "GFLOP/s", "of peak", "trainable", "first (s)")
-    print(f"{header[0]:<20}" + "".join(f"{h:>12}" for h in header[1:]))
+    header = ("implementation", "step (s)", "tokens/s", "GFLOP/s", "of peak", "trainable", "first (s)", "peak GB")
+    print(f"{header[0]:<26}" + "".join(f"{h:>12}" for h in header[1:]))
     for name, step in medians.items():
         first = statistics.median(r["first_step_s"] for r in runs[name])
         print(
-            f"{name:<20}{step:>12.3f}{tokens / step:>12.0f}{flops / step / 1e9:>12.1f}{flops / step / peak:>12.1%}"
+            f"{name:<26}{step:>12.3f}{tokens / step:>12.0f}{flops / step / 1e9:>12.1f}{flops / step / peak:>12.1%}"
             f"{runs[name][0]['trainable_parameters']:>12,}{first:>12.1f}"
+            f"{max(r['peak_rss_gb'] for r in runs[name]):>12.1f}"
         )
     if "keras_t5gemma" in medians:
-        for peer in ("keras_hub", "transformers", "keras_t5gemma_lora"):
+        for peer in ("keras_hub", "transformers", "keras_t5gemma_lora", "keras_t5gemma_plain_loss"):
             if peer in medians:
                 print(f"keras_t5gemma step speed / {peer}: {medians[peer] / medians['keras_t5gemma']:.2f}x")
         traces = [r.get("traces") for r in runs["keras_t5gemma"]]
         print(f"keras_t5gemma train function traces per process: {traces}")
-        profile = runs["keras_t5gemma"][0].get("profile")
-        if profile:
-            print("keras_t5gemma profile (s): " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in profile.items()))
+    if profile:
+        print("keras_t5gemma profile (s): " + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in profile.items()))
 
 
 if __name__ == "__main__":

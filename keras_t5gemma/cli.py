@@ -99,8 +99,11 @@ def _check_preset(preset):
         raise CommandError(str(error)) from None
 
 
-def load_seq_2_seq_lm(preset):
-    """The task of the preset's generation: `T5GemmaSeq2SeqLM` for T5Gemma (first generation), else T5Gemma 2's."""
+def load_seq_2_seq_lm(preset, dtype=None):
+    """The task of the preset's generation: `T5GemmaSeq2SeqLM` for T5Gemma (first generation), else T5Gemma 2's.
+
+    `dtype` (a dtype policy name such as `"mixed_bfloat16"`) replaces the preset's.
+    """
     from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
     from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
     from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
@@ -109,7 +112,7 @@ def load_seq_2_seq_lm(preset):
     _check_preset(preset)
     backbone_cls = get_preset_loader(preset).check_backbone_class()
     task_cls = T5GemmaSeq2SeqLM if issubclass(backbone_cls, T5GemmaBackbone) else T5Gemma2Seq2SeqLM
-    return task_cls.from_preset(preset)
+    return task_cls.from_preset(preset, **({"dtype": dtype} if dtype else {}))
 
 
 def _read_lines(path):
@@ -517,6 +520,11 @@ def _classifier_class(per_word):
     return T5Gemma2TokenClassifier if per_word else T5Gemma2TextClassifier
 
 
+def _training_dtype(args):
+    """`from_preset`'s dtype argument for `fine-tune --mixed-bfloat16`, else nothing."""
+    return {"dtype": "mixed_bfloat16"} if args.mixed_bfloat16 else {}
+
+
 def run_fine_tune_classifier(args):
     """`fine-tune --task classify` / `classify-tokens`: a text or token classifier on labelled JSONL lines."""
     per_word = args.task == "classify-tokens"
@@ -527,7 +535,9 @@ def run_fine_tune_classifier(args):
     texts, labels = [texts[i] for i in order], [labels[i] for i in order]
     flat = [value for label in labels for value in (label if per_word else [label])]
     num_classes = len(names) if names else max(flat) + 1
-    classifier = _classifier_class(per_word).from_preset(args.preset, num_classes=num_classes, labels=names)
+    classifier = _classifier_class(per_word).from_preset(
+        args.preset, num_classes=num_classes, labels=names, **_training_dtype(args)
+    )
     if args.encoder_length:
         classifier.preprocessor.sequence_length = args.encoder_length
     if args.lora_rank:
@@ -631,7 +641,7 @@ def run_fine_tune(args):
             raise CommandError(f"{args.data} has {len(pairs)} examples, fewer than one batch of {args.batch_size}")
         pairs = [pairs[row] for row in rows]
     with distribution.scope() if distribution is not None else contextlib.nullcontext():
-        seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
+        seq_2_seq_lm = load_seq_2_seq_lm(args.preset, **_training_dtype(args))
         preprocessor = seq_2_seq_lm.preprocessor
         _set_sequence_lengths(preprocessor, args.encoder_length, args.decoder_length)
         image_size = _image_size(seq_2_seq_lm)
@@ -951,6 +961,12 @@ def build_parser():
         "--train-vision-tower",
         action="store_true",
         help="train the vision tower too (default: frozen, as T5Gemma 2 is fine-tuned)",
+    )
+    fine_tune.add_argument(
+        "--mixed-bfloat16",
+        action="store_true",
+        help="compute in bfloat16 with float32 weights (Keras' mixed_bfloat16 policy; faster on TPUs and "
+        "recent GPUs); the saved model keeps the policy",
     )
     fine_tune.add_argument(
         "--encoder-length",

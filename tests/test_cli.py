@@ -134,7 +134,7 @@ def test_fine_tune_checkpoints_saves_and_the_result_loads(capsys, tmp_path):
     assert status == 0 and len(out.splitlines()) == 1, err
 
 
-def test_fine_tune_from_csv_with_lora_and_images(capsys, tmp_path):
+def test_fine_tune_from_csv_with_lora_images_and_mixed_bfloat16(capsys, tmp_path):
     for name, color in (("r.png", "red"), ("b.png", "blue")):
         Image.fromarray(demo.color_image(np.random.default_rng(0), color, size=12)).save(tmp_path / name)
     (tmp_path / "data.csv").write_text(
@@ -157,11 +157,13 @@ def test_fine_tune_from_csv_with_lora_and_images(capsys, tmp_path):
         "24",
         "--decoder-length",
         "12",
+        "--mixed-bfloat16",
         "--quiet",
     )
     assert status == 0, err
     config = json.loads((output / "config.json").read_text())
     assert config["class_name"] == "T5Gemma2Backbone"  # LoRA merged: a plain backbone
+    assert config["config"]["dtype"]["config"]["name"] == "mixed_bfloat16"
     # The adapters are merged into the saved kernels: those differ from the base; the rest is frozen.
     tuned = T5Gemma2Backbone.from_preset(str(output))
     base = T5Gemma2Backbone.from_preset(DEFAULT_PRESET)

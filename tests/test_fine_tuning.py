@@ -178,6 +178,75 @@ def test_classifiers_freeze_the_vision_tower_by_default(classifier_class, text_b
     assert frozen <= {w.path for w in restored.trainable_weights}
 
 
+def _loss_gradients_and_logits(model, x, y, sample_weight, chunk_tokens):
+    """The training loss, its gradients and the logits, on the chunked path (or the plain one for `None`)."""
+    model.chunked_loss, model.loss_chunk_tokens = chunk_tokens is not None, chunk_tokens
+    frozen, metrics, optimizer = (
+        [v.value for v in variables]
+        for variables in (model.non_trainable_variables, model.metrics_variables, model.optimizer.variables)
+    )
+
+    def loss(trainable):
+        return model.compute_loss_and_updates(
+            trainable, frozen, metrics, x, y, sample_weight, training=True, optimizer_variables=optimizer
+        )
+
+    (value, (_, logits, _, _)), gradients = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        [v.value for v in model.trainable_variables]
+    )
+    return value, gradients, logits
+
+
+def test_chunked_loss_equals_the_plain_loss_and_gradients(text_batch):
+    keras.utils.set_random_seed(0)
+    model = T5Gemma2Seq2SeqLM(_vision_backbone())
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    model.optimizer.build(model.trainable_variables)
+    x, y = text_batch
+    # Padding positions carry no weight, as the preprocessor's masks give them; others weigh more.
+    weights = (np.random.default_rng(2).uniform(size=y.shape) > 0.3) * np.linspace(0.5, 2.0, y.shape[1])
+    weights = weights.astype("float32")
+    assert model._runs_chunked_loss(y, weights) and not model._runs_chunked_loss(y, weights[:, 0])
+    for weights in (weights, None):
+        plain_loss, plain_gradients, plain_logits = _loss_gradients_and_logits(model, x, y, weights, None)
+        # 24 tokens: chunks of 5 (the last one padded), and one chunk for all.
+        for chunk_tokens in (5, 64):
+            loss, gradients, logits = _loss_gradients_and_logits(model, x, y, weights, chunk_tokens)
+            np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+            np.testing.assert_array_equal(logits, plain_logits)
+            for variable, gradient, plain in zip(model.trainable_variables, gradients, plain_gradients):
+                scale = float(np.max(np.abs(plain)))
+                np.testing.assert_allclose(gradient, plain, rtol=1e-5, atol=1e-6 * scale, err_msg=variable.path)
+
+
+def test_fit_compiles_one_train_step_donates_the_state_and_reports_accuracy(text_batch):
+    keras.utils.set_random_seed(0)
+    model = T5Gemma2Seq2SeqLM(_vision_backbone())
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    traces = []
+    train_step = model.train_step
+    # Under `jax.jit` the Python `train_step` runs only when the step is traced.
+    model.train_step = lambda *args: traces.append(1) or train_step(*args)
+    table = model.backbone.token_embedding.table.embeddings.value
+    history = model.fit(*text_batch, batch_size=2, epochs=2, verbose=0)
+    assert len(traces) == 1
+    # Keras' JAX trainer donates the training state: the table's buffer before training is gone.
+    assert table.is_deleted()
+    assert set(history.history) == {"loss", "sparse_categorical_accuracy"}
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
+def test_mixed_bfloat16_fit_trains(text_batch):
+    keras.utils.set_random_seed(0)
+    model = T5Gemma2Seq2SeqLM(_vision_backbone(dtype="mixed_bfloat16"))
+    assert model.backbone.compute_dtype == "bfloat16"
+    assert {w.dtype for w in model.trainable_weights} == {"float32"}
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    history = model.fit(*text_batch, batch_size=4, epochs=4, verbose=0, shuffle=False)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
 def test_fit_on_strings_shuffles_each_epoch_without_warning():
     keras.utils.set_random_seed(0)
     seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")

@@ -5,6 +5,7 @@ from keras import ops
 from keras_hub.models import Seq2SeqLM
 from keras_hub.samplers import GreedySampler
 
+from keras_t5gemma.models.chunked_loss import ChunkedLossMixin
 from keras_t5gemma.models.encoder_decoder_backbone import check_token_ids
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
@@ -39,6 +40,7 @@ class T5Gemma2Seq2SeqLM(
     TransformersExportMixin,
     VisionTowerTrainingMixin,
     ShuffledFitMixin,
+    ChunkedLossMixin,
     Seq2SeqLM,
 ):
     """T5Gemma 2 with a language-modelling head, for generation and fine-tuning.
