@@ -207,16 +207,15 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(text_batch):
     weights = (np.random.default_rng(2).uniform(size=y.shape) > 0.3) * np.linspace(0.5, 2.0, y.shape[1])
     weights = weights.astype("float32")
     assert model._runs_chunked_loss(y, weights) and not model._runs_chunked_loss(y, weights[:, 0])
-    for weights in (weights, None):
-        plain_loss, plain_gradients, plain_logits = _loss_gradients_and_logits(model, x, y, weights, None)
-        # 24 tokens: chunks of 5 (the last one padded), and one chunk for all.
-        for chunk_tokens in (5, 64):
-            loss, gradients, logits = _loss_gradients_and_logits(model, x, y, weights, chunk_tokens)
-            np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
-            np.testing.assert_array_equal(logits, plain_logits)
-            for variable, gradient, plain in zip(model.trainable_variables, gradients, plain_gradients):
-                scale = float(np.max(np.abs(plain)))
-                np.testing.assert_allclose(gradient, plain, rtol=1e-5, atol=1e-6 * scale, err_msg=variable.path)
+    plain_loss, plain_gradients, plain_logits = _loss_gradients_and_logits(model, x, y, weights, None)
+    # 24 tokens: chunks of 5 (the last one padded), and one chunk for all.
+    for chunk_tokens in (5, 64):
+        loss, gradients, logits = _loss_gradients_and_logits(model, x, y, weights, chunk_tokens)
+        np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+        np.testing.assert_array_equal(logits, plain_logits)
+        for variable, gradient, plain in zip(model.trainable_variables, gradients, plain_gradients):
+            scale = float(np.max(np.abs(plain)))
+            np.testing.assert_allclose(gradient, plain, rtol=1e-5, atol=1e-6 * scale, err_msg=variable.path)
 
 
 def test_fit_compiles_one_train_step_donates_the_state_and_reports_accuracy(text_batch):
