@@ -12,6 +12,7 @@ from keras_t5gemma.layers.blockwise_attention import use_blockwise
 from keras_t5gemma.layers.masks import MASKED_LOGIT
 from keras_t5gemma.layers.masks import AttentionMask
 from keras_t5gemma.layers.normalization import RMSNormalization
+from keras_t5gemma.layers.projections import EinsumDense
 from keras_t5gemma.layers.rotary import apply_rotary
 
 
@@ -120,7 +121,7 @@ class Attention(keras.layers.Layer):
         self.key_value_dim = key_value_dim
 
         def projection(name, equation, output_shape, bias_axes):
-            return keras.layers.EinsumDense(
+            return EinsumDense(
                 equation,
                 output_shape=output_shape,
                 bias_axes=bias_axes if use_bias else None,
@@ -142,7 +143,7 @@ class Attention(keras.layers.Layer):
         # Label order matters to `jnp.einsum`: it contracts labels in
         # alphabetical order, and "nh" would transpose (copy) the kernel on
         # every call; "nv" keeps the contraction in memory order.
-        self.output_dense = keras.layers.EinsumDense(
+        self.output_dense = EinsumDense(
             "btnv,nvd->btd",
             output_shape=(None, hidden_dim),
             bias_axes="d" if self.use_bias else None,

@@ -2,6 +2,8 @@
 
 import keras
 
+from keras_t5gemma.layers.projections import Dense
+
 
 def gelu_tanh(x):
     return keras.activations.gelu(x, approximate=True)
@@ -30,7 +32,7 @@ class FeedForward(keras.layers.Layer):
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def _dense(self, name, units):
-        return keras.layers.Dense(
+        return Dense(
             units,
             use_bias=self.use_bias,
             kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),

@@ -5,6 +5,8 @@ import math
 import keras
 from keras import ops
 
+from keras_t5gemma.layers.projections import ReversibleEmbedding
+
 
 class TokenEmbedding(keras.layers.Layer):
     """Scaled token embedding, optionally with a learned end-of-image vector; tied LM head.
@@ -39,7 +41,7 @@ class TokenEmbedding(keras.layers.Layer):
         self.hidden_dim = hidden_dim
         self.eoi_token_id = eoi_token_id
         self.logit_soft_cap = logit_soft_cap
-        self.table = keras.layers.ReversibleEmbedding(
+        self.table = ReversibleEmbedding(
             vocabulary_size,
             hidden_dim,
             tie_weights=True,

@@ -14,6 +14,7 @@ from keras import ops
 from keras_t5gemma.layers.attention import Attention
 from keras_t5gemma.layers.feedforward import FeedForward
 from keras_t5gemma.layers.normalization import RMSNormalization
+from keras_t5gemma.layers.projections import Dense
 
 
 class VisionLayer(keras.layers.Layer):
@@ -164,7 +165,7 @@ class T5Gemma2VisionEncoder(keras.layers.Layer):
             epsilon=layer_norm_epsilon, dtype=self.dtype_policy, name="final_norm"
         )
         self.projector_norm = RMSNormalization(layer_norm_epsilon, dtype=self.dtype_policy, name="projector_norm")
-        self.projection = keras.layers.Dense(output_dim, use_bias=False, dtype=self.dtype_policy, name="projection")
+        self.projection = Dense(output_dim, use_bias=False, dtype=self.dtype_policy, name="projection")
 
     def build(self, input_shape=None):
         num_patches = self.patches_per_side**2

@@ -1,0 +1,150 @@
+"""Keras' projection layers, with a fast path for one row of int8 or 16-bit activations on the JAX CPU backend.
+
+XLA's CPU compiler emits a product of a single row with a matrix (batch-1
+decoding: `(1, D) x (D, N)`) as its own loop unless both operands are
+float32; for int8 x int8 (Keras' `quantize("int8")`) and bfloat16 that loop
+runs 10-30x slower than float32, while the same product with two rows goes
+to the fast matrix-multiply library (at 270m, the int8 output projection:
+about 300 ms with one row, 12 ms with two). So these layers give such a
+product a second row, a copy of the first, behind an optimization barrier
+(XLA would otherwise split the product back into single rows), and drop it
+from the result. float32, other backends and accelerators run as Keras does.
+
+The weights, their names and shapes, `quantize`, LoRA and saving are Keras'
+own: these are subclasses that only wrap `call`.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+
+def _single_row_is_slow(layer):
+    """Whether `layer` runs one-row products through XLA CPU's slow loop (int8 or non-float32 weights)."""
+    if keras.config.backend() != "jax":
+        return False
+    if layer.quantization_mode is None and layer.compute_dtype == "float32":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def _call_with_two_rows(call, inputs, *args, **kwargs):
+    """`call(inputs)` for one row of `inputs` (axis 0 of size 1), computed on two copies of it."""
+    import jax
+
+    doubled = jax.lax.optimization_barrier(ops.concatenate([inputs, inputs], axis=0))
+    outputs = call(doubled, *args, **kwargs)
+    return outputs[:1]
+
+
+def _rows(shape, kept_axes):
+    """The static number of rows of `shape` (the product of `kept_axes`), or `None` when not static."""
+    dims = [shape[axis] for axis in kept_axes]
+    if any(not isinstance(dim, int) for dim in dims):
+        return None
+    return math.prod(dims)
+
+
+class _TwoRowCall:
+    """Wraps `call` and `quantized_call` so that a single row gets a second row where that is faster."""
+
+    def _kept_axes(self, shape):
+        """The input axes that are not contracted (their product is the number of rows)."""
+        return range(len(shape) - 1)
+
+    def _with_two_rows(self, call, inputs, *args, **kwargs):
+        shape = getattr(inputs, "shape", None)
+        if not shape or shape[0] != 1 or _rows(shape, self._kept_axes(shape)) != 1 or not _single_row_is_slow(self):
+            return call(inputs, *args, **kwargs)
+        return _call_with_two_rows(call, inputs, *args, **kwargs)
+
+    def call(self, inputs, *args, **kwargs):
+        return self._with_two_rows(super().call, inputs, *args, **kwargs)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # Keras' `type_check` refuses subclasses; these compute as their base class does.
+        super().quantize(mode, type_check=False, config=config)
+
+    def quantized_call(self, inputs, *args, **kwargs):
+        return self._with_two_rows(super().quantized_call, inputs, *args, **kwargs)
+
+
+class Dense(_TwoRowCall, keras.layers.Dense):
+    """`keras.layers.Dense` with the fast one-row path (see the module docstring).
+
+    Example:
+    >>> Dense(3)(keras.ops.ones((1, 1, 4))).shape
+    (1, 1, 3)
+    """
+
+
+class EinsumDense(_TwoRowCall, keras.layers.EinsumDense):
+    """`keras.layers.EinsumDense` with the fast one-row path (see the module docstring).
+
+    The rows are the input axes that the equation keeps in its output.
+
+    Example:
+    >>> EinsumDense("btd,dnh->btnh", output_shape=(None, 2, 3))(keras.ops.ones((1, 1, 4))).shape
+    (1, 1, 2, 3)
+    """
+
+    def _kept_axes(self, shape):
+        input_labels, rest = self.equation.split(",")
+        output_labels = rest.split("->")[1]
+        return [axis for axis, label in enumerate(input_labels) if label in output_labels]
+
+
+class ReversibleEmbedding(_TwoRowCall, keras.layers.ReversibleEmbedding):
+    """`keras.layers.ReversibleEmbedding` whose tied output projection reads the table as stored.
+
+    Keras computes `reverse=True` as `matmul(x, transpose(table))`; on the
+    JAX CPU backend that transpose keeps XLA from its fast int8 and 16-bit
+    kernels. Here the projection is `einsum("...d,vd->...v")` over the
+    `(V, D)` table as it is stored (no second copy, the same variables, so
+    checkpoints, presets, `quantize` and the layout map see no difference),
+    with the fast one-row path of the module docstring.
+
+    Example:
+    >>> table = ReversibleEmbedding(10, 4)
+    >>> table(table(keras.ops.array([[1]])), reverse=True).shape
+    (1, 1, 10)
+    """
+
+    def _reads_table_as_stored(self, reverse):
+        return reverse and self.tie_weights and self.reverse_dtype is None
+
+    def call(self, inputs, reverse=False):
+        if not reverse:
+            return keras.layers.ReversibleEmbedding.call(self, inputs)
+        if not self._reads_table_as_stored(reverse):
+            return super().call(inputs, reverse=True)
+        return self._with_two_rows(self._float_logits, inputs)
+
+    def quantized_call(self, inputs, reverse=False):
+        if not reverse:
+            return keras.layers.ReversibleEmbedding.quantized_call(self, inputs)
+        return super().quantized_call(inputs, reverse=True)
+
+    def _int8_call(self, inputs, reverse=False):
+        if not self._reads_table_as_stored(reverse):
+            return super()._int8_call(inputs, reverse=reverse)
+        # Keras' arithmetic (int8 activations with per-row scales, int32
+        # sums, per-token scales of the table), without the transpose.
+        if self.inputs_quantizer:
+            inputs, inputs_scale = self.inputs_quantizer(inputs)
+        else:
+            inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
+        logits = ops.einsum("...d,vd->...v", inputs, self._embeddings)
+        logits = ops.divide(ops.cast(logits, self.compute_dtype), ops.multiply(inputs_scale, self.embeddings_scale))
+        return self._soft_capped(logits)
+
+    def _float_logits(self, inputs):
+        return self._soft_capped(ops.einsum("...d,vd->...v", inputs, self.embeddings))
+
+    def _soft_capped(self, logits):
+        if self.logit_soft_cap is None:
+            return logits
+        return ops.multiply(ops.tanh(ops.divide(logits, self.logit_soft_cap)), self.logit_soft_cap)
