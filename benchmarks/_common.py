@@ -1,0 +1,147 @@
+"""Plumbing shared by the benchmark scripts: configs, random checkpoints, children, memory, bandwidth.
+
+Each measured implementation runs in a child process of its own (so that its
+peak memory is its own); the child prints one `RESULTS {json}` line, which
+`run_child` reads back.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def released_config(name="270m-270m"):
+    """The released `config.json` of `google/t5gemma-2-NAME` (bundled under `tests/data`)."""
+    return json.loads((ROOT / "tests" / "data" / f"t5gemma-2-{name}.json").read_text())
+
+
+def text_only(config):
+    """`config` without the vision tower (decode benchmarks never read it)."""
+    config = json.loads(json.dumps(config))
+    config["encoder"].pop("vision_config", None)
+    return config
+
+
+def _float32(config):
+    """The config without `dtype` entries, so that `transformers` builds float32 modules."""
+    if isinstance(config, dict):
+        return {k: _float32(v) for k, v in config.items() if k != "dtype"}
+    return config
+
+
+def write_random_checkpoint(config, directory, earlier_layout_copy=True):
+    """A random float32 `transformers` checkpoint of `config`, and a copy KerasHub 0.32 reads.
+
+    The copy (unless `earlier_layout_copy=False`) is in the earlier layout
+    that KerasHub 0.32 reads: vision tower under `vision_model.`, `factor` in
+    the full-attention RoPE parameters, no vision config. Returns the two
+    folders (the second `None` without a copy).
+    """
+    import torch
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file
+    from transformers import T5Gemma2Config
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    current, earlier = Path(directory) / "current", Path(directory) / "earlier"
+    torch.manual_seed(0)
+    model = T5Gemma2ForConditionalGeneration(
+        T5Gemma2Config(**{k: v for k, v in _float32(config).items() if k != "model_type"})
+    )
+    with torch.no_grad():
+        for parameter in model.parameters():  # non-zero norms and end-of-image vector
+            parameter.normal_(0.0, 0.02)
+    model.save_pretrained(current)
+    del model
+    if not earlier_layout_copy:
+        return current, None
+    earlier.mkdir(parents=True, exist_ok=True)
+    rename = lambda key: key.replace("vision_tower.", "vision_tower.vision_model.")  # noqa: E731
+    for path in current.glob("*.safetensors"):
+        save_file({rename(k): v for k, v in load_file(path).items()}, earlier / path.name, metadata={"format": "pt"})
+    for path in current.glob("*.json"):
+        data = json.loads(path.read_text())
+        if path.name == "config.json":
+            for text in (data["encoder"]["text_config"], data["decoder"]):
+                text["rope_parameters"]["full_attention"].setdefault("factor", 1.0)
+            data["encoder"].pop("vision_config", None)
+        if path.name.endswith("index.json"):
+            data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        (earlier / path.name).write_text(json.dumps(data))
+    return current, earlier
+
+
+def memory_bandwidth():
+    """Read bandwidth in bytes/s: the best of NumPy and XLA reductions over 1 GiB."""
+    import jax
+    import numpy as np
+
+    data = np.ones(256 * 1024 * 1024, np.float32)
+    best = 0.0
+    on_device = jax.numpy.asarray(data)
+    reduce = jax.jit(lambda x: x.sum())
+    for function in (data.sum, lambda: reduce(on_device).block_until_ready()):
+        function()
+        started = time.perf_counter()
+        for _ in range(5):
+            function()
+        best = max(best, 5 * data.nbytes / (time.perf_counter() - started))
+    return best
+
+
+def peak_rss():
+    """The process's peak resident memory in bytes (VmHWM; getrusage carries the parent's over exec)."""
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss():
+    """Starts VmHWM again from the current resident size (Linux 4.0+)."""
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")
+
+
+def current_rss():
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def print_results(results):
+    """What a child prints for `run_child`."""
+    print("RESULTS " + json.dumps(results), flush=True)
+
+
+def run_child(script, arguments, label, timeout=None):
+    """Runs `script` with `arguments` in a fresh process; its `RESULTS` dict, or `None` on failure."""
+    environment = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, str(script), *map(str, arguments)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{label}: timed out after {timeout}s", file=sys.stderr)
+        return None
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULTS "):
+            results = json.loads(line[len("RESULTS ") :])
+            print(f"{label}: {results}", file=sys.stderr, flush=True)
+            return results
+    print(f"{label} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}", file=sys.stderr, flush=True)
+    return None
+
+
+def prompts(batch, length, vocabulary, seed=None):
+    """Random token ids `(batch, length)` starting with `<bos>` (2)."""
+    import numpy as np
+
+    ids = np.random.default_rng(batch if seed is None else seed).integers(3, min(vocabulary, 255_000), (batch, length))
+    ids = ids.astype("int32")
+    ids[:, 0] = 2
+    return ids

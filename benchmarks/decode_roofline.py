@@ -1,0 +1,261 @@
+"""Greedy decoding at the memory roofline: float32, bfloat16 and int8, here and in the peers.
+
+    flock /tmp/bench.lock python benchmarks/decode_roofline.py
+    python benchmarks/decode_roofline.py --rounds 1 --new-tokens 8 --implementations ours:float32 ours:int8
+
+At the 270m-270m shape (random weights, text only, 64-token prompts) it times
+greedy `generate` at batch 1 and 8 for each implementation and dtype:
+
+- ours (`keras_t5gemma`, JAX): float32, bfloat16 (`dtype="bfloat16"` on
+  load), int8 (`quantize("int8")` after loading);
+- KerasHub 0.32 (`keras_hub.models.T5Gemma2Seq2SeqLM`, from a copy of the
+  checkpoint in the layout it reads): float32, bfloat16, its own
+  `quantize("int8")`;
+- `transformers`: float32, bfloat16, and PyTorch's dynamic int8 quantization
+  of the `nn.Linear` layers (`torch.ao.quantization.quantize_dynamic`).
+
+Each (implementation, dtype) runs in its own process, one after another in
+each round (A, B, C, ..., A, B, C, ...); the table gives medians over rounds
+of tokens/s (each child's best of `--repeats` calls after a warm-up call),
+the ratio of ours to each peer at the same dtype, the resident weight bytes,
+the peak resident memory while loading and generating (above the process's
+size after importing its frameworks), and the fraction of the roofline at
+batch 1: the weight bytes a step reads (decoder layers and the tied table,
+at the dtype's width) over the read bandwidth measured here.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _common  # noqa: E402
+
+IMPLEMENTATIONS = [
+    f"{name}:{dtype}" for dtype in ("float32", "bfloat16", "int8") for name in ("ours", "keras_hub", "transformers")
+]
+PROMPT_TOKENS = 64
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1}
+
+
+# === Children ===
+
+
+def _time_generate(generate, batches, repeats):
+    results = {}
+    for batch in batches:
+        generate(batch)  # compilation, caches
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            generated = generate(batch)
+            times.append(time.perf_counter() - started)
+        results[f"tokens_per_s_b{batch}"] = generated / min(times)
+    return results
+
+
+def _keras_generate(seq_2_seq_lm, vocabulary, new_tokens):
+    import numpy as np
+
+    seq_2_seq_lm.compile(sampler="greedy")
+
+    def generate(batch):
+        encoder = _common.prompts(batch, PROMPT_TOKENS, vocabulary)
+        decoder = np.zeros((batch, new_tokens + 1), "int32")
+        decoder[:, 0] = 2
+        inputs = {
+            "encoder_token_ids": encoder,
+            "encoder_padding_mask": np.ones_like(encoder),
+            "decoder_token_ids": decoder,
+            "decoder_padding_mask": (decoder > 0).astype("int32"),
+        }
+        seq_2_seq_lm.generate(inputs, stop_token_ids=None)
+        return batch * new_tokens
+
+    return generate
+
+
+def _keras_weight_bytes(model):
+    return sum(int(v.value.nbytes) for v in model.weights)
+
+
+def run_ours(checkpoint, dtype):
+    from keras_t5gemma import T5Gemma2Backbone
+    from keras_t5gemma import T5Gemma2Seq2SeqLM
+
+    backbone = T5Gemma2Backbone.from_preset(str(checkpoint), dtype="bfloat16" if dtype == "bfloat16" else None)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+    if dtype == "int8":
+        seq_2_seq_lm.quantize("int8")
+    return _keras_weight_bytes(backbone), _keras_generate, (seq_2_seq_lm, backbone.vocabulary_size)
+
+
+def run_keras_hub(checkpoint, dtype):
+    from keras_hub.models import T5Gemma2Backbone
+    from keras_hub.models import T5Gemma2Seq2SeqLM
+
+    backbone = T5Gemma2Backbone.from_preset(str(checkpoint), dtype="bfloat16" if dtype == "bfloat16" else None)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone=backbone, preprocessor=None)
+    if dtype == "int8":
+        seq_2_seq_lm.quantize("int8")
+    vocabulary = backbone.vocabulary_size
+    return _keras_weight_bytes(backbone), _keras_generate, (seq_2_seq_lm, vocabulary)
+
+
+def run_transformers(checkpoint, dtype):
+    import torch
+    from transformers import T5Gemma2ForConditionalGeneration
+
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    model = T5Gemma2ForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch_dtype).eval()
+    if dtype == "int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
+    for module in model.modules():  # dynamic-quantized linears keep packed weights outside the tensors above
+        if hasattr(module, "_packed_params"):
+            weight, _ = module._packed_params._weight_bias()
+            weight_bytes += weight.numel() * weight.element_size()
+    vocabulary = model.config.decoder.vocab_size
+
+    def make_generate(model, vocabulary, new_tokens):
+        def generate(batch):
+            ids = torch.tensor(_common.prompts(batch, PROMPT_TOKENS, vocabulary)).long()
+            with torch.no_grad():
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                )
+            return batch * new_tokens
+
+        return generate
+
+    return weight_bytes, make_generate, (model, vocabulary)
+
+
+def child(implementation, checkpoint, new_tokens, repeats):
+    name, dtype = implementation.split(":")
+    if name == "transformers":
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    else:
+        import jax
+        import keras_hub  # noqa: F401
+
+        import keras_t5gemma  # noqa: F401
+
+        jax.numpy.zeros(1).block_until_ready()
+    baseline = _common.current_rss()
+    runner = {"ours": run_ours, "keras_hub": run_keras_hub, "transformers": run_transformers}[name]
+    weight_bytes, make_generate, arguments = runner(checkpoint, dtype)
+    results = {"weight_bytes": weight_bytes, "load_peak_bytes": _common.peak_rss() - baseline}
+    _common.reset_peak_rss()
+    results.update(_time_generate(make_generate(*arguments, new_tokens), (1, 8), repeats))
+    results["generate_peak_bytes"] = _common.peak_rss() - baseline
+    _common.print_results(results)
+
+
+# === Parent ===
+
+
+def decode_bytes_per_step(config, dtype):
+    """Weight bytes a batch-1 decode step reads: decoder layers, final norm and the tied table."""
+    decoder = config["decoder"]
+    hidden, heads, kv_heads = decoder["hidden_size"], decoder["num_attention_heads"], decoder["num_key_value_heads"]
+    head_dim, intermediate = decoder.get("head_dim", 256), decoder["intermediate_size"]
+    projections = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate
+    norms = 2 * head_dim + 4 * hidden
+    table = decoder["vocab_size"] * hidden
+    width = BYTES_PER_WEIGHT[dtype]
+    if dtype == "int8":  # int8 projections and table with float32 per-channel scales; float32 norms
+        scales = heads * head_dim + 2 * kv_heads * head_dim + hidden + 2 * intermediate + hidden
+        return decoder["num_hidden_layers"] * (projections + 4 * (norms + scales)) + 4 * hidden + 5 * table
+    return width * (decoder["num_hidden_layers"] * (projections + norms) + hidden + table)
+
+
+def report(config, results, bandwidth, new_tokens):
+    def median(implementation, key):
+        values = [r[key] for r in results.get(implementation, []) if r]
+        return statistics.median(values) if values else None
+
+    gib = 2**30
+    lines = [
+        "| implementation | tok/s b1 | tok/s b8 | ours / this (b1) | ours / this (b8) | weights (GiB) | "
+        "peak load (GiB) | peak generate (GiB) | roofline b1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for implementation in results:
+        name, dtype = implementation.split(":")
+        b1, b8 = median(implementation, "tokens_per_s_b1"), median(implementation, "tokens_per_s_b8")
+        if b1 is None:
+            lines.append(f"| {implementation} | failed | | | | | | | |")
+            continue
+        ours1, ours8 = median(f"ours:{dtype}", "tokens_per_s_b1"), median(f"ours:{dtype}", "tokens_per_s_b8")
+        ratio1 = f"{ours1 / b1:.2f}x" if ours1 and name != "ours" else "-"
+        ratio8 = f"{ours8 / b8:.2f}x" if ours8 and name != "ours" else "-"
+        roofline = bandwidth / decode_bytes_per_step(config, dtype)
+        lines.append(
+            f"| {implementation} | {b1:.2f} | {b8:.2f} | {ratio1} | {ratio8} | "
+            f"{median(implementation, 'weight_bytes') / gib:.2f} | "
+            f"{median(implementation, 'load_peak_bytes') / gib:.2f} | "
+            f"{median(implementation, 'generate_peak_bytes') / gib:.2f} | {b1 / roofline:.0%} |"
+        )
+    lines.append("")
+    for dtype in BYTES_PER_WEIGHT:
+        step = decode_bytes_per_step(config, dtype)
+        lines.append(
+            f"Roofline {dtype}: {step / 1e9:.3f} GB per batch-1 step / {bandwidth / 1e9:.1f} GB/s = "
+            f"{bandwidth / step:.1f} steps/s."
+        )
+    ours32 = median("ours:float32", "tokens_per_s_b1")
+    for dtype in ("bfloat16", "int8"):
+        value = median(f"ours:{dtype}", "tokens_per_s_b1")
+        if ours32 and value:
+            lines.append(f"Ours {dtype} / ours float32, batch 1: {value / ours32:.2f}x.")
+    lines.append(f"{new_tokens} new tokens after a {PROMPT_TOKENS}-token prompt; medians over rounds.")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--implementations", nargs="+", default=IMPLEMENTATIONS, choices=IMPLEMENTATIONS)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per batch size in each child")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        os.environ.setdefault("KERAS_BACKEND", "jax")
+        return child(args.child, args.checkpoint, args.new_tokens, args.repeats)
+
+    started = time.perf_counter()
+    bandwidth = _common.memory_bandwidth()
+    config = _common.text_only(_common.released_config("270m-270m"))
+    print(
+        f"CPU threads: {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}; read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s",
+        flush=True,
+    )
+    results = {implementation: [] for implementation in args.implementations}
+    with tempfile.TemporaryDirectory() as directory:
+        current, earlier = _common.write_random_checkpoint(config, directory)
+        for _ in range(args.rounds):
+            for implementation in args.implementations:
+                checkpoint = earlier if implementation.startswith("keras_hub") else current
+                arguments = ["--child", implementation, "--checkpoint", checkpoint]
+                arguments += ["--new-tokens", args.new_tokens, "--repeats", args.repeats]
+                results[implementation].append(_common.run_child(__file__, arguments, implementation))
+    print(report(config, results, bandwidth, args.new_tokens))
+    print(f"\nTotal {time.perf_counter() - started:.0f}s; load average {os.getloadavg()[0]:.1f} at the end.")
+
+
+if __name__ == "__main__":
+    main()
