@@ -102,10 +102,12 @@ class ReversibleEmbedding(_TwoRowCall, keras.layers.ReversibleEmbedding):
 
     Keras computes `reverse=True` as `matmul(x, transpose(table))`; on the
     JAX CPU backend that transpose keeps XLA from its fast int8 and 16-bit
-    kernels. Here the projection is `einsum("...d,vd->...v")` over the
-    `(V, D)` table as it is stored (no second copy, the same variables, so
-    checkpoints, presets, `quantize` and the layout map see no difference),
-    with the fast one-row path of the module docstring.
+    kernels. For int8 and 16-bit tables there, the projection is
+    `einsum("...d,vd->...v")` over the `(V, D)` table as it is stored (no
+    second copy, the same variables, so checkpoints, presets, `quantize` and
+    the layout map see no difference), with float32 sums and the fast
+    one-row path of the module docstring. float32 keeps Keras' form, which
+    XLA runs faster than the einsum.
 
     Example:
     >>> table = ReversibleEmbedding(10, 4)
@@ -119,7 +121,8 @@ class ReversibleEmbedding(_TwoRowCall, keras.layers.ReversibleEmbedding):
     def call(self, inputs, reverse=False):
         if not reverse:
             return keras.layers.ReversibleEmbedding.call(self, inputs)
-        if not self._reads_table_as_stored(reverse):
+        if not self._reads_table_as_stored(reverse) or not _single_row_is_slow(self):
+            # float32 (XLA's own matrix-vector loop is fast) and other backends: as Keras computes.
             return super().call(inputs, reverse=True)
         return self._with_two_rows(self._float_logits, inputs)
 
@@ -142,7 +145,11 @@ class ReversibleEmbedding(_TwoRowCall, keras.layers.ReversibleEmbedding):
         return self._soft_capped(logits)
 
     def _float_logits(self, inputs):
-        return self._soft_capped(ops.einsum("...d,vd->...v", inputs, self.embeddings))
+        import jax
+
+        # float32 sums: XLA CPU's bfloat16-result kernels are ~20x slower than its bfloat16 x bfloat16 -> float32 ones.
+        logits = jax.numpy.einsum("...d,vd->...v", inputs, self.embeddings, preferred_element_type="float32")
+        return self._soft_capped(ops.cast(logits, self.compute_dtype))
 
     def _soft_capped(self, logits):
         if self.logit_soft_cap is None:
