@@ -2,6 +2,7 @@
 
     flock /tmp/bench.lock python benchmarks/decode_roofline.py
     python benchmarks/decode_roofline.py --rounds 1 --new-tokens 8 --implementations ours:float32 ours:int8
+    python benchmarks/decode_roofline.py --kernels   # XLA CPU's output projection by dtype, 1 and 2 rows
 
 At the 270m-270m shape (random weights, text only, 64-token prompts) it times
 greedy `generate` at batch 1 and 8 for each implementation and dtype:
@@ -162,6 +163,37 @@ def child(implementation, checkpoint, new_tokens, repeats):
     _common.print_results(results)
 
 
+def kernels(repeats=5):
+    """XLA CPU's output-projection product `(rows, 640) x (262144, 640)^T` by dtype, with one and two rows (ms)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(262_144, 640)).astype("float32")
+    variants = {
+        "float32": (table, "float32", None),
+        "bfloat16, bfloat16 sums": (table.astype(jnp.bfloat16), "bfloat16", None),
+        "bfloat16, float32 sums": (table.astype(jnp.bfloat16), "bfloat16", "float32"),
+        "int8 x int8, int32 sums": (rng.integers(-127, 128, table.shape).astype("int8"), "int8", "int32"),
+    }
+    print("| product (one row = batch-1 decode) | 1 row | 2 rows |\n|---|---|---|")
+    for label, (weights, dtype, accumulate) in variants.items():
+        weights = jnp.asarray(weights)
+        cells = []
+        for rows in (1, 2):
+            x = jnp.asarray(rng.normal(size=(rows, 640)).astype("float32") * 10).astype(dtype)
+            product = jax.jit(lambda x, w: jnp.einsum("bd,vd->bv", x, w, preferred_element_type=accumulate))
+            product(x, weights).block_until_ready()
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                product(x, weights).block_until_ready()
+                times.append(time.perf_counter() - started)
+            cells.append(f"{1000 * statistics.median(times):.1f}")
+        print(f"| {label} | {cells[0]} | {cells[1]} |", flush=True)
+
+
 # === Parent ===
 
 
@@ -229,12 +261,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per batch size in each child")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--kernels", action="store_true", help="only time the output projection's product by dtype")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         os.environ.setdefault("KERAS_BACKEND", "jax")
         return child(args.child, args.checkpoint, args.new_tokens, args.repeats)
+    if args.kernels:
+        return kernels()
 
     started = time.perf_counter()
     bandwidth = _common.memory_bandwidth()
