@@ -20,13 +20,6 @@ def released_config(name="270m-270m"):
     return json.loads((ROOT / "tests" / "data" / f"t5gemma-2-{name}.json").read_text())
 
 
-def text_only(config):
-    """`config` without the vision tower (decode benchmarks never read it)."""
-    config = json.loads(json.dumps(config))
-    config["encoder"].pop("vision_config", None)
-    return config
-
-
 def _float32(config):
     """The config without `dtype` entries, so that `transformers` builds float32 modules."""
     if isinstance(config, dict):
