@@ -120,8 +120,8 @@ def run_transformers(checkpoint, dtype):
         model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
     for module in model.modules():  # dynamic-quantized linears keep packed weights outside the tensors above
-        if hasattr(module, "_packed_params"):
-            weight, _ = module._packed_params._weight_bias()
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            weight = module.weight()
             weight_bytes += weight.numel() * weight.element_size()
     vocabulary = model.config.decoder.vocab_size
 
