@@ -210,7 +210,8 @@ def decode_bytes_per_step(config, dtype):
     width = BYTES_PER_WEIGHT[dtype]
     if dtype == "int8":  # int8 projections and table with float32 per-channel scales; float32 norms
         scales = heads * head_dim + 2 * kv_heads * head_dim + hidden + 2 * intermediate + hidden
-        return decoder["num_hidden_layers"] * (projections + 4 * (norms + scales)) + 4 * hidden + 5 * table
+        table_bytes = table + 4 * decoder["vocab_size"]
+        return decoder["num_hidden_layers"] * (projections + 4 * (norms + scales)) + 4 * hidden + table_bytes
     return width * (decoder["num_hidden_layers"] * (projections + norms) + hidden + table)
 
 
