@@ -20,20 +20,64 @@ def released_config(name="270m-270m"):
     return json.loads((ROOT / "tests" / "data" / f"t5gemma-2-{name}.json").read_text())
 
 
-def _float32(config):
+def tiny_config():
+    """A tiny T5Gemma 2 config with a vision tower (28x28 images, 4 soft tokens), for quick runs."""
+    text = {
+        "vocab_size": 1024,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "sliding_window": 32,
+        "query_pre_attn_scalar": 16,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        },
+    }
+    vision = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 7,
+        "vision_use_head": False,
+    }
+    return {
+        "model_type": "t5gemma2",
+        "encoder": {
+            "text_config": text,
+            "vision_config": vision,
+            "mm_tokens_per_image": 4,
+            "boi_token_index": 1021,
+            "eoi_token_index": 1022,
+        },
+        "decoder": dict(text),
+        "image_token_index": 1023,
+    }
+
+
+def float32_config(config):
     """The config without `dtype` entries, so that `transformers` builds float32 modules."""
     if isinstance(config, dict):
-        return {k: _float32(v) for k, v in config.items() if k != "dtype"}
+        return {k: float32_config(v) for k, v in config.items() if k != "dtype"}
     return config
 
 
 def write_random_checkpoint(config, directory, earlier_layout_copy=True):
     """A random float32 `transformers` checkpoint of `config`, and a copy KerasHub 0.32 reads.
 
-    The copy (unless `earlier_layout_copy=False`) is in the earlier layout
-    that KerasHub 0.32 reads: vision tower under `vision_model.`, `factor` in
-    the full-attention RoPE parameters, no vision config. Returns the two
-    folders (the second `None` without a copy).
+    `config` is a T5Gemma 2 or (`model_type` "t5gemma") a T5Gemma config. The
+    copy (T5Gemma 2 only, unless `earlier_layout_copy=False`) is in the
+    earlier layout that KerasHub 0.32 reads: vision tower under
+    `vision_model.`, `factor` in the full-attention RoPE parameters, no
+    vision config (KerasHub's vision model cannot train without images).
+    Returns the two folders (the second `None` without a copy).
     """
     import torch
     from safetensors.numpy import load_file
@@ -43,9 +87,14 @@ def write_random_checkpoint(config, directory, earlier_layout_copy=True):
 
     current, earlier = Path(directory) / "current", Path(directory) / "earlier"
     torch.manual_seed(0)
-    model = T5Gemma2ForConditionalGeneration(
-        T5Gemma2Config(**{k: v for k, v in _float32(config).items() if k != "model_type"})
-    )
+    config_class, model_class = T5Gemma2Config, T5Gemma2ForConditionalGeneration
+    if config.get("model_type") == "t5gemma":
+        # KerasHub reads the first generation's current layout: no earlier copy.
+        from transformers import T5GemmaConfig
+        from transformers import T5GemmaForConditionalGeneration
+
+        config_class, model_class, earlier_layout_copy = T5GemmaConfig, T5GemmaForConditionalGeneration, False
+    model = model_class(config_class(**{k: v for k, v in float32_config(config).items() if k != "model_type"}))
     with torch.no_grad():
         for parameter in model.parameters():  # non-zero norms and end-of-image vector
             parameter.normal_(0.0, 0.02)

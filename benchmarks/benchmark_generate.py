@@ -36,57 +36,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+import _common  # noqa: E402
+
 ROOT = Path(__file__).parents[1]
 IMPLEMENTATIONS = ("keras_t5gemma", "keras_hub", "transformers")
 NEW_TOKENS = 64
 PROMPT_TOKENS = 64
 ENCODER_TOKENS = 512
 TRAIN_SHAPE = (4, 256, 64)
-
-
-def tiny_config():
-    text = {
-        "vocab_size": 1024,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "head_dim": 16,
-        "sliding_window": 32,
-        "query_pre_attn_scalar": 16,
-        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-        },
-    }
-    vision = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 28,
-        "patch_size": 7,
-        "vision_use_head": False,
-    }
-    return {
-        "model_type": "t5gemma2",
-        "encoder": {
-            "text_config": text,
-            "vision_config": vision,
-            "mm_tokens_per_image": 4,
-            "boi_token_index": 1021,
-            "eoi_token_index": 1022,
-        },
-        "decoder": dict(text),
-        "image_token_index": 1023,
-    }
-
-
-def released_config(name):
-    return json.loads((ROOT / "tests" / "data" / f"t5gemma-2-{name}.json").read_text())
 
 
 def t5gemma_tiny_config():
@@ -113,8 +71,8 @@ def t5gemma_released_config(name):
 
 
 CONFIGS = {
-    "tiny": tiny_config,
-    "270m": lambda: released_config("270m-270m"),
+    "tiny": _common.tiny_config,
+    "270m": lambda: _common.released_config("270m-270m"),
     "t5gemma-tiny": t5gemma_tiny_config,
     "t5gemma-s-s": lambda: t5gemma_released_config("s-s"),
     "t5gemma-b-b": lambda: t5gemma_released_config("b-b"),
@@ -125,104 +83,6 @@ DEFAULT_CONFIGS = ("tiny", "270m")
 
 def _is_first_generation(config):
     return config.get("model_type") == "t5gemma"
-
-
-def _float32(config):
-    """The config without `dtype` entries, so `transformers` builds float32 modules."""
-    if isinstance(config, dict):
-        return {k: _float32(v) for k, v in config.items() if k != "dtype"}
-    return config
-
-
-def write_checkpoints(config, directory, earlier_copy=True):
-    """A random float32 checkpoint, and (unless `earlier_copy=False`) the earlier-layout copy KerasHub reads."""
-    import torch
-    from safetensors.numpy import load_file
-    from safetensors.numpy import save_file
-    from transformers import T5Gemma2Config
-    from transformers import T5Gemma2ForConditionalGeneration
-
-    current, earlier = Path(directory) / "current", Path(directory) / "earlier"
-    torch.manual_seed(0)
-    config_class, model_class = T5Gemma2Config, T5Gemma2ForConditionalGeneration
-    if _is_first_generation(config):
-        # KerasHub reads the first generation's current layout: no earlier copy.
-        from transformers import T5GemmaConfig
-        from transformers import T5GemmaForConditionalGeneration
-
-        config_class, model_class, earlier_copy = T5GemmaConfig, T5GemmaForConditionalGeneration, False
-    hf_config = config_class(**{k: v for k, v in _float32(config).items() if k != "model_type"})
-    model = model_class(hf_config)
-    with torch.no_grad():
-        for parameter in model.parameters():  # non-zero norms and end-of-image vector
-            parameter.normal_(0.0, 0.02)
-    model.save_pretrained(current)
-    del model
-    if not earlier_copy:
-        return current, None
-    earlier.mkdir(parents=True, exist_ok=True)
-    for path in current.glob("*.safetensors"):
-        tensors = load_file(path)
-        save_file(
-            {k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in tensors.items()},
-            earlier / path.name,
-            metadata={"format": "pt"},
-        )
-        del tensors
-    for path in current.glob("*.json"):
-        data = json.loads(path.read_text())
-        if path.name == "config.json":
-            for text in (data["encoder"]["text_config"], data["decoder"]):
-                text["rope_parameters"]["full_attention"].setdefault("factor", 1.0)
-            # KerasHub's vision model cannot train without images; text only for it.
-            data["encoder"].pop("vision_config")
-        if path.name.endswith("index.json"):
-            data["weight_map"] = {
-                k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in data["weight_map"].items()
-            }
-        (earlier / path.name).write_text(json.dumps(data))
-    return current, earlier
-
-
-def memory_bandwidth():
-    """Read bandwidth in bytes/s: the best of NumPy and XLA reductions over 1 GiB."""
-    import jax
-    import numpy as np
-
-    data = np.ones(256 * 1024 * 1024, np.float32)
-    best = 0.0
-    on_device = jax.numpy.asarray(data)
-    reduce = jax.jit(lambda x: x.sum())
-    for function in (data.sum, lambda: reduce(on_device).block_until_ready()):
-        function()
-        started = time.perf_counter()
-        for _ in range(5):
-            function()
-        best = max(best, 5 * data.nbytes / (time.perf_counter() - started))
-    return best
-
-
-# === Children: one implementation each ===
-
-
-def _peak_rss():
-    # VmHWM, not getrusage: Linux carries ru_maxrss over from the parent across exec.
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak_rss():
-    """Starts VmHWM again from the current resident size (Linux 4.0+)."""
-    with open("/proc/self/clear_refs", "w") as file:
-        file.write("5")
-
-
-def _current_rss():
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _timed(function, repeats=1):
@@ -257,8 +117,8 @@ def _keras_run(seq_2_seq_lm, backbone, vocabulary, implementation):
             "decoder_padding_mask": (decoder > 0).astype("int32"),
         }
 
-    results = {"peak_load_bytes": _peak_rss()}
-    _reset_peak_rss()
+    results = {"peak_load_bytes": _common.peak_rss()}
+    _common.reset_peak_rss()
     seq_2_seq_lm.compile(sampler="greedy")
     first, _ = _timed(lambda: seq_2_seq_lm.generate(generate_inputs(1), stop_token_ids=None))
     results["first_call_s"] = first
@@ -268,7 +128,7 @@ def _keras_run(seq_2_seq_lm, backbone, vocabulary, implementation):
             seq_2_seq_lm.generate(inputs, stop_token_ids=None)
         seconds, _ = _timed(lambda: seq_2_seq_lm.generate(inputs, stop_token_ids=None))
         results[f"decode_tokens_per_s_b{batch}"] = batch * NEW_TOKENS / seconds
-    results["peak_generate_bytes"] = _peak_rss()
+    results["peak_generate_bytes"] = _common.peak_rss()
 
     ids = _prompts(1, ENCODER_TOKENS, vocabulary)
     mask = np.ones_like(ids)
@@ -362,8 +222,8 @@ def run_transformers(checkpoint):
     model = model_class.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     vocabulary = model.config.decoder.vocab_size
     parameters = model.num_parameters()
-    results = {"parameters": parameters, "weight_bytes": 4 * parameters, "peak_load_bytes": _peak_rss()}
-    _reset_peak_rss()
+    results = {"parameters": parameters, "weight_bytes": 4 * parameters, "peak_load_bytes": _common.peak_rss()}
+    _common.reset_peak_rss()
 
     def generate(batch):
         ids = torch.tensor(_prompts(batch, PROMPT_TOKENS, vocabulary)).long()
@@ -382,7 +242,7 @@ def run_transformers(checkpoint):
             generate(8)
         seconds, _ = _timed(lambda: generate(batch))
         results[f"decode_tokens_per_s_b{batch}"] = batch * NEW_TOKENS / seconds
-    results["peak_generate_bytes"] = _peak_rss()
+    results["peak_generate_bytes"] = _common.peak_rss()
 
     ids = torch.tensor(_prompts(1, ENCODER_TOKENS, vocabulary)).long()
     with torch.no_grad():
@@ -421,7 +281,7 @@ def child(implementation, checkpoint):
         import keras_t5gemma  # noqa: F401
 
         jax.numpy.zeros(1).block_until_ready()  # starts the XLA client
-    baseline = _current_rss()
+    baseline = _common.current_rss()
     started = time.perf_counter()
     runner = {"keras_t5gemma": run_keras_t5gemma, "keras_hub": run_keras_hub, "transformers": run_transformers}
     results = runner[implementation](checkpoint)
@@ -518,12 +378,12 @@ def main():
         return child(args.child, args.checkpoint)
 
     environment = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    bandwidth = memory_bandwidth()
+    bandwidth = _common.memory_bandwidth()
     print(f"CPU threads: {os.cpu_count()}; measured read bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     for name in args.configs:
         config = CONFIGS[name]()
         with tempfile.TemporaryDirectory() as directory:
-            current, earlier = write_checkpoints(config, directory)
+            current, earlier = _common.write_random_checkpoint(config, directory)
             results = {}
             for implementation in args.implementations:
                 checkpoint = (earlier or current) if implementation == "keras_hub" else current

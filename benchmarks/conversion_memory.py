@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # The GGUF vocabulary reader is a test helper.
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 
+from _common import current_rss  # noqa: E402
+from _common import peak_rss  # noqa: E402
+from _common import write_random_checkpoint  # noqa: E402
 from benchmark_generate import CONFIGS  # noqa: E402
-from benchmark_generate import _current_rss  # noqa: E402
-from benchmark_generate import _peak_rss  # noqa: E402
-from benchmark_generate import write_checkpoints  # noqa: E402
 
 
 def _tokenizer_proto():
@@ -48,14 +48,13 @@ def child(source, output, dtype):
     os.environ.setdefault("KERAS_BACKEND", "jax")
     from keras_t5gemma.conversion import convert
 
-    baseline = _current_rss()
+    baseline = current_rss()
     started = time.perf_counter()
     seq_2_seq_lm, _ = convert.convert(source, output, dtype=dtype, log=lambda *args: None)
     elapsed = time.perf_counter() - started
     weight_bytes = sum(int(v.numpy().nbytes) for v in seq_2_seq_lm.backbone.weights)
     print(
-        "RESULTS "
-        + json.dumps({"peak": _peak_rss(), "baseline": baseline, "weights": weight_bytes, "seconds": elapsed})
+        "RESULTS " + json.dumps({"peak": peak_rss(), "baseline": baseline, "weights": weight_bytes, "seconds": elapsed})
     )
 
 
@@ -70,7 +69,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as directory:
         started = time.perf_counter()
-        source, _ = write_checkpoints(CONFIGS[args.config](), directory, earlier_copy=False)
+        source, _ = write_random_checkpoint(CONFIGS[args.config](), directory, earlier_layout_copy=False)
         proto, vocabulary = _tokenizer_proto()
         (source / "tokenizer.model").write_bytes(proto)
         on_disk = sum(path.stat().st_size for path in source.glob("*.safetensors"))

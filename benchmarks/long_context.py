@@ -36,43 +36,22 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+import _common  # noqa: E402
+
 ROOT = Path(__file__).parents[1]
-CONFIG = ROOT / "tests" / "data" / "t5gemma-2-270m-270m.json"
 PEERS = ("transformers", "keras_hub")
 
 
 def _float32_text_config():
     """The released config without `dtype` entries and without the vision tower."""
 
-    def strip(config):
-        if isinstance(config, dict):
-            return {k: strip(v) for k, v in config.items() if k != "dtype"}
-        return config
-
-    config = strip(json.loads(CONFIG.read_text()))
+    config = _common.float32_config(_common.released_config("270m-270m"))
     config["encoder"].pop("vision_config", None)
     return config
 
 
 # === Children ===
-
-
-def _peak_rss():
-    with open("/proc/self/status") as file:
-        for line in file:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak_rss():
-    with open("/proc/self/clear_refs", "w") as file:
-        file.write("5")
-
-
-def _current_rss():
-    with open("/proc/self/statm") as file:
-        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _token_ids(length, vocabulary=262_144, seed=0):
@@ -129,13 +108,13 @@ def _keras_encode(encode, backbone, length):
 
     ids = _token_ids(length)
     mask = np.ones_like(ids)
-    baseline = _current_rss()
-    _reset_peak_rss()
+    baseline = _common.current_rss()
+    _common.reset_peak_rss()
     if keras.config.backend() != "jax":
         encode(ids, mask)  # eager: the first call builds nothing new, but warms kernels
         started = time.perf_counter()
         output = keras.ops.convert_to_numpy(encode(ids, mask))
-        return time.perf_counter() - started, _peak_rss() - baseline, output
+        return time.perf_counter() - started, _common.peak_rss() - baseline, output
     import jax
 
     variables = backbone.trainable_variables + backbone.non_trainable_variables
@@ -148,7 +127,7 @@ def _keras_encode(encode, backbone, length):
     compiled = jax.jit(stateless).lower(state, ids, mask).compile()
     started = time.perf_counter()
     output = compiled(state, ids, mask).block_until_ready()
-    return time.perf_counter() - started, _peak_rss() - baseline, np.asarray(output)
+    return time.perf_counter() - started, _common.peak_rss() - baseline, np.asarray(output)
 
 
 def run_encode(implementation, length):
@@ -185,13 +164,13 @@ def run_encode(implementation, length):
         model = T5Gemma2ForConditionalGeneration(hf_config).eval()
         encoder = model.get_encoder()
         ids = torch.tensor(_token_ids(length)).long()
-        baseline = _current_rss()
-        _reset_peak_rss()
+        baseline = _common.current_rss()
+        _common.reset_peak_rss()
         with torch.no_grad():
             started = time.perf_counter()
             output = encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
             seconds = time.perf_counter() - started
-        peak = _peak_rss() - baseline
+        peak = _common.peak_rss() - baseline
         output = output.numpy()
     import numpy as np
 
@@ -214,13 +193,13 @@ def run_generate(length, new_tokens):
         "decoder_token_ids": decoder,
         "decoder_padding_mask": (decoder > 0).astype("int32"),
     }
-    baseline = _current_rss()
-    _reset_peak_rss()
+    baseline = _common.current_rss()
+    _common.reset_peak_rss()
     started = time.perf_counter()
     output = seq_2_seq_lm.generate(inputs, stop_token_ids=None)
     seconds = time.perf_counter() - started
     tokens = np.asarray(output["decoder_token_ids"])
-    return {"seconds": seconds, "peak_bytes": _peak_rss() - baseline, "distinct_tokens": len(np.unique(tokens))}
+    return {"seconds": seconds, "peak_bytes": _common.peak_rss() - baseline, "distinct_tokens": len(np.unique(tokens))}
 
 
 def run_fit(length, decoder_length):
@@ -242,13 +221,13 @@ def run_fit(length, decoder_length):
         "decoder_token_ids": targets,
         "decoder_padding_mask": np.ones_like(targets),
     }
-    baseline = _current_rss()
-    _reset_peak_rss()
+    baseline = _common.current_rss()
+    _common.reset_peak_rss()
     started = time.perf_counter()
     loss = seq_2_seq_lm.train_on_batch(x, targets)
     seconds = time.perf_counter() - started
     loss = float(np.asarray(loss if not isinstance(loss, (list, tuple)) else loss[0]))
-    return {"seconds": seconds, "peak_bytes": _peak_rss() - baseline, "loss": loss}
+    return {"seconds": seconds, "peak_bytes": _common.peak_rss() - baseline, "loss": loss}
 
 
 def child(task, implementation, length, args):

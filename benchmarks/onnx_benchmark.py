@@ -32,57 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+import _common  # noqa: E402
+
 ROOT = Path(__file__).parents[1]
 PROMPT_TOKENS = 64
-TINY = {
-    "vocab_size": 1024,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 1,
-    "head_dim": 16,
-    "sliding_window": 32,
-    "query_pre_attn_scalar": 16,
-    "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
-    "rope_parameters": {
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-    },
-}
-TINY_VISION = {
-    "model_type": "siglip_vision_model",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": 28,
-    "patch_size": 7,
-    "vision_use_head": False,
-}
 
 
 def config_for(name):
-    if name == "tiny":
-        return {
-            "model_type": "t5gemma2",
-            "encoder": {
-                "text_config": dict(TINY),
-                "vision_config": dict(TINY_VISION),
-                "mm_tokens_per_image": 4,
-                "boi_token_index": 1021,
-                "eoi_token_index": 1022,
-            },
-            "decoder": dict(TINY),
-            "image_token_index": 1023,
-        }
-    return json.loads((ROOT / "tests" / "data" / "t5gemma-2-270m-270m.json").read_text())
-
-
-def _float32(config):
-    if isinstance(config, dict):
-        return {k: _float32(v) for k, v in config.items() if k != "dtype"}
-    return config
+    return _common.tiny_config() if name == "tiny" else _common.released_config("270m-270m")
 
 
 def _rss(field):
@@ -106,7 +64,9 @@ def keras_model(config, text_only):
     from keras_t5gemma.conversion.config import backbone_from_hf_config
     from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
-    return T5Gemma2Seq2SeqLM(backbone_from_hf_config(_float32(config), text_only=text_only, dtype="float32"))
+    return T5Gemma2Seq2SeqLM(
+        backbone_from_hf_config(_common.float32_config(config), text_only=text_only, dtype="float32")
+    )
 
 
 def export_phase(config_name, max_decode_length, directory):
@@ -148,7 +108,7 @@ def decode_phase(config_name, new_tokens, rounds, directory):
         export_onnx(seq_2_seq_lm, folder, max_decode_length=length, quantize=quantize)
         runtimes[quantize or "float32"] = OnnxSeq2SeqLM(folder)
     torch.manual_seed(0)
-    hf_config = T5Gemma2Config(**{k: v for k, v in _float32(config).items() if k != "model_type"})
+    hf_config = T5Gemma2Config(**{k: v for k, v in _common.float32_config(config).items() if k != "model_type"})
     reference = T5Gemma2ForConditionalGeneration(hf_config).eval()
     with torch.no_grad():
         for parameter in reference.parameters():

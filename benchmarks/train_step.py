@@ -7,7 +7,7 @@ The step is batch 4, 256 encoder / 64 decoder tokens, float32, next-token
 cross-entropy over the whole vocabulary, AdamW (Keras' `AdamW(1e-5)` for the
 Keras ports, `torch.optim.AdamW(lr=1e-5)` for `transformers`). All three
 start from one random checkpoint written by `benchmark_generate.py`'s
-`write_checkpoints` (KerasHub reads a text-only copy: its vision model cannot
+`write_random_checkpoint` (KerasHub reads a text-only copy: its vision model cannot
 train without images; `transformers` and keras_t5gemma hold the vision tower,
 which gets no update: `transformers` skips parameters without gradients,
 keras_t5gemma freezes it by default). `keras_t5gemma_lora` is keras_t5gemma
@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _common import write_random_checkpoint  # noqa: E402
 from benchmark_generate import CONFIGS  # noqa: E402
-from benchmark_generate import write_checkpoints  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 IMPLEMENTATIONS = ("keras_t5gemma", "keras_hub", "transformers", "keras_t5gemma_lora", "keras_t5gemma_plain_loss")
@@ -313,7 +313,7 @@ def main():
     runs = {name: [] for name in args.implementations}
     profile = None
     with tempfile.TemporaryDirectory() as directory:
-        write_checkpoints(config, directory)
+        write_random_checkpoint(config, directory)
         if args.profile:
             # Its own process (one compile step, then the pieces), before the timed rounds.
             try:
