@@ -121,7 +121,15 @@ class ClassifierMixin:
 
     per_token = False
 
-    def _configure(self, num_classes, dropout, labels, start_token_id, pad_token_id, activation, preprocessor):
+    def _configure(
+        self, backbone, preprocessor, num_classes, dropout, labels, start_token_id, pad_token_id, activation
+    ):
+        """Checks the arguments and sets the backbone, preprocessor and head settings."""
+        if backbone.decoder is None:
+            raise ValueError("The classifier runs the decoder, as the reference does; this backbone is encoder-only.")
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"`num_classes` must be a positive integer; got {num_classes!r}.")
         if not 0.0 <= dropout < 1.0:

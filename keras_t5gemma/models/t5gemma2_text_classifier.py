@@ -84,12 +84,7 @@ class T5Gemma2TextClassifier(
         train_vision_tower=False,
         **kwargs,
     ):
-        if backbone.decoder is None:
-            raise ValueError("The classifier runs the decoder, as the reference does; this backbone is encoder-only.")
-        self._configure(num_classes, dropout, labels, start_token_id, pad_token_id, activation, preprocessor)
-        # === Layers ===
-        self.backbone = backbone
-        self.preprocessor = preprocessor
+        self._configure(backbone, preprocessor, num_classes, dropout, labels, start_token_id, pad_token_id, activation)
 
         # === Functional model ===
         inputs = encoder_inputs(backbone)
