@@ -36,6 +36,8 @@ import numpy as np
 from keras_hub.models import T5Gemma2Backbone as KerasHubT5Gemma2Backbone
 
 from keras_t5gemma.conversion.config import backbone_from_hf_config
+from keras_t5gemma.conversion.quantized_loading import build_quantized
+from keras_t5gemma.conversion.quantized_loading import quantize_remaining
 from keras_t5gemma.conversion.weights import load_weights
 from keras_t5gemma.conversion.weights import weight_specs
 from keras_t5gemma.layers.masks import FULL
@@ -229,9 +231,13 @@ def keras_hub_tensors(keras_hub_backbone):
 class KerasHubT5Gemma2PresetLoader(PresetLoader):
     """Builds this package's classes from a preset saved by KerasHub's `T5Gemma2Backbone`/`T5Gemma2Seq2SeqLM`.
 
-    `load_backbone` takes `text_only` and `encoder_only` as for Hugging Face
-    checkpoints.
+    `load_backbone` takes `text_only`, `encoder_only` and `quantize` as for
+    Hugging Face checkpoints (KerasHub's float model is read first, so
+    `quantize` saves no memory here).
     """
+
+    # `from_preset(..., quantize=...)` hands `quantize` to this loader instead of quantizing afterwards.
+    loads_quantized = True
 
     def check_backbone_class(self):
         return T5Gemma2Backbone
@@ -253,16 +259,23 @@ class KerasHubT5Gemma2PresetLoader(PresetLoader):
 
     def get_backbone_kwargs(self, **kwargs):
         backbone_kwargs, kwargs = super().get_backbone_kwargs(**kwargs)
-        for name in ("text_only", "encoder_only"):
+        for name in ("text_only", "encoder_only", "quantize"):
             if name in kwargs:
                 backbone_kwargs[name] = kwargs.pop(name)
         return backbone_kwargs, kwargs
 
-    def load_backbone(self, cls, load_weights_=True, text_only=False, encoder_only=False, dtype=None, **kwargs):
+    def load_backbone(
+        self, cls, load_weights_=True, text_only=False, encoder_only=False, dtype=None, quantize=None, **kwargs
+    ):
         if kwargs:
             raise ValueError(f"Unexpected arguments for a KerasHub T5Gemma 2 preset: {sorted(kwargs)}.")
-        backbone = backbone_from_hf_config(
-            self.hf_config(), text_only=text_only, encoder_only=encoder_only, dtype=dtype, cls=cls
+        config = self.hf_config()
+        backbone = build_quantized(
+            lambda policy: backbone_from_hf_config(
+                config, text_only=text_only, encoder_only=encoder_only, dtype=policy, cls=cls
+            ),
+            dtype,
+            quantize,
         )
         if load_weights_:
             source = KerasPresetLoader(self.preset, self.config).load_backbone(
@@ -315,6 +328,10 @@ class KerasHubT5Gemma2PresetLoader(PresetLoader):
         return cls(**kwargs)
 
     def load_task(self, cls, load_weights, load_task_weights, **kwargs):
+        quantize = kwargs.pop("quantize", None) if "backbone" in kwargs else kwargs.get("quantize")
         if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
             kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
-        return super().load_task(cls, load_weights, load_task_weights, **kwargs)
+        task = super().load_task(cls, load_weights, load_task_weights, **kwargs)
+        if quantize is not None:
+            quantize_remaining(task, quantize)
+        return task

@@ -10,6 +10,8 @@ from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_syste
 from keras_t5gemma.conversion.config import backbone_from_hf_config
 from keras_t5gemma.conversion.config import check_t5gemma2_config
 from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
+from keras_t5gemma.conversion.quantized_loading import build_quantized
+from keras_t5gemma.conversion.quantized_loading import quantize_remaining
 from keras_t5gemma.conversion.weights import CLASSIFIER_HEAD_KEY
 from keras_t5gemma.conversion.weights import load_classifier_head
 from keras_t5gemma.conversion.weights import load_weights
@@ -22,9 +24,14 @@ class T5Gemma2CheckpointLoader(PresetLoader):
     """Builds T5Gemma 2 models from a Hugging Face checkpoint.
 
     Extra `load_backbone` arguments: `text_only` (skip the vision tower and its
-    weights), `encoder_only` (skip the decoder) and `progress` (a callable
-    advanced once per loaded tensor).
+    weights), `encoder_only` (skip the decoder), `progress` (a callable
+    advanced once per loaded tensor) and `quantize` (`"int8"`: the model of
+    `quantize("int8")`, each tensor quantized as it is read; see
+    `quantized_loading`).
     """
+
+    # `from_preset(..., quantize=...)` hands `quantize` to this loader instead of quantizing afterwards.
+    loads_quantized = True
 
     def __init__(self, preset, config):
         super().__init__(preset, config)
@@ -39,20 +46,32 @@ class T5Gemma2CheckpointLoader(PresetLoader):
 
     def get_backbone_kwargs(self, **kwargs):
         backbone_kwargs, kwargs = super().get_backbone_kwargs(**kwargs)
-        for name in ("text_only", "encoder_only", "progress"):
+        for name in ("text_only", "encoder_only", "progress", "quantize"):
             if name in kwargs:
                 backbone_kwargs[name] = kwargs.pop(name)
         return backbone_kwargs, kwargs
 
     def load_backbone(
-        self, cls, load_weights_=True, text_only=False, encoder_only=False, progress=None, dtype=None, **kwargs
+        self,
+        cls,
+        load_weights_=True,
+        text_only=False,
+        encoder_only=False,
+        progress=None,
+        dtype=None,
+        quantize=None,
+        **kwargs,
     ):
         if kwargs:
             raise ValueError(f"Unexpected arguments for a T5Gemma 2 checkpoint: {sorted(kwargs)}.")
         return_freed_memory_to_the_system()
-        backbone = backbone_from_hf_config(
-            self.config, text_only=text_only, encoder_only=encoder_only, dtype=dtype, cls=cls
-        )
+
+        def build(policy):
+            return backbone_from_hf_config(
+                self.config, text_only=text_only, encoder_only=encoder_only, dtype=policy, cls=cls
+            )
+
+        backbone = build_quantized(build, dtype, quantize)
         if load_weights_:
             checkpoint = self.checkpoint
             load_weights(backbone, checkpoint.keys(), checkpoint.read, progress=progress)
@@ -137,13 +156,18 @@ class T5Gemma2CheckpointLoader(PresetLoader):
         return kwargs
 
     def load_task(self, cls, load_weights, load_task_weights, **kwargs):
+        quantize = kwargs.pop("quantize", None) if "backbone" in kwargs else kwargs.get("quantize")
         # A text-only model gets a preprocessor without an image converter.
         if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
             kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
         if not issubclass(cls, ClassifierMixin):
-            return super().load_task(cls, load_weights, load_task_weights, **kwargs)
-        kwargs = {**self.classifier_kwargs("num_classes" in kwargs), **kwargs}
-        classifier = super().load_task(cls, load_weights, load_task_weights, **kwargs)
-        if load_weights and load_task_weights and self.has_classifier_head():
-            load_classifier_head(classifier, self.checkpoint.keys(), self.checkpoint.read)
-        return classifier
+            task = super().load_task(cls, load_weights, load_task_weights, **kwargs)
+        else:
+            kwargs = {**self.classifier_kwargs("num_classes" in kwargs), **kwargs}
+            task = super().load_task(cls, load_weights, load_task_weights, **kwargs)
+            if load_weights and load_task_weights and self.has_classifier_head():
+                load_classifier_head(task, self.checkpoint.keys(), self.checkpoint.read)
+        if quantize is not None:
+            # The task's own layers (a classifier's head; a backbone passed in) after the backbone's.
+            quantize_remaining(task, quantize)
+        return task

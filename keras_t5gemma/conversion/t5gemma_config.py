@@ -7,6 +7,7 @@ of `encoder` / `decoder` (the released files) and `rope_parameters`
 
 import re
 
+from keras_t5gemma.conversion.quantized_loading import quantized_layers
 from keras_t5gemma.conversion.weights import LINEAR
 from keras_t5gemma.conversion.weights import WeightSpec
 from keras_t5gemma.conversion.weights import assign_weights
@@ -182,4 +183,5 @@ def load_t5gemma_weights(backbone, keys, get_tensor, progress=None):
         left_out,
         progress=progress,
         model_name="a T5Gemma checkpoint matching its config",
+        quantized=quantized_layers(backbone),
     )

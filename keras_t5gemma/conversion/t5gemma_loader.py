@@ -7,6 +7,7 @@ T5Gemma 2 (`T5Gemma2CheckpointLoader`); the model is text only.
 
 from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
 from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
+from keras_t5gemma.conversion.quantized_loading import build_quantized
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import check_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
@@ -16,8 +17,9 @@ from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
 class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
     """Builds T5Gemma models from a Hugging Face checkpoint.
 
-    Extra `load_backbone` arguments: `encoder_only` (skip the decoder) and
-    `progress` (a callable advanced once per loaded tensor).
+    Extra `load_backbone` arguments: `encoder_only` (skip the decoder),
+    `progress` (a callable advanced once per loaded tensor) and `quantize`
+    (as for T5Gemma 2).
     """
 
     @staticmethod
@@ -27,7 +29,9 @@ class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
     def check_backbone_class(self):
         return T5GemmaBackbone
 
-    def load_backbone(self, cls, load_weights_=True, encoder_only=False, progress=None, dtype=None, **kwargs):
+    def load_backbone(
+        self, cls, load_weights_=True, encoder_only=False, progress=None, dtype=None, quantize=None, **kwargs
+    ):
         kwargs.pop("text_only", None)  # T5Gemma is text only; the option is accepted and has nothing to skip.
         if kwargs:
             raise ValueError(f"Unexpected arguments for a T5Gemma checkpoint: {sorted(kwargs)}.")
@@ -37,7 +41,11 @@ class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
                 f"`T5GemmaSeq2SeqLM`, not `{cls.__name__}`."
             )
         return_freed_memory_to_the_system()
-        backbone = backbone_from_t5gemma_config(self.config, encoder_only=encoder_only, dtype=dtype, cls=cls)
+        backbone = build_quantized(
+            lambda policy: backbone_from_t5gemma_config(self.config, encoder_only=encoder_only, dtype=policy, cls=cls),
+            dtype,
+            quantize,
+        )
         if load_weights_:
             load_t5gemma_weights(backbone, self.checkpoint.keys(), self.checkpoint.read, progress=progress)
         return backbone

@@ -11,6 +11,10 @@ import re
 
 import numpy as np
 
+from keras_t5gemma.conversion.quantized_loading import assign_by_name
+from keras_t5gemma.conversion.quantized_loading import quantized_layers
+from keras_t5gemma.conversion.quantized_loading import quantized_values
+
 # torch Linear weights are `[out, in]`; Keras kernels are `[in, ...out]`.
 LINEAR = (1, 0)
 # torch Conv2d weights are `[out, in, kh, kw]`; Keras Conv2D kernels are `[kh, kw, in, out]`.
@@ -74,12 +78,16 @@ class WeightSpec:
         return target
 
     def convert(self, array):
-        """`array` in the variable's layout; refuses any other shape, and integer tensors for float variables."""
+        """`array` in the variable's layout; refuses any other shape, and integer tensors.
+
+        Every variable is filled from float weights: an int8 variable of a
+        quantized layer too (`assign_weights` quantizes them).
+        """
         array = np.asarray(array)
-        if array.dtype.kind in "iub" and "float" in str(self.variable.dtype):
+        if array.dtype.kind in "iub":
             raise ValueError(
                 f"Checkpoint tensor `{self.key}` holds {array.dtype} values; variable "
-                f"`{self.variable.path}` is {self.variable.dtype}. Is the file damaged?"
+                f"`{self.variable.path}` is filled from float weights. Is the file damaged?"
             )
         if self.permutation is not None:
             if array.ndim != len(self.permutation):
@@ -209,10 +217,13 @@ def load_weights(backbone, keys, get_tensor, progress=None):
         progress=progress,
         model_name="a T5Gemma 2 checkpoint matching its config (and does it include the vision tower, if the "
         "config has one)",
+        quantized=quantized_layers(backbone),
     )
 
 
-def assign_weights(specs, keys, get_tensor, left_out, progress=None, model_name="a checkpoint matching its config"):
+def assign_weights(
+    specs, keys, get_tensor, left_out, progress=None, model_name="a checkpoint matching its config", quantized=None
+):
     """Assigns each `WeightSpec`'s variable from the checkpoint tensor it names.
 
     Args:
@@ -223,6 +234,9 @@ def assign_weights(specs, keys, get_tensor, left_out, progress=None, model_name=
             for on purpose (tied copies, parts not built).
         progress: optional callable advanced by one per assigned tensor.
         model_name: what the checkpoint should be, for the error message.
+        quantized: `{id(variable): layer}` of the model's quantized variables
+            (`quantized_loading.quantized_layers`); each is filled with its
+            float tensor quantized as `layer.quantize` would.
 
     Raises:
         ValueError: naming missing or unexpected tensors, or a shape mismatch.
@@ -240,8 +254,15 @@ def assign_weights(specs, keys, get_tensor, left_out, progress=None, model_name=
             f"The checkpoint has {len(unexpected)} tensors this model has no place for, "
             f"e.g. {unexpected[:5]}. Does the config match the weights?"
         )
+    quantized = quantized or {}
     for spec in specs:
-        spec.variable.assign(spec.convert(get_tensor(by_canonical[spec.key])))
+        key = by_canonical[spec.key]
+        layer = quantized.get(id(spec.variable))
+        if layer is not None:
+            # The float tensor is never named here, so it is freed before the int8 values are assigned.
+            assign_by_name(layer, quantized_values(layer, spec.variable.name, spec.convert(get_tensor(key))))
+        else:
+            spec.variable.assign(spec.convert(get_tensor(key)))
         if progress is not None:
             progress(1)
 

@@ -1,6 +1,9 @@
 """Plumbing shared by backbones and tasks, each written once: default images, `quantize`, exports,
 the frozen vision tower and `fit`'s shuffling."""
 
+import contextlib
+import gc
+
 import keras
 import numpy as np
 
@@ -36,6 +39,23 @@ class DefaultImagesMixin:
         return super().call(self._with_default_images(inputs), training=training, mask=mask)
 
 
+@contextlib.contextmanager
+def collections_of_new_objects_only():
+    """Garbage collections inside skip the objects that existed on entry (`gc.freeze`).
+
+    Keras' `quantize` runs a full collection for each layer it converts (to
+    release the float kernel at once); over all the objects of a process
+    with a model loaded, each takes about a second (270m-270m: 178 s of
+    collections against 19 s with this; the peak was 4.47 GiB against 4.07,
+    one run each).
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class QuantizeProjectionsMixin:
     """`quantize` over the projections and embedding tables unless `filters` says otherwise."""
 
@@ -45,7 +65,9 @@ class QuantizeProjectionsMixin:
         `quantize("int8")` stores weights as int8 with per-channel scales;
         generation then reads a quarter of the float32 bytes per step.
         """
-        super().quantize(mode, config=config, filters=filters or quantizable, **kwargs)
+        with collections_of_new_objects_only():
+            super().quantize(mode, config=config, filters=filters or quantizable, **kwargs)
+        gc.collect()  # what the skipped collections left (about 0.5 GiB at 270m-270m)
 
 
 class TransformersExportMixin:

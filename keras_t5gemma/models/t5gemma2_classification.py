@@ -153,11 +153,15 @@ class ClassifierMixin:
     def _head(self, hidden):
         """Dropout, then the projection to `num_classes` (with `activation`, by default none)."""
         self.output_dropout = keras.layers.Dropout(self.dropout, name="output_dropout")
+        policy = self.backbone.dtype_policy
+        if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+            # A backbone loaded quantized maps its layers' paths to policies; the head gets the float one.
+            policy = policy.default_policy
         self.output_dense = keras.layers.Dense(
             self.num_classes,
             activation=keras.activations.deserialize(self.activation),
             kernel_initializer=keras.initializers.RandomNormal(stddev=INITIALIZER_RANGE * self.num_classes**-0.5),
-            dtype=self.backbone.dtype_policy,
+            dtype=policy,
             name="logits",
         )
         return self.output_dense(self.output_dropout(hidden))

@@ -25,7 +25,7 @@ from keras_t5gemma.utils.keras_hub_compat import tf
 from keras_t5gemma.utils.preset_utils import PresetMixin
 
 # Backbone arguments `from_preset` forwards to the loader.
-_BACKBONE_ARGUMENTS = ("dtype", "text_only", "progress")
+_BACKBONE_ARGUMENTS = ("dtype", "text_only", "progress", "quantize")
 
 
 class _PreprocessedBatches(keras.utils.PyDataset):

@@ -55,6 +55,8 @@ _PRESET_ENTRIES = re.compile(
     r"^(config|task|preprocessor|tokenizer|image_converter|audio_converter|video_converter|metadata"
     r"|model\.weights)\.json$|^(model|task)(_\d+)?\.weights\.h5$|^assets$|^DESCRIPTION$"
 )
+# The `quantize` modes `from_preset` accepts.
+QUANTIZE_MODES = ("int8",)
 # Set while a `save_to_preset` writes its temporary folder (parts save into it too).
 _SAVING_INTO = contextvars.ContextVar("saving_into", default=None)
 
@@ -220,6 +222,12 @@ def read_json_file(path, what=None):
     return value
 
 
+def check_quantize_mode(mode):
+    """Raises a `ValueError` naming the accepted modes unless `mode` is one of `QUANTIZE_MODES`."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"Unknown quantization mode {mode!r}; `quantize` accepts {', '.join(QUANTIZE_MODES)}.")
+
+
 def register_checkpoint_loader(model_type, loader_cls):
     """Loads Hugging Face checkpoints whose `config.json` says `model_type` with `loader_cls(preset, config)`."""
     _CHECKPOINT_LOADERS[model_type] = loader_cls
@@ -307,7 +315,7 @@ class PresetMixin:
         return presets_for(cls)
 
     @classmethod
-    def from_preset(cls, preset, *args, **kwargs):
+    def from_preset(cls, preset, *args, quantize=None, **kwargs):
         """Loads a named preset, a Keras preset folder or a Hugging Face checkpoint.
 
         `preset` is a name from `cls.presets`, a folder written by
@@ -315,8 +323,26 @@ class PresetMixin:
         The other arguments are those of the KerasHub base class's
         `from_preset`; Hugging Face checkpoints also take `text_only=True`
         (no vision tower) and `dtype`.
+
+        `quantize="int8"` (backbones and tasks) gives the model of
+        `model.quantize("int8")`, weights and arithmetic alike. A Hugging Face
+        checkpoint loads straight into it: each float tensor is quantized as
+        it is read and no float copy of the model is held (the other weights
+        get `dtype`). A Keras preset folder (the bundled presets) is loaded in
+        `dtype`, then quantized; a KerasHub preset is read through KerasHub's
+        float model.
         """
-        return cls.load_preset(get_preset_loader(preset), *args, **kwargs)
+        loader = get_preset_loader(preset)
+        if quantize is None:
+            return cls.load_preset(loader, *args, **kwargs)
+        check_quantize_mode(quantize)
+        if not issubclass(cls, (Backbone, Task)):
+            raise ValueError(f"`quantize` applies to backbones and tasks, not to `{cls.__name__}`.")
+        if getattr(loader, "loads_quantized", False):
+            return cls.load_preset(loader, *args, quantize=quantize, **kwargs)
+        model = cls.load_preset(loader, *args, **kwargs)
+        model.quantize(quantize)
+        return model
 
     def save_to_preset(self, preset_dir, *args, overwrite=False, **kwargs):
         """KerasHub's `save_to_preset`, written atomically and refusing to clobber a folder.

@@ -1,0 +1,102 @@
+"""`from_preset(..., quantize="int8")`: straight into int8, equal to a float load quantized afterwards.
+
+Equal weights and logits imply equal greedy tokens; the int8 answers on the demo preset are in
+`test_quantization.py`.
+"""
+
+import keras
+import numpy as np
+import pytest
+from hf_checkpoints import checkpoint_config
+from hf_checkpoints import write_checkpoint
+
+from keras_t5gemma import T5Gemma2Backbone
+from keras_t5gemma import T5Gemma2TextClassifier
+from keras_t5gemma import T5Gemma2Tokenizer
+from keras_t5gemma.conversion import quantized_loading
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory, small_proto):
+    folder = tmp_path_factory.mktemp("hf_checkpoint")
+    write_checkpoint(folder, checkpoint_config(), small_proto)
+    return str(folder)
+
+
+def _inputs():
+    return {
+        "encoder_token_ids": np.array([[2, 40, 41, 42, 43, 1]], "int32"),
+        "encoder_padding_mask": np.ones((1, 6), "int32"),
+        "decoder_token_ids": np.array([[2]], "int32"),
+        "decoder_padding_mask": np.ones((1, 1), "int32"),
+    }
+
+
+def _logits(backbone, inputs):
+    hidden = backbone(inputs)["decoder_sequence_output"]
+    return keras.ops.convert_to_numpy(backbone.token_embedding.logits(hidden)).astype("float32")
+
+
+def _dtype(variable):
+    return keras.backend.standardize_dtype(variable.dtype)
+
+
+# The vision tower's layers are covered in bfloat16; logits are compared in float32, text only (XLA CPU's
+# bfloat16 and the vision tower make eager calls cost tens of seconds).
+@pytest.mark.parametrize("dtype, text_only", [("float32", True), ("bfloat16", False)])
+def test_int8_straight_load_equals_float_load_then_quantize(hf_folder, dtype, text_only, monkeypatch):
+    # Small blocks, so that the table (330 rows) is quantized in 11 blocks, the last one short.
+    monkeypatch.setattr(quantized_loading, "_BLOCK_BYTES", 32 * 32 * 4)
+    expected = T5Gemma2Backbone.from_preset(hf_folder, dtype=dtype, text_only=text_only)
+    expected.quantize("int8")
+    backbone = T5Gemma2Backbone.from_preset(hf_folder, dtype=dtype, text_only=text_only, quantize="int8")
+
+    by_path = {variable.path: variable for variable in backbone.weights}
+    assert sorted(by_path) == sorted(variable.path for variable in expected.weights)
+    for variable in expected.weights:
+        ours = by_path[variable.path]
+        assert _dtype(ours) == _dtype(variable), variable.path
+        np.testing.assert_array_equal(np.asarray(ours.numpy()), np.asarray(variable.numpy()), err_msg=variable.path)
+    # Not vacuous: the table, the projections and the vision tower's are int8, the rest `dtype`.
+    table = backbone.token_embedding.table
+    assert table.quantization_mode == "int8" and _dtype(table._embeddings) == "int8"
+    if not text_only:
+        assert _dtype(backbone.vision_encoder.vision_layers[0].feedforward.up_dense._kernel) == "int8"
+    assert _dtype(backbone.encoder.final_norm.scale) == dtype
+    assert np.abs(table.embeddings_scale.numpy().astype("float32") - 1.0).max() > 0  # scales were filled
+    # No float kernel or table in a quantized layer: none was ever built there.
+    for layer in backbone._flatten_layers():
+        if layer.quantization_mode is not None:
+            assert all(_dtype(v) == "int8" for v in layer.weights if v.name in ("kernel", "embeddings")), layer.path
+    if not text_only:
+        return
+    # The same logits for one decoder token (batch-1 decoding's one-row products, the int8 path's own).
+    np.testing.assert_array_equal(_logits(backbone, _inputs()), _logits(expected, _inputs()))
+
+
+def test_bfloat16_load_holds_bfloat16_checkpoint_values(hf_folder):
+    float32 = T5Gemma2Backbone.from_preset(hf_folder)
+    bfloat16 = T5Gemma2Backbone.from_preset(hf_folder, dtype="bfloat16")
+    for ours, reference in zip(bfloat16.weights, float32.weights):
+        assert _dtype(ours) == "bfloat16", ours.path
+        np.testing.assert_array_equal(
+            np.asarray(ours.numpy()), np.asarray(reference.numpy()).astype(ours.numpy().dtype), err_msg=ours.path
+        )
+
+
+def test_a_classifier_head_is_quantized_with_the_backbone(hf_folder):
+    classifier = T5Gemma2TextClassifier.from_preset(hf_folder, num_classes=3, text_only=True, quantize="int8")
+    assert classifier.output_dense.quantization_mode == "int8"
+    assert classifier.backbone.token_embedding.table.quantization_mode == "int8"
+
+
+def test_a_keras_preset_is_quantized_after_loading(tmp_path):
+    backbone = T5Gemma2Backbone.from_preset("t5gemma2_tiny_digits", quantize="int8")
+    assert backbone.token_embedding.table.quantization_mode == "int8"
+
+
+def test_an_unknown_quantization_mode_is_refused_by_name(hf_folder):
+    with pytest.raises(ValueError, match="Unknown quantization mode 'int4'; `quantize` accepts int8"):
+        T5Gemma2Backbone.from_preset(hf_folder, quantize="int4")
+    with pytest.raises(ValueError, match="`quantize` applies to backbones and tasks, not to `T5Gemma2Tokenizer`"):
+        T5Gemma2Tokenizer.from_preset(hf_folder, quantize="int8")
