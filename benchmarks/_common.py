@@ -161,9 +161,9 @@ def print_results(results):
     print("RESULTS " + json.dumps(results), flush=True)
 
 
-def run_child(script, arguments, label, timeout=None):
-    """Runs `script` with `arguments` in a fresh process; its `RESULTS` dict, or `None` on failure."""
-    environment = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+def run_child(script, arguments, label, timeout=None, environment=None):
+    """Runs `script` in a fresh process (`environment` added to ours); its `RESULTS` dict, or `None` on failure."""
+    environment = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", **(environment or {})}
     command = [sys.executable, str(script), *map(str, arguments)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)

@@ -3,6 +3,7 @@
     flock /tmp/bench.lock python benchmarks/decode_roofline.py
     python benchmarks/decode_roofline.py --rounds 1 --new-tokens 8 --implementations ours:float32 ours:int8
     python benchmarks/decode_roofline.py --kernels   # XLA CPU's output projection by dtype, 1 and 2 rows
+    python benchmarks/decode_roofline.py --profile float32 int8 bfloat16   # where a decode step's time goes
 
 At the 270m-270m shape (random weights, text only, 64-token prompts) it times
 greedy `generate` at batch 1 and 8 for each implementation and dtype:
@@ -27,6 +28,7 @@ at the dtype's width) over the read bandwidth measured here.
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -196,6 +198,144 @@ def kernels(repeats=5):
         print(f"| {label} | {cells[0]} | {cells[1]} |", flush=True)
 
 
+# Where a compiled op's time goes, by the `op_name` XLA keeps in its metadata (first match wins).
+PROFILE_PARTS = (
+    ("output projection (tied table)", r"/table/"),
+    ("attention projections", r"/attention/(query|key|value|attention_output)/"),
+    ("MLP projections", r"/feedforward/(gate|up|down)/"),
+    ("projections whose names XLA dropped", r"/unnamed projection/"),
+    ("attention (scores, softmax, cache)", r"/attention/"),
+    ("norms", r"norm"),
+    ("other (sampler, loop, casts)", r""),
+)
+
+
+def _hlo_op_names(hlo):
+    """`({instruction: op_name}, {instruction: in the decode loop})` from an optimised HLO module's text.
+
+    The decode loop is the largest `while` body and what it calls (fused
+    computations are not executed as their own ops, so do not count).
+    """
+    computations, op_names, current = {}, {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%([\w.-]+) .*\{$", line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+            continue
+        instruction = re.match(r"^\s*(?:ROOT )?%([\w.-]+) = ", line)
+        if instruction and current is not None:
+            current.append(line)
+            metadata = re.search(r'op_name="([^"]+)"', line)
+            if metadata:
+                op_names[instruction.group(1)] = metadata.group(1)
+    bodies = [
+        body for lines in computations.values() for line in lines for body in re.findall(r"body=%([\w.-]+)", line)
+    ]
+    loop, pending = set(), [max(bodies, key=lambda body: len(computations.get(body, [])))] if bodies else []
+    while pending:
+        computation = pending.pop()
+        if computation in loop:
+            continue
+        loop.add(computation)
+        for line in computations.get(computation, []):
+            for key in ("to_apply", "body", "condition", "branch_computations", "called_computations"):
+                for called in re.findall(key + r"=\{?%([\w.-]+)", line):
+                    pending.append(called)
+            if " calls=%" in line and " fusion(" not in line:
+                pending.extend(re.findall(r"calls=%([\w.-]+)", line))
+    in_loop = {}
+    for computation, lines in computations.items():
+        for line in lines:
+            name = re.match(r"^\s*(?:ROOT )?%([\w.-]+) = ", line).group(1)
+            in_loop[name] = computation in loop
+    return op_names, in_loop
+
+
+def profile_child(dtype, new_tokens, batch, dump_folder):
+    """Times one traced `generate` of ours at 270m (random weights) and splits the decode steps' op time by part."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+
+    import jax
+
+    from keras_t5gemma import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.conversion.config import backbone_from_hf_config
+
+    config = _common.released_config("270m-270m")
+    backbone = backbone_from_hf_config(config, text_only=True, dtype="bfloat16" if dtype == "bfloat16" else None)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+    if dtype == "int8":
+        seq_2_seq_lm.quantize("int8")
+    generate = _keras_generate(seq_2_seq_lm, backbone.vocabulary_size, new_tokens)
+    generate(batch)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        generate(batch)
+        times.append(time.perf_counter() - started)
+    trace_folder = Path(dump_folder) / "trace"
+    jax.profiler.start_trace(str(trace_folder), create_perfetto_trace=True)
+    generate(batch)
+    jax.profiler.stop_trace()
+
+    modules = glob.glob(f"{dump_folder}/*compiled_generate_function*after_optimizations.txt")
+    op_names, in_loop = _hlo_op_names(Path(max(modules, key=os.path.getsize)).read_text())
+    (trace_file,) = glob.glob(f"{trace_folder}/**/*.trace.json.gz", recursive=True)
+    events = json.load(gzip.open(trace_file))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    parts = collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") != "X" or name not in in_loop:
+            continue
+        if not in_loop[name]:
+            parts["prompt (encoder, first step)"] += event["dur"]
+            continue
+        # XLA drops the metadata of some rewritten dots (float32's one-row products): projections.
+        op_name = op_names.get(name) or ("/unnamed projection/" if name.startswith("dot") else "")
+        part = next(label for label, pattern in PROFILE_PARTS if re.search(pattern, op_name))
+        parts[part] += event["dur"]
+    steps = new_tokens - 1
+    _common.print_results(
+        {
+            "tokens_per_s": batch * new_tokens / min(times),
+            "ms_per_step": {part: microseconds / 1000 / steps for part, microseconds in parts.items()},
+        }
+    )
+
+
+def profile(dtypes, new_tokens, batch=1):
+    """`profile_child` for each dtype, one process each, as a table of ms per decode step."""
+    print(
+        f"Profile of ours at 270m-270m, batch {batch}, {new_tokens} new tokens; load average {os.getloadavg()[0]:.1f}"
+    )
+    results = {}
+    for dtype in dtypes:
+        with tempfile.TemporaryDirectory() as folder:
+            environment = {"XLA_FLAGS": f"--xla_dump_to={folder} --xla_dump_hlo_as_text"}
+            arguments = ["--profile-child", dtype, "--dump", folder, "--new-tokens", new_tokens, "--batch", batch]
+            results[dtype] = _common.run_child(__file__, arguments, f"profile {dtype}", environment=environment)
+    parts = [label for label, _ in PROFILE_PARTS] + ["prompt (encoder, first step)"]
+    print("| ms per decode step | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
+    for part in parts:
+        cells = [f"{(result or {}).get('ms_per_step', {}).get(part, 0.0):.1f}" for result in results.values()]
+        print(f"| {part} | " + " | ".join(cells) + " |")
+    totals = [
+        sum(v for k, v in (r or {}).get("ms_per_step", {}).items() if not k.startswith("prompt"))
+        for r in results.values()
+    ]
+    print("| decode step, all ops | " + " | ".join(f"{t:.1f}" for t in totals) + " |")
+    print(
+        "| tokens/s (best of 3, untraced) | "
+        + " | ".join(f"{(r or {}).get('tokens_per_s', 0):.2f}" for r in results.values())
+        + " |"
+    )
+    print(f"Load average {os.getloadavg()[0]:.1f} at the end. (The prompt row is per call, divided by the steps too.)")
+
+
 # === Parent ===
 
 
@@ -265,14 +405,22 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per batch size in each child")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--kernels", action="store_true", help="only time the output projection's product by dtype")
+    parser.add_argument("--profile", nargs="+", choices=list(BYTES_PER_WEIGHT), help="split ours' decode step by part")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of --profile")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--profile-child", help=argparse.SUPPRESS)
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child or args.profile_child:
         os.environ.setdefault("KERAS_BACKEND", "jax")
+        if args.profile_child:
+            return profile_child(args.profile_child, args.new_tokens, args.batch, args.dump)
         return child(args.child, args.checkpoint, args.new_tokens, args.repeats)
     if args.kernels:
         return kernels()
+    if args.profile:
+        return profile(args.profile, args.new_tokens, args.batch)
 
     started = time.perf_counter()
     bandwidth = _common.memory_bandwidth()
