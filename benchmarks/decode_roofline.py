@@ -9,7 +9,7 @@ At the 270m-270m shape (random weights, text only, 64-token prompts) it times
 greedy `generate` at batch 1 and 8 for each implementation and dtype:
 
 - ours (`keras_t5gemma`, JAX): float32, bfloat16 (`dtype="bfloat16"` on
-  load), int8 (`quantize("int8")` after loading);
+  load), int8 (`quantize="int8"` on load, straight into int8);
 - KerasHub 0.32 (`keras_hub.models.T5Gemma2Seq2SeqLM`, from a copy of the
   checkpoint in the layout it reads): float32, bfloat16, its own
   `quantize("int8")`;
@@ -91,12 +91,14 @@ def run_ours(checkpoint, dtype):
     from keras_t5gemma import T5Gemma2Backbone
     from keras_t5gemma import T5Gemma2Seq2SeqLM
 
+    # int8 loads straight into int8 (`quantize=` on load), never holding the float32 model.
     backbone = T5Gemma2Backbone.from_preset(
-        str(checkpoint), text_only=True, dtype="bfloat16" if dtype == "bfloat16" else None
+        str(checkpoint),
+        text_only=True,
+        dtype="bfloat16" if dtype == "bfloat16" else None,
+        quantize="int8" if dtype == "int8" else None,
     )
     seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
-    if dtype == "int8":
-        seq_2_seq_lm.quantize("int8")
     return _keras_weight_bytes(backbone), _keras_generate, (seq_2_seq_lm, backbone.vocabulary_size)
 
 
