@@ -78,3 +78,13 @@ def test_an_unknown_quantization_mode_is_refused_by_name(hf_folder):
         T5Gemma2Backbone.from_preset(hf_folder, quantize="int4")
     with pytest.raises(ValueError, match="`quantize` applies to backbones and tasks, not to `T5Gemma2Tokenizer`"):
         T5Gemma2Tokenizer.from_preset(hf_folder, quantize="int8")
+
+
+def test_an_abstract_backbone_stays_without_values_after_a_stateless_scope():
+    from keras_t5gemma.training.memory import abstract_backbone
+
+    backbone = abstract_backbone(checkpoint_config(), text_only=True)
+    # Leaving a top-level stateless scope (every `predict`) allocates Keras' waiting variables.
+    with keras.StatelessScope():
+        pass
+    assert backbone.weights and all(variable._value is None for variable in backbone.weights)

@@ -12,6 +12,8 @@ import math
 import keras
 import numpy as np
 
+from keras_t5gemma.utils.keras_hub_compat import variables_without_values
+
 
 def shard_shape(shape, axes, device_mesh):
     """The shape of one device's shard of an array of `shape` laid out as `axes` on `device_mesh`."""
@@ -45,14 +47,15 @@ def bytes_per_device(variables, layout_map, dtype=None):
 def abstract_backbone(config, text_only=False, lora_rank=None):
     """A `T5Gemma2Backbone` of a Hugging Face `config.json` dict whose weights are never allocated.
 
-    Built in a `keras.StatelessScope` that leaves its variables uninitialized:
-    they have paths, shapes and dtypes but no values, so a 4b-4b costs no
-    memory. Use it for counting only; `lora_rank` enables LoRA (frozen base
-    weights, trainable adapters).
+    Built in `variables_without_values`: its variables have paths, shapes and
+    dtypes but no values, now or later (a plain `StatelessScope` would leave
+    them for the next `predict` to allocate), so a 4b-4b costs no memory. Use
+    it for counting only; `lora_rank` enables LoRA (frozen base weights,
+    trainable adapters).
     """
     from keras_t5gemma.conversion.config import backbone_from_hf_config
 
-    with keras.StatelessScope(initialize_variables=False):
+    with variables_without_values():
         backbone = backbone_from_hf_config(config, text_only=text_only)
         if lora_rank:
             backbone.enable_lora(lora_rank)
