@@ -5,6 +5,7 @@ from keras_hub.models import TextClassifier
 
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
+from keras_t5gemma.models.model_mixins import ShuffledFitMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
@@ -26,6 +27,7 @@ class T5Gemma2TextClassifier(
     QuantizeProjectionsMixin,
     TransformersExportMixin,
     VisionTowerTrainingMixin,
+    ShuffledFitMixin,
     TextClassifier,
 ):
     """T5Gemma 2 with a classification head: one label per input (text, or text with images).

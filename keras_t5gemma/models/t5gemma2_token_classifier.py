@@ -6,6 +6,7 @@ from keras_hub.models import Task
 
 from keras_t5gemma.models.model_mixins import DefaultImagesMixin
 from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
+from keras_t5gemma.models.model_mixins import ShuffledFitMixin
 from keras_t5gemma.models.model_mixins import TransformersExportMixin
 from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
@@ -25,6 +26,7 @@ class T5Gemma2TokenClassifier(
     QuantizeProjectionsMixin,
     TransformersExportMixin,
     VisionTowerTrainingMixin,
+    ShuffledFitMixin,
     Task,
 ):
     """T5Gemma 2 with a classification head on every input token.
