@@ -88,3 +88,17 @@ def test_an_abstract_backbone_stays_without_values_after_a_stateless_scope():
     with keras.StatelessScope():
         pass
     assert backbone.weights and all(variable._value is None for variable in backbone.weights)
+
+
+def test_a_quantized_backbone_with_a_vision_tower_rebuilds_from_its_config():
+    from keras_t5gemma.conversion.config import backbone_from_hf_config
+
+    backbone = backbone_from_hf_config(checkpoint_config())
+    backbone.quantize("int8")
+    assert backbone.vision_encoder.projection.quantization_mode == "int8"
+    # What `save_to_preset` / `.keras` reloads build: every quantized layer, the vision tower's too.
+    restored = T5Gemma2Backbone.from_config(backbone.get_config())
+    assert restored.vision_encoder.projection.quantization_mode == "int8"
+    assert restored.vision_encoder.vision_layers[0].attention.query_dense.quantization_mode == "int8"
+    restored.set_weights(backbone.get_weights())
+    assert _dtype(restored.vision_encoder.projection._kernel) == "int8"

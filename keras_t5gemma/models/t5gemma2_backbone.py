@@ -301,5 +301,25 @@ class T5Gemma2Backbone(
     def from_config(cls, config):
         config = dict(config)
         if isinstance(config.get("vision_encoder"), dict):
-            config["vision_encoder"] = keras.layers.deserialize(config["vision_encoder"])
+            vision = _with_quantized_layers(config["vision_encoder"], config.get("dtype"))
+            config["vision_encoder"] = keras.layers.deserialize(vision)
         return super().from_config(config)
+
+
+def _with_quantized_layers(vision_config, dtype):
+    """The vision encoder's config, given the quantized layers of the backbone's `dtype` policy map.
+
+    A quantized backbone saves which layers are quantized as a
+    `DTypePolicyMap` in its own `dtype`; the vision encoder is saved as a
+    layer of its own, with its float policy, so without this it would be
+    rebuilt with float kernels that its saved int8 weights do not fit.
+    """
+    policy = keras.dtype_policies.get(dtype) if isinstance(dtype, dict) else dtype
+    if not isinstance(policy, keras.dtype_policies.DTypePolicyMap) or not len(policy):
+        return vision_config
+    own = vision_config["config"].get("dtype")
+    vision_policy = keras.dtype_policies.DTypePolicyMap(
+        default_policy=keras.dtype_policies.get(own) if own is not None else None,
+        policy_map={path: policy[path] for path in policy},
+    )
+    return {**vision_config, "config": {**vision_config["config"], "dtype": vision_policy}}
