@@ -187,3 +187,24 @@ def prompts(batch, length, vocabulary, seed=None):
     ids = ids.astype("int32")
     ids[:, 0] = 2
     return ids
+
+
+def training_inputs(encoder_ids, decoder_ids):
+    """A seq2seq task's inputs for one training batch of token ids, with all-ones padding masks."""
+    import numpy as np
+
+    return {
+        "encoder_token_ids": encoder_ids,
+        "encoder_padding_mask": np.ones_like(encoder_ids),
+        "decoder_token_ids": decoder_ids,
+        "decoder_padding_mask": np.ones_like(decoder_ids),
+    }
+
+
+def compile_for_training(seq_2_seq_lm):
+    """The benchmarks' training step: AdamW(1e-5), cross-entropy over the vocabulary from logits."""
+    import keras
+
+    seq_2_seq_lm.compile(
+        optimizer=keras.optimizers.AdamW(1e-5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )

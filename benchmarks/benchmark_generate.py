@@ -160,15 +160,8 @@ def _keras_run(seq_2_seq_lm, backbone, vocabulary, implementation):
     batch, encoder_length, decoder_length = TRAIN_SHAPE
     encoder_ids = _prompts(batch, encoder_length, vocabulary)
     decoder_ids = _prompts(batch, decoder_length, vocabulary)
-    x = {
-        "encoder_token_ids": encoder_ids,
-        "encoder_padding_mask": np.ones_like(encoder_ids),
-        "decoder_token_ids": decoder_ids,
-        "decoder_padding_mask": np.ones_like(decoder_ids),
-    }
-    seq_2_seq_lm.compile(
-        optimizer=keras.optimizers.AdamW(1e-5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
+    x = _common.training_inputs(encoder_ids, decoder_ids)
+    _common.compile_for_training(seq_2_seq_lm)
     seq_2_seq_lm.train_on_batch(x, decoder_ids)
     results["train_step_s"], _ = _timed(lambda: seq_2_seq_lm.train_on_batch(x, decoder_ids), repeats=2)
     return results

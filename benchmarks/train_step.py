@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _common  # noqa: E402
 from _common import write_random_checkpoint  # noqa: E402
 from benchmark_generate import CONFIGS  # noqa: E402
 
@@ -114,19 +115,11 @@ def _time_steps(step, steps):
 
 
 def _keras_step(seq_2_seq_lm, vocabulary, steps):
-    import keras
     import numpy as np
 
     encoder, decoder = _batch(vocabulary)
-    x = {
-        "encoder_token_ids": encoder,
-        "encoder_padding_mask": np.ones_like(encoder),
-        "decoder_token_ids": decoder,
-        "decoder_padding_mask": np.ones_like(decoder),
-    }
-    seq_2_seq_lm.compile(
-        optimizer=keras.optimizers.AdamW(1e-5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
+    x = _common.training_inputs(encoder, decoder)
+    _common.compile_for_training(seq_2_seq_lm)
     trainable = sum(int(np.prod(w.shape)) for w in seq_2_seq_lm.trainable_weights)
     # Under `jax.jit` the Python `train_step` runs only when the step is traced.
     traces = []

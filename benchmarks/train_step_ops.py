@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import _common  # noqa: E402
 from _common import write_random_checkpoint  # noqa: E402
 from benchmark_generate import CONFIGS  # noqa: E402
 from train_step import ROOT  # noqa: E402
@@ -40,8 +41,6 @@ HEAD_NAMES = ("table", "log_softmax", "compile_loss", "sparse_categorical", "tok
 
 def child(implementation, checkpoints, trace_directory):
     import jax
-    import keras
-    import numpy as np
 
     if implementation == "keras_t5gemma":
         from keras_t5gemma import T5Gemma2Seq2SeqLM
@@ -57,15 +56,8 @@ def child(implementation, checkpoints, trace_directory):
         backbone = T5Gemma2Backbone.from_preset(str(checkpoints / "earlier"))
         seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone=backbone, preprocessor=None)
     encoder, decoder = _batch(backbone.vocabulary_size)
-    x = {
-        "encoder_token_ids": encoder,
-        "encoder_padding_mask": np.ones_like(encoder),
-        "decoder_token_ids": decoder,
-        "decoder_padding_mask": np.ones_like(decoder),
-    }
-    seq_2_seq_lm.compile(
-        optimizer=keras.optimizers.AdamW(1e-5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
+    x = _common.training_inputs(encoder, decoder)
+    _common.compile_for_training(seq_2_seq_lm)
     seq_2_seq_lm.train_on_batch(x, decoder)
     started = time.perf_counter()
     seq_2_seq_lm.train_on_batch(x, decoder)
