@@ -23,6 +23,14 @@ passes, plus attention) next to the machine's float32 matmul peak measured
 before and after, and the ratio of keras_t5gemma to each peer. With
 `--profile`, keras_t5gemma's step is also split into data (the bundled
 preset's preprocessor on string pairs), forward, backward and optimizer.
+
+An implementation name ending in `+huge_pages` runs that implementation with
+glibc's transparent huge pages for large allocations
+(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, set before its process starts), so
+that `keras_t5gemma keras_t5gemma+huge_pages` is an interleaved A/B of the
+setting. `--loss-chunk-tokens 128 256` instead times keras_t5gemma's step with
+each number of decoder states per loss chunk, in one process (one compiled
+step per size, alternating, `--rounds` x `--steps`).
 """
 
 import argparse
@@ -43,6 +51,7 @@ from benchmark_generate import CONFIGS  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 IMPLEMENTATIONS = ("keras_t5gemma", "keras_hub", "transformers", "keras_t5gemma_lora", "keras_t5gemma_plain_loss")
+HUGE_PAGES = "+huge_pages"
 BATCH, ENCODER_TOKENS, DECODER_TOKENS = 4, 256, 64
 
 
@@ -256,9 +265,39 @@ def run_transformers(checkpoint, steps):
     return results
 
 
-def child(implementation, checkpoints, steps, profile):
+def run_loss_chunk_sizes(checkpoint, chunk_sizes, rounds, steps):
+    """keras_t5gemma's step per loss chunk size, one process: {size: [step seconds]}, alternating sizes."""
+    from keras_t5gemma import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.utils.preset_utils import get_preset_loader
+
+    backbone = get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True)
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+    encoder, decoder = _batch(backbone.vocabulary_size)
+    x = _common.training_inputs(encoder, decoder)
+    _common.compile_for_training(seq_2_seq_lm)
+    functions = {}
+    for size in chunk_sizes:
+        # `jax.jit` traces on the first call, which reads the size set here.
+        seq_2_seq_lm.loss_chunk_tokens = size
+        seq_2_seq_lm.make_train_function(force=True)
+        functions[size] = seq_2_seq_lm.train_function
+        seq_2_seq_lm.train_on_batch(x, decoder)
+    times = {size: [] for size in chunk_sizes}
+    for _ in range(rounds * steps):
+        for size, function in functions.items():
+            seq_2_seq_lm.train_function = function
+            started = time.perf_counter()
+            seq_2_seq_lm.train_on_batch(x, decoder)
+            times[size].append(time.perf_counter() - started)
+    return {"loss_chunk_step_s": times}
+
+
+def child(implementation, checkpoints, steps, profile, loss_chunk_tokens=None, rounds=1):
     current, earlier = checkpoints
-    if implementation == "keras_t5gemma":
+    if loss_chunk_tokens:
+        results = run_loss_chunk_sizes(current, loss_chunk_tokens, rounds, steps)
+    elif implementation == "keras_t5gemma":
         results = run_keras_t5gemma(current, steps, profile=profile)
     elif implementation == "keras_t5gemma_lora":
         results = run_keras_t5gemma(current, steps, lora=True)
@@ -273,11 +312,15 @@ def child(implementation, checkpoints, steps, profile):
     print("RESULT " + json.dumps(results), flush=True)
 
 
-def run_child(implementation, directory, steps, profile):
+def run_child(implementation, directory, steps, profile, extra=()):
     environment = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    if implementation.endswith(HUGE_PAGES):
+        implementation = implementation[: -len(HUGE_PAGES)]
+        environment["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     command = [sys.executable, __file__, "--child", implementation, "--checkpoints", directory, "--steps", str(steps)]
     if profile:
         command.append("--profile")
+    command += list(extra)
     output = subprocess.run(command, env=environment, capture_output=True, text=True)
     for line in output.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -285,22 +328,43 @@ def run_child(implementation, directory, steps, profile):
     raise RuntimeError(f"{implementation} failed:\n{output.stderr[-4000:]}")
 
 
+def compare_loss_chunk_sizes(config, args):
+    """`--loss-chunk-tokens`: keras_t5gemma's step per chunk size, interleaved in one process."""
+    sizes = [str(size) for size in args.loss_chunk_tokens]
+    extra = ["--rounds", str(args.rounds), "--loss-chunk-tokens", *sizes]
+    with tempfile.TemporaryDirectory() as directory:
+        write_random_checkpoint(config, directory)
+        times = run_child("keras_t5gemma", directory, args.steps, False, extra)["loss_chunk_step_s"]
+    print(f"\n{args.config}: keras_t5gemma's step by loss chunk size, one process, sizes alternating")
+    for size, steps in times.items():
+        print(f"{size:>6} decoder states per chunk: median {statistics.median(steps):.2f} s over {len(steps)} steps")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="270m")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up")
-    parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS[:4]))
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=IMPLEMENTATIONS + tuple(name + HUGE_PAGES for name in IMPLEMENTATIONS),
+        default=list(IMPLEMENTATIONS[:4]),
+    )
     parser.add_argument("--profile", action="store_true", help="split keras_t5gemma's step (own process, first)")
+    parser.add_argument("--loss-chunk-tokens", type=int, nargs="+", help="time these loss chunk sizes instead")
     parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoints", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         directory = Path(args.checkpoints)
-        child(args.child, (directory / "current", directory / "earlier"), args.steps, args.profile)
+        checkpoints = (directory / "current", directory / "earlier")
+        child(args.child, checkpoints, args.steps, args.profile, args.loss_chunk_tokens, args.rounds)
         return
 
     config = CONFIGS[args.config]()
+    if args.loss_chunk_tokens:
+        return compare_loss_chunk_sizes(config, args)
     peak_before = matmul_peak()
     flops = train_flops(config)
     runs = {name: [] for name in args.implementations}

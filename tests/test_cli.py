@@ -21,6 +21,8 @@ from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 from keras_t5gemma.utils.preset_utils import is_bundled
 from keras_t5gemma.utils.preset_utils import resolve_preset
+from keras_t5gemma.utils.quiet_start import huge_pages_environment
+from keras_t5gemma.utils.quiet_start import restart_with_huge_pages
 
 
 def run(capsys, *argv):
@@ -312,6 +314,38 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "keras_t5gemma", "presets"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and DEFAULT_PRESET in result.stdout, result.stderr
+
+
+def test_huge_pages_are_asked_for_once_and_a_users_setting_is_kept():
+    assert huge_pages_environment({"A": "1"}, (2, 36)) == {"A": "1", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    other = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert huge_pages_environment(other, (2, 35))["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    # Already set (the restarted process, or a user's choice, off included): no second restart.
+    assert huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36)) is None
+    assert huge_pages_environment({}, (2, 34)) is None  # glibc without the setting
+    assert huge_pages_environment({}, None) is None  # another C library
+
+
+def test_restart_with_huge_pages_runs_the_same_command_again(monkeypatch):
+    # `python -m keras_t5gemma` and the installed command go through it (the subprocess tests above run it);
+    # here the restart is caught to see what it would run.
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-m", "keras_t5gemma", "generate", "x"])
+    monkeypatch.setattr("keras_t5gemma.utils.quiet_start._glibc_version", lambda: (2, 36))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    calls = []
+    restart_with_huge_pages(execute=lambda *args: calls.append(args))
+    [(executable, arguments, environment)] = calls
+    assert executable == sys.executable and arguments == [sys.executable, "-m", "keras_t5gemma", "generate", "x"]
+    assert environment["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+
+    def refuse(*args):
+        raise PermissionError("exec refused")
+
+    restart_with_huge_pages(execute=refuse)  # carries on without huge pages
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    restart_with_huge_pages(execute=lambda *args: calls.append(args))
+    assert len(calls) == 1
 
 
 def test_fine_tune_classify_then_classify(capsys, tmp_path):
