@@ -2,6 +2,7 @@
 
     python benchmarks/train_step_ops.py --config 270m
     python benchmarks/train_step_ops.py --config tiny        # quick
+    python benchmarks/train_step_ops.py --implementations keras_t5gemma --top 8   # the longest ops per class
 
 Each implementation runs in its own process (as in `train_step.py`: batch 4,
 256 encoder / 64 decoder tokens, float32, AdamW): one compiling step, one
@@ -115,6 +116,7 @@ def main():
     parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoints", help=argparse.SUPPRESS)
+    parser.add_argument("--top", type=int, default=0, help="also list the N longest ops of each class")
     parser.add_argument("--trace", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -140,11 +142,17 @@ def main():
                 raise RuntimeError(f"{name} failed:\n{output.stderr[-4000:]}")
             times, wall = op_times(trace)
             names = source_names(dump)
-            classes = collections.Counter()
+            classes, members = collections.Counter(), collections.defaultdict(list)
             for op, seconds in times.items():
-                classes[op_class(op, names.get(op, ""))] += seconds
+                kind = op_class(op, names.get(op, ""))
+                classes[kind] += seconds
+                members[kind].append((seconds, op, names.get(op, "")))
             results[name] = {**json.loads(lines[0][len("RESULT ") :]), "classes": classes, "wall": wall}
             print(f"{name}: step {results[name]['step_s']:.2f} s, traced step {wall:.2f} s", flush=True)
+            for kind in sorted(members, key=lambda kind: -classes[kind]) if args.top else ():
+                print(f"  {kind}: {classes[kind]:.2f} s over {len(members[kind])} ops; the longest:")
+                for seconds, op, source in sorted(members[kind], reverse=True)[: args.top]:
+                    print(f"    {seconds:7.3f} s  {op}  {source[:150]}")
     names = list(results)
     print("\n| op class (seconds of op time) | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
