@@ -36,8 +36,8 @@ import numpy as np
 from keras_hub.models import T5Gemma2Backbone as KerasHubT5Gemma2Backbone
 
 from keras_t5gemma.conversion.config import backbone_from_hf_config
+from keras_t5gemma.conversion.quantized_loading import QuantizedLoadingMixin
 from keras_t5gemma.conversion.quantized_loading import build_quantized
-from keras_t5gemma.conversion.quantized_loading import quantize_remaining
 from keras_t5gemma.conversion.weights import load_weights
 from keras_t5gemma.conversion.weights import weight_specs
 from keras_t5gemma.layers.masks import FULL
@@ -228,16 +228,13 @@ def keras_hub_tensors(keras_hub_backbone):
     return tensors
 
 
-class KerasHubT5Gemma2PresetLoader(PresetLoader):
+class KerasHubT5Gemma2PresetLoader(QuantizedLoadingMixin, PresetLoader):
     """Builds this package's classes from a preset saved by KerasHub's `T5Gemma2Backbone`/`T5Gemma2Seq2SeqLM`.
 
     `load_backbone` takes `text_only`, `encoder_only` and `quantize` as for
     Hugging Face checkpoints (KerasHub's float model is read first, so
     `quantize` saves no memory here).
     """
-
-    # `from_preset(..., quantize=...)` hands `quantize` to this loader instead of quantizing afterwards.
-    loads_quantized = True
 
     def check_backbone_class(self):
         return T5Gemma2Backbone
@@ -256,13 +253,6 @@ class KerasHubT5Gemma2PresetLoader(PresetLoader):
 
     def hf_config(self):
         return hf_config_from_keras_hub(self.config["config"], self._image_token_id())
-
-    def get_backbone_kwargs(self, **kwargs):
-        backbone_kwargs, kwargs = super().get_backbone_kwargs(**kwargs)
-        for name in ("text_only", "encoder_only", "quantize"):
-            if name in kwargs:
-                backbone_kwargs[name] = kwargs.pop(name)
-        return backbone_kwargs, kwargs
 
     def load_backbone(
         self, cls, load_weights_=True, text_only=False, encoder_only=False, dtype=None, quantize=None, **kwargs
@@ -326,12 +316,3 @@ class KerasHubT5Gemma2PresetLoader(PresetLoader):
             if name in accepted:
                 kwargs.setdefault(name, value)
         return cls(**kwargs)
-
-    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
-        quantize = kwargs.pop("quantize", None) if "backbone" in kwargs else kwargs.get("quantize")
-        if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
-            kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
-        task = super().load_task(cls, load_weights, load_task_weights, **kwargs)
-        if quantize is not None:
-            quantize_remaining(task, quantize)
-        return task

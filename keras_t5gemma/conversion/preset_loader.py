@@ -10,8 +10,8 @@ from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_syste
 from keras_t5gemma.conversion.config import backbone_from_hf_config
 from keras_t5gemma.conversion.config import check_t5gemma2_config
 from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
+from keras_t5gemma.conversion.quantized_loading import QuantizedLoadingMixin
 from keras_t5gemma.conversion.quantized_loading import build_quantized
-from keras_t5gemma.conversion.quantized_loading import quantize_remaining
 from keras_t5gemma.conversion.weights import CLASSIFIER_HEAD_KEY
 from keras_t5gemma.conversion.weights import load_classifier_head
 from keras_t5gemma.conversion.weights import load_weights
@@ -20,7 +20,7 @@ from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
 from keras_t5gemma.utils.keras_hub_compat import PresetLoader
 
 
-class T5Gemma2CheckpointLoader(PresetLoader):
+class T5Gemma2CheckpointLoader(QuantizedLoadingMixin, PresetLoader):
     """Builds T5Gemma 2 models from a Hugging Face checkpoint.
 
     Extra `load_backbone` arguments: `text_only` (skip the vision tower and its
@@ -30,8 +30,7 @@ class T5Gemma2CheckpointLoader(PresetLoader):
     `quantized_loading`).
     """
 
-    # `from_preset(..., quantize=...)` hands `quantize` to this loader instead of quantizing afterwards.
-    loads_quantized = True
+    backbone_arguments = ("text_only", "encoder_only", "progress", "quantize")
 
     def __init__(self, preset, config):
         super().__init__(preset, config)
@@ -43,13 +42,6 @@ class T5Gemma2CheckpointLoader(PresetLoader):
 
     def check_backbone_class(self):
         return T5Gemma2Backbone
-
-    def get_backbone_kwargs(self, **kwargs):
-        backbone_kwargs, kwargs = super().get_backbone_kwargs(**kwargs)
-        for name in ("text_only", "encoder_only", "progress", "quantize"):
-            if name in kwargs:
-                backbone_kwargs[name] = kwargs.pop(name)
-        return backbone_kwargs, kwargs
 
     def load_backbone(
         self,
@@ -155,19 +147,11 @@ class T5Gemma2CheckpointLoader(PresetLoader):
                 kwargs["labels"] = [id2label[str(i)] for i in range(len(id2label))]
         return kwargs
 
-    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
-        quantize = kwargs.pop("quantize", None) if "backbone" in kwargs else kwargs.get("quantize")
-        # A text-only model gets a preprocessor without an image converter.
-        if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
-            kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
+    def build_task(self, cls, load_weights, load_task_weights, **kwargs):
         if not issubclass(cls, ClassifierMixin):
-            task = super().load_task(cls, load_weights, load_task_weights, **kwargs)
-        else:
-            kwargs = {**self.classifier_kwargs("num_classes" in kwargs), **kwargs}
-            task = super().load_task(cls, load_weights, load_task_weights, **kwargs)
-            if load_weights and load_task_weights and self.has_classifier_head():
-                load_classifier_head(task, self.checkpoint.keys(), self.checkpoint.read)
-        if quantize is not None:
-            # The task's own layers (a classifier's head; a backbone passed in) after the backbone's.
-            quantize_remaining(task, quantize)
+            return super().build_task(cls, load_weights, load_task_weights, **kwargs)
+        kwargs = {**self.classifier_kwargs("num_classes" in kwargs), **kwargs}
+        task = super().build_task(cls, load_weights, load_task_weights, **kwargs)
+        if load_weights and load_task_weights and self.has_classifier_head():
+            load_classifier_head(task, self.checkpoint.keys(), self.checkpoint.read)
         return task

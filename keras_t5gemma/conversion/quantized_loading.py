@@ -148,3 +148,38 @@ def build_quantized(build, dtype, quantize=None):
     if quantize is not None:
         dtype = quantized_dtype_policy(build, dtype, quantize)
     return build(dtype)
+
+
+class QuantizedLoadingMixin:
+    """For checkpoint loaders: `from_preset(..., quantize=mode)` reaches `load_backbone`, which builds quantized.
+
+    `load_task` then quantizes what the backbone's load left float (a
+    classifier's head; a backbone passed in as `backbone=`), and gives a
+    `text_only` task a preprocessor without an image converter. Loaders say
+    which `from_preset` arguments go to `load_backbone` (`backbone_arguments`)
+    and build the task in `build_task`.
+    """
+
+    # `from_preset(..., quantize=...)` hands `quantize` to this loader instead of quantizing afterwards.
+    loads_quantized = True
+    backbone_arguments = ("text_only", "encoder_only", "quantize")
+
+    def get_backbone_kwargs(self, **kwargs):
+        backbone_kwargs, kwargs = super().get_backbone_kwargs(**kwargs)
+        for name in self.backbone_arguments:
+            if name in kwargs:
+                backbone_kwargs[name] = kwargs.pop(name)
+        return backbone_kwargs, kwargs
+
+    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
+        quantize = kwargs.pop("quantize", None) if "backbone" in kwargs else kwargs.get("quantize")
+        if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
+            kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
+        task = self.build_task(cls, load_weights, load_task_weights, **kwargs)
+        if quantize is not None:
+            # The task's own layers (a classifier's head; a backbone passed in) after the backbone's.
+            quantize_remaining(task, quantize)
+        return task
+
+    def build_task(self, cls, load_weights, load_task_weights, **kwargs):
+        return super().load_task(cls, load_weights, load_task_weights, **kwargs)
