@@ -51,7 +51,7 @@ from benchmark_generate import CONFIGS  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 IMPLEMENTATIONS = ("keras_t5gemma", "keras_hub", "transformers", "keras_t5gemma_lora", "keras_t5gemma_plain_loss")
-HUGE_PAGES = "+huge_pages"
+HUGE_PAGES_SUFFIX = "+huge_pages"
 BATCH, ENCODER_TOKENS, DECODER_TOKENS = 4, 256, 64
 
 
@@ -220,13 +220,18 @@ def _profile(seq_2_seq_lm, x, y, repeats=2):
     return results
 
 
-def run_keras_t5gemma(checkpoint, steps, lora=False, profile=False, chunked_loss=True):
+def load_keras_t5gemma(checkpoint):
+    """keras_t5gemma's `T5Gemma2Seq2SeqLM` from the benchmark's Hugging Face checkpoint folder (no preprocessor)."""
     from keras_t5gemma import T5Gemma2Seq2SeqLM
     from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
     from keras_t5gemma.utils.preset_utils import get_preset_loader
 
-    backbone = get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True)
-    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+    return T5Gemma2Seq2SeqLM(get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True))
+
+
+def run_keras_t5gemma(checkpoint, steps, lora=False, profile=False, chunked_loss=True):
+    seq_2_seq_lm = load_keras_t5gemma(checkpoint)
+    backbone = seq_2_seq_lm.backbone
     seq_2_seq_lm.chunked_loss = chunked_loss
     if lora:
         backbone.enable_lora(8)
@@ -267,12 +272,8 @@ def run_transformers(checkpoint, steps):
 
 def run_loss_chunk_sizes(checkpoint, chunk_sizes, rounds, steps):
     """keras_t5gemma's step per loss chunk size, one process: {size: [step seconds]}, alternating sizes."""
-    from keras_t5gemma import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-    from keras_t5gemma.utils.preset_utils import get_preset_loader
-
-    backbone = get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True)
-    seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+    seq_2_seq_lm = load_keras_t5gemma(checkpoint)
+    backbone = seq_2_seq_lm.backbone
     encoder, decoder = _batch(backbone.vocabulary_size)
     x = _common.training_inputs(encoder, decoder)
     _common.compile_for_training(seq_2_seq_lm)
@@ -314,8 +315,10 @@ def child(implementation, checkpoints, steps, profile, loss_chunk_tokens=None, r
 
 def run_child(implementation, directory, steps, profile, extra=()):
     environment = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    if implementation.endswith(HUGE_PAGES):
-        implementation = implementation[: -len(HUGE_PAGES)]
+    if implementation.endswith(HUGE_PAGES_SUFFIX):
+        # As `keras-t5gemma` starts itself (`keras_t5gemma/utils/quiet_start.py`); not imported, to keep
+        # this parent process free of Keras.
+        implementation = implementation[: -len(HUGE_PAGES_SUFFIX)]
         environment["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     command = [sys.executable, __file__, "--child", implementation, "--checkpoints", directory, "--steps", str(steps)]
     if profile:
@@ -348,7 +351,7 @@ def main():
     parser.add_argument(
         "--implementations",
         nargs="+",
-        choices=IMPLEMENTATIONS + tuple(name + HUGE_PAGES for name in IMPLEMENTATIONS),
+        choices=IMPLEMENTATIONS + tuple(name + HUGE_PAGES_SUFFIX for name in IMPLEMENTATIONS),
         default=list(IMPLEMENTATIONS[:4]),
     )
     parser.add_argument("--profile", action="store_true", help="split keras_t5gemma's step (own process, first)")

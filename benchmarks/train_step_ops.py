@@ -35,6 +35,7 @@ from _common import write_random_checkpoint  # noqa: E402
 from benchmark_generate import CONFIGS  # noqa: E402
 from train_step import ROOT  # noqa: E402
 from train_step import _batch  # noqa: E402
+from train_step import load_keras_t5gemma  # noqa: E402
 
 IMPLEMENTATIONS = ("keras_t5gemma", "keras_hub")
 HEAD_NAMES = ("table", "log_softmax", "compile_loss", "sparse_categorical", "token_embedding", "jvp()/")
@@ -44,12 +45,8 @@ def child(implementation, checkpoints, trace_directory):
     import jax
 
     if implementation == "keras_t5gemma":
-        from keras_t5gemma import T5Gemma2Seq2SeqLM
-        from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-        from keras_t5gemma.utils.preset_utils import get_preset_loader
-
-        backbone = get_preset_loader(str(checkpoints / "current")).load_backbone(T5Gemma2Backbone, True)
-        seq_2_seq_lm = T5Gemma2Seq2SeqLM(backbone)
+        seq_2_seq_lm = load_keras_t5gemma(checkpoints / "current")
+        backbone = seq_2_seq_lm.backbone
     else:
         from keras_hub.models import T5Gemma2Backbone
         from keras_hub.models import T5Gemma2Seq2SeqLM
