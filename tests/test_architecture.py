@@ -19,7 +19,9 @@ ALLOWED = {
     "utils": {"utils"},
     "models": {"layers", "models", "utils"},
     "conversion": {"conversion", "layers", "models", "utils"},
-    "training": {"training", "conversion", "layers", "models", "utils"},
+    "training": {"training", "conversion", "layers", "models", "utils", "data"},
+    # Reads data files (JSONL, CSV, text, images): no model, no package import.
+    "data": set(),
     "demo": set(),
     # Reads a `T5Gemma2Seq2SeqLM`'s weights and config by attribute (needs no model class);
     # writes through `utils.safe_files`.

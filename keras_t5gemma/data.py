@@ -1,0 +1,202 @@
+"""Reading training data and prompts from files: JSONL, CSV, text and image files.
+
+Plain file reading (the standard library, numpy and Pillow); nothing here knows
+a model. Every reader raises `ValueError` naming the file, and the line for a
+bad record, so that a caller can show one clear message.
+
+Example:
+```python
+import json
+import tempfile
+
+folder = tempfile.mkdtemp()
+path = f"{folder}/pairs.jsonl"
+with open(path, "w") as file:
+    file.write(json.dumps({"input": "rotate: 1 2 3", "target": "2 3 1"}) + "\\n")
+assert read_pairs(path) == [("rotate: 1 2 3", "2 3 1", None)]
+```
+"""
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _check_file(path, what="file"):
+    if not os.path.isfile(path):
+        raise ValueError(f"no such {what}: {path}")
+
+
+def _text_lines(path, newline=None):
+    """The lines of a UTF-8 text file, line ends kept (`newline` as `open` takes it)."""
+    _check_file(path)
+    try:
+        with open(path, encoding="utf-8", newline=newline) as file:
+            return list(file)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
+
+
+def _json_records(path):
+    """`(where, record)` for each non-blank line of a JSONL file; `where` is `"PATH, line N"`."""
+    for number, line in enumerate(_text_lines(path), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+
+
+def read_lines(path):
+    """The non-blank lines of a text file (prompts or texts, one per line), without their line ends."""
+    return [line.rstrip("\n") for line in _text_lines(path) if line.strip()]
+
+
+def read_image(path):
+    """The image file at `path` (PNG, JPEG, ...), decoded: a PIL image whose pixels are read.
+
+    Raises:
+        ValueError: for a missing, unreadable or too large (decompression bomb) file.
+    """
+    from PIL import Image
+    from PIL import UnidentifiedImageError
+
+    _check_file(path, "image file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"the image {path} is too large to read safely ({error})") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"cannot read the image {path}: {error}") from None
+
+
+def read_pairs(path, image_marker=None):
+    """`[(input, target, image path or None)]` from a JSONL or CSV file.
+
+    JSONL: one object per line with string fields `input` and `target`
+    (optionally `image`, a path relative to the data file); blank lines are
+    skipped. CSV: a header naming the columns `input` and `target` (and
+    optionally `image`). An image outside the data file's folder is read, with
+    a warning on standard error.
+
+    Args:
+        path: str, a `.jsonl` or `.csv` file.
+        image_marker: str or None, the prompt's image marker (`<start_of_image>`):
+            a record whose input holds it must have an `image`.
+
+    Raises:
+        ValueError: naming the file and line of the first bad record.
+    """
+    _check_file(path)
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"{path}: expected a .jsonl or .csv file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if suffix == ".jsonl":
+        pairs = [_pair(record, where, folder, image_marker) for where, record in _json_records(path)]
+    else:
+        reader = csv.DictReader(_text_lines(path, newline=""))
+        header = reader.fieldnames or []
+        if "input" not in header or "target" not in header:
+            raise ValueError(
+                f"{path}: the CSV header must name the columns `input` and `target` "
+                f"(and optionally `image`); found {header}"
+            )
+        pairs = [_pair(record, f"{path}, line {reader.line_num}", folder, image_marker) for record in reader]
+    if not pairs:
+        raise ValueError(f"{path}: no examples")
+    return pairs
+
+
+def _pair(record, where, folder, image_marker):
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object with `input` and `target`")
+    for key in ("input", "target"):
+        if not isinstance(record.get(key), str):
+            raise ValueError(f"{where}: `{key}` must be a string; got {record.get(key)!r}")
+    image = record.get("image") or None
+    if image is not None:
+        if not isinstance(image, str):
+            raise ValueError(f"{where}: `image` must be a file path; got {image!r}")
+        image = os.path.join(folder, image)
+        if not os.path.isfile(image):
+            raise ValueError(f"{where}: no such image file: {image}")
+        inside = os.path.realpath(folder)
+        if os.path.commonpath([inside, os.path.realpath(image)]) != inside:
+            print(
+                f"keras-t5gemma: warning: {where}: the image {image} is outside the data file's folder", file=sys.stderr
+            )
+    elif image_marker and image_marker in record["input"]:
+        raise ValueError(f"{where}: `input` has a {image_marker} marker but the record has no `image`")
+    return record["input"], record["target"], image
+
+
+def read_labelled(path, per_word=False):
+    """`(texts, labels, names)` from a JSONL file of labelled inputs.
+
+    Lines are `{"input": str, "label": class}`, or with `per_word`
+    `{"input": str, "labels": [class per whitespace-separated word]}`; a class
+    is an index or a name. See `number_classes` for what is returned.
+
+    Raises:
+        ValueError: naming the file and line of the first bad record.
+    """
+    _check_file(path)
+    if Path(path).suffix.lower() != ".jsonl":
+        raise ValueError(f"{path}: classification data must be a .jsonl file")
+    key = "labels" if per_word else "label"
+    examples = []
+    for where, record in _json_records(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object with a string `input`")
+        examples.append((where, record.get("input"), record.get(key)))
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return number_classes(examples, per_word, source=path)
+
+
+def number_classes(examples, per_word=False, source="the data"):
+    """`(texts, labels, names)` of labelled examples, each label checked.
+
+    Args:
+        examples: `(where, text, label)` triples; `where` names the example in
+            errors (`"data.jsonl, line 3"`). A label is a class index or name,
+            or with `per_word` a list of them, one per whitespace-separated word.
+        per_word: bool, one label per word (token classification).
+        source: str, the examples' origin, named in errors about them all.
+
+    Returns:
+        The texts; the labels as class indices (lists of them with
+        `per_word`); and the class names numbered in order of first appearance,
+        or `None` when the labels were indices already.
+    """
+    key = "labels" if per_word else "label"
+    texts, labels = [], []
+    for where, text, label in examples:
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: expected an object with a string `input`")
+        if per_word:
+            words = len(text.split())
+            if not isinstance(label, list) or len(label) != words:
+                raise ValueError(f"{where}: `labels` must be a list of {words} classes, one per word")
+        for value in label if per_word else [label]:
+            if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, int) and value < 0):
+                raise ValueError(f"{where}: `{key}` must hold class indices or names; got {value!r}")
+        texts.append(text)
+        labels.append(label)
+    flat = [value for label in labels for value in (label if per_word else [label])]
+    if all(isinstance(value, int) for value in flat):
+        return texts, labels, None
+    if any(isinstance(value, int) for value in flat):
+        raise ValueError(f"{source}: labels mix class indices and names; use one or the other")
+    names = list(dict.fromkeys(flat))
+    index = {name: i for i, name in enumerate(names)}
+    if per_word:
+        return texts, [[index[value] for value in label] for label in labels], names
+    return texts, [index[label] for label in labels], names
