@@ -1,18 +1,17 @@
 """The `keras-t5gemma` command (also `python -m keras_t5gemma`).
 
     keras-t5gemma demo                                  # fine-tune the bundled model, before/after
-    keras-t5gemma generate "reverse: 1 2 3" "sort: 3 1 2"
-    keras-t5gemma generate "color:" --image photo.png
+    keras-t5gemma generate "reverse: 1 2 3"; keras-t5gemma generate "color:" --image photo.png
     keras-t5gemma fine-tune data.jsonl --output my_model --epochs 3 --lora-rank 4
-    keras-t5gemma generate --preset my_model "rotate: 1 2 3"
     keras-t5gemma embed "sort: 1 2" "sort: 2 1" --output vectors.npy
-    keras-t5gemma fine-tune labels.jsonl --task classify --output my_classifier
-    keras-t5gemma classify "1 2 3" "3 1 2" --preset my_classifier
+    keras-t5gemma classify "1 2 3" "3 1 2" --preset my_classifier   # from fine-tune --task classify
     keras-t5gemma convert hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m
-    keras-t5gemma export digits_onnx --format onnx --quantize int8
-    keras-t5gemma generate --onnx digits_onnx "reverse: 1 2 3"
-    keras-t5gemma export my_model_hf --format transformers --preset my_model --dtype bfloat16
+    keras-t5gemma export digits_onnx --format onnx --quantize int8   # or --format transformers
     keras-t5gemma presets
+
+Each subcommand is a parser function (`_add_NAME_parser`, registered with
+`@subcommand`) and a `run_NAME(args)`; the work is done by the library
+(`keras_t5gemma.training.fine_tune`, `keras_t5gemma.data`, the models).
 
 `--preset` takes a bundled or released preset name, a folder written by
 `save_to_preset` (or by `fine-tune`), an `hf://org/name` handle, or a local
@@ -24,8 +23,7 @@ the command did not write is overwritten without `--overwrite`.
 """
 
 import argparse
-import contextlib
-import csv
+import inspect
 import json
 import os
 import re
@@ -37,11 +35,19 @@ import keras
 import numpy as np
 
 from keras_t5gemma import demo
+from keras_t5gemma.data import read_lines
 from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAGE_MARKER
+from keras_t5gemma.training.fine_tune import DEFAULT_PRESET
+from keras_t5gemma.training.fine_tune import TASKS
+from keras_t5gemma.training.fine_tune import fit_verbosity
+from keras_t5gemma.training.fine_tune import load_image
+from keras_t5gemma.training.fine_tune import load_seq_2_seq_lm  # noqa: F401 (a name of this module since 0.1)
+from keras_t5gemma.training.fine_tune import with_image_markers
 
-DEFAULT_PRESET = "t5gemma2_tiny_digits"
 SAMPLERS = ("greedy", "top_k", "top_p", "random", "beam")
 EXPORT_FORMATS = ("onnx", "transformers")
+POOLINGS = ("mean", "first", "last")
+DEFAULT = "(default: %(default)s)"
 
 
 class CommandError(Exception):
@@ -75,152 +81,21 @@ def _say(*args, **kwargs):
     print(*args, **kwargs, flush=True)
 
 
-def _marks():
-    """Correctness marks that the terminal can print."""
-    try:
-        "✓✗".encode(sys.stdout.encoding or "ascii")
-        return "✓", "✗"
-    except (UnicodeEncodeError, LookupError):
-        return "+", "x"
+def _texts(args, what):
+    """The texts given as arguments (`args.<what>`), then the lines of `--file`."""
+    texts = list(getattr(args, what)) + (read_lines(args.file) if args.file else [])
+    if not texts:
+        raise CommandError(f"give {what} as arguments or with --file")
+    return texts
 
 
-def _progress_verbosity():
-    """Keras' progress bar on a terminal; one line per epoch in logs, where the bar would print every update."""
-    return 1 if sys.stdout.isatty() else 2
-
-
-def _check_preset(preset):
-    """Fails early, as a user error, on a preset that is neither a name, a folder nor a handle."""
-    from keras_t5gemma.utils.preset_utils import resolve_preset
-
-    try:
-        resolve_preset(preset)
-    except ValueError as error:
-        raise CommandError(str(error)) from None
-
-
-def load_seq_2_seq_lm(preset, dtype=None):
-    """The task of the preset's generation: `T5GemmaSeq2SeqLM` for T5Gemma (first generation), else T5Gemma 2's.
-
-    `dtype` (a dtype policy name such as `"mixed_bfloat16"`) replaces the preset's.
-    """
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
-    from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
-    from keras_t5gemma.utils.preset_utils import get_preset_loader
-
-    _check_preset(preset)
-    backbone_cls = get_preset_loader(preset).check_backbone_class()
-    task_cls = T5GemmaSeq2SeqLM if issubclass(backbone_cls, T5GemmaBackbone) else T5Gemma2Seq2SeqLM
-    return task_cls.from_preset(preset, **({"dtype": dtype} if dtype else {}))
-
-
-def _read_lines(path):
-    """Non-blank lines of a text file."""
-    if not os.path.isfile(path):
-        raise CommandError(f"no such file: {path}")
-    with open(path, encoding="utf-8") as file:
-        return [line.rstrip("\n") for line in file if line.strip()]
-
-
-def _load_image(path, size=None):
-    """An RGB uint8 `(H, W, 3)` array, converted as the Python API converts PIL images; resized
-    (Pillow bilinear) to `size` if given."""
-    from PIL import Image
-    from PIL import UnidentifiedImageError
-
-    from keras_t5gemma.models.t5gemma2_image_converter import pil_image_to_rgb
-
-    if not os.path.isfile(path):
-        raise CommandError(f"no such image file: {path}")
-    try:
-        with Image.open(path) as image:
-            pixels = pil_image_to_rgb(image)
-    except Image.DecompressionBombError as error:
-        raise CommandError(f"the image {path} is too large to read safely ({error})") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise CommandError(f"cannot read the image {path}: {error}") from None
-    if size is not None and pixels.shape[:2] != tuple(size):
-        pixels = np.asarray(Image.fromarray(pixels).resize((size[1], size[0]), Image.Resampling.BILINEAR))
-    return pixels
-
-
-def with_image_markers(prompt, images):
-    """`prompt` with a `<start_of_image>` appended for each image it has no marker for."""
-    missing = images - prompt.count(IMAGE_MARKER)
-    if missing < 0:
-        raise CommandError(f"the prompt {prompt!r} has more {IMAGE_MARKER} markers than the {images} image(s) given")
-    return " ".join([prompt, *[IMAGE_MARKER] * missing]) if missing else prompt
-
-
-def read_pairs(path):
-    """`[(input, target, image path or None)]` from a JSONL or CSV file.
-
-    JSONL: one object per line with string fields `input` and `target`
-    (optionally `image`, a path relative to the data file); blank lines are
-    skipped. CSV: a header naming the columns `input` and `target` (and
-    optionally `image`).
-
-    Raises:
-        CommandError: naming the file and line of the first bad record.
-    """
-    if not os.path.isfile(path):
-        raise CommandError(f"no such file: {path}")
-    suffix = Path(path).suffix.lower()
-    if suffix not in (".jsonl", ".csv"):
-        raise CommandError(f"{path}: expected a .jsonl or .csv file")
-    folder = os.path.dirname(os.path.abspath(path))
-    pairs = []
-    try:
-        with open(path, encoding="utf-8", newline="") as file:
-            lines = file.read().splitlines(keepends=True)
-    except UnicodeDecodeError as error:
-        raise CommandError(f"{path}: not UTF-8 text ({error.reason})") from None
-    if suffix == ".jsonl":
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CommandError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-            pairs.append(_pair(record, f"{path}, line {number}", folder))
-    else:
-        reader = csv.DictReader(lines)
-        header = reader.fieldnames or []
-        if "input" not in header or "target" not in header:
-            raise CommandError(
-                f"{path}: the CSV header must name the columns `input` and `target` "
-                f"(and optionally `image`); found {header}"
-            )
-        for record in reader:
-            pairs.append(_pair(record, f"{path}, line {reader.line_num}", folder))
-    if not pairs:
-        raise CommandError(f"{path}: no examples")
-    return pairs
-
-
-def _pair(record, where, folder):
-    if not isinstance(record, dict):
-        raise CommandError(f"{where}: expected an object with `input` and `target`")
-    for key in ("input", "target"):
-        if not isinstance(record.get(key), str):
-            raise CommandError(f"{where}: `{key}` must be a string; got {record.get(key)!r}")
-    image = record.get("image") or None
-    if image is not None:
-        if not isinstance(image, str):
-            raise CommandError(f"{where}: `image` must be a file path; got {image!r}")
-        image = os.path.join(folder, image)
-        if not os.path.isfile(image):
-            raise CommandError(f"{where}: no such image file: {image}")
-        inside = os.path.realpath(folder)
-        if os.path.commonpath([inside, os.path.realpath(image)]) != inside:
-            print(
-                f"keras-t5gemma: warning: {where}: the image {image} is outside the data file's folder", file=sys.stderr
-            )
-    elif IMAGE_MARKER in record["input"]:
-        raise CommandError(f"{where}: `input` has a {IMAGE_MARKER} marker but the record has no `image`")
-    return record["input"], record["target"], image
+def _add_preset(parser):
+    parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help="preset name, folder written by save_to_preset / fine-tune, hf://org/name handle, or Hugging Face "
+        "checkpoint folder (default: %(default)s, bundled)",
+    )
 
 
 def make_sampler(name, temperature=1.0, top_k=5, top_p=0.9, num_beams=4, seed=None):
@@ -242,19 +117,50 @@ def make_sampler(name, temperature=1.0, top_k=5, top_p=0.9, num_beams=4, seed=No
     return samplers.BeamSampler(num_beams=num_beams)
 
 
-def _set_sequence_lengths(preprocessor, encoder_length=None, decoder_length=None):
-    if encoder_length:
-        preprocessor.encoder_sequence_length = encoder_length
-    if decoder_length:
-        preprocessor.decoder_sequence_length = decoder_length
-
-
-def _image_size(seq_2_seq_lm):
-    converter = seq_2_seq_lm.preprocessor.image_converter
-    return None if converter is None else tuple(converter.image_size)
-
-
 # === Subcommands ===
+
+# The functions that add the subcommands, in the order `--help` lists them.
+SUBCOMMANDS = []
+
+
+def subcommand(add_parser):
+    """Registers `add_parser(commands)`, which adds one subcommand to `commands` (`argparse`'s subparsers) and
+    sets its `run`: a function of the parsed arguments that returns the exit status."""
+    SUBCOMMANDS.append(add_parser)
+    return add_parser
+
+
+@subcommand
+def _add_demo_parser(commands):
+    parser = commands.add_parser(
+        "demo",
+        help="the main job: fine-tune the bundled model on a new operation, answers before/after",
+        description="Loads the bundled preset (trained to reverse and sort digit sequences and name an image's "
+        "colour), shows its answers, fine-tunes it briefly to `rotate` sequences ('rotate: 3 1 4' -> '1 4 3') "
+        "while replaying the known tasks, and shows the answers again with correctness marks and held-out "
+        "exact match. A few minutes on 2 CPU cores.",
+    )
+    _add_preset(parser)
+    parser.add_argument("--steps", type=_positive_int, default=500, help="fine-tuning steps " + DEFAULT)
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help=DEFAULT)
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW rate " + DEFAULT)
+    parser.add_argument(
+        "--eval-examples", type=_positive_int, default=100, help="held-out prompts per group " + DEFAULT
+    )
+    parser.add_argument("--output", help="also save the fine-tuned model to this folder")
+    parser.add_argument("--seed", type=int, default=0, help=DEFAULT)
+    verbosity = "Keras fit verbosity (default: a progress bar on a terminal, else one line)"
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), help=verbosity)
+    parser.set_defaults(run=run_demo)
+
+
+def _marks():
+    """Correctness marks that the terminal can print."""
+    try:
+        "✓✗".encode(sys.stdout.encoding or "ascii")
+        return "✓", "✗"
+    except (UnicodeEncodeError, LookupError):
+        return "+", "x"
 
 
 def run_demo(args):
@@ -277,7 +183,8 @@ def run_demo(args):
     for task in ("reverse", "sort", "color"):
         showcase += [example for example in known if example.prompt.startswith(task)][:1]
     # The demo's prompts and answers are short: pad to what they need, not to the preset's defaults.
-    _set_sequence_lengths(seq_2_seq_lm.preprocessor, 32, 16)
+    seq_2_seq_lm.preprocessor.encoder_sequence_length = 32
+    seq_2_seq_lm.preprocessor.decoder_sequence_length = 16
     # One optimizer for the whole demo; compiling before generating keeps one compiled generate.
     seq_2_seq_lm.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01), sampler="greedy")
 
@@ -312,7 +219,7 @@ def run_demo(args):
         f"{args.steps} steps of {args.batch_size}:"
     )
     tuning_started = time.time()
-    verbose = _progress_verbosity() if args.verbose is None else args.verbose
+    verbose = fit_verbosity("auto" if args.verbose is None else args.verbose)
     seq_2_seq_lm.fit(x, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=verbose)
     _say(f"  done in {time.time() - tuning_started:.0f}s.")
     after = report("After fine-tuning:")
@@ -329,447 +236,256 @@ def run_demo(args):
     return 0
 
 
+@subcommand
+def _add_generate_parser(commands):
+    parser = commands.add_parser(
+        "generate",
+        help="generate answers to text prompts, optionally with images",
+        description="Prints one answer per prompt. Images go with every prompt; a prompt without enough "
+        f"`{IMAGE_MARKER}` markers gets them appended.",
+    )
+    _add_preset(parser)
+    parser.add_argument("prompts", nargs="*", help="prompts (quote each one)")
+    parser.add_argument("--file", help="a text file of prompts, one per line")
+    parser.add_argument("--image", action="append", metavar="PATH", help="a PNG/JPEG image (repeatable)")
+    parser.add_argument("--sampler", default="greedy", choices=SAMPLERS, help=DEFAULT)
+    length = "decoder length in tokens, <bos> included (default: the preset's)"
+    parser.add_argument("--max-length", type=_positive_int, help=length)
+    parser.add_argument("--encoder-length", type=_positive_int, help="encoder length in tokens (default: the preset's)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="for top_k/top_p/random (default: 1.0)")
+    parser.add_argument("--top-k", type=_positive_int, default=5, help="for top_k " + DEFAULT)
+    parser.add_argument("--top-p", type=float, default=0.9, help="for top_p " + DEFAULT)
+    parser.add_argument("--num-beams", type=_positive_int, default=4, help="for beam " + DEFAULT)
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per batch " + DEFAULT)
+    parser.add_argument("--seed", type=int, default=0, help="for the random samplers " + DEFAULT)
+    parser.add_argument("--show-prompt", action="store_true", help="print `prompt -> answer`")
+    onnx = "generate with the ONNX runtime from a folder written by `export --format onnx` (instead of --preset)"
+    parser.add_argument("--onnx", metavar="FOLDER", help=onnx)
+    parser.set_defaults(run=run_generate)
+
+
 def run_generate(args):
     keras.utils.set_random_seed(args.seed)
-    prompts = list(args.prompts) + (_read_lines(args.file) if args.file else [])
-    if not prompts:
-        raise CommandError("give prompts as arguments or with --file")
-    images = [_load_image(path) for path in args.image or []]
+    prompts = _texts(args, "prompts")
+    images = [load_image(path) for path in args.image or []]
     prompts = [with_image_markers(prompt, len(images)) for prompt in prompts]
-    if args.onnx:
-        return _generate_onnx(args, prompts, images)
-    seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
-    preprocessor = seq_2_seq_lm.preprocessor
-    if images and preprocessor.image_converter is None:
-        raise CommandError(f"the preset {args.preset} has no vision tower; it cannot take --image")
-    _set_sequence_lengths(preprocessor, args.encoder_length)
-    seq_2_seq_lm.compile(
-        sampler=make_sampler(args.sampler, args.temperature, args.top_k, args.top_p, args.num_beams, args.seed)
-    )
-    max_length = args.max_length or preprocessor.decoder_sequence_length
+    generate = _onnx_generate(args, images) if args.onnx else _keras_generate(args, images)
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
-        inputs = {"encoder_text": batch}
-        if images:
-            inputs["images"] = [images] * len(batch)
-        try:
-            answers = seq_2_seq_lm.generate(inputs, max_length=max_length)
-        except ValueError as error:  # the prompts or images, as the preprocessor checks them
-            raise CommandError(_one_line(error)) from None
-        for prompt, answer in zip(batch, answers):
+        # A ValueError here (a prompt or image the preprocessor refuses) is the user's: status 2.
+        for prompt, answer in zip(batch, generate(batch)):
             _say(f"{prompt} -> {answer.strip()}" if args.show_prompt else answer.strip())
     return 0
 
 
-def _generate_onnx(args, prompts, images):
+def _keras_generate(args, images):
+    """The preset's `generate` for a batch of prompts, each with `images`."""
+    seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
+    preprocessor = seq_2_seq_lm.preprocessor
+    if images and preprocessor.image_converter is None:
+        raise CommandError(f"the preset {args.preset} has no vision tower; it cannot take --image")
+    if args.encoder_length:
+        preprocessor.encoder_sequence_length = args.encoder_length
+    seq_2_seq_lm.compile(
+        sampler=make_sampler(args.sampler, args.temperature, args.top_k, args.top_p, args.num_beams, args.seed)
+    )
+    max_length = args.max_length or preprocessor.decoder_sequence_length
+
+    def generate(batch):
+        inputs = {"encoder_text": batch, **({"images": [images] * len(batch)} if images else {})}
+        return seq_2_seq_lm.generate(inputs, max_length=max_length)
+
+    return generate
+
+
+def _onnx_generate(args, images):
     """`generate --onnx FOLDER`: the ONNX runtime, which needs no Keras."""
     from t5gemma_onnx import OnnxSeq2SeqLM
 
     if args.sampler == "beam":
         raise CommandError("the ONNX runtime samples greedy, top_k, top_p or random; beam search is Keras-only")
-    try:
-        model = OnnxSeq2SeqLM(args.onnx)
-    except ValueError as error:
-        raise CommandError(str(error)) from None
+    model = OnnxSeq2SeqLM(args.onnx)
     if images and not model.settings["vision"]:
         raise CommandError(f"the export {args.onnx} has no vision tower; it cannot take --image")
-    for start in range(0, len(prompts), args.batch_size):
-        batch = prompts[start : start + args.batch_size]
-        try:
-            answers = model.generate(
-                batch,
-                [images] * len(batch) if images else None,
-                max_length=args.max_length,
-                sampler=args.sampler,
-                seed=args.seed,
-                k=args.top_k,
-                p=args.top_p,
-                temperature=args.temperature,
-            )
-        except ValueError as error:  # a prompt that does not fit, images that do not match
-            raise CommandError(str(error)) from None
-        for prompt, answer in zip(batch, answers):
-            _say(f"{prompt} -> {answer.strip()}" if args.show_prompt else answer.strip())
-    return 0
+    options = {"max_length": args.max_length, "sampler": args.sampler, "seed": args.seed, "k": args.top_k}
+    options.update(p=args.top_p, temperature=args.temperature)
+    return lambda batch: model.generate(batch, [images] * len(batch) if images else None, **options)
 
 
-def run_export_onnx(args):
-    """`export OUTPUT --format onnx`: graphs, tokenizer and settings for serving without Keras."""
-    from keras_t5gemma.export import export_onnx
+@subcommand
+def _add_fine_tune_parser(commands):
+    parser = commands.add_parser(
+        "fine-tune",
+        help="fine-tune on a JSONL or CSV file of input/target pairs",
+        description='Data: JSONL with one {"input": ..., "target": ...} object per line, or CSV with the '
+        "columns input,target; an optional `image` field/column is an image path relative to the data file. "
+        "Each run keeps a checkpoint of its training state after each epoch (sharded Orbax checkpoints, "
+        "written by every process) in its own folder OUTPUT/runs/run_NNN/checkpoints/, and the final model "
+        "in OUTPUT. With several devices it trains data-parallel, or on a --mesh; on a pod, run the same "
+        "command on every host with --multi-host. From Python: keras_t5gemma.training.fine_tune.fine_tune(...).",
+    )
+    _add_preset(parser)
+    parser.add_argument("data", help="a .jsonl or .csv file")
+    task = (
+        'generate: input/target pairs (T5Gemma2Seq2SeqLM); classify: JSONL {"input": ..., "label": ...} lines '
+        '(T5Gemma2TextClassifier); classify-tokens: JSONL {"input": ..., "labels": [...]} lines, one label per '
+        "whitespace-separated word (T5Gemma2TokenClassifier); a label is a class index or name " + DEFAULT
+    )
+    parser.add_argument("--task", default="generate", choices=TASKS, help=task)
+    parser.add_argument("--output", default="t5gemma2_fine_tuned", help="folder to save to " + DEFAULT)
+    parser.add_argument("--epochs", type=_positive_int, default=3, help=DEFAULT)
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help=DEFAULT)
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="AdamW rate " + DEFAULT)
+    parser.add_argument("--weight-decay", type=float, default=0.01, help=DEFAULT)
+    lora = "train LoRA adapters of this rank instead of all weights (merged when saved)"
+    parser.add_argument("--lora-rank", type=_positive_int, help=lora)
+    tower = "train the vision tower too (default: frozen, as T5Gemma 2 is fine-tuned)"
+    parser.add_argument("--train-vision-tower", action="store_true", help=tower)
+    mixed = (
+        "compute in bfloat16 with float32 weights (Keras' mixed_bfloat16 policy; faster on TPUs and recent GPUs); "
+        "the saved model keeps the policy"
+    )
+    parser.add_argument("--mixed-bfloat16", action="store_true", help=mixed)
+    remat = "recompute each layer's activations in the backward pass instead of keeping them (less memory)"
+    parser.add_argument("--remat", action="store_true", help=remat)
+    for side, texts in (("encoder", "inputs"), ("decoder", "targets")):
+        length = f"{side} tokens; longer {texts} are truncated (default: the preset's)"
+        parser.add_argument(f"--{side}-length", type=_positive_int, help=length)
+    keep = "epoch checkpoints of this run to keep " + DEFAULT
+    parser.add_argument("--keep-checkpoints", type=_positive_int, default=2, help=keep)
+    resume = (
+        "continue the last run in OUTPUT from its last complete checkpoint (the same settings; --epochs may grow); "
+        "starts a run if OUTPUT is empty"
+    )
+    parser.add_argument("--resume", action="store_true", help=resume)
+    overwrite = "write into a non-empty OUTPUT: a new run beside the earlier ones, and the final model's files"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
+    mesh = "shard the model over a (batch, model) mesh of all devices, e.g. 2x4 (default: data parallel, JAX only)"
+    parser.add_argument("--mesh", metavar="BATCHxMODEL", help=mesh)
+    multi_host = (
+        "join the other hosts of a pod first (keras.distribution.initialize: KERAS_DISTRIBUTION_* variables, or "
+        "found by itself on a Cloud TPU pod)"
+    )
+    parser.add_argument("--multi-host", action="store_true", help=multi_host)
+    parser.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default: 0)")
+    quiet = "no progress output (default: a progress bar on a terminal, else a line per epoch)"
+    parser.add_argument("--quiet", action="store_true", help=quiet)
+    parser.set_defaults(run=run_fine_tune)
 
-    seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
-    started = time.time()
+
+def run_fine_tune(args):
+    """`fine-tune`: `keras_t5gemma.training.fine_tune.fine_tune` with the command's options."""
+    from keras_t5gemma.training.fine_tune import FineTuneInterrupted
+    from keras_t5gemma.training.fine_tune import fine_tune
+
+    # The options that `fine_tune` takes under the same names, and those it takes in other words.
+    options = {name: value for name, value in vars(args).items() if name in inspect.signature(fine_tune).parameters}
+    options.update(dtype="mixed_bfloat16" if args.mixed_bfloat16 else None, verbose=0 if args.quiet else "auto")
     try:
-        settings = export_onnx(
-            seq_2_seq_lm,
-            args.output,
-            max_decode_length=args.max_decode_length,
-            quantize=args.quantize,
-            pooling=args.pooling,
-            normalize=not args.no_normalize,
-        )
-    except ValueError as error:
-        raise CommandError(str(error)) from None
-    size = sum(path.stat().st_size for path in Path(args.output).iterdir() if path.is_file())
-    _say(
-        f"Exported {args.preset} to {args.output} (ONNX opset {settings['opset']}, "
-        f"{settings['quantization'] or 'float32'}, decoder cache {settings['max_decode_length']} tokens, "
-        f"{size / 2**20:.1f} MiB) in {time.time() - started:.1f}s; try "
-        f'`keras-t5gemma generate --onnx {args.output} "..."`.'
-    )
+        result = fine_tune(**options, log=_say)
+    except FineTuneInterrupted as stop:
+        advice = "; continue with the same command and --resume" if stop.checkpoint else ""
+        print(f"keras-t5gemma: interrupted; {stop}{advice}", file=sys.stderr, flush=True)
+        return 130
+    if args.task != "generate":
+        kind, flag = ("token classifier", " --tokens") if args.task == "classify-tokens" else ("classifier", "")
+        _say(f'Saved the {kind} to {args.output}; try `keras-t5gemma classify{flag} --preset {args.output} "..."`.')
+    elif result.saved:
+        _say(f"Saved the fine-tuned model to {args.output}; use it with `--preset {args.output}`.")
     return 0
 
 
-def _fine_tune_settings(args, pairs_digest):
-    """What a resumed run must share with the run it continues."""
-    return {
-        "preset": args.preset,
-        "data_sha256": pairs_digest,
-        "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate,
-        "weight_decay": args.weight_decay,
-        "lora_rank": args.lora_rank,
-        "encoder_length": args.encoder_length,
-        "decoder_length": args.decoder_length,
-        "seed": args.seed,
-    }
-
-
-def _sha256(path):
-    import hashlib
-
-    with open(path, "rb") as file:
-        return hashlib.sha256(file.read()).hexdigest()
-
-
-def _run_to_continue(args, settings):
-    """With --resume, the last run under --output (after checking its settings), else None."""
-    from keras_t5gemma.training.checkpoints import latest_run
-    from keras_t5gemma.training.checkpoints import read_run_settings
-
-    run = latest_run(args.output) if args.resume else None
-    if run is None:
-        return None
-    saved = read_run_settings(run)
-    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in settings.items() if saved.get(key) != value]
-    if changed:
-        raise CommandError(
-            f"--resume: {run} was started with other settings ({'; '.join(changed)}); "
-            "give the same ones, or start a new run without --resume"
-        )
-    return run
-
-
-def read_labelled(path, per_word=False):
-    """`(texts, labels, names)` from a JSONL file of labelled inputs.
-
-    Lines are `{"input": str, "label": class}`, or with `per_word`
-    `{"input": str, "labels": [class per whitespace-separated word]}`; a class
-    is an index or a name. Names are numbered in order of first appearance
-    and returned (else `names` is `None`); per-word labels are lists.
-    """
-    if not os.path.isfile(path):
-        raise CommandError(f"no such file: {path}")
-    if Path(path).suffix.lower() != ".jsonl":
-        raise CommandError(f"{path}: classification data must be a .jsonl file")
-    key = "labels" if per_word else "label"
-    texts, labels = [], []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CommandError(f"{where}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("input"), str):
-                raise CommandError(f"{where}: expected an object with a string `input`")
-            label = record.get(key)
-            if per_word:
-                words = len(record["input"].split())
-                if not isinstance(label, list) or len(label) != words:
-                    raise CommandError(f"{where}: `labels` must be a list of {words} classes, one per word")
-            for value in label if per_word else [label]:
-                if (
-                    isinstance(value, bool)
-                    or not isinstance(value, (int, str))
-                    or (isinstance(value, int) and value < 0)
-                ):
-                    raise CommandError(f"{where}: `{key}` must hold class indices or names; got {value!r}")
-            texts.append(record["input"])
-            labels.append(label)
-    if not texts:
-        raise CommandError(f"{path}: no examples")
-    flat = [value for label in labels for value in (label if per_word else [label])]
-    if all(isinstance(value, int) for value in flat):
-        return texts, labels, None
-    if any(isinstance(value, int) for value in flat):
-        raise CommandError(f"{path}: labels mix class indices and names; use one or the other")
-    names = list(dict.fromkeys(flat))
-    index = {name: i for i, name in enumerate(names)}
-    if per_word:
-        return texts, [[index[value] for value in label] for label in labels], names
-    return texts, [index[label] for label in labels], names
-
-
-def _classifier_class(per_word):
-    from keras_t5gemma.models.t5gemma2_text_classifier import T5Gemma2TextClassifier
-    from keras_t5gemma.models.t5gemma2_token_classifier import T5Gemma2TokenClassifier
-
-    return T5Gemma2TokenClassifier if per_word else T5Gemma2TextClassifier
-
-
-def _training_dtype(args):
-    """`from_preset`'s dtype argument for `fine-tune --mixed-bfloat16`, else nothing."""
-    return {"dtype": "mixed_bfloat16"} if args.mixed_bfloat16 else {}
-
-
-def run_fine_tune_classifier(args):
-    """`fine-tune --task classify` / `classify-tokens`: a text or token classifier on labelled JSONL lines."""
-    per_word = args.task == "classify-tokens"
-    texts, labels, names = read_labelled(args.data, per_word)
-    _check_preset(args.preset)
-    keras.utils.set_random_seed(args.seed)
-    order = np.random.default_rng(args.seed).permutation(len(texts))
-    texts, labels = [texts[i] for i in order], [labels[i] for i in order]
-    flat = [value for label in labels for value in (label if per_word else [label])]
-    num_classes = len(names) if names else max(flat) + 1
-    classifier = _classifier_class(per_word).from_preset(
-        args.preset, num_classes=num_classes, labels=names, **_training_dtype(args)
+@subcommand
+def _add_embed_parser(commands):
+    parser = commands.add_parser(
+        "embed",
+        help="embed texts with the encoder (pooled, normalised vectors)",
+        description="Prints each text's embedding (and their cosine similarities), or saves them with --output "
+        '(.npy: a (texts, hidden) float32 array; .jsonl: one {"text", "embedding"} object per line).',
     )
-    if args.encoder_length:
-        classifier.preprocessor.sequence_length = args.encoder_length
-    if args.lora_rank:
-        classifier.backbone.enable_lora(args.lora_rank)
-    kind = "token classifier" if per_word else "classifier"
-    _say(
-        f"Fine-tuning a {num_classes}-class {kind} from {args.preset} on {len(texts):,} examples from "
-        f"{args.data}: {args.epochs} epoch(s) of batch {args.batch_size}, learning rate {args.learning_rate}."
-    )
-    classifier.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay))
-    history = classifier.fit(
-        texts,
-        labels if per_word else np.array(labels),
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        shuffle=False,
-        verbose=0 if args.quiet else _progress_verbosity(),
-    )
-    classifier.save_to_preset(args.output)
-    accuracy = next(values[-1] for name, values in history.history.items() if "accuracy" in name)
-    flag = " --tokens" if per_word else ""
-    _say(
-        f"Training accuracy after the last epoch: {accuracy:.1%}.\n"
-        f'Saved the {kind} to {args.output}; try `keras-t5gemma classify{flag} --preset {args.output} "..."`.'
-    )
+    _add_preset(parser)
+    parser.add_argument("texts", nargs="*", help="texts (quote each one)")
+    parser.add_argument("--file", help="a text file, one text per line")
+    parser.add_argument("--pooling", default="mean", choices=POOLINGS, help=DEFAULT)
+    parser.add_argument("--no-normalize", action="store_true", help="keep the vectors' norms")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help=DEFAULT)
+    parser.add_argument("--output", help="a .npy or .jsonl file to save to")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    parser.set_defaults(run=run_embed)
+
+
+def run_embed(args):
+    from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
+    from keras_t5gemma.utils.safe_files import atomic_file
+
+    texts = _texts(args, "texts")
+    if args.output and Path(args.output).suffix.lower() not in (".npy", ".jsonl"):
+        raise CommandError(f"--output must end in .npy or .jsonl; got {args.output}")
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        raise CommandError(f"{args.output} exists; pass --overwrite to replace it")
+    embedder = T5Gemma2Embedder.from_preset(args.preset, pooling=args.pooling, normalize=not args.no_normalize)
+    vectors = np.asarray(embedder.predict(texts, batch_size=args.batch_size, verbose=0), "float32")
+    if args.output and args.output.lower().endswith(".npy"):
+        with atomic_file(args.output, "wb") as file:
+            np.save(file, vectors)
+    elif args.output:
+        with atomic_file(args.output, "w", encoding="utf-8") as file:
+            file.writelines(json.dumps({"text": t, "embedding": v.tolist()}) + "\n" for t, v in zip(texts, vectors))
+    else:
+        with np.printoptions(precision=4, suppress=True, threshold=12, edgeitems=4, linewidth=200):
+            for text, vector in zip(texts, vectors):
+                _say(f"{text}\t{vector}")
+    if args.output:
+        _say(f"Saved {vectors.shape[0]} embeddings of size {vectors.shape[1]} to {args.output}.")
+    if 1 < len(texts) <= 10:
+        unit = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+        _say("cosine similarity:")
+        for row, text in zip(unit @ unit.T, texts):
+            _say("  " + " ".join(f"{value:6.3f}" for value in row) + f"  {text}")
     return 0
 
 
-def _softmax(logits):
-    logits = np.asarray(logits, "float64")
-    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
-    return probabilities / probabilities.sum(-1, keepdims=True)
+@subcommand
+def _add_classify_parser(commands):
+    parser = commands.add_parser(
+        "classify",
+        help="classify texts with a classifier preset (e.g. one from `fine-tune --task classify`)",
+        description="Prints `text<TAB>class<TAB>probability` for each text, or with --tokens `word/class` "
+        "for each word.",
+    )
+    _add_preset(parser)
+    parser.add_argument("texts", nargs="*", help="texts (quote each one)")
+    parser.add_argument("--file", help="a text file, one text per line")
+    parser.add_argument("--tokens", action="store_true", help="a token classifier: one class per word")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help=DEFAULT)
+    parser.set_defaults(run=run_classify)
 
 
 def run_classify(args):
     """Prints each text's most likely class and its probability (or, with `--tokens`, each word's class)."""
-    texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
-    if not texts:
-        raise CommandError("give texts as arguments or with --file")
-    _check_preset(args.preset)
-    classifier = _classifier_class(args.tokens).from_preset(args.preset)
+    from keras_t5gemma.models.t5gemma2_text_classifier import T5Gemma2TextClassifier
+    from keras_t5gemma.models.t5gemma2_token_classifier import T5Gemma2TokenClassifier
+
+    texts = _texts(args, "texts")
+    classifier = (T5Gemma2TokenClassifier if args.tokens else T5Gemma2TextClassifier).from_preset(args.preset)
     names = classifier.labels or [str(i) for i in range(classifier.num_classes)]
     if args.tokens:
         for text, scores in zip(texts, classifier.predict_words(texts, batch_size=args.batch_size, verbose=0)):
-            tags = [f"{word}/{names[int(row.argmax())]}" for word, row in zip(text.split(), scores)]
-            _say(" ".join(tags))
+            _say(" ".join(f"{word}/{names[int(row.argmax())]}" for word, row in zip(text.split(), scores)))
         return 0
-    probabilities = _softmax(classifier.predict(texts, batch_size=args.batch_size, verbose=0))
+    logits = np.asarray(classifier.predict(texts, batch_size=args.batch_size, verbose=0), "float64")
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
     for text, row in zip(texts, probabilities):
         _say(f"{text}\t{names[int(row.argmax())]}\t{row.max():.3f}")
     return 0
 
 
-def run_fine_tune(args):
-    from keras_t5gemma.training import checkpoints as training_checkpoints
-    from keras_t5gemma.training import distribution as training_distribution
-
-    if not 0.0 < args.learning_rate < 1.0:
-        raise CommandError("--learning-rate must be in (0, 1)")
-    if args.task != "generate":
-        if args.resume or args.mesh or args.multi_host:
-            raise CommandError(
-                f"--task {args.task} trains on one process and saves at the end: drop --resume, --mesh and --multi-host"
-            )
-        return run_fine_tune_classifier(args)
-    if args.resume and args.overwrite:
-        raise CommandError("--resume continues the last run in --output, --overwrite starts a new one: give one")
-    if args.multi_host:
-        # Reads KERAS_DISTRIBUTION_* (or, on a Cloud TPU pod, finds the other hosts itself).
-        keras.distribution.initialize()
-    try:
-        mesh_shape = training_distribution.parse_mesh(args.mesh) if args.mesh else None
-        distribution = training_distribution.make_distribution(mesh_shape)
-    except ValueError as error:
-        raise CommandError(str(error)) from None
-    # Every process checks before any creates its run folder; process 0's answer counts.
-    refusal = ""
-    try:
-        training_checkpoints.check_output_folder(args.output, overwrite=args.overwrite, resume=args.resume)
-    except ValueError as error:
-        refusal = str(error)
-    if training_checkpoints.agree(bool(refusal)):
-        raise CommandError(refusal or f"process 0 refused --output {args.output}")
-    data_axis = training_distribution.batch_axis_size(distribution)
-    if args.batch_size % data_axis:
-        raise CommandError(f"--batch-size {args.batch_size} must be a multiple of the mesh's batch axis ({data_axis})")
-    processes = training_checkpoints.process_count()
-    parts, _ = training_distribution.data_shards(distribution)
-    pairs = read_pairs(args.data)
-    _check_preset(args.preset)
-    settings = _fine_tune_settings(args, _sha256(args.data))
-    run = _run_to_continue(args, settings)
-    # Seed before anything builds a tokenizer: seeding clears TF's caches.
-    keras.utils.set_random_seed(args.seed)
-    order = np.random.default_rng(args.seed).permutation(len(pairs))
-    pairs = [pairs[i] for i in order]
-    if distribution is not None:
-        # Each process feeds its rows of every complete global batch.
-        rows = training_distribution.process_rows(len(pairs), args.batch_size, distribution)
-        if not rows:
-            raise CommandError(f"{args.data} has {len(pairs)} examples, fewer than one batch of {args.batch_size}")
-        pairs = [pairs[row] for row in rows]
-    with distribution.scope() if distribution is not None else contextlib.nullcontext():
-        seq_2_seq_lm = load_seq_2_seq_lm(args.preset, **_training_dtype(args))
-        preprocessor = seq_2_seq_lm.preprocessor
-        _set_sequence_lengths(preprocessor, args.encoder_length, args.decoder_length)
-        image_size = _image_size(seq_2_seq_lm)
-        placeholder = preprocessor.tokenizer.image_placeholder_token
-        for text, _, _ in pairs:
-            if placeholder and placeholder in text:
-                raise CommandError(f"{args.data}: the input {text!r} holds {placeholder}, which is reserved for images")
-        has_images = any(image for _, _, image in pairs)
-        if has_images and image_size is None:
-            raise CommandError(f"{args.data} has images but the preset {args.preset} has no vision tower")
-        x = {
-            "encoder_text": [with_image_markers(text, 1) if image else text for text, _, image in pairs],
-            "decoder_text": [target for _, target, _ in pairs],
-        }
-        if has_images:
-            # A dense array of one image slot per sample; samples without an image leave it unused.
-            images = np.zeros((len(pairs), 1, *image_size, 3), "uint8")
-            for row, (_, _, image) in enumerate(pairs):
-                if image:
-                    images[row, 0] = _load_image(image, image_size)
-            x["images"] = images
-        # Before `enable_lora`, so that a trained vision tower gets adapters too.
-        seq_2_seq_lm.train_vision_tower = args.train_vision_tower
-        if args.lora_rank:
-            seq_2_seq_lm.backbone.enable_lora(args.lora_rank)
-        seq_2_seq_lm.compile(
-            optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=args.weight_decay), sampler="greedy"
-        )
-        seq_2_seq_lm.optimizer.build(seq_2_seq_lm.trainable_variables)
-        if run is None:
-            run = training_checkpoints.start_run(args.output, settings)
-        checkpoints = training_checkpoints.TrainingCheckpoints(
-            os.path.join(run, "checkpoints"), keep=args.keep_checkpoints
-        )
-        done = checkpoints.restore(seq_2_seq_lm) if checkpoints.latest_step() else 0
-        trainable = sum(int(np.prod(weight.shape)) for weight in seq_2_seq_lm.trainable_weights)
-        where = f" on {distribution.device_mesh.shape} devices (batch, model)" if distribution is not None else ""
-        _say(
-            f"Fine-tuning {args.preset} on {len(pairs) * parts:,} examples from {args.data}{where}: "
-            f"{args.epochs} epoch(s) of batch {args.batch_size}, learning rate {args.learning_rate}, "
-            f"{trainable:,} trainable parameters"
-            + (f" (LoRA rank {args.lora_rank})" if args.lora_rank else "")
-            + (f"; resuming {run} after epoch {done}" if done else f"; checkpoints in {run}")
-            + "."
-        )
-        try:
-            history = seq_2_seq_lm.fit(
-                x,
-                batch_size=args.batch_size // parts,
-                epochs=args.epochs,
-                initial_epoch=done,
-                shuffle=False,
-                callbacks=[checkpoints.callback()],
-                verbose=0 if args.quiet else _progress_verbosity(),
-            )
-        except KeyboardInterrupt:
-            last = checkpoints.latest_step()
-            print(
-                "keras-t5gemma: interrupted; "
-                + (
-                    f"the last complete checkpoint is {checkpoints.path(last)} (epoch {last} of {args.epochs}); "
-                    "continue with the same command and --resume"
-                    if last
-                    else f"no checkpoint was completed in {run}"
-                ),
-                file=sys.stderr,
-                flush=True,
-            )
-            return 130
-        losses = ", ".join(f"{loss:.4f}" for loss in history.history.get("loss", []))
-        _say(
-            (f"Loss per epoch: {losses}." if losses else f"The run had finished its {done} epoch(s) already.")
-            + f"\nCheckpoints of this run: {checkpoints.directory}."
-        )
-        if processes > 1:
-            _say(
-                "Several processes hold the weights' shards; the checkpoint holds the whole model. Run the same "
-                f"command with --resume on one host to write the final model to {args.output}."
-            )
-            return 0
-        # OUTPUT holds the runs: the preset's files are replaced, the runs kept.
-        seq_2_seq_lm.save_to_preset(args.output, overwrite=True)
-    _say(f"Saved the fine-tuned model to {args.output}; use it with `--preset {args.output}`.")
-    return 0
-
-
-def run_embed(args):
-    texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
-    if not texts:
-        raise CommandError("give texts as arguments or with --file")
-    if args.output and Path(args.output).suffix.lower() not in (".npy", ".jsonl"):
-        raise CommandError(f"--output must end in .npy or .jsonl; got {args.output}")
-    if args.output and os.path.exists(args.output) and not args.overwrite:
-        raise CommandError(f"{args.output} exists; pass --overwrite to replace it")
-    _check_preset(args.preset)
-    try:
-        from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
-    except ImportError as error:
-        raise CommandError(f"embeddings need T5Gemma2Embedder, which this installation lacks ({error})") from None
-    embedder = T5Gemma2Embedder.from_preset(args.preset, pooling=args.pooling, normalize=not args.no_normalize)
-    vectors = np.asarray(embedder.predict(texts, batch_size=args.batch_size, verbose=0), "float32")
-    if args.output:
-        from keras_t5gemma.utils.safe_files import atomic_file
-
-        if args.output.lower().endswith(".npy"):
-            with atomic_file(args.output, "wb") as file:
-                np.save(file, vectors)
-        else:
-            with atomic_file(args.output, "w", encoding="utf-8") as file:
-                for text, vector in zip(texts, vectors):
-                    file.write(json.dumps({"text": text, "embedding": vector.tolist()}) + "\n")
-        _say(f"Saved {vectors.shape[0]} embeddings of size {vectors.shape[1]} to {args.output}.")
-    else:
-        with np.printoptions(precision=4, suppress=True, threshold=12, edgeitems=4, linewidth=200):
-            for text, vector in zip(texts, vectors):
-                _say(f"{text}\t{vector}")
-    if 1 < len(texts) <= 10:
-        norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
-        cosine = (vectors / np.maximum(norms, 1e-12)) @ (vectors / np.maximum(norms, 1e-12)).T
-        _say("cosine similarity:")
-        for i, text in enumerate(texts):
-            _say("  " + " ".join(f"{value:6.3f}" for value in cosine[i]) + f"  {text}")
-    return 0
-
-
-def build_convert_parser():
-    return argparse.ArgumentParser(
-        prog="keras-t5gemma convert",
+@subcommand
+def _add_convert_parser(commands):
+    parser = commands.add_parser(
+        "convert",
+        help="convert a Hugging Face T5Gemma 2 checkpoint to a Keras preset",
         description="Converts a Hugging Face T5Gemma 2 checkpoint to a Keras preset folder, loadable with "
         "`T5Gemma2Seq2SeqLM.from_preset(OUTPUT)`. --verify loads the same weights in transformers (when "
         "installed), reports the largest logit difference and how many greedy tokens agree, and exits with "
@@ -778,56 +494,87 @@ def build_convert_parser():
         epilog="Example: keras-t5gemma convert hf://google/t5gemma-2-270m-270m ./t5gemma2_270m_270m "
         "--dtype bfloat16 --verify",
     )
-
-
-def run_convert(argv):
-    """`keras-t5gemma convert SOURCE OUTPUT [--dtype] [--text-only] [--verify]`."""
-    parser = build_convert_parser()
     parser.add_argument("source", help="Hugging Face folder, hf://org/name, org/name or a released preset name")
     parser.add_argument("output", help="folder to write the Keras preset to")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--text-only", action="store_true", help="leave out the vision tower")
     parser.add_argument("--verify", action="store_true", help="compare with transformers after converting")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the preset in a non-empty OUTPUT (other files are kept)"
-    )
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit:  # argparse: --help, or bad arguments
-        return exit.code
+    overwrite = "replace the preset in a non-empty OUTPUT (other files are kept)"
+    parser.add_argument("--overwrite", action="store_true", help=overwrite)
+    parser.set_defaults(run=run_convert)
+
+
+def run_convert(args):
     from keras_t5gemma.conversion.convert import convert
     from keras_t5gemma.conversion.convert import verify
 
-    try:
-        seq_2_seq_lm, loader = convert(args.source, args.output, args.dtype, args.text_only, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConnectionError) as error:
-        print(f"keras-t5gemma: error: {error}", file=sys.stderr)
-        return 2
-    if args.verify:
-        result = verify(seq_2_seq_lm, loader)
-        if result is not None and not result[-1]:
-            return 2
-    return 0
+    seq_2_seq_lm, loader = convert(args.source, args.output, args.dtype, args.text_only, args.overwrite)
+    result = verify(seq_2_seq_lm, loader) if args.verify else None
+    return 2 if result is not None and not result[-1] else 0
 
 
-def run_export_transformers(args):
-    """`export OUTPUT --format transformers`: a folder `transformers` loads (weights, config, tokenizer)."""
-    seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
-    started = time.time()
-    try:
-        output = seq_2_seq_lm.export_to_transformers(args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    except ValueError as error:  # a folder in the way, a quantized or text-only model, a bad size
-        raise CommandError(str(error)) from None
-    size = sum(path.stat().st_size for path in output.iterdir())
-    _say(
-        f"Exported {args.preset} to {output} for transformers ({size / 2**20:.1f} MiB) in "
-        f"{time.time() - started:.1f}s; load it with T5Gemma2ForConditionalGeneration.from_pretrained."
+@subcommand
+def _add_export_parser(commands):
+    parser = commands.add_parser(
+        "export",
+        help="export a preset for serving without Keras (ONNX) or for transformers",
+        description="--format onnx writes encoder.onnx (encoder output and cross keys/values), decoder.onnx (one "
+        "step or a prompt chunk against a static self-attention cache), embedder.onnx, the tokenizer and "
+        "t5gemma2_onnx.json to OUTPUT; the `t5gemma_onnx` package generates from it with numpy, onnxruntime "
+        "and sentencepiece only. --format transformers writes safetensors weights (LoRA merged), config.json, "
+        "generation_config.json, the tokenizer and the image processor config, for "
+        "T5Gemma2ForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained.",
     )
-    return 0
+    _add_preset(parser)
+    parser.add_argument("output", help="folder to write (new, empty, or an earlier ONNX export)")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="export format")
+    length = "onnx: decoder cache length in tokens, <bos> included (default: the preset's decoder sequence length)"
+    parser.add_argument("--max-decode-length", type=_positive_int, help=length)
+    parser.add_argument("--quantize", choices=("int8",), help="onnx: weight-only int8 matmuls and embedding table")
+    parser.add_argument("--pooling", default="mean", choices=POOLINGS, help="onnx: embedder pooling " + DEFAULT)
+    parser.add_argument("--no-normalize", action="store_true", help="onnx: embedder keeps the vectors' norms")
+    dtype = "transformers: weights' dtype (default: the preset's)"
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help=dtype)
+    shard = "transformers: largest safetensors file, e.g. 500MB " + DEFAULT
+    parser.add_argument("--max-shard-size", default="2GB", help=shard)
+    parser.set_defaults(run=run_export)
 
 
 def run_export(args):
-    return {"onnx": run_export_onnx, "transformers": run_export_transformers}[args.format](args)
+    """`export OUTPUT --format onnx` (graphs, tokenizer and settings for serving without Keras) or
+    `--format transformers` (a folder `transformers` loads: weights, config, tokenizer)."""
+    seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
+    started = time.time()
+    if args.format == "onnx":
+        from keras_t5gemma.export import export_onnx
+
+        settings = export_onnx(
+            seq_2_seq_lm,
+            args.output,
+            max_decode_length=args.max_decode_length,
+            quantize=args.quantize,
+            pooling=args.pooling,
+            normalize=not args.no_normalize,
+        )
+        output, what = (
+            args.output,
+            (
+                f"(ONNX opset {settings['opset']}, {settings['quantization'] or 'float32'}, decoder cache "
+                f"{settings['max_decode_length']} tokens, "
+            ),
+        )
+        then = f'try `keras-t5gemma generate --onnx {args.output} "..."`.'
+    else:
+        output = seq_2_seq_lm.export_to_transformers(args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
+        what, then = "for transformers (", "load it with T5Gemma2ForConditionalGeneration.from_pretrained."
+    size = sum(path.stat().st_size for path in Path(output).iterdir() if path.is_file())
+    _say(f"Exported {args.preset} to {output} {what}{size / 2**20:.1f} MiB) in {time.time() - started:.1f}s; {then}")
+    return 0
+
+
+@subcommand
+def _add_presets_parser(commands):
+    commands.add_parser("presets", help="list the bundled and released presets").set_defaults(run=run_presets)
 
 
 def run_presets(args):
@@ -845,16 +592,7 @@ def run_presets(args):
     return 0
 
 
-# === Parser ===
-
-
-def _add_preset(parser):
-    parser.add_argument(
-        "--preset",
-        default=DEFAULT_PRESET,
-        help="preset name, folder written by save_to_preset / fine-tune, hf://org/name handle, or Hugging Face "
-        "checkpoint folder (default: %(default)s, bundled)",
-    )
+# === The parser ===
 
 
 def build_parser():
@@ -865,231 +603,8 @@ def build_parser():
         epilog="Run `keras-t5gemma COMMAND --help` for a command's options.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    demo_command = commands.add_parser(
-        "demo",
-        help="the main job: fine-tune the bundled model on a new operation, answers before/after",
-        description="Loads the bundled preset (trained to reverse and sort digit sequences and name an image's "
-        "colour), shows its answers, fine-tunes it briefly to `rotate` sequences ('rotate: 3 1 4' -> '1 4 3') "
-        "while replaying the known tasks, and shows the answers again with correctness marks and held-out "
-        "exact match. A few minutes on 2 CPU cores.",
-    )
-    _add_preset(demo_command)
-    demo_command.add_argument(
-        "--steps", type=_positive_int, default=500, help="fine-tuning steps (default: %(default)s)"
-    )
-    demo_command.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
-    demo_command.add_argument("--learning-rate", type=float, default=2e-3, help="AdamW rate (default: %(default)s)")
-    demo_command.add_argument(
-        "--eval-examples", type=_positive_int, default=100, help="held-out prompts per group (default: %(default)s)"
-    )
-    demo_command.add_argument("--output", help="also save the fine-tuned model to this folder")
-    demo_command.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    demo_command.add_argument(
-        "--verbose",
-        type=int,
-        choices=(0, 1, 2),
-        help="Keras fit verbosity (default: a progress bar on a terminal, else one line)",
-    )
-    demo_command.set_defaults(run=run_demo)
-
-    generate = commands.add_parser(
-        "generate",
-        help="generate answers to text prompts, optionally with images",
-        description="Prints one answer per prompt. Images go with every prompt; a prompt without enough "
-        f"`{IMAGE_MARKER}` markers gets them appended.",
-    )
-    _add_preset(generate)
-    generate.add_argument("prompts", nargs="*", help="prompts (quote each one)")
-    generate.add_argument("--file", help="a text file of prompts, one per line")
-    generate.add_argument("--image", action="append", metavar="PATH", help="a PNG/JPEG image (repeatable)")
-    generate.add_argument("--sampler", default="greedy", choices=SAMPLERS, help="(default: %(default)s)")
-    generate.add_argument(
-        "--max-length", type=_positive_int, help="decoder length in tokens, <bos> included (default: the preset's)"
-    )
-    generate.add_argument(
-        "--encoder-length", type=_positive_int, help="encoder length in tokens (default: the preset's)"
-    )
-    generate.add_argument("--temperature", type=float, default=1.0, help="for top_k/top_p/random (default: 1.0)")
-    generate.add_argument("--top-k", type=_positive_int, default=5, help="for top_k (default: %(default)s)")
-    generate.add_argument("--top-p", type=float, default=0.9, help="for top_p (default: %(default)s)")
-    generate.add_argument("--num-beams", type=_positive_int, default=4, help="for beam (default: %(default)s)")
-    generate.add_argument(
-        "--batch-size", type=_positive_int, default=32, help="prompts per batch (default: %(default)s)"
-    )
-    generate.add_argument("--seed", type=int, default=0, help="for the random samplers (default: %(default)s)")
-    generate.add_argument("--show-prompt", action="store_true", help="print `prompt -> answer`")
-    generate.add_argument(
-        "--onnx",
-        metavar="FOLDER",
-        help="generate with the ONNX runtime from a folder written by `export --format onnx` (instead of --preset)",
-    )
-    generate.set_defaults(run=run_generate)
-
-    fine_tune = commands.add_parser(
-        "fine-tune",
-        help="fine-tune on a JSONL or CSV file of input/target pairs",
-        description='Data: JSONL with one {"input": ..., "target": ...} object per line, or CSV with the '
-        "columns input,target; an optional `image` field/column is an image path relative to the data file. "
-        "Each run keeps a checkpoint of its training state after each epoch (sharded Orbax checkpoints, "
-        "written by every process) in its own folder OUTPUT/runs/run_NNN/checkpoints/, and the final model "
-        "in OUTPUT. With several devices it trains data-parallel, or on a --mesh; on a pod, run the same "
-        "command on every host with --multi-host.",
-    )
-    _add_preset(fine_tune)
-    fine_tune.add_argument("data", help="a .jsonl or .csv file")
-    fine_tune.add_argument(
-        "--task",
-        default="generate",
-        choices=("generate", "classify", "classify-tokens"),
-        help='generate: input/target pairs (T5Gemma2Seq2SeqLM); classify: JSONL {"input": ..., "label": ...} '
-        'lines (T5Gemma2TextClassifier); classify-tokens: JSONL {"input": ..., "labels": [...]} lines, one '
-        "label per whitespace-separated word (T5Gemma2TokenClassifier); a label is a class index or name "
-        "(default: %(default)s)",
-    )
-    fine_tune.add_argument("--output", default="t5gemma2_fine_tuned", help="folder to save to (default: %(default)s)")
-    fine_tune.add_argument("--epochs", type=_positive_int, default=3, help="(default: %(default)s)")
-    fine_tune.add_argument("--batch-size", type=_positive_int, default=16, help="(default: %(default)s)")
-    fine_tune.add_argument("--learning-rate", type=float, default=2e-4, help="AdamW rate (default: %(default)s)")
-    fine_tune.add_argument("--weight-decay", type=float, default=0.01, help="(default: %(default)s)")
-    fine_tune.add_argument(
-        "--lora-rank",
-        type=_positive_int,
-        help="train LoRA adapters of this rank instead of all weights (merged when saved)",
-    )
-    fine_tune.add_argument(
-        "--train-vision-tower",
-        action="store_true",
-        help="train the vision tower too (default: frozen, as T5Gemma 2 is fine-tuned)",
-    )
-    fine_tune.add_argument(
-        "--mixed-bfloat16",
-        action="store_true",
-        help="compute in bfloat16 with float32 weights (Keras' mixed_bfloat16 policy; faster on TPUs and "
-        "recent GPUs); the saved model keeps the policy",
-    )
-    fine_tune.add_argument(
-        "--encoder-length",
-        type=_positive_int,
-        help="encoder tokens; longer inputs are truncated (default: the preset's)",
-    )
-    fine_tune.add_argument(
-        "--decoder-length",
-        type=_positive_int,
-        help="decoder tokens; longer targets are truncated (default: the preset's)",
-    )
-    fine_tune.add_argument(
-        "--keep-checkpoints",
-        type=_positive_int,
-        default=2,
-        help="epoch checkpoints of this run to keep (default: %(default)s)",
-    )
-    fine_tune.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the last run in OUTPUT from its last complete checkpoint (the same settings; "
-        "--epochs may grow); starts a run if OUTPUT is empty",
-    )
-    fine_tune.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="write into a non-empty OUTPUT: a new run beside the earlier ones, and the final model's files",
-    )
-    fine_tune.add_argument(
-        "--mesh",
-        metavar="BATCHxMODEL",
-        help="shard the model over a (batch, model) mesh of all devices, e.g. 2x4 (default: data parallel "
-        "over all devices, JAX only)",
-    )
-    fine_tune.add_argument(
-        "--multi-host",
-        action="store_true",
-        help="join the other hosts of a pod first (keras.distribution.initialize: KERAS_DISTRIBUTION_* "
-        "variables, or found by itself on a Cloud TPU pod)",
-    )
-    fine_tune.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default: 0)")
-    fine_tune.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no progress output (default: a progress bar on a terminal, else a line per epoch)",
-    )
-    fine_tune.set_defaults(run=run_fine_tune)
-
-    embed = commands.add_parser(
-        "embed",
-        help="embed texts with the encoder (pooled, normalised vectors)",
-        description="Prints each text's embedding (and their cosine similarities), or saves them with --output "
-        '(.npy: a (texts, hidden) float32 array; .jsonl: one {"text", "embedding"} object per line).',
-    )
-    _add_preset(embed)
-    embed.add_argument("texts", nargs="*", help="texts (quote each one)")
-    embed.add_argument("--file", help="a text file, one text per line")
-    embed.add_argument("--pooling", default="mean", choices=("mean", "first", "last"), help="(default: %(default)s)")
-    embed.add_argument("--no-normalize", action="store_true", help="keep the vectors' norms")
-    embed.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
-    embed.add_argument("--output", help="a .npy or .jsonl file to save to")
-    embed.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    embed.set_defaults(run=run_embed)
-
-    classify = commands.add_parser(
-        "classify",
-        help="classify texts with a classifier preset (e.g. one from `fine-tune --task classify`)",
-        description="Prints `text<TAB>class<TAB>probability` for each text, or with --tokens `word/class` "
-        "for each word.",
-    )
-    _add_preset(classify)
-    classify.add_argument("texts", nargs="*", help="texts (quote each one)")
-    classify.add_argument("--file", help="a text file, one text per line")
-    classify.add_argument("--tokens", action="store_true", help="a token classifier: one class per word")
-    classify.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
-    classify.set_defaults(run=run_classify)
-
-    commands.add_parser(
-        "convert",
-        add_help=False,
-        help="convert a Hugging Face T5Gemma 2 checkpoint to a Keras preset (`convert --help` for options)",
-    )
-
-    export = commands.add_parser(
-        "export",
-        help="export a preset for serving without Keras (ONNX) or for transformers",
-        description="--format onnx writes encoder.onnx (encoder output and cross keys/values), decoder.onnx (one "
-        "step or a prompt chunk against a static self-attention cache), embedder.onnx, the tokenizer and "
-        "t5gemma2_onnx.json to OUTPUT; the `t5gemma_onnx` package generates from it with numpy, onnxruntime "
-        "and sentencepiece only. --format transformers writes safetensors weights (LoRA merged), config.json, "
-        "generation_config.json, the tokenizer and the image processor config, for "
-        "T5Gemma2ForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained.",
-    )
-    _add_preset(export)
-    export.add_argument("output", help="folder to write (new, empty, or an earlier ONNX export)")
-    export.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="export format")
-    export.add_argument(
-        "--max-decode-length",
-        type=_positive_int,
-        help="onnx: decoder cache length in tokens, <bos> included (default: the preset's decoder sequence length)",
-    )
-    export.add_argument("--quantize", choices=("int8",), help="onnx: weight-only int8 matmuls and embedding table")
-    export.add_argument(
-        "--pooling",
-        default="mean",
-        choices=("mean", "first", "last"),
-        help="onnx: embedder pooling (default: %(default)s)",
-    )
-    export.add_argument("--no-normalize", action="store_true", help="onnx: embedder keeps the vectors' norms")
-    export.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        help="transformers: weights' dtype (default: the preset's)",
-    )
-    export.add_argument(
-        "--max-shard-size",
-        default="2GB",
-        help="transformers: largest safetensors file, e.g. 500MB (default: %(default)s)",
-    )
-    export.set_defaults(run=run_export)
-
-    presets = commands.add_parser("presets", help="list the bundled and released presets")
-    presets.set_defaults(run=run_presets)
+    for add_parser in SUBCOMMANDS:
+        add_parser(commands)
     return parser
 
 
@@ -1097,8 +612,6 @@ def main(argv=None):
     """Runs the command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["convert"]:
-            return run_convert(argv[1:])
         parser = build_parser()
         try:
             args = parser.parse_args(argv)

@@ -198,7 +198,7 @@ def test_fine_tune_says_when_an_image_is_outside_the_data_folder(capsys, tmp_pat
     data.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), "uint8")).save(tmp_path / "outside.png")
     path = write_jsonl(data / "train.jsonl", [{"input": "color:", "target": "red", "image": "../outside.png"}])
-    from keras_t5gemma.cli import read_pairs
+    from keras_t5gemma.data import read_pairs
 
     read_pairs(str(path))
     assert "train.jsonl, line 1: the image" in capsys.readouterr().err
@@ -243,7 +243,7 @@ def test_token_ids_are_checked_without_a_preprocessor(on_ids, token_ids, message
 
 
 def test_the_command_line_and_the_api_see_a_transparent_image_alike(tmp_path):
-    from keras_t5gemma.cli import _load_image
+    from keras_t5gemma.training.fine_tune import load_image as _load_image
 
     pixels = np.zeros((6, 6, 4), "uint8")
     pixels[..., 0] = 200

@@ -1,6 +1,7 @@
 """`keras-t5gemma`: each subcommand on the bundled preset (in-process through `main`),
 clear errors with non-zero exit codes, and the bundled preset's recorded accuracy."""
 
+import functools
 import json
 import os
 import subprocess
@@ -429,3 +430,23 @@ def test_fine_tune_classify_tokens_then_classify_tokens(capsys, tmp_path):
     bad = write_jsonl(tmp_path / "bad_tags.jsonl", [{"input": "3 1", "labels": ["-"]}])
     status, _, err = run(capsys, "fine-tune", bad, "--task", "classify-tokens")
     assert status == 2 and "a list of 2 classes, one per word" in err
+
+
+def test_fine_tune_hands_every_option_to_fine_tune(capsys, monkeypatch):
+    # The command is a shell: its options reach `fine_tune` (`--remat` as `remat=True`, which `from_preset` gets).
+    module = sys.modules["keras_t5gemma.training.fine_tune"]
+    calls = []
+
+    @functools.wraps(module.fine_tune)
+    def record(**options):
+        calls.append(options)
+        return module.FineTuneResult(None, None, None, 0, saved=False)
+
+    monkeypatch.setattr(module, "fine_tune", record)
+    status, out, err = run(capsys, "fine-tune", "data.jsonl", "--remat", "--mixed-bfloat16", "--mesh", "1x1", "--quiet")
+    assert status == 0, err
+    [options] = calls
+    assert options["data"] == "data.jsonl" and options["output"] == "t5gemma2_fine_tuned"
+    assert options["remat"] is True and options["dtype"] == "mixed_bfloat16" and options["mesh"] == "1x1"
+    assert options["verbose"] == 0 and options["epochs"] == 3 and options["resume"] is False
+    assert "Saved" not in out  # nothing was saved

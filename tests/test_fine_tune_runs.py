@@ -1,6 +1,7 @@
-"""`keras-t5gemma fine-tune`: run folders, --resume, --overwrite, Ctrl-C, --mesh (in-process through `main`).
+"""`keras-t5gemma fine-tune`: run folders, --resume, --overwrite, Ctrl-C, --mesh (in-process through `main`),
+and `fine_tune(...)` called from Python.
 
-The bundled tiny preset, 16 examples, batches of 8, 2 epochs: four training runs in all.
+The bundled tiny preset, 16 examples, batches of 8, 2 epochs: six training runs in all.
 """
 
 import contextlib
@@ -17,6 +18,7 @@ import pytest
 from keras_t5gemma import demo
 from keras_t5gemma.cli import main
 from keras_t5gemma.training import checkpoints as checkpoints_lib
+from keras_t5gemma.training.fine_tune import fine_tune as fine_tune_in_python
 
 pytestmark = pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "jax") != "jax", reason="Orbax checkpoints: JAX")
 
@@ -130,3 +132,24 @@ def test_mesh_needs_as_many_devices(capsys, data, tmp_path):
     status, _, err = fine_tune(capsys, data, tmp_path / "out", "--mesh", "8")
     assert status == 2 and "BATCHxMODEL" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_fine_tune_from_python_stops_then_resumes_from_its_checkpoint(data, tmp_path, uninterrupted):
+    pairs = [(record["input"], record["target"]) for record in map(json.loads, data.read_text().splitlines())]
+    settings = {"batch_size": 8, "learning_rate": 1e-3, "encoder_length": 24, "decoder_length": 12}
+    output = tmp_path / "from_python"
+    first = fine_tune_in_python(pairs, output, epochs=1, verbose=0, log=None, **settings)
+    assert first.initial_epoch == 0 and first.saved and (output / "config.json").exists()
+    assert first.run == str(output / "runs" / "run_001") and len(first.history.history["loss"]) == 1
+
+    resumed = fine_tune_in_python(pairs, output, epochs=2, resume=True, verbose=0, log=None, **settings)
+    assert resumed.run == first.run and resumed.initial_epoch == 1
+    assert sorted(os.listdir(output / "runs")) == ["run_001"]
+    assert sorted(os.listdir(output / "runs" / "run_001" / "checkpoints")) == ["1", "2"]
+    # It went on from epoch 1's checkpoint: its one epoch is an uninterrupted run's second (the same data in the
+    # same order), not a fresh run's first.
+    _, reference = uninterrupted
+    assert abs(reference[1] - reference[0]) > 1e-3
+    np.testing.assert_allclose(resumed.history.history["loss"], reference[1:], atol=1e-4)
+    with pytest.raises(ValueError, match="seed 0 -> 1"):
+        fine_tune_in_python(pairs, output, epochs=3, resume=True, seed=1, verbose=0, log=None, **settings)

@@ -24,7 +24,7 @@ The folder written by `export_onnx`:
 - `tokenizer.spm` (SentencePiece) and `t5gemma2_onnx.json`: special ids,
   prompt layout, image-converter settings, shapes, opset, file names.
 
-`keras_t5gemma.onnx_runtime.OnnxSeq2SeqLM` generates and embeds from the
+`t5gemma_onnx.OnnxSeq2SeqLM` (the top-level `t5gemma_onnx` package) generates and embeds from the
 folder with numpy, onnxruntime and sentencepiece only.
 
 Example:
