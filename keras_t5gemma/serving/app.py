@@ -68,7 +68,7 @@ class ServerSettings:
     max_image_pixels: int = 4096 * 4096
     max_queue: int = 256
     batch_sizes: tuple = (1, 4, 16)
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 0.0
     request_timeout: float = 120.0
     keep_alive: float | None = 300.0
     max_loaded_models: int = 2

@@ -170,7 +170,7 @@ class Batcher:
         decode_lengths,
         max_images,
         max_queue,
-        batch_wait=0.005,
+        batch_wait=0.0,
         metrics=None,
         name="model",
     ):

@@ -96,7 +96,10 @@ def add_serve_parser(subcommands):
         help="batch-size buckets, e.g. 1,4,16 (default: powers of 4 up to --max-batch-size, and it)",
     )
     serve.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="wait for more rows after the first (default: 5)"
+        "--batch-wait-ms",
+        type=float,
+        default=0.0,
+        help="wait for more rows after the first (default: 0: rows that come while a batch decodes join the next)",
     )
     serve.add_argument(
         "--max-queue", type=_positive_int, default=256, help="rows that may wait; more get 429 (default: 256)"

@@ -52,6 +52,9 @@ class KerasEngine:
         self.eos_id = tokenizer.end_token_id
         self.special_ids = tuple(tokenizer.special_token_ids)
         self.decode = sentencepiece_decoder(tokenizer)
+        import sentencepiece
+
+        self._processor = sentencepiece.SentencePieceProcessor(model_proto=tokenizer.proto)
         self.vision = getattr(self.preprocessor, "image_converter", None) is not None
         self.image_shape = tuple(self.preprocessor.image_converter.image_size) + (3,) if self.vision else None
         self.tokens_per_image = getattr(self.preprocessor, "mm_tokens_per_image", 0)
@@ -62,8 +65,27 @@ class KerasEngine:
         self._embedder_lock = threading.Lock()
         self.embed_batch_sizes = sorted(embed_batch_sizes)
 
+    def _fast_token_ids(self, text):
+        """A text-only prompt's ids from SentencePiece directly (the preprocessor's layout, without TF's
+        per-call overhead), or None where only the preprocessor knows the layout (image markers)."""
+        preprocessor = self.preprocessor
+        tokenizer = preprocessor.tokenizer
+        if not hasattr(preprocessor, "add_start_token") or not hasattr(tokenizer, "start_of_image_token"):
+            return None
+        if any(piece in text for piece in (tokenizer.start_of_image_token, tokenizer.image_placeholder_token)):
+            return None
+        ids = self._processor.encode(text)
+        return [self.bos_id] * preprocessor.add_start_token + ids + [self.eos_id] * preprocessor.add_end_token
+
     def prepare(self, text, images, max_prompt_tokens):
         """Lays out one prompt as `generate` does; images are uint8 `(H, W, 3)` arrays, one per marker."""
+        if not images:
+            ids = self._fast_token_ids(text)
+            if ids is not None:
+                if len(ids) > max_prompt_tokens:
+                    limit = max_prompt_tokens
+                    raise PromptError(f"the prompt has {len(ids)} tokens; this server takes at most {limit}")
+                return Prompt(np.asarray(ids, "int32"), None)
         inputs = {"encoder_text": [text]}
         if images:
             if not self.vision:
