@@ -73,7 +73,8 @@ def test_the_check_catches_a_model_importing_conversion(tmp_path):
 
 def test_every_part_of_the_package_is_placed():
     parts = {_part(path) for path in PACKAGE.rglob("*.py")}
-    assert parts - set(ALLOWED) <= {"__init__", "__main__", "cli"}
+    # The command line and the server sit on top and may import anything.
+    assert parts - set(ALLOWED) <= {"__init__", "__main__", "cli", "serving"}
 
 
 def test_private_keras_hub_names_come_from_one_module():
@@ -135,3 +136,58 @@ def test_declared_dependencies_are_used():
     imported = set(_imported_distributions().values())
     unused = _declared_dependencies() - imported - {name.replace("_", "-") for name in UNIMPORTED}
     assert unused == set()
+
+
+def _classes(path):
+    return [node for node in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(node, ast.ClassDef)]
+
+
+def _package_class_names():
+    return {node.name for path in PACKAGE.rglob("*.py") for node in _classes(path)}
+
+
+def _base_name(base):
+    return base.attr if isinstance(base, ast.Attribute) else getattr(base, "id", None)
+
+
+def task_base_violations(path, package_classes):
+    """`file: Class has N bases from this package` for a task class with more than two of them."""
+    found = []
+    for node in _classes(path):
+        ours = [_base_name(base) for base in node.bases if _base_name(base) in package_classes]
+        if len(ours) > 2:
+            found.append(f"{path.name}: {node.name} has {len(ours)} bases from this package: {', '.join(ours)}")
+    return found
+
+
+def model_method_jumps(path):
+    """`file:line` for each call `keras.Model.<method>(self, ...)` (past the method order)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        owner = node.func.value
+        if _base_name(owner) == "Model" and node.args and getattr(node.args[0], "id", None) == "self":
+            found.append(f"{path.name}:{node.lineno} calls Model.{node.func.attr}(self, ...)")
+    return found
+
+
+MODEL_SOURCES = sorted(PACKAGE.joinpath("models").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODEL_SOURCES, ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_classes_have_one_line_of_inheritance(path):
+    assert task_base_violations(path, _package_class_names()) == []
+    assert model_method_jumps(path) == []
+
+
+def test_the_inheritance_checks_catch_mixins_and_jumps(tmp_path):
+    task = tmp_path / "task.py"
+    task.write_text(
+        "import keras\n\n\nclass A:\n    pass\n\n\nclass B:\n    pass\n\n\nclass C:\n    pass\n\n\n"
+        "class Task(A, B, C, keras.Model):\n    def fit(self, x):\n        return keras.Model.fit(self, x)\n"
+    )
+    assert task_base_violations(task, {"A", "B", "C", "Task"}) == [
+        "task.py: Task has 3 bases from this package: A, B, C"
+    ]
+    assert model_method_jumps(task) == ["task.py:18 calls Model.fit(self, ...)"]

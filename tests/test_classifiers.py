@@ -265,7 +265,7 @@ def test_lora_fine_tuning_trains_only_the_adapters_and_the_head():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         history = classifier.fit(texts, labels, batch_size=32, epochs=2, verbose=0)
-    # In-memory samples are shuffled before batching (`ShuffledFitMixin`): no Keras warning about `shuffle`.
+    # In-memory samples are shuffled before batching (`T5Gemma2Task.fit`): no Keras warning about `shuffle`.
     assert not [w for w in caught if "shuffle" in str(w.message)], [str(w.message) for w in caught]
     assert history.history["loss"][-1] < history.history["loss"][0]
     np.testing.assert_array_equal(
@@ -296,7 +296,8 @@ def test_token_classifier_learns_to_tag_rises_and_round_trips(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = T5Gemma2TokenClassifier.from_preset(str(tmp_path / "tagger"))
-    np.testing.assert_allclose(loaded.predict_words(words[:4], verbose=0)[2], scores[2], atol=1e-6)
+    # The same batches as `scores` (another batch shape may round differently on XLA CPU).
+    np.testing.assert_allclose(loaded.predict_words(words[:64], batch_size=32, verbose=0)[2], scores[2], atol=1e-6)
 
 
 @pytest.mark.parametrize("task_class", [T5Gemma2TextClassifier, T5Gemma2TokenClassifier, T5Gemma2Seq2SeqLM])

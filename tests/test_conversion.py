@@ -20,7 +20,7 @@ from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma import T5Gemma2Tokenizer
 from keras_t5gemma.cli import main as command_line
-from keras_t5gemma.utils import preset_utils
+from keras_t5gemma.utils import hub
 
 PROMPT = "A <start_of_image> fox jumped."
 # Two bfloat16 implementations each round to 8 significant bits (unit roundoff
@@ -108,7 +108,7 @@ def test_hf_handle_and_released_name_load_through_the_hub(checkpoints, monkeypat
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr(preset_utils, "_hub_unreachable", lambda: None)  # the faked hub answers
+    monkeypatch.setattr(hub, "_hub_unreachable", lambda: None)  # the faked hub answers
     seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_270m_270m")
     assert ("google/t5gemma-2-270m-270m", "config.json") in requested
     _compare_with_reference(seq_2_seq_lm, model, rng)
@@ -127,7 +127,7 @@ def test_gated_repository_says_how_to_get_access(monkeypatch):
         raise GatedRepoError("403 Client Error: access to this model is restricted", response=Forbidden())
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
-    monkeypatch.setattr(preset_utils, "_hub_unreachable", lambda: None)  # the faked hub answers
+    monkeypatch.setattr(hub, "_hub_unreachable", lambda: None)  # the faked hub answers
     with pytest.raises(PermissionError, match="is gated. Accept the Gemma license.*HF_TOKEN"):
         T5Gemma2Backbone.from_preset("hf://google/t5gemma-2-270m-270m")
 

@@ -11,6 +11,7 @@ from hf_checkpoints import checkpoint_config
 from hf_checkpoints import write_checkpoint
 
 from keras_t5gemma import T5Gemma2Backbone
+from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma import T5Gemma2TextClassifier
 from keras_t5gemma import T5Gemma2Tokenizer
 from keras_t5gemma.conversion import quantized_loading
@@ -102,3 +103,21 @@ def test_a_quantized_backbone_with_a_vision_tower_rebuilds_from_its_config():
     assert restored.vision_encoder.vision_layers[0].attention.query_dense.quantization_mode == "int8"
     restored.set_weights(backbone.get_weights())
     assert _dtype(restored.vision_encoder.projection._kernel) == "int8"
+
+
+def _remat_flags(model):
+    backbone = getattr(model, "backbone", model)
+    stacks = [stack for stack in (backbone.encoder, backbone.decoder) if stack is not None]
+    return {backbone.remat} | {layer.remat for stack in stacks for layer in stack.transformer_layers}
+
+
+@pytest.mark.parametrize("cls", [T5Gemma2Backbone, T5Gemma2Seq2SeqLM, T5Gemma2TextClassifier])
+def test_backbone_options_reach_the_layers_from_every_loader(hf_folder, cls):
+    # One route for every loader: a Hugging Face folder and the bundled Keras preset (its saved
+    # backbone says `remat: False`; its `task.json` holds a `T5Gemma2Seq2SeqLM`).
+    extra = {"num_classes": 2} if cls is T5Gemma2TextClassifier else {}
+    for preset in (hf_folder, "t5gemma2_tiny_digits"):
+        assert _remat_flags(cls.from_preset(preset, **extra)) == {False}
+        model = cls.from_preset(preset, remat=True, dtype="bfloat16", **extra)
+        assert _remat_flags(model) == {True}, preset
+        assert getattr(model, "backbone", model).dtype_policy.name == "bfloat16"

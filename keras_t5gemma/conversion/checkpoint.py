@@ -13,8 +13,8 @@ import ml_dtypes
 import numpy as np
 
 from keras_t5gemma.conversion.config import check_t5gemma2_config
-from keras_t5gemma.utils.preset_utils import fetch_file
-from keras_t5gemma.utils.preset_utils import read_json_file
+from keras_t5gemma.utils.hub import fetch_file
+from keras_t5gemma.utils.hub import read_json_file
 
 _DTYPES = {
     "BF16": ml_dtypes.bfloat16,

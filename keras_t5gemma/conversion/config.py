@@ -112,10 +112,11 @@ def vision_encoder_kwargs_from_hf_config(vision_config, mm_tokens_per_image, out
     }
 
 
-def backbone_from_hf_config(config, text_only=False, encoder_only=False, dtype=None, cls=T5Gemma2Backbone):
+def backbone_from_hf_config(config, text_only=False, encoder_only=False, dtype=None, cls=T5Gemma2Backbone, remat=False):
     """A `cls` backbone (random weights) for a T5Gemma 2 `config.json` dict.
 
     `text_only` leaves out the vision tower, `encoder_only` the decoder;
+    `remat` rematerialises each transformer layer in the backward pass;
     `cls` is `T5Gemma2Backbone` or a subclass.
     """
     kwargs = backbone_kwargs_from_hf_config(config)
@@ -127,7 +128,7 @@ def backbone_from_hf_config(config, text_only=False, encoder_only=False, dtype=N
             dtype=dtype,
             name="vision_encoder",
         )
-    return cls(**kwargs, encoder_only=encoder_only, dtype=dtype)
+    return cls(**kwargs, encoder_only=encoder_only, remat=remat, dtype=dtype)
 
 
 def backbone_kwargs_from_hf_config(config):

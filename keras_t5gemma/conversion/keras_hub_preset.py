@@ -36,7 +36,6 @@ import numpy as np
 from keras_hub.models import T5Gemma2Backbone as KerasHubT5Gemma2Backbone
 
 from keras_t5gemma.conversion.config import backbone_from_hf_config
-from keras_t5gemma.conversion.quantized_loading import QuantizedLoadingMixin
 from keras_t5gemma.conversion.quantized_loading import build_quantized
 from keras_t5gemma.conversion.weights import load_weights
 from keras_t5gemma.conversion.weights import weight_specs
@@ -49,6 +48,7 @@ from keras_t5gemma.utils.keras_hub_compat import PresetLoader
 from keras_t5gemma.utils.keras_hub_compat import check_file_exists
 from keras_t5gemma.utils.keras_hub_compat import get_file
 from keras_t5gemma.utils.keras_hub_compat import load_json
+from keras_t5gemma.utils.preset_utils import RoutedOptionsLoader
 
 REGISTERED_NAME = "keras_hub>T5Gemma2Backbone"
 VOCABULARY_FILE = "assets/tokenizer/vocabulary.spm"
@@ -228,12 +228,12 @@ def keras_hub_tensors(keras_hub_backbone):
     return tensors
 
 
-class KerasHubT5Gemma2PresetLoader(QuantizedLoadingMixin, PresetLoader):
+class KerasHubT5Gemma2PresetLoader(RoutedOptionsLoader, PresetLoader):
     """Builds this package's classes from a preset saved by KerasHub's `T5Gemma2Backbone`/`T5Gemma2Seq2SeqLM`.
 
-    `load_backbone` takes `text_only`, `encoder_only` and `quantize` as for
-    Hugging Face checkpoints (KerasHub's float model is read first, so
-    `quantize` saves no memory here).
+    `load_backbone` takes the backbone options as for Hugging Face
+    checkpoints (KerasHub's float model is read first, so `quantize` saves
+    no memory here).
     """
 
     def check_backbone_class(self):
@@ -255,14 +255,23 @@ class KerasHubT5Gemma2PresetLoader(QuantizedLoadingMixin, PresetLoader):
         return hf_config_from_keras_hub(self.config["config"], self._image_token_id())
 
     def load_backbone(
-        self, cls, load_weights_=True, text_only=False, encoder_only=False, dtype=None, quantize=None, **kwargs
+        self,
+        cls,
+        load_weights_=True,
+        text_only=False,
+        encoder_only=False,
+        dtype=None,
+        quantize=None,
+        remat=False,
+        progress=None,
+        **kwargs,
     ):
         if kwargs:
             raise ValueError(f"Unexpected arguments for a KerasHub T5Gemma 2 preset: {sorted(kwargs)}.")
         config = self.hf_config()
         backbone = build_quantized(
             lambda policy: backbone_from_hf_config(
-                config, text_only=text_only, encoder_only=encoder_only, dtype=policy, cls=cls
+                config, text_only=text_only, encoder_only=encoder_only, dtype=policy, cls=cls, remat=remat
             ),
             dtype,
             quantize,
@@ -280,7 +289,7 @@ class KerasHubT5Gemma2PresetLoader(QuantizedLoadingMixin, PresetLoader):
             def read(key):
                 return specs[key].to_checkpoint(tensors[key]) if key in specs else tensors[key]
 
-            load_weights(backbone, tensors.keys(), read)
+            load_weights(backbone, tensors.keys(), read, progress=progress)
         return backbone
 
     def load_tokenizer(self, cls, config_file="tokenizer.json", **kwargs):

@@ -10,27 +10,24 @@ from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_syste
 from keras_t5gemma.conversion.config import backbone_from_hf_config
 from keras_t5gemma.conversion.config import check_t5gemma2_config
 from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
-from keras_t5gemma.conversion.quantized_loading import QuantizedLoadingMixin
 from keras_t5gemma.conversion.quantized_loading import build_quantized
 from keras_t5gemma.conversion.weights import CLASSIFIER_HEAD_KEY
 from keras_t5gemma.conversion.weights import load_classifier_head
 from keras_t5gemma.conversion.weights import load_weights
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
+from keras_t5gemma.models.t5gemma2_classification import T5Gemma2Classifier
 from keras_t5gemma.utils.keras_hub_compat import PresetLoader
+from keras_t5gemma.utils.preset_utils import RoutedOptionsLoader
 
 
-class T5Gemma2CheckpointLoader(QuantizedLoadingMixin, PresetLoader):
+class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
     """Builds T5Gemma 2 models from a Hugging Face checkpoint.
 
-    Extra `load_backbone` arguments: `text_only` (skip the vision tower and its
-    weights), `encoder_only` (skip the decoder), `progress` (a callable
-    advanced once per loaded tensor) and `quantize` (`"int8"`: the model of
-    `quantize("int8")`, each tensor quantized as it is read; see
-    `quantized_loading`).
+    `load_backbone` takes every backbone option (`BACKBONE_OPTIONS`):
+    `text_only` skips the vision tower and its weights, `encoder_only` the
+    decoder, `quantize="int8"` builds the model of `quantize("int8")` with
+    each tensor quantized as it is read (see `quantized_loading`).
     """
-
-    backbone_arguments = ("text_only", "encoder_only", "progress", "quantize")
 
     def __init__(self, preset, config):
         super().__init__(preset, config)
@@ -52,6 +49,7 @@ class T5Gemma2CheckpointLoader(QuantizedLoadingMixin, PresetLoader):
         progress=None,
         dtype=None,
         quantize=None,
+        remat=False,
         **kwargs,
     ):
         if kwargs:
@@ -60,7 +58,7 @@ class T5Gemma2CheckpointLoader(QuantizedLoadingMixin, PresetLoader):
 
         def build(policy):
             return backbone_from_hf_config(
-                self.config, text_only=text_only, encoder_only=encoder_only, dtype=policy, cls=cls
+                self.config, text_only=text_only, encoder_only=encoder_only, dtype=policy, cls=cls, remat=remat
             )
 
         backbone = build_quantized(build, dtype, quantize)
@@ -147,11 +145,11 @@ class T5Gemma2CheckpointLoader(QuantizedLoadingMixin, PresetLoader):
                 kwargs["labels"] = [id2label[str(i)] for i in range(len(id2label))]
         return kwargs
 
-    def build_task(self, cls, load_weights, load_task_weights, **kwargs):
-        if not issubclass(cls, ClassifierMixin):
-            return super().build_task(cls, load_weights, load_task_weights, **kwargs)
+    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
+        if not issubclass(cls, T5Gemma2Classifier):
+            return super().load_task(cls, load_weights, load_task_weights, **kwargs)
         kwargs = {**self.classifier_kwargs("num_classes" in kwargs), **kwargs}
-        task = super().build_task(cls, load_weights, load_task_weights, **kwargs)
+        task = super().load_task(cls, load_weights, load_task_weights, **kwargs)
         if load_weights and load_task_weights and self.has_classifier_head():
             load_classifier_head(task, self.checkpoint.keys(), self.checkpoint.read)
         return task

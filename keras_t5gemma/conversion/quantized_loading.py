@@ -1,7 +1,7 @@
 """Loading a checkpoint straight into int8: no float copy of the model is ever held.
 
 `quantized_dtype_policy` gives the layers that `quantize` converts (the
-projections and the embedding table, `models.model_mixins.quantizable`) a
+projections and the embedding table, `models.quantization.quantizable`) a
 quantized dtype policy before they are built, as Keras builds a reloaded
 quantized model: they get their int8 variables and scales and never a float
 kernel. `quantized_values` then fills them from each float checkpoint tensor
@@ -15,8 +15,8 @@ import gc
 import keras
 import numpy as np
 
-from keras_t5gemma.models.model_mixins import collections_of_new_objects_only
-from keras_t5gemma.models.model_mixins import quantizable
+from keras_t5gemma.models.quantization import collections_of_new_objects_only
+from keras_t5gemma.models.quantization import quantizable
 from keras_t5gemma.utils.keras_hub_compat import variables_without_values
 from keras_t5gemma.utils.preset_utils import check_quantize_mode
 
@@ -137,49 +137,8 @@ def assign_by_name(layer, values):
         by_name[name].assign(values.pop(name))
 
 
-def quantize_remaining(model, mode):
-    """`model.quantize(mode)` over the quantizable layers not yet quantized (a task's head after its backbone)."""
-    check_quantize_mode(mode)
-    model.quantize(mode, filters=lambda layer: quantizable(layer) and layer.quantization_mode is None)
-
-
 def build_quantized(build, dtype, quantize=None):
     """`build(dtype)`, with the layers `quantize` converts built quantized when `quantize` is a mode."""
     if quantize is not None:
         dtype = quantized_dtype_policy(build, dtype, quantize)
     return build(dtype)
-
-
-class QuantizedLoadingMixin:
-    """For checkpoint loaders: `from_preset(..., quantize=mode)` reaches `load_backbone`, which builds quantized.
-
-    `load_task` then quantizes what the backbone's load left float (a
-    classifier's head; a backbone passed in as `backbone=`), and gives a
-    `text_only` task a preprocessor without an image converter. Loaders say
-    which `from_preset` arguments go to `load_backbone` (`backbone_arguments`)
-    and build the task in `build_task`.
-    """
-
-    # `from_preset(..., quantize=...)` hands `quantize` to this loader instead of quantizing afterwards.
-    loads_quantized = True
-    backbone_arguments = ("text_only", "encoder_only", "quantize")
-
-    def get_backbone_kwargs(self, **kwargs):
-        backbone_kwargs, kwargs = super().get_backbone_kwargs(**kwargs)
-        for name in self.backbone_arguments:
-            if name in kwargs:
-                backbone_kwargs[name] = kwargs.pop(name)
-        return backbone_kwargs, kwargs
-
-    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
-        quantize = kwargs.pop("quantize", None) if "backbone" in kwargs else kwargs.get("quantize")
-        if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
-            kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
-        task = self.build_task(cls, load_weights, load_task_weights, **kwargs)
-        if quantize is not None:
-            # The task's own layers (a classifier's head; a backbone passed in) after the backbone's.
-            quantize_remaining(task, quantize)
-        return task
-
-    def build_task(self, cls, load_weights, load_task_weights, **kwargs):
-        return super().load_task(cls, load_weights, load_task_weights, **kwargs)

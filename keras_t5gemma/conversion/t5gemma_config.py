@@ -128,9 +128,9 @@ def backbone_kwargs_from_t5gemma_config(config):
     }
 
 
-def backbone_from_t5gemma_config(config, encoder_only=False, dtype=None, cls=T5GemmaBackbone):
+def backbone_from_t5gemma_config(config, encoder_only=False, dtype=None, cls=T5GemmaBackbone, remat=False):
     """A `cls` backbone (random weights) for a T5Gemma `config.json` dict."""
-    return cls(**backbone_kwargs_from_t5gemma_config(config), encoder_only=encoder_only, dtype=dtype)
+    return cls(**backbone_kwargs_from_t5gemma_config(config), encoder_only=encoder_only, remat=remat, dtype=dtype)
 
 
 def _attention_specs(attention, prefix):

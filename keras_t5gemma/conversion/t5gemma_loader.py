@@ -17,9 +17,8 @@ from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
 class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
     """Builds T5Gemma models from a Hugging Face checkpoint.
 
-    Extra `load_backbone` arguments: `encoder_only` (skip the decoder),
-    `progress` (a callable advanced once per loaded tensor) and `quantize`
-    (as for T5Gemma 2).
+    `load_backbone` takes the backbone options as for T5Gemma 2 (`text_only`
+    has nothing to skip: T5Gemma is text only).
     """
 
     @staticmethod
@@ -30,9 +29,17 @@ class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
         return T5GemmaBackbone
 
     def load_backbone(
-        self, cls, load_weights_=True, encoder_only=False, progress=None, dtype=None, quantize=None, **kwargs
+        self,
+        cls,
+        load_weights_=True,
+        encoder_only=False,
+        progress=None,
+        dtype=None,
+        quantize=None,
+        remat=False,
+        text_only=False,
+        **kwargs,
     ):
-        kwargs.pop("text_only", None)  # T5Gemma is text only; the option is accepted and has nothing to skip.
         if kwargs:
             raise ValueError(f"Unexpected arguments for a T5Gemma checkpoint: {sorted(kwargs)}.")
         if not issubclass(cls, T5GemmaBackbone):
@@ -42,7 +49,9 @@ class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
             )
         return_freed_memory_to_the_system()
         backbone = build_quantized(
-            lambda policy: backbone_from_t5gemma_config(self.config, encoder_only=encoder_only, dtype=policy, cls=cls),
+            lambda policy: backbone_from_t5gemma_config(
+                self.config, encoder_only=encoder_only, dtype=policy, cls=cls, remat=remat
+            ),
             dtype,
             quantize,
         )

@@ -29,7 +29,7 @@ from keras_t5gemma.conversion.vocabulary import tokenizer_json_from_proto
 from keras_t5gemma.conversion.weights import classifier_head_specs
 from keras_t5gemma.conversion.weights import weight_specs
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
+from keras_t5gemma.models.t5gemma2_classification import T5Gemma2Classifier
 from keras_t5gemma.utils.safe_files import atomic_folder
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -274,7 +274,7 @@ def _check_destination(path, overwrite):
 def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwrite=False):
     """Writes `model` (backbone, `T5Gemma2Seq2SeqLM` or `T5Gemma2Embedder`) as a `transformers` folder.
 
-    See `TransformersExportMixin.export_to_transformers` for the arguments.
+    See `t5gemma2_task.export_to_transformers` for the arguments.
     Returns the folder's path.
     """
     backbone, preprocessor, encoder_only = _parts(model)
@@ -286,7 +286,7 @@ def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwr
     path = Path(path).expanduser().absolute()
     tokenizer = getattr(preprocessor, "tokenizer", None)
     ids = _special_ids(tokenizer, backbone)
-    classifier = model if isinstance(model, ClassifierMixin) else None
+    classifier = model if isinstance(model, T5Gemma2Classifier) else None
     if classifier is not None:
         # The reference builds the decoder input from `bos_token_id` and reads the head by `pad_token_id`.
         ids.update(bos=classifier.start_token_id, pad=classifier.pad_token_id)

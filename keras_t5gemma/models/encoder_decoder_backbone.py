@@ -14,6 +14,8 @@ from keras import ops
 from keras_hub.models import Backbone
 
 from keras_t5gemma.layers.masks import LAYER_TYPES
+from keras_t5gemma.models.quantization import quantize_projections
+from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
 def check_token_ids(inputs, vocabulary_size):
@@ -114,8 +116,8 @@ def layer_arguments(
     }
 
 
-class EncoderDecoderBackbone(Backbone):
-    """Base of the T5Gemma backbones: the functional graph and input checks.
+class EncoderDecoderBackbone(PresetMixin, Backbone):
+    """Base of the T5Gemma backbones: the functional graph, input checks, `quantize` and `from_preset`.
 
     A subclass builds `token_embedding`, `encoder` and `decoder` (None when
     `encoder_only`), defines `encode(token_ids, padding_mask, images)` and
@@ -152,6 +154,13 @@ class EncoderDecoderBackbone(Backbone):
     def with_default_images(self, inputs):
         """`inputs` unchanged; a vision backbone fills in an empty `images` entry here."""
         return inputs
+
+    def __call__(self, inputs, *args, **kwargs):
+        return super().__call__(self.with_default_images(inputs), *args, **kwargs)
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Keras `quantize`, by default over the float projections and embedding tables (`quantizable`)."""
+        quantize_projections(super().quantize, mode, config=config, filters=filters, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
         # The images are checked with the placeholders, so they are filled in first.

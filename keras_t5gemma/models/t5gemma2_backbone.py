@@ -16,10 +16,7 @@ from keras_t5gemma.models.encoder_decoder_backbone import check_layer_types
 from keras_t5gemma.models.encoder_decoder_backbone import check_positive_int
 from keras_t5gemma.models.encoder_decoder_backbone import check_regularisation
 from keras_t5gemma.models.encoder_decoder_backbone import layer_arguments
-from keras_t5gemma.models.model_mixins import DefaultImagesMixin
-from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
-from keras_t5gemma.models.model_mixins import TransformersExportMixin
-from keras_t5gemma.utils.preset_utils import PresetMixin
+from keras_t5gemma.utils.preset_utils import get_exporter
 
 
 def default_layer_types(num_layers, full_attention_every=6):
@@ -28,9 +25,7 @@ def default_layer_types(num_layers, full_attention_every=6):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Backbone(
-    PresetMixin, DefaultImagesMixin, QuantizeProjectionsMixin, TransformersExportMixin, EncoderDecoderBackbone
-):
+class T5Gemma2Backbone(EncoderDecoderBackbone):
     """T5Gemma 2 encoder-decoder backbone.
 
     A bidirectional Gemma 3 encoder and a Gemma 3 decoder whose attention
@@ -253,6 +248,14 @@ class T5Gemma2Backbone(
         # Keras will not mix numpy and backend tensors in one call argument.
         zeros = np.zeros if isinstance(token_ids, np.ndarray) else ops.zeros
         return {**inputs, "images": zeros(shape, "float32")}
+
+    def export_to_transformers(self, path, dtype=None, max_shard_size="2GB", overwrite=False):
+        """Writes a Hugging Face `transformers` folder (`T5Gemma2ForConditionalGeneration`) of this backbone.
+
+        The arguments and errors are those of `T5Gemma2Task.export_to_transformers`.
+        """
+        exporter = get_exporter("transformers")
+        return exporter(self, path, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 
     def _check_inputs(self, inputs):
         """Token ids in range and image placeholders matching the images (eager calls only)."""

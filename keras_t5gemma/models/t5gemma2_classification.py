@@ -19,7 +19,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_t5gemma.models.t5gemma2_embedder import _saved_task_config
+from keras_t5gemma.models.t5gemma2_task import T5Gemma2Task
+from keras_t5gemma.models.t5gemma2_task import saved_task_config
 from keras_t5gemma.utils.keras_hub_compat import tf
 
 logger = logging.getLogger("keras_t5gemma")
@@ -110,13 +111,12 @@ CLASSIFIER_ARGUMENTS = (
 )
 
 
-class ClassifierMixin:
-    """Arguments, head, label checks and `from_preset` of the T5Gemma 2 classifiers.
+class T5Gemma2Classifier(T5Gemma2Task):
+    """Base of the T5Gemma 2 classifiers: arguments, head, label checks and `from_preset`.
 
-    A class using it puts it before `PresetMixin` among its bases (its
-    `load_preset` refines `PresetMixin`'s), sets `per_token` (bool) and
-    calls `_configure` (before building anything) and `_head` in its
-    `__init__`.
+    A subclass sets `per_token` (bool), calls `_configure` (before building
+    anything) and `_head` in its `__init__`, and may add KerasHub's kind of
+    task as its second base.
     """
 
     per_token = False
@@ -198,7 +198,7 @@ class ClassifierMixin:
         `preprocessor=None` for a preset without tokenizer files.
         """
         load_task_weights = "num_classes" not in kwargs
-        saved = bool(_saved_task_config(loader, cls))
+        saved = bool(saved_task_config(loader, cls))
         # A Hugging Face loader says whether its checkpoint holds a classification head.
         has_head = saved or getattr(loader, "has_classifier_head", lambda: False)()
         if not saved and "preprocessor" not in kwargs:

@@ -1,7 +1,5 @@
 """T5Gemma 2 embeddings: the encoder alone, pooled to one vector per input."""
 
-import math
-
 import keras
 import numpy as np
 from keras import ops
@@ -11,45 +9,15 @@ from keras_t5gemma.layers.pooling import POOLING_MODES
 from keras_t5gemma.layers.pooling import SequencePooling
 from keras_t5gemma.layers.pooling import l2_normalize
 from keras_t5gemma.models.encoder_decoder_backbone import check_token_ids
-from keras_t5gemma.models.model_mixins import DefaultImagesMixin
-from keras_t5gemma.models.model_mixins import ShuffledFitMixin
-from keras_t5gemma.models.model_mixins import TransformersExportMixin
-from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
-from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
-from keras_t5gemma.utils.keras_hub_compat import check_config_class
-from keras_t5gemma.utils.keras_hub_compat import check_file_exists
-from keras_t5gemma.utils.keras_hub_compat import load_json
+from keras_t5gemma.models.t5gemma2_task import T5Gemma2Task
+from keras_t5gemma.models.t5gemma2_task import saved_task_config
 from keras_t5gemma.utils.keras_hub_compat import tf
-from keras_t5gemma.utils.preset_utils import PresetMixin
-
-# Backbone arguments `from_preset` forwards to the loader.
-_BACKBONE_ARGUMENTS = ("dtype", "text_only", "progress", "quantize")
-
-
-class _PreprocessedBatches(keras.utils.PyDataset):
-    """Batches of samples run through the preprocessor as they are read."""
-
-    def __init__(self, preprocessor, samples, batch_size):
-        super().__init__()
-        self.preprocessor = preprocessor
-        self.samples = samples
-        self.batch_size = batch_size
-
-    def __len__(self):
-        return math.ceil(len(self.samples) / self.batch_size)
-
-    def __getitem__(self, index):
-        batch = self.samples[index * self.batch_size : (index + 1) * self.batch_size]
-        inputs = self.preprocessor([{"text": text, "images": images} for text, images in batch])
-        return (keras.tree.map_structure(keras.ops.convert_to_numpy, inputs),)
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Embedder(
-    PresetMixin, DefaultImagesMixin, TransformersExportMixin, VisionTowerTrainingMixin, ShuffledFitMixin, Task
-):
+class T5Gemma2Embedder(T5Gemma2Task, Task):
     """T5Gemma 2 encoder embeddings: one `(hidden_dim,)` vector per input.
 
     The bidirectional encoder runs over the prompt (text, or text with
@@ -88,7 +56,7 @@ class T5Gemma2Embedder(
         normalize: bool, L2-normalise the vectors.
         train_vision_tower: bool, default `False`: training the embedder
             (e.g. a contrastive model around it) leaves the vision tower and
-            the end-of-image embedding frozen. See `VisionTowerTrainingMixin`.
+            the end-of-image embedding frozen. See `T5Gemma2Task.train_vision_tower`.
 
     Example:
     ```python
@@ -161,9 +129,8 @@ class T5Gemma2Embedder(
         prompts = [i for i, (text, _) in enumerate(samples) if text is not None]
         image_only = [i for i, (text, _) in enumerate(samples) if text is None]
         if prompts:
-            batches = _PreprocessedBatches(self.preprocessor, [samples[i] for i in prompts], batch_size)
-            # The batches are preprocessed already: skip the task's own pipeline.
-            vectors[prompts] = keras.Model.predict(self, batches, **kwargs)
+            prompt_samples = [{"text": samples[i][0], "images": samples[i][1]} for i in prompts]
+            vectors[prompts] = self.predict_samples(prompt_samples, batch_size)
         if image_only:
             vectors[image_only] = self.embed_image_samples([samples[i][1] for i in image_only], batch_size)
         return vectors
@@ -223,23 +190,14 @@ class T5Gemma2Embedder(
                 vision tower); `backbone`/`preprocessor` to use instead of
                 the preset's; other `T5Gemma2Embedder` arguments.
         """
-        saved = _saved_task_config(loader, cls)
+        saved = saved_task_config(loader, cls)
         kwargs["pooling"] = pooling or saved.get("pooling", "mean")
         kwargs["normalize"] = saved.get("normalize", True) if normalize is None else normalize
-        backbone_kwargs = {name: kwargs.pop(name) for name in _BACKBONE_ARGUMENTS if name in kwargs}
+        backbone_kwargs, kwargs = loader.get_backbone_kwargs(**kwargs)
         if "backbone" not in kwargs:
-            kwargs["backbone"] = loader.load_backbone(
-                cls.backbone_cls, load_weights, encoder_only=True, **backbone_kwargs
-            )
+            backbone_kwargs["encoder_only"] = True
+            kwargs["backbone"] = loader.load_backbone(cls.backbone_cls, load_weights, **backbone_kwargs)
         if "preprocessor" not in kwargs:
             text_only = {"image_converter": None} if kwargs["backbone"].vision_encoder is None else {}
             kwargs["preprocessor"] = cls.preprocessor_cls.load_preset(loader, **text_only)
         return cls(**kwargs)
-
-
-def _saved_task_config(loader, cls):
-    """The config in a Keras preset's `task.json` if it holds a `cls`, else `{}`."""
-    if not isinstance(loader, KerasPresetLoader) or not check_file_exists(loader.preset, "task.json"):
-        return {}
-    task_config = load_json(loader.preset, "task.json")
-    return task_config["config"] if issubclass(check_config_class(task_config), cls) else {}

@@ -7,15 +7,10 @@ from keras_hub.samplers import GreedySampler
 
 from keras_t5gemma.models.chunked_loss import ChunkedLossMixin
 from keras_t5gemma.models.encoder_decoder_backbone import check_token_ids
-from keras_t5gemma.models.model_mixins import DefaultImagesMixin
-from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
-from keras_t5gemma.models.model_mixins import ShuffledFitMixin
-from keras_t5gemma.models.model_mixins import TransformersExportMixin
-from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma2_task import T5Gemma2Task
 from keras_t5gemma.utils.keras_hub_compat import any_equal
-from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
@@ -33,16 +28,7 @@ class ArgmaxSampler(GreedySampler):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2Seq2SeqLM(
-    PresetMixin,
-    DefaultImagesMixin,
-    QuantizeProjectionsMixin,
-    TransformersExportMixin,
-    VisionTowerTrainingMixin,
-    ShuffledFitMixin,
-    ChunkedLossMixin,
-    Seq2SeqLM,
-):
+class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
     """T5Gemma 2 with a language-modelling head, for generation and fine-tuning.
 
     `fit` trains on `(x, y, sample_weight)` from the preprocessor: `x` holds the

@@ -3,33 +3,18 @@
 import keras
 from keras_hub.models import TextClassifier
 
-from keras_t5gemma.models.model_mixins import DefaultImagesMixin
-from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
-from keras_t5gemma.models.model_mixins import ShuffledFitMixin
-from keras_t5gemma.models.model_mixins import TransformersExportMixin
-from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
+from keras_t5gemma.models.t5gemma2_classification import T5Gemma2Classifier
 from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
 from keras_t5gemma.models.t5gemma2_classification import last_non_pad_position
 from keras_t5gemma.models.t5gemma2_classification import reference_decoder_states
-from keras_t5gemma.models.t5gemma2_embedder import _PreprocessedBatches
+from keras_t5gemma.models.t5gemma2_task import is_model_input
 from keras_t5gemma.models.t5gemma2_text_classifier_preprocessor import T5Gemma2TextClassifierPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import tf
-from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2TextClassifier(
-    ClassifierMixin,
-    PresetMixin,
-    DefaultImagesMixin,
-    QuantizeProjectionsMixin,
-    TransformersExportMixin,
-    VisionTowerTrainingMixin,
-    ShuffledFitMixin,
-    TextClassifier,
-):
+class T5Gemma2TextClassifier(T5Gemma2Classifier, TextClassifier):
     """T5Gemma 2 with a classification head: one label per input (text, or text with images).
 
     Built as `transformers`' `T5Gemma2ForSequenceClassification`: the encoder
@@ -59,7 +44,7 @@ class T5Gemma2TextClassifier(
         activation: the projection's activation; `None` gives logits.
         train_vision_tower: bool, default `False`: `fit` leaves the vision
             tower and the end-of-image embedding frozen, as T5Gemma 2 is
-            fine-tuned. See `VisionTowerTrainingMixin`.
+            fine-tuned. See `T5Gemma2Task.train_vision_tower`.
 
     Example:
     ```python
@@ -107,9 +92,7 @@ class T5Gemma2TextClassifier(
         and lists of those are preprocessed in batches of `batch_size`
         (default 32); model inputs and datasets go to Keras' `predict`.
         """
-        model_inputs = isinstance(x, dict) and "encoder_token_ids" in x
-        if self.preprocessor is None or model_inputs or isinstance(x, tf.data.Dataset) or tf.is_tensor(x):
+        if self.preprocessor is None or is_model_input(x) or isinstance(x, tf.data.Dataset) or tf.is_tensor(x):
             return super().predict(x, batch_size=batch_size, **kwargs)
-        batches = _PreprocessedBatches(self.preprocessor, self.preprocessor.as_samples(x), batch_size or 32)
-        # The batches are preprocessed already: skip the task's own pipeline.
-        return keras.Model.predict(self, batches, **kwargs)
+        samples = [{"text": text, "images": images} for text, images in self.preprocessor.as_samples(x)]
+        return self.predict_samples(samples, batch_size or 32)

@@ -4,31 +4,17 @@ import keras
 import numpy as np
 from keras_hub.models import Task
 
-from keras_t5gemma.models.model_mixins import DefaultImagesMixin
-from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
-from keras_t5gemma.models.model_mixins import ShuffledFitMixin
-from keras_t5gemma.models.model_mixins import TransformersExportMixin
-from keras_t5gemma.models.model_mixins import VisionTowerTrainingMixin
 from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_classification import ClassifierMixin
+from keras_t5gemma.models.t5gemma2_classification import T5Gemma2Classifier
 from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
 from keras_t5gemma.models.t5gemma2_classification import reference_decoder_states
+from keras_t5gemma.models.t5gemma2_task import is_model_input
 from keras_t5gemma.models.t5gemma2_token_classifier_preprocessor import T5Gemma2TokenClassifierPreprocessor
 from keras_t5gemma.utils.keras_hub_compat import tf
-from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2TokenClassifier(
-    ClassifierMixin,
-    PresetMixin,
-    DefaultImagesMixin,
-    QuantizeProjectionsMixin,
-    TransformersExportMixin,
-    VisionTowerTrainingMixin,
-    ShuffledFitMixin,
-    Task,
-):
+class T5Gemma2TokenClassifier(T5Gemma2Classifier, Task):
     """T5Gemma 2 with a classification head on every input token.
 
     Built as `transformers`' `T5Gemma2ForTokenClassification`: the encoder
@@ -62,7 +48,7 @@ class T5Gemma2TokenClassifier(
         activation: the projection's activation; `None` gives logits.
         train_vision_tower: bool, default `False`: `fit` leaves the vision
             tower and the end-of-image embedding frozen, as T5Gemma 2 is
-            fine-tuned. See `VisionTowerTrainingMixin`.
+            fine-tuned. See `T5Gemma2Task.train_vision_tower`.
 
     Example:
     ```python
@@ -123,7 +109,7 @@ class T5Gemma2TokenClassifier(
         return (
             self.preprocessor is not None
             and not isinstance(x, (tf.data.Dataset, keras.utils.PyDataset))
-            and not (isinstance(x, dict) and "encoder_token_ids" in x)
+            and not is_model_input(x)
         )
 
     def _preprocessed(self, x, y, sample_weight):
@@ -138,17 +124,17 @@ class T5Gemma2TokenClassifier(
     def fit(self, x=None, y=None, batch_size=None, epochs=1, sample_weight=None, **kwargs):
         """Keras `fit` on words and per-word labels (preprocessed first), or on token-id dicts."""
         x, y, sample_weight = self._preprocessed(x, y, sample_weight)
-        return keras.Model.fit(self, x, y, batch_size=batch_size, epochs=epochs, sample_weight=sample_weight, **kwargs)
+        return super().fit(x, y, batch_size=batch_size, epochs=epochs, sample_weight=sample_weight, **kwargs)
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """Keras `evaluate` on words and per-word labels, or on token-id dicts."""
         x, y, sample_weight = self._preprocessed(x, y, sample_weight)
-        return keras.Model.evaluate(self, x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+        return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
     def predict(self, x, batch_size=None, **kwargs):
         """Token scores `(B, S, num_classes)` for words (preprocessed first) or token-id dicts."""
         x = self._preprocessed(x, None, None)[0]
-        return keras.Model.predict(self, x, batch_size=batch_size, **kwargs)
+        return super().predict(x, batch_size=batch_size, **kwargs)
 
     def predict_words(self, x, batch_size=None, **kwargs):
         """Per sample, a `(words, num_classes)` array: the scores of each word's first token.

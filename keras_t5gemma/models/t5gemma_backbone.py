@@ -12,8 +12,6 @@ from keras_t5gemma.models.encoder_decoder_backbone import check_layer_types
 from keras_t5gemma.models.encoder_decoder_backbone import check_positive_int
 from keras_t5gemma.models.encoder_decoder_backbone import check_regularisation
 from keras_t5gemma.models.encoder_decoder_backbone import layer_arguments
-from keras_t5gemma.models.model_mixins import QuantizeProjectionsMixin
-from keras_t5gemma.utils.preset_utils import PresetMixin
 
 
 def alternating_layer_types(num_layers):
@@ -22,7 +20,7 @@ def alternating_layer_types(num_layers):
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5GemmaBackbone(PresetMixin, QuantizeProjectionsMixin, EncoderDecoderBackbone):
+class T5GemmaBackbone(EncoderDecoderBackbone):
     """T5Gemma encoder-decoder backbone (the first generation, adapted from Gemma 2).
 
     A bidirectional Gemma 2 encoder and a causal Gemma 2 decoder whose layers

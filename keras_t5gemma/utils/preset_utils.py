@@ -19,7 +19,6 @@ A preset is one of:
 """
 
 import contextvars
-import json
 import os
 import re
 from pathlib import Path
@@ -30,14 +29,14 @@ from keras_hub.models import Preprocessor
 from keras_hub.models import Task
 from keras_hub.tokenizers import Tokenizer
 
+from keras_t5gemma.utils.hub import fetch_file
+from keras_t5gemma.utils.hub import read_json_file
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import classproperty
-from keras_t5gemma.utils.keras_hub_compat import get_file
 from keras_t5gemma.utils.safe_files import atomic_folder
 
 BUNDLED_DIRECTORY = Path(__file__).resolve().parents[1] / "presets"
 BUNDLED_SCHEME = "bundled://"
-KAGGLE_SCHEME = "kaggle://"
 
 # {name: metadata}: `handle`, `description`, `params`.
 _PRESETS = {}
@@ -116,112 +115,6 @@ def resolve_preset(preset):
     )
 
 
-# Hub endpoints that answered once in this process.
-_REACHABLE_ENDPOINTS = set()
-
-
-def _hub_unreachable():
-    """Why the Hugging Face Hub cannot be reached, or `None` if it can (or a proxy decides).
-
-    `huggingface_hub` retries a failed request five times over some 25
-    seconds before it gives up; one connection attempt answers at once.
-    """
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    endpoint = constants.ENDPOINT
-    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
-    if constants.HF_HUB_OFFLINE or endpoint in _REACHABLE_ENDPOINTS or any(os.environ.get(p) for p in proxies):
-        return None
-    import socket
-
-    url = urlsplit(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=5).close()
-    except OSError as error:
-        return f"{endpoint} did not answer ({error})"
-    _REACHABLE_ENDPOINTS.add(endpoint)
-    return None
-
-
-def _cached_hub_file(preset, name):
-    """The local copy of `name` of an `hf://` handle in the Hugging Face cache, or `None`."""
-    from huggingface_hub import try_to_load_from_cache
-
-    path = try_to_load_from_cache(preset.split("://", 1)[1], name)
-    return path if isinstance(path, str) else None
-
-
-def fetch_file(preset, name):
-    """KerasHub's `get_file`, with hub errors turned into messages that say what to do.
-
-    Without a network an `hf://` handle is served from the Hugging Face cache,
-    or refused at once with a `ConnectionError`.
-    """
-    if preset.startswith("hf://"):
-        reason = _hub_unreachable()
-        if reason is not None:
-            cached = _cached_hub_file(preset, name)
-            if cached is None:
-                raise ConnectionError(
-                    f"Cannot reach the Hugging Face Hub to download `{name}` of `{preset}`: {reason}, and "
-                    "the file is not in the local cache. Check the network, or download the checkpoint "
-                    "elsewhere and pass its local folder instead."
-                )
-            return cached
-    try:
-        return get_file(preset, name)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        kind = type(error).__name__
-        if preset.startswith(KAGGLE_SCHEME) and isinstance(error, (OSError, ImportError)):
-            raise ConnectionError(
-                f"Could not fetch `{name}` of `{preset}` through kagglehub ({kind}: {str(error)[:200]}). "
-                "Kaggle is unreachable or kagglehub is missing: attach the model to a Kaggle notebook "
-                "(kagglehub then finds it offline), or download the preset folder elsewhere and pass "
-                "its path instead."
-            ) from error
-        if kind == "GatedRepoError":
-            raise PermissionError(
-                f"`{preset}` is gated. Accept the Gemma license on its Hugging Face page, then log "
-                "in with `hf auth login` or set the `HF_TOKEN` environment variable."
-            ) from error
-        if kind == "RepositoryNotFoundError":
-            raise FileNotFoundError(
-                f"`{preset}` was not found on the Hugging Face Hub (or is private and no token is set)."
-            ) from error
-        if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-            raise ConnectionError(
-                f"Could not download `{name}` of `{preset}`: the hub is unreachable or offline mode is "
-                "on. Download the checkpoint elsewhere and pass its local folder instead."
-            ) from error
-        raise
-
-
-def read_json_file(path, what=None):
-    """A JSON object from `path`; errors name the file (`what`, if given, in its place).
-
-    Raises:
-        ValueError: the file is not UTF-8 JSON holding an object.
-    """
-    what = what or f"`{path}`"
-    try:
-        with open(path, encoding="utf-8") as file:
-            value = json.load(file)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{what} is not UTF-8 text ({error.reason}).") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{what} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})."
-        ) from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must hold a JSON object; it holds a {type(value).__name__}.")
-    return value
-
-
 def check_quantize_mode(mode):
     """Raises a `ValueError` naming the accepted modes unless `mode` is one of `QUANTIZE_MODES`."""
     if mode not in QUANTIZE_MODES:
@@ -262,7 +155,7 @@ def get_preset_loader(preset):
         return _FOREIGN_PRESET_LOADERS[config["registered_name"]](preset, config)
     if "registered_name" in config:
         _check_saved_classes(preset)
-        return KerasPresetLoader(preset, config)
+        return KerasPresetFolderLoader(preset, config)
     if "model_type" in config:
         model_type = config["model_type"]
         if model_type not in _CHECKPOINT_LOADERS:
@@ -301,6 +194,63 @@ def _check_saved_classes(preset):
             )
 
 
+# The `from_preset` options that shape the backbone, declared once. `PresetMixin.from_preset`
+# takes them out of a backbone's or task's arguments, and every loader's `get_backbone_kwargs`
+# hands them to its `load_backbone` (through `RoutedOptionsLoader`):
+# - `dtype`: the weights' and computations' dtype policy;
+# - `quantize`: `"int8"`, the model of `model.quantize("int8")` (loaders that can build the
+#   quantized layers directly do; `from_preset` quantizes what is left float afterwards);
+# - `text_only`: no vision tower (its weights are not read);
+# - `encoder_only`: no decoder (its weights are not read);
+# - `remat`: rematerialise each transformer layer in the backward pass;
+# - `progress`: a callable advanced once per tensor read from a checkpoint.
+BACKBONE_OPTIONS = ("dtype", "quantize", "text_only", "encoder_only", "remat", "progress")
+
+
+class RoutedOptionsLoader:
+    """Base of every loader of this package: `BACKBONE_OPTIONS` go to `load_backbone`.
+
+    KerasHub's `load_task` builds the backbone with the arguments that
+    `get_backbone_kwargs` picks out of `from_preset`'s; here those are
+    every backbone option. A loader's `load_backbone` takes them all as
+    keyword arguments (`dtype`, `quantize`, `text_only`, `encoder_only`,
+    `remat`, `progress`). A `text_only` task gets a preprocessor without an
+    image converter.
+    """
+
+    def get_backbone_kwargs(self, **kwargs):
+        backbone_kwargs = {name: kwargs.pop(name) for name in BACKBONE_OPTIONS if name in kwargs}
+        return backbone_kwargs, kwargs
+
+    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
+        if kwargs.get("text_only") and "preprocessor" not in kwargs and cls.preprocessor_cls:
+            kwargs["preprocessor"] = self.load_preprocessor(cls.preprocessor_cls, image_converter=None)
+        return super().load_task(cls, load_weights, load_task_weights, **kwargs)
+
+
+class KerasPresetFolderLoader(RoutedOptionsLoader, KerasPresetLoader):
+    """KerasHub's loader of Keras preset folders (`save_to_preset`), with the backbone options.
+
+    `dtype`, `encoder_only` and `remat` are backbone config entries, so they
+    override the saved config (for a saved task too). `quantize` is left to
+    `from_preset`, which quantizes the loaded float model. `text_only` is
+    refused for a preset with a vision tower: its weights file holds the
+    tower.
+    """
+
+    def get_backbone_kwargs(self, **kwargs):
+        options, kwargs = super().get_backbone_kwargs(**kwargs)
+        options.pop("quantize", None)
+        options.pop("progress", None)
+        if options.pop("text_only", False) and self.config["config"].get("vision_encoder") is not None:
+            raise ValueError(
+                f"`text_only=True` applies to Hugging Face checkpoints and KerasHub presets; the Keras preset "
+                f"`{self.preset}` holds a vision tower in its weights file. Load it whole, or convert the "
+                "checkpoint it came from with `text_only=True`."
+            )
+        return options, kwargs
+
+
 class PresetMixin:
     """`presets` and `from_preset` for a backbone, task, preprocessor, tokenizer or image converter.
 
@@ -315,33 +265,33 @@ class PresetMixin:
         return presets_for(cls)
 
     @classmethod
-    def from_preset(cls, preset, *args, quantize=None, **kwargs):
+    def from_preset(cls, preset, *args, **kwargs):
         """Loads a named preset, a Keras preset folder or a Hugging Face checkpoint.
 
         `preset` is a name from `cls.presets`, a folder written by
         `save_to_preset`, an `hf://` handle or a local Hugging Face folder.
         The other arguments are those of the KerasHub base class's
-        `from_preset`; Hugging Face checkpoints also take `text_only=True`
-        (no vision tower) and `dtype`.
+        `from_preset`; backbones and tasks also take the backbone options
+        (`BACKBONE_OPTIONS`): `dtype`, `quantize`, `text_only` (Hugging Face
+        checkpoints and KerasHub presets: no vision tower), `encoder_only`,
+        `remat` and `progress`.
 
-        `quantize="int8"` (backbones and tasks) gives the model of
-        `model.quantize("int8")`, weights and arithmetic alike. A Hugging Face
-        checkpoint loads straight into it: each float tensor is quantized as
-        it is read and no float copy of the model is held (the other weights
-        get `dtype`). A Keras preset folder (the bundled presets) is loaded in
-        `dtype`, then quantized; a KerasHub preset is read through KerasHub's
-        float model.
+        `quantize="int8"` gives the model of `model.quantize("int8")`, weights
+        and arithmetic alike. A Hugging Face checkpoint loads straight into
+        it: each float tensor is quantized as it is read and no float copy
+        of the model is held (the other weights get `dtype`). Whatever the
+        loader left float (a Keras preset folder, a classifier's new head) is
+        quantized here, after the load.
         """
         loader = get_preset_loader(preset)
-        if quantize is None:
-            return cls.load_preset(loader, *args, **kwargs)
-        check_quantize_mode(quantize)
-        if not issubclass(cls, (Backbone, Task)):
-            raise ValueError(f"`quantize` applies to backbones and tasks, not to `{cls.__name__}`.")
-        if getattr(loader, "loads_quantized", False):
-            return cls.load_preset(loader, *args, quantize=quantize, **kwargs)
+        quantize = kwargs.get("quantize")
+        if quantize is not None:
+            check_quantize_mode(quantize)
+            if not issubclass(cls, (Backbone, Task)):
+                raise ValueError(f"`quantize` applies to backbones and tasks, not to `{cls.__name__}`.")
         model = cls.load_preset(loader, *args, **kwargs)
-        model.quantize(quantize)
+        if quantize is not None:
+            model.quantize(quantize)  # only the layers still float
         return model
 
     def save_to_preset(self, preset_dir, *args, overwrite=False, **kwargs):
