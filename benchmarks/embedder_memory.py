@@ -82,7 +82,7 @@ def measure_build(part, args):
     import numpy as np
 
     from keras_t5gemma.conversion.config import backbone_from_hf_config
-    from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
+    from keras_t5gemma.models.t5gemma2.t5gemma2_embedder import T5Gemma2Embedder
 
     config = json.loads(Path(args.config).read_text())
     baseline, resident_baseline = _peak_bytes(), _resident_bytes()
@@ -126,7 +126,7 @@ def save_preset(directory, args):
 
 def measure_load(part, directory):
     """Child: load the backbone of a Keras preset, with or without its decoder."""
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 
     baseline, resident_baseline = _peak_bytes(), _resident_bytes()
     start = time.perf_counter()

@@ -64,7 +64,7 @@ def _token_ids(length, vocabulary=262_144, seed=0):
 
 def _our_backbone(remat=False):
     from keras_t5gemma.conversion.config import backbone_kwargs_from_hf_config
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 
     kwargs = backbone_kwargs_from_hf_config(_float32_text_config())
     kwargs.pop("vision_config", None)
@@ -180,7 +180,7 @@ def run_encode(implementation, length):
 def run_generate(length, new_tokens):
     import numpy as np
 
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
     seq_2_seq_lm = T5Gemma2Seq2SeqLM(_our_backbone())
     seq_2_seq_lm.compile(sampler="greedy")
@@ -206,7 +206,7 @@ def run_fit(length, decoder_length):
     import keras
     import numpy as np
 
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
     seq_2_seq_lm = T5Gemma2Seq2SeqLM(_our_backbone(remat=True))
     seq_2_seq_lm.compile(

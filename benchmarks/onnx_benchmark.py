@@ -62,7 +62,7 @@ def _folder_bytes(folder):
 
 def keras_model(config, text_only):
     from keras_t5gemma.conversion.config import backbone_from_hf_config
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
     return T5Gemma2Seq2SeqLM(
         backbone_from_hf_config(_common.float32_config(config), text_only=text_only, dtype="float32")

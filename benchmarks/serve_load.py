@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from keras_t5gemma import demo  # noqa: E402
 from keras_t5gemma.export import export_onnx  # noqa: E402
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM  # noqa: E402
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM  # noqa: E402
 from t5gemma_onnx import OnnxSeq2SeqLM  # noqa: E402
 
 

@@ -223,7 +223,7 @@ def _profile(seq_2_seq_lm, x, y, repeats=2):
 def load_keras_t5gemma(checkpoint):
     """keras_t5gemma's `T5Gemma2Seq2SeqLM` from the benchmark's Hugging Face checkpoint folder (no preprocessor)."""
     from keras_t5gemma import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
     from keras_t5gemma.utils.preset_utils import get_preset_loader
 
     return T5Gemma2Seq2SeqLM(get_preset_loader(str(checkpoint)).load_backbone(T5Gemma2Backbone, True))

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from contrastive_pair_model import ContrastivePairModel  # noqa: E402
 
-from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder  # noqa: E402
+from keras_t5gemma.models.t5gemma2.t5gemma2_embedder import T5Gemma2Embedder  # noqa: E402
 
 DEMO_PAIRS = [
     ("What is the capital of France?", "Paris is the capital and largest city of France."),

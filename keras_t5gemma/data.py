@@ -1,8 +1,9 @@
-"""Reading training data and prompts from files: JSONL, CSV, text and image files.
+"""Data files: training data and prompts read from JSONL, CSV, text and image files; vectors written.
 
 Plain file reading (the standard library, numpy and Pillow); nothing here knows
 a model. Every reader raises `ValueError` naming the file, and the line for a
-bad record, so that a caller can show one clear message.
+bad record, so that a caller can show one clear message. Writes are atomic
+(`utils.safe_files`).
 
 Example:
 ```python
@@ -22,6 +23,10 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
+
+from keras_t5gemma.utils.safe_files import atomic_file
 
 
 def _check_file(path, what="file"):
@@ -200,3 +205,32 @@ def number_classes(examples, per_word=False, source="the data"):
     if per_word:
         return texts, [[index[value] for value in label] for label in labels], names
     return texts, [index[label] for label in labels], names
+
+
+# The files `write_vectors` writes, by suffix.
+VECTOR_FORMATS = (".npy", ".jsonl")
+
+
+def check_vectors_file(path, overwrite=False):
+    """Raises what `write_vectors(path, ...)` would, before any vector is computed."""
+    if Path(path).suffix.lower() not in VECTOR_FORMATS:
+        raise ValueError(f"a vectors file must end in {' or '.join(VECTOR_FORMATS)}; got {path}")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def write_vectors(path, texts, vectors, overwrite=False):
+    """Writes one vector per text: `.npy` (a `(texts, size)` float32 array) or `.jsonl` (`{"text", "embedding"}`).
+
+    Raises:
+        ValueError: for another suffix.
+        FileExistsError: `path` exists and `overwrite` is False.
+    """
+    check_vectors_file(path, overwrite)
+    vectors = np.asarray(vectors, "float32")
+    if Path(path).suffix.lower() == ".npy":
+        with atomic_file(path, "wb", overwrite=overwrite) as file:
+            np.save(file, vectors)
+        return
+    with atomic_file(path, "w", overwrite=overwrite, encoding="utf-8") as file:
+        file.writelines(json.dumps({"text": t, "embedding": v.tolist()}) + "\n" for t, v in zip(texts, vectors))

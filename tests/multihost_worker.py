@@ -71,8 +71,8 @@ VISION_KWARGS = dict(
 
 def build():
     from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
     # Fresh layer names (a checkpoint matches variables by path) and the same
     # seed on every process: the same initial weights everywhere.

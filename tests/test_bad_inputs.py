@@ -12,9 +12,9 @@ from PIL import Image
 from test_cli import run
 from test_cli import write_jsonl
 
-from keras_t5gemma.cli import DEFAULT_PRESET
-from keras_t5gemma.models import t5gemma2_seq_2_seq_lm_preprocessor as preprocessor_module
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.models.t5gemma2 import t5gemma2_seq_2_seq_lm_preprocessor as preprocessor_module
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.training.fine_tune import DEFAULT_PRESET
 from keras_t5gemma.utils.preset_utils import resolve_preset
 
 BUNDLED = resolve_preset(DEFAULT_PRESET)
@@ -252,7 +252,7 @@ def test_the_command_line_and_the_api_see_a_transparent_image_alike(tmp_path):
     path = tmp_path / "half.png"
     Image.fromarray(pixels, "RGBA").save(path)
     from_file = _load_image(str(path))
-    from keras_t5gemma.models.t5gemma2_image_converter import pil_image_to_rgb
+    from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import pil_image_to_rgb
 
     np.testing.assert_array_equal(from_file, pil_image_to_rgb(Image.open(path)))
     np.testing.assert_array_equal(from_file[0, 0], [255, 255, 255])  # composited on white

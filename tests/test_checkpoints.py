@@ -40,8 +40,8 @@ BATCH = 4
 
 def build(lora=None):
     """A fresh tiny model with AdamW (fresh layer names: checkpoints match variables by path)."""
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)

@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from keras_t5gemma import demo
-from keras_t5gemma.cli import DEFAULT_PRESET
 from keras_t5gemma.cli import main
-from keras_t5gemma.cli import make_sampler
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.models.samplers import ArgmaxSampler
+from keras_t5gemma.models.samplers import make_sampler
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.training.fine_tune import DEFAULT_PRESET
 from keras_t5gemma.utils.preset_utils import is_bundled
 from keras_t5gemma.utils.preset_utils import resolve_preset
 from keras_t5gemma.utils.quiet_start import huge_pages_environment

@@ -80,8 +80,8 @@ def test_on_eight_virtual_devices():
 
 def _seq_2_seq_lm(lora):
     from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
     vision_encoder = T5Gemma2VisionEncoder(**VISION_KWARGS, name="vision_encoder")
     backbone = T5Gemma2Backbone(**MODEL_KWARGS, vision_encoder=vision_encoder)
@@ -169,7 +169,7 @@ def _assert_laid_out(variables, layouts, exact):
 @child_only
 @pytest.mark.parametrize("mesh_shape, lora", [((1, 8), True), ((2, 4), False), ((8, 1), True)])
 def test_model_parallel_matches_one_device(single_device, mesh_shape, lora):
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 
     assert len(keras.distribution.list_devices()) == 8
     initial, reference, reference_tokens = single_device(lora)
@@ -209,7 +209,7 @@ def test_data_parallel_fit_matches_one_device(single_device):
 
 
 def test_layout_map_checks_the_mesh_axes():
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 
     mesh = keras.distribution.DeviceMesh((1, 1), ("data", "model"), keras.distribution.list_devices()[:1])
     with pytest.raises(ValueError, match="batch"):

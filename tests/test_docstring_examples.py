@@ -29,7 +29,7 @@ MODULES = sorted(
 )
 EIGHT_DEVICES = {
     "keras_t5gemma.models.encoder_decoder_backbone.EncoderDecoderBackbone.get_layout_map",
-    "keras_t5gemma.models.t5gemma2_layout.layout_map",
+    "keras_t5gemma.models.layout.layout_map",
 }
 # Examples that read a file no test can make offline, and the test that covers what they show.
 NEEDS_FILES = {
@@ -98,7 +98,7 @@ def test_layout_map_examples_run_on_eight_devices():
     script = "\n".join(
         [
             "import keras, numpy as np, keras_t5gemma",
-            "from keras_t5gemma.models.t5gemma2_layout import layout_map",
+            "from keras_t5gemma.models.layout import layout_map",
             "names = {name: getattr(keras_t5gemma, name) for name in keras_t5gemma.__all__}",
             f"for code in {blocks!r}:",
             "    exec(code, {'keras': keras, 'np': np, 'layout_map': layout_map, **names})",

@@ -16,7 +16,7 @@ from hf_checkpoints import write_checkpoint
 
 from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma.conversion.checkpoint import HFCheckpoint
-from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
+from keras_t5gemma.models.t5gemma2.t5gemma2_embedder import T5Gemma2Embedder
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 from contrastive_pair_model import ContrastivePairModel  # noqa: E402

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-from keras_t5gemma.models.t5gemma2_text_classifier import T5Gemma2TextClassifier
-from keras_t5gemma.models.t5gemma2_token_classifier import T5Gemma2TokenClassifier
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_embedder import T5Gemma2Embedder
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.models.t5gemma2.t5gemma2_text_classifier import T5Gemma2TextClassifier
+from keras_t5gemma.models.t5gemma2.t5gemma2_token_classifier import T5Gemma2TokenClassifier
 
 VOCABULARY = 40
 EOI, IMAGE, BOI = 37, 38, 39

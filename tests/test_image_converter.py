@@ -9,8 +9,8 @@ from PIL import Image
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import T5Gemma2ImageConverter
 
 # The converter follows Pillow 13's choice of which axis to resample first.
 pytestmark = pytest.mark.skipif(

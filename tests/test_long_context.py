@@ -22,8 +22,8 @@ from keras_t5gemma.layers.attention import grouped_attention
 from keras_t5gemma.layers.blockwise_attention import blockwise_attention
 from keras_t5gemma.layers.blockwise_attention import blockwise_settings
 from keras_t5gemma.layers.masks import AttentionMask
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
 FORCED = {"min_logits": 0, "block_size": 4, "step_logits": 64}
 JAX_ONLY = pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX gradients and jaxprs")

@@ -35,8 +35,8 @@ def _fit_steps():
     before and after the steps, by path.
     """
     from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
     vision_encoder = T5Gemma2VisionEncoder(
         image_size=14,

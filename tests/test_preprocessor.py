@@ -14,7 +14,7 @@ from keras_t5gemma import T5Gemma2ImageConverter
 from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma import T5Gemma2Tokenizer
 from keras_t5gemma import T5Gemma2VisionEncoder
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 
 TOKENS_PER_IMAGE = 4
 

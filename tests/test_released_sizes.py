@@ -18,7 +18,7 @@ from hf_reference import backbone_from_reference
 from hf_reference import reference_model
 from hf_reference import tiny_config
 
-from keras_t5gemma.models.t5gemma2_presets import backbone_presets
+from keras_t5gemma.models.t5gemma2.t5gemma2_presets import backbone_presets
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

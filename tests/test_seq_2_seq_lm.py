@@ -17,9 +17,9 @@ from hf_reference import tiny_config
 from keras_hub import samplers
 
 from keras_t5gemma.layers.transformer import TransformerStack
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.models.samplers import ArgmaxSampler
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
 NEW_TOKENS = 24
 
@@ -264,7 +264,7 @@ def test_a_seeded_random_sampler_reproduces_its_tokens(pair, rng):
 def test_greedy_takes_the_argmax_of_the_logits_as_keras_hub_greedy_does(pair, rng):
     from keras_hub.samplers import GreedySampler
 
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
+    from keras_t5gemma.models.samplers import ArgmaxSampler
 
     _, seq_2_seq_lm = pair
     assert type(seq_2_seq_lm.sampler) is ArgmaxSampler

@@ -27,8 +27,8 @@ from PIL import Image
 
 from keras_t5gemma import demo as demo_tasks
 from keras_t5gemma.export import export_onnx
-from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.models.t5gemma2.t5gemma2_embedder import T5Gemma2Embedder
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
 DEMO = "t5gemma2_tiny_digits"
 API_KEY = "test-key"

@@ -12,22 +12,22 @@ from conftest import assert_matches_reference
 from transformers import T5GemmaConfig
 from transformers import T5GemmaForConditionalGeneration
 
-from keras_t5gemma.cli import load_seq_2_seq_lm
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import backbone_kwargs_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
 from keras_t5gemma.layers import attention as attention_module
 from keras_t5gemma.layers.blockwise_attention import blockwise_attention
 from keras_t5gemma.layers.blockwise_attention import blockwise_settings
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
-from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
-from keras_t5gemma.models.t5gemma_embedder import T5GemmaEmbedder
-from keras_t5gemma.models.t5gemma_embedder_preprocessor import T5GemmaEmbedderPreprocessor
-from keras_t5gemma.models.t5gemma_presets import backbone_presets
-from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
-from keras_t5gemma.models.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
-from keras_t5gemma.models.t5gemma_tokenizer import T5GemmaTokenizer
+from keras_t5gemma.models.samplers import ArgmaxSampler
+from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma.t5gemma_embedder import T5GemmaEmbedder
+from keras_t5gemma.models.t5gemma.t5gemma_embedder_preprocessor import T5GemmaEmbedderPreprocessor
+from keras_t5gemma.models.t5gemma.t5gemma_presets import backbone_presets
+from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
+from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma.t5gemma_tokenizer import T5GemmaTokenizer
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.training.fine_tune import load_seq_2_seq_lm
 
 DATA = Path(__file__).parent / "data"
 NEW_TOKENS = 8

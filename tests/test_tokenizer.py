@@ -13,7 +13,7 @@ from vocabularies import train_vocabulary
 
 from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma.conversion.vocabulary import proto_from_tokenizer_json
-from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import T5Gemma2Tokenizer
 
 ROUND_TRIP_TEXTS = [
     "The quick brown fox.",

@@ -62,7 +62,7 @@ def build_model(proto):
     from keras_t5gemma import T5Gemma2Seq2SeqLM
     from keras_t5gemma import T5Gemma2Tokenizer
     from keras_t5gemma import T5Gemma2VisionEncoder
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
 
     tokenizer = T5Gemma2Tokenizer(proto, image_placeholder="<image_soft_token>")
     hidden_dim, image_size, tokens_per_image = 64, 16, 4

@@ -19,7 +19,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import keras  # noqa: E402
 
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone  # noqa: E402
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone  # noqa: E402
 from keras_t5gemma.training.memory import abstract_backbone  # noqa: E402
 from keras_t5gemma.training.memory import bytes_per_device  # noqa: E402
 

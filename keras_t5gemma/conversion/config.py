@@ -10,7 +10,7 @@ import warnings
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import SLIDING
 from keras_t5gemma.layers.vision import T5Gemma2VisionEncoder
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 
 # Defaults of the reference config classes, used when a field is absent.
 _DEFAULT_THETA = {FULL: 1_000_000.0, SLIDING: 10_000.0}

@@ -18,8 +18,8 @@ import numpy as np
 from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
 from keras_t5gemma.conversion.weights import load_weights
 from keras_t5gemma.conversion.weights import weight_specs
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 from keras_t5gemma.utils.preset_utils import get_preset_loader
 from keras_t5gemma.utils.safe_files import check_writable_folder
 

@@ -62,7 +62,7 @@ def image_converter_kwargs_from_hf(preprocessor_config):
 
     Example:
     ```python
-    from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
+    from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import T5Gemma2ImageConverter
 
     kwargs = image_converter_kwargs_from_hf({
         "size": {"height": 896, "width": 896}, "rescale_factor": 1 / 255,

@@ -41,8 +41,8 @@ from keras_t5gemma.conversion.weights import load_weights
 from keras_t5gemma.conversion.weights import weight_specs
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import SLIDING
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_tokenizer import IMAGE_PLACEHOLDER_ID
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import IMAGE_PLACEHOLDER_ID
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import PresetLoader
 from keras_t5gemma.utils.keras_hub_compat import check_file_exists

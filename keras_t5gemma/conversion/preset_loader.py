@@ -14,8 +14,8 @@ from keras_t5gemma.conversion.quantized_loading import build_quantized
 from keras_t5gemma.conversion.weights import CLASSIFIER_HEAD_KEY
 from keras_t5gemma.conversion.weights import load_classifier_head
 from keras_t5gemma.conversion.weights import load_weights
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_classification import T5Gemma2Classifier
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_classification import T5Gemma2Classifier
 from keras_t5gemma.utils.keras_hub_compat import PresetLoader
 from keras_t5gemma.utils.preset_utils import RoutedOptionsLoader
 

@@ -13,7 +13,7 @@ from keras_t5gemma.conversion.weights import WeightSpec
 from keras_t5gemma.conversion.weights import assign_weights
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import SLIDING
-from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
 
 # Defaults of the reference `T5GemmaModuleConfig`, used when a field is absent.
 _MODULE_DEFAULTS = {

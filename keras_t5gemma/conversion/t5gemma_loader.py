@@ -11,7 +11,7 @@ from keras_t5gemma.conversion.quantized_loading import build_quantized
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import check_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
-from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
 
 
 class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):

@@ -28,8 +28,8 @@ from keras_t5gemma.conversion.image_processor import hf_image_processor_from_con
 from keras_t5gemma.conversion.vocabulary import tokenizer_json_from_proto
 from keras_t5gemma.conversion.weights import classifier_head_specs
 from keras_t5gemma.conversion.weights import weight_specs
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_classification import T5Gemma2Classifier
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_classification import T5Gemma2Classifier
 from keras_t5gemma.utils.safe_files import atomic_folder
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}

@@ -190,7 +190,7 @@ class EncoderDecoderBackbone(PresetMixin, Backbone):
         axis of 8) and, except attention, over `data_parallel_dim_name` too;
         norms, biases and vectors are replicated. LoRA kernels added by
         `enable_lora` are sharded like the kernel they adapt. See
-        `keras_t5gemma/models/t5gemma2_layout.py` for the reasons.
+        `keras_t5gemma/models/layout.py` for the reasons.
 
         Example:
         ```python
@@ -215,6 +215,6 @@ class EncoderDecoderBackbone(PresetMixin, Backbone):
         Returns:
             `keras.distribution.LayoutMap`.
         """
-        from keras_t5gemma.models.t5gemma2_layout import layout_map
+        from keras_t5gemma.models.layout import layout_map
 
         return layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)

@@ -27,6 +27,8 @@ import numpy as np
 from keras import ops
 from keras_hub import samplers
 
+from keras_t5gemma.models.samplers import ArgmaxSampler
+
 # A decode of an unfinished multi-byte character ends with this (SentencePiece's byte fallback).
 REPLACEMENT_CHARACTER = "\ufffd"
 
@@ -151,8 +153,6 @@ def sentencepiece_decoder(tokenizer):
 
 
 def _resolve_sampler(seq_2_seq_lm, sampler):
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import ArgmaxSampler
-
     if sampler is None:
         sampler = getattr(seq_2_seq_lm, "sampler", None) or "greedy"
     if sampler == "greedy":

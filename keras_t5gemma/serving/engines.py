@@ -115,7 +115,7 @@ class KerasEngine:
 
     def embed(self, samples):
         """Vectors `(B, hidden)` for samples `(text or None, [images])`, as `T5Gemma2Embedder.predict`."""
-        from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
+        from keras_t5gemma.models.t5gemma2.t5gemma2_embedder import T5Gemma2Embedder
 
         inputs = [text if not images else {"text": text, "images": images} for text, images in samples]
         largest = self.embed_batch_sizes[-1]
@@ -229,9 +229,9 @@ class OnnxEngine:
 
 def _load_seq_2_seq_lm(preset):
     """T5Gemma's task for a first-generation preset, else T5Gemma 2's (as the command line picks)."""
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
-    from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
+    from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
+    from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
     from keras_t5gemma.utils.preset_utils import get_preset_loader
 
     backbone_cls = get_preset_loader(preset).check_backbone_class()

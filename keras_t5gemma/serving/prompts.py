@@ -30,7 +30,7 @@ def decode_image(url, max_pixels, param):
     from PIL import Image
     from PIL import UnidentifiedImageError
 
-    from keras_t5gemma.models.t5gemma2_image_converter import pil_image_to_rgb
+    from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import pil_image_to_rgb
 
     match = DATA_URL.match(url)
     if match is None:

@@ -38,7 +38,7 @@ def make_distribution(mesh_shape=None, devices=None):
         `keras.distribution.ModelParallel` with the T5Gemma 2 layout map,
         `keras.distribution.DataParallel`, or None.
     """
-    from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+    from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 
     if keras.backend.backend() != "jax":
         if mesh_shape is not None:

@@ -35,8 +35,8 @@ from keras_t5gemma.data import number_classes
 from keras_t5gemma.data import read_image
 from keras_t5gemma.data import read_labelled
 from keras_t5gemma.data import read_pairs
-from keras_t5gemma.models.t5gemma2_image_converter import pil_image_to_rgb
-from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAGE_MARKER
+from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import pil_image_to_rgb
+from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAGE_MARKER
 from keras_t5gemma.training import checkpoints as training_checkpoints
 from keras_t5gemma.training import distribution as training_distribution
 
@@ -86,9 +86,9 @@ def load_seq_2_seq_lm(preset, dtype=None, remat=False):
     preset's; `remat=True` recomputes each layer's activations in the
     backward pass instead of keeping them.
     """
-    from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
-    from keras_t5gemma.models.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
+    from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
+    from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
     from keras_t5gemma.utils.preset_utils import get_preset_loader
     from keras_t5gemma.utils.preset_utils import resolve_preset
 
@@ -416,8 +416,8 @@ def _seq_2_seq_inputs(seq_2_seq_lm, pairs, source, preset, encoder_length, decod
 
 
 def _classifier_class(per_word):
-    from keras_t5gemma.models.t5gemma2_text_classifier import T5Gemma2TextClassifier
-    from keras_t5gemma.models.t5gemma2_token_classifier import T5Gemma2TokenClassifier
+    from keras_t5gemma.models.t5gemma2.t5gemma2_text_classifier import T5Gemma2TextClassifier
+    from keras_t5gemma.models.t5gemma2.t5gemma2_token_classifier import T5Gemma2TokenClassifier
 
     return T5Gemma2TokenClassifier if per_word else T5Gemma2TextClassifier
 

@@ -1,7 +1,7 @@
 """Named presets, preset loaders and `from_preset`, written once for every model family.
 
 A model family registers its presets (plain data, e.g.
-`models/t5gemma2_presets.py`) with `register_presets`, and its Hugging Face
+`models/t5gemma2/t5gemma2_presets.py`) with `register_presets`, and its Hugging Face
 checkpoint converter with `register_checkpoint_loader`; classes get
 `presets` and `from_preset` from `PresetMixin`. Models import this module,
 never the converters: a converter registers itself when
@@ -77,6 +77,11 @@ def register_presets(presets, classes):
         _PRESETS[name] = dict(metadata)
     for cls in classes:
         _CLASS_PRESETS.setdefault(cls, {}).update(presets)
+
+
+def registered_presets():
+    """`{name: metadata}` of every registered preset, in registration order."""
+    return {name: dict(metadata) for name, metadata in _PRESETS.items()}
 
 
 def presets_for(cls):

@@ -8,10 +8,10 @@ from keras_hub.layers import StartEndPacker
 from keras_hub.models import Seq2SeqLMPreprocessor
 
 from keras_t5gemma.layers.vision import check_image_placeholders
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
-from keras_t5gemma.models.t5gemma2_tokenizer import START_OF_IMAGE_PIECE
-from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import T5Gemma2ImageConverter
+from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import START_OF_IMAGE_PIECE
+from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import T5Gemma2Tokenizer
 from keras_t5gemma.utils.keras_hub_compat import preprocessing_function
 from keras_t5gemma.utils.keras_hub_compat import tf
 from keras_t5gemma.utils.preset_utils import PresetMixin

@@ -2,9 +2,9 @@
 
 import keras
 
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
-from keras_t5gemma.models.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")

@@ -2,10 +2,10 @@
 
 import keras
 
-from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
-from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
-from keras_t5gemma.models.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
-from keras_t5gemma.models.t5gemma_tokenizer import T5GemmaTokenizer
+from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma.t5gemma_tokenizer import T5GemmaTokenizer
+from keras_t5gemma.models.t5gemma2.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")

@@ -4,12 +4,12 @@ import keras
 import numpy as np
 from keras_hub.models import Task
 
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_classification import T5Gemma2Classifier
-from keras_t5gemma.models.t5gemma2_classification import encoder_inputs
-from keras_t5gemma.models.t5gemma2_classification import reference_decoder_states
-from keras_t5gemma.models.t5gemma2_task import is_model_input
-from keras_t5gemma.models.t5gemma2_token_classifier_preprocessor import T5Gemma2TokenClassifierPreprocessor
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_classification import T5Gemma2Classifier
+from keras_t5gemma.models.t5gemma2.t5gemma2_classification import encoder_inputs
+from keras_t5gemma.models.t5gemma2.t5gemma2_classification import reference_decoder_states
+from keras_t5gemma.models.t5gemma2.t5gemma2_token_classifier_preprocessor import T5Gemma2TokenClassifierPreprocessor
+from keras_t5gemma.models.task import is_model_input
 from keras_t5gemma.utils.keras_hub_compat import tf
 
 

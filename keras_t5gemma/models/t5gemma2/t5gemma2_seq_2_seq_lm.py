@@ -3,28 +3,15 @@
 import keras
 from keras import ops
 from keras_hub.models import Seq2SeqLM
-from keras_hub.samplers import GreedySampler
 
 from keras_t5gemma.models.chunked_loss import ChunkedLossMixin
 from keras_t5gemma.models.encoder_decoder_backbone import check_token_ids
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
-from keras_t5gemma.models.t5gemma2_task import T5Gemma2Task
+from keras_t5gemma.models.samplers import ArgmaxSampler
+from keras_t5gemma.models.streaming import stream_generate
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+from keras_t5gemma.models.task import T5Gemma2Task
 from keras_t5gemma.utils.keras_hub_compat import any_equal
-
-
-@keras.saving.register_keras_serializable(package="keras_t5gemma")
-class ArgmaxSampler(GreedySampler):
-    """Greedy decoding on the logits themselves.
-
-    KerasHub's `GreedySampler` takes the argmax of a softmax over the whole
-    vocabulary, which picks the same token (the softmax is increasing) but
-    costs a pass over `(B, V)` per step, and can turn logits a few ulps apart
-    into equal probabilities. `compile(sampler="greedy")` uses this one.
-    """
-
-    def compute_probabilities(self, logits):
-        return ops.cast(logits, "float32")
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
@@ -97,6 +84,20 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
         return super().predict(x, *args, **kwargs)
 
     # === Generation ===
+
+    def stream_generate(self, inputs, max_length=None, sampler=None, stop_token_ids="auto"):
+        """Generates for one prompt, yielding text pieces as tokens are chosen (`models.streaming`).
+
+        The pieces joined are what `generate(inputs, max_length)` returns with
+        the same sampler (greedy: the same tokens exactly).
+
+        Example:
+        ```python
+        seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
+        "".join(seq_2_seq_lm.stream_generate("reverse: 1 2 3", max_length=16, sampler="greedy"))  # '3 2 1'
+        ```
+        """
+        return stream_generate(self, inputs, max_length=max_length, sampler=sampler, stop_token_ids=stop_token_ids)
 
     def make_generate_function(self):
         """KerasHub's compiled generate function, behind a host-side check of each batch's token ids.

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 from keras_hub.layers import ImageConverter
 
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.utils.keras_hub_compat import in_grain_data_pipeline
 from keras_t5gemma.utils.keras_hub_compat import in_tf_function
 from keras_t5gemma.utils.preset_utils import PresetMixin

@@ -3,7 +3,7 @@
 import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.utils.preset_utils import PresetMixin
 
 START_OF_IMAGE_PIECE = "<start_of_image>"

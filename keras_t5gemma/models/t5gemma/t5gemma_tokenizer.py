@@ -3,7 +3,7 @@
 import keras
 from keras_hub.tokenizers import SentencePieceTokenizer
 
-from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
 from keras_t5gemma.utils.preset_utils import PresetMixin
 
 

@@ -9,10 +9,10 @@ from keras_t5gemma.layers.pooling import POOLING_MODES
 from keras_t5gemma.layers.pooling import SequencePooling
 from keras_t5gemma.layers.pooling import l2_normalize
 from keras_t5gemma.models.encoder_decoder_backbone import check_token_ids
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
-from keras_t5gemma.models.t5gemma2_task import T5Gemma2Task
-from keras_t5gemma.models.t5gemma2_task import saved_task_config
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
+from keras_t5gemma.models.task import T5Gemma2Task
+from keras_t5gemma.models.task import saved_task_config
 from keras_t5gemma.utils.keras_hub_compat import tf
 
 

@@ -2,7 +2,7 @@
 
 import keras
 
-from keras_t5gemma.models.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
+from keras_t5gemma.models.t5gemma2.t5gemma2_embedder_preprocessor import T5Gemma2EmbedderPreprocessor
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 from keras_hub.models import Preprocessor
 
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import T5Gemma2Tokenizer
 from keras_t5gemma.utils.keras_hub_compat import tf
 from keras_t5gemma.utils.preset_utils import PresetMixin
 

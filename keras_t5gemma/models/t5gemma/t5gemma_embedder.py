@@ -2,9 +2,9 @@
 
 import keras
 
-from keras_t5gemma.models.t5gemma2_embedder import T5Gemma2Embedder
-from keras_t5gemma.models.t5gemma_backbone import T5GemmaBackbone
-from keras_t5gemma.models.t5gemma_embedder_preprocessor import T5GemmaEmbedderPreprocessor
+from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma.t5gemma_embedder_preprocessor import T5GemmaEmbedderPreprocessor
+from keras_t5gemma.models.t5gemma2.t5gemma2_embedder import T5Gemma2Embedder
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")

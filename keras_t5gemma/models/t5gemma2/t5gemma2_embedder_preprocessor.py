@@ -4,11 +4,11 @@ import keras
 import numpy as np
 from keras_hub.models import Preprocessor
 
-from keras_t5gemma.models.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2_image_converter import T5Gemma2ImageConverter
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import PROMPT_SETTINGS
-from keras_t5gemma.models.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
-from keras_t5gemma.models.t5gemma2_tokenizer import T5Gemma2Tokenizer
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import T5Gemma2ImageConverter
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import PROMPT_SETTINGS
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import T5Gemma2Tokenizer
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import check_config_class
 from keras_t5gemma.utils.keras_hub_compat import check_file_exists

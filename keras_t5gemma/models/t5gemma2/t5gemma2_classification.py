@@ -19,8 +19,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_t5gemma.models.t5gemma2_task import T5Gemma2Task
-from keras_t5gemma.models.t5gemma2_task import saved_task_config
+from keras_t5gemma.models.task import T5Gemma2Task
+from keras_t5gemma.models.task import saved_task_config
 from keras_t5gemma.utils.keras_hub_compat import tf
 
 logger = logging.getLogger("keras_t5gemma")
