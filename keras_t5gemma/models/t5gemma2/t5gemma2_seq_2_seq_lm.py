@@ -114,6 +114,112 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
 
         return checked_generate_function
 
+    # === KerasHub's encoder and cached-decoder calls ===
+
+    def call_encoder(self, token_ids, padding_mask, images=None, vision_indices=None):
+        """Runs the encoder, as KerasHub's `T5Gemma2Seq2SeqLM.call_encoder` does.
+
+        Args:
+            token_ids: int `(B, S)`.
+            padding_mask: `(B, S)`, 1 for real tokens.
+            images: optional float `(B, N, H, W, 3)` for a vision model; the
+                image placeholders (`image_token_index`) mark where they go.
+            vision_indices: must be None. KerasHub passes the placeholders'
+                positions here; this model finds them from the token ids.
+
+        Returns:
+            `(encoder_output (B, S, encoder_hidden_dim), padding_mask)`.
+        """
+        if vision_indices is not None:
+            raise ValueError(
+                "`vision_indices` is not used here: the image placeholder tokens "
+                f"(id {self.backbone.image_token_index}) in `token_ids` mark where each image goes. Pass None."
+            )
+        return self.backbone.encode(token_ids, padding_mask, images), padding_mask
+
+    def call_decoder_with_cache(
+        self,
+        decoder_token_ids,
+        decoder_padding_mask,
+        cache,
+        cache_update_index,
+        encoder_output,
+        encoder_padding_mask,
+    ):
+        """One cached decoder pass in KerasHub's cache layout.
+
+        Args:
+            decoder_token_ids: int `(B, T)`, at positions `cache_update_index + t`.
+            decoder_padding_mask: `(B, T)`; the causal mask over the cache
+                decides what each position sees, as in `generate`.
+            cache: `(self_cache, cross_cache)`: `self_cache` float
+                `(B, decoder_num_layers, 2, T_max, K, H)` (keys, values);
+                `cross_cache` the same over the encoder length, or None to
+                project `encoder_output` now.
+            cache_update_index: int or int tensor.
+            encoder_output: `(B, S, encoder_hidden_dim)`.
+            encoder_padding_mask: `(B, S)`.
+
+        Returns:
+            `(logits (B, T, V), hidden (B, T, D), (self_cache, cross_cache))`.
+        """
+        del decoder_padding_mask
+        self_cache, cross_cache = cache
+        layers = range(len(self.backbone.decoder.transformer_layers))
+        if cross_cache is None:
+            cross_key_values = self.backbone.decoder.cross_key_values(encoder_output)
+        else:
+            cross_key_values = [(cross_cache[:, i, 0], cross_cache[:, i, 1]) for i in layers]
+        self_caches = [(self_cache[:, i, 0], self_cache[:, i, 1]) for i in layers]
+        hidden, (self_caches, cross_key_values, _) = self._decoder_step(
+            decoder_token_ids, (self_caches, cross_key_values, encoder_padding_mask), cache_update_index
+        )
+        logits = self.backbone.token_embedding.logits(hidden)
+
+        def stacked(pairs):
+            # [(B, L, K, H) x 2] per layer -> (B, layers, 2, L, K, H)
+            return ops.stack([ops.stack(pair, axis=1) for pair in pairs], axis=1)
+
+        return logits, hidden, (stacked(self_caches), stacked(cross_key_values))
+
+    def _build_cache(
+        self,
+        encoder_token_ids,
+        encoder_padding_mask,
+        decoder_token_ids,
+        decoder_padding_mask,
+        images=None,
+        vision_indices=None,
+    ):
+        """KerasHub's cache: the decoder prompt run into empty caches of its length.
+
+        Returns:
+            `(hidden (B, T, D), (self_cache, cross_cache), (encoder_output, encoder_padding_mask))`
+            in the layout of `call_decoder_with_cache`.
+        """
+        encoder_output, encoder_padding_mask = self.call_encoder(
+            encoder_token_ids, encoder_padding_mask, images=images, vision_indices=vision_indices
+        )
+        decoder = self.backbone.decoder
+        sizes = decoder.layer_kwargs
+        shape = (
+            ops.shape(decoder_token_ids)[0],
+            len(decoder.transformer_layers),
+            2,
+            ops.shape(decoder_token_ids)[1],
+            sizes["num_key_value_heads"],
+            sizes["head_dim"],
+        )
+        _, hidden, cache = self.call_decoder_with_cache(
+            decoder_token_ids,
+            decoder_padding_mask,
+            (ops.zeros(shape, self.compute_dtype), None),
+            0,
+            encoder_output,
+            encoder_padding_mask,
+        )
+        return hidden, cache, (encoder_output, encoder_padding_mask)
+
     def _decoder_step(self, token_ids, cache, cache_update_index):
         """Runs `token_ids` `(B, T)` at positions `cache_update_index + t` against the cache.
 
