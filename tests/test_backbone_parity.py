@@ -39,6 +39,24 @@ CONFIGS = {
         text={"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2, "sliding_window": 1},
         decoder={"num_hidden_layers": 2, "layer_types": ["sliding_attention", "sliding_attention"]},
     ),
+    # Asymmetric stacks (KerasHub's `encoder_*`/`decoder_*`): the decoder has other MLP width, heads,
+    # key/value heads, head size, depth, layer types and sliding RoPE base; widths stay equal (the
+    # reference refuses unequal ones).
+    "asymmetric": tiny_config(
+        text={"intermediate_size": 64},
+        decoder={
+            "intermediate_size": 40,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "layer_types": ["full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 5_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+            },
+        },
+    ),
 }
 SMOKE = {"gqa2_window4", "gqa4_softcap_window3"}
 

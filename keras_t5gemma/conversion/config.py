@@ -24,18 +24,30 @@ _TEXT_DEFAULTS = {
     "hidden_activation": "gelu_pytorch_tanh",
     "attention_bias": False,
 }
-# Fields the encoder and decoder must agree on, because the backbone shares them.
+# Fields the encoder and decoder must agree on, because the backbone shares them
+# (the reference refuses unequal widths and vocabularies itself).
 _SHARED_FIELDS = (
     "hidden_size",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
     "vocab_size",
     "rms_norm_eps",
     "query_pre_attn_scalar",
     "sliding_window",
+    "attn_logit_softcapping",
 )
+# Per-stack sizes: Hugging Face text-config field -> the backbone's argument suffix.
+_STACK_FIELDS = {
+    "hidden_size": "hidden_dim",
+    "intermediate_size": "intermediate_dim",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+}
+
+
+def _differing(encoder_value, decoder_value):
+    """The encoder's value where it differs from the decoder's, else None (KerasHub's overrides)."""
+    return None if encoder_value == decoder_value else encoder_value
 
 
 def _get(text_config, name):
@@ -124,7 +136,7 @@ def backbone_from_hf_config(config, text_only=False, encoder_only=False, dtype=N
     mm_tokens_per_image = kwargs.pop("mm_tokens_per_image", None)
     if vision_config is not None and not text_only:
         kwargs["vision_encoder"] = T5Gemma2VisionEncoder(
-            **vision_encoder_kwargs_from_hf_config(vision_config, mm_tokens_per_image, kwargs["hidden_dim"]),
+            **vision_encoder_kwargs_from_hf_config(vision_config, mm_tokens_per_image, kwargs["encoder_hidden_dim"]),
             dtype=dtype,
             name="vision_encoder",
         )
@@ -147,8 +159,12 @@ def backbone_kwargs_from_hf_config(config):
                 f"Encoder and decoder differ in `{name}` ({_get(encoder_text, name)} vs "
                 f"{_get(decoder_text, name)}); this port shares it between them."
             )
-    if _rope(encoder_text) != _rope(decoder_text):
-        raise ValueError("Encoder and decoder use different RoPE settings; this port shares them.")
+    encoder_rope, decoder_rope = _rope(encoder_text), _rope(decoder_text)
+    if encoder_rope[FULL][0] != decoder_rope[FULL][0] or encoder_rope[SLIDING][1] != decoder_rope[SLIDING][1]:
+        raise ValueError(
+            "Encoder and decoder differ in the full layers' RoPE base or the sliding layers' scaling; "
+            "this port (as KerasHub's) lets only the sliding base and the full layers' scaling differ."
+        )
     for text_config in (encoder_text, decoder_text):
         activation = _get(text_config, "hidden_activation")
         if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -170,32 +186,30 @@ def backbone_kwargs_from_hf_config(config):
             "apply it either, so its outputs match the reference."
         )
 
-    rope = _rope(encoder_text)
-    eoi_token_id = config.get("eoi_token_index", encoder_config.get("eoi_token_index", 256_000))
-    kwargs = {
-        "vocabulary_size": decoder_text["vocab_size"],
-        "hidden_dim": decoder_text["hidden_size"],
-        "intermediate_dim": decoder_text["intermediate_size"],
-        "num_heads": decoder_text["num_attention_heads"],
-        "num_key_value_heads": decoder_text["num_key_value_heads"],
-        "head_dim": _get(decoder_text, "head_dim"),
-        "num_encoder_layers": encoder_text["num_hidden_layers"],
-        "num_decoder_layers": decoder_text["num_hidden_layers"],
-        "encoder_layer_types": _layer_types(encoder_text),
-        "decoder_layer_types": _layer_types(decoder_text),
-        "sliding_window": _get(decoder_text, "sliding_window"),
-        "query_pre_attn_scalar": _get(decoder_text, "query_pre_attn_scalar"),
-        "local_rope_wavelength": rope[SLIDING][0],
-        "local_rope_scaling_factor": rope[SLIDING][1],
-        "global_rope_wavelength": rope[FULL][0],
-        "global_rope_scaling_factor": rope[FULL][1],
-        "layer_norm_epsilon": _get(decoder_text, "rms_norm_eps"),
-        "final_logit_soft_cap": _get(decoder_text, "final_logit_softcapping"),
-        "dropout": float(config.get("dropout_rate", 0.0)),
-        "attention_dropout": float(config.get("attention_dropout", 0.0)),
-        "eoi_token_id": eoi_token_id,
-        "image_token_id": config.get("image_token_index", encoder_config.get("image_token_index", 256_001)),
-    }
+    eoi_token_index = config.get("eoi_token_index", encoder_config.get("eoi_token_index", 256_000))
+    kwargs = {"vocabulary_size": decoder_text["vocab_size"]}
+    for side, text_config in (("encoder", encoder_text), ("decoder", decoder_text)):
+        for field, name in _STACK_FIELDS.items():
+            kwargs[f"{side}_{name}"] = _get(text_config, field)
+        kwargs[f"{side}_layer_types"] = _layer_types(text_config)
+    kwargs.update(
+        {
+            "sliding_window": _get(decoder_text, "sliding_window"),
+            "query_pre_attn_scalar": _get(decoder_text, "query_pre_attn_scalar"),
+            "rope_max_wavelength": decoder_rope[SLIDING][0],
+            "local_rope_scaling_factor": decoder_rope[SLIDING][1],
+            "global_rope_max_wavelength": decoder_rope[FULL][0],
+            "global_rope_scaling_factor": decoder_rope[FULL][1],
+            "encoder_rope_max_wavelength": _differing(encoder_rope[SLIDING][0], decoder_rope[SLIDING][0]),
+            "encoder_global_rope_scaling_factor": _differing(encoder_rope[FULL][1], decoder_rope[FULL][1]),
+            "rms_norm_eps": _get(decoder_text, "rms_norm_eps"),
+            "final_logit_softcapping": _get(decoder_text, "final_logit_softcapping"),
+            "dropout_rate": float(config.get("dropout_rate", 0.0)),
+            "attention_dropout": float(config.get("attention_dropout", 0.0)),
+            "eoi_token_index": eoi_token_index,
+            "image_token_index": config.get("image_token_index", encoder_config.get("image_token_index", 256_001)),
+        }
+    )
     vision_config = encoder_config.get("vision_config")
     if vision_config is not None:
         kwargs["vision_config"] = dict(vision_config)
@@ -214,32 +228,26 @@ def _rope_entry(wavelength, factor):
     return {"rope_type": "linear", "factor": float(factor), "rope_theta": float(wavelength)}
 
 
-def _text_config_for_export(backbone, model_type, num_layers, layer_types, special_ids):
+def _text_config_for_export(backbone, model_type, side, special_ids):
+    rope = backbone.stack_rope(side)
     return {
         "model_type": model_type,
         "vocab_size": backbone.vocabulary_size,
-        "hidden_size": backbone.hidden_dim,
-        "intermediate_size": backbone.intermediate_dim,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": backbone.num_heads,
-        "num_key_value_heads": backbone.num_key_value_heads,
-        "head_dim": backbone.head_dim,
+        **{field: getattr(backbone, f"{side}_{name}") for field, name in _STACK_FIELDS.items()},
         "hidden_activation": "gelu_pytorch_tanh",
-        "rms_norm_eps": backbone.layer_norm_epsilon,
+        "rms_norm_eps": backbone.rms_norm_eps,
         "query_pre_attn_scalar": backbone.query_pre_attn_scalar,
-        "sliding_window": backbone.sliding_window,
-        "layer_types": list(layer_types),
-        "rope_parameters": {
-            SLIDING: _rope_entry(backbone.local_rope_wavelength, backbone.local_rope_scaling_factor),
-            FULL: _rope_entry(backbone.global_rope_wavelength, backbone.global_rope_scaling_factor),
-        },
+        # Without sliding layers the window is unused; the reference's default stands in.
+        "sliding_window": backbone.sliding_window or 4096,
+        "layer_types": list(getattr(backbone, f"{side}_layer_types")),
+        "rope_parameters": {layer_type: _rope_entry(*rope[layer_type]) for layer_type in (SLIDING, FULL)},
         "attention_bias": False,
         "attention_dropout": backbone.attention_dropout,
-        "dropout_rate": backbone.dropout,
+        "dropout_rate": backbone.dropout_rate,
         "attn_logit_softcapping": None,
-        "final_logit_softcapping": backbone.final_logit_soft_cap,
+        "final_logit_softcapping": backbone.final_logit_softcapping,
         "max_position_embeddings": 131_072,
-        "initializer_range": 0.02,
+        "initializer_range": backbone.initializer_range,
         "tie_word_embeddings": True,
         "use_cache": True,
         **special_ids,
@@ -281,7 +289,12 @@ def hf_config_from_backbone(backbone, boi_token_id, pad_token_id=0, bos_token_id
             "but transformers' T5Gemma 2 always builds one: its weights would be missing there. "
             "Export a model loaded with its vision tower."
         )
-    if backbone.attention_logit_soft_cap is not None:
+    if not backbone.use_query_key_norm:
+        raise ValueError(
+            "This model has no query/key RMSNorm (`use_query_key_norm=False`), which transformers' T5Gemma 2 "
+            "always applies: the exported model would compute something else."
+        )
+    if backbone.attn_logit_softcapping is not None:
         raise ValueError(
             "This model soft-caps attention logits, which transformers' T5Gemma 2 (5.23) does not do: the "
             "exported model would compute something else."
@@ -290,14 +303,12 @@ def hf_config_from_backbone(backbone, boi_token_id, pad_token_id=0, bos_token_id
     vision_encoder = backbone.vision_encoder
     encoder = {
         "model_type": "t5gemma2_encoder",
-        "text_config": _text_config_for_export(
-            backbone, "t5gemma2_text", backbone.num_encoder_layers, backbone.encoder_layer_types, special_ids
-        ),
+        "text_config": _text_config_for_export(backbone, "t5gemma2_text", "encoder", special_ids),
         "vision_config": _vision_config_for_export(vision_encoder),
         "mm_tokens_per_image": vision_encoder.mm_tokens_per_image,
         "boi_token_index": boi_token_id,
-        "eoi_token_index": backbone.eoi_token_id,
-        "image_token_index": backbone.image_token_id,
+        "eoi_token_index": backbone.eoi_token_index,
+        "image_token_index": backbone.image_token_index,
         "initializer_range": 0.02,
         "tie_word_embeddings": True,
     }
@@ -312,13 +323,11 @@ def hf_config_from_backbone(backbone, boi_token_id, pad_token_id=0, bos_token_id
         "architectures": ["T5Gemma2ForConditionalGeneration"],
         "model_type": "t5gemma2",
         "encoder": encoder,
-        "decoder": _text_config_for_export(
-            backbone, "t5gemma2_decoder", backbone.num_decoder_layers, backbone.decoder_layer_types, special_ids
-        ),
-        "eoi_token_index": backbone.eoi_token_id,
-        "image_token_index": backbone.image_token_id,
+        "decoder": _text_config_for_export(backbone, "t5gemma2_decoder", "decoder", special_ids),
+        "eoi_token_index": backbone.eoi_token_index,
+        "image_token_index": backbone.image_token_index,
         "vocab_size": backbone.vocabulary_size,
-        "dropout_rate": backbone.dropout,
+        "dropout_rate": backbone.dropout_rate,
         "attention_dropout": backbone.attention_dropout,
         "classifier_dropout_rate": 0.0,
         "initializer_range": 0.02,

@@ -182,7 +182,7 @@ def _special_ids(tokenizer, backbone):
     """pad/bos/eos and start-of-image ids: the tokenizer's, else Gemma 3's layout."""
     if tokenizer is None:
         # Gemma 3 puts <start_of_image> just before <end_of_image>.
-        return {"pad": 0, "bos": 2, "eos": 1, "boi": backbone.eoi_token_id - 1}
+        return {"pad": 0, "bos": 2, "eos": 1, "boi": backbone.eoi_token_index - 1}
     return {
         "pad": tokenizer.pad_token_id,
         "bos": tokenizer.start_token_id,
