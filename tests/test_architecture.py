@@ -20,7 +20,9 @@ ALLOWED = {
     "utils": {"utils"},
     "models": {"layers", "models", "utils"},
     "conversion": {"conversion", "layers", "models", "utils"},
-    "training": {"training", "conversion", "layers", "models", "utils", "data", "demo"},
+    "training": {"training", "conversion", "layers", "models", "utils", "data", "demo", "evaluation"},
+    # Generates answers and scores them (sacrebleu, rouge-score); writes run histories and curves.
+    "evaluation": {"models", "data", "utils"},
     # Reads data files (JSONL, CSV, text, images) and writes vectors through `utils.safe_files`: no model.
     "data": {"utils"},
     "demo": set(),
@@ -99,6 +101,9 @@ UNDECLARED = {
     "torch": "optional: only `verify` after a conversion, skipped without it",
     "transformers": "optional: only `verify` after a conversion, skipped without it",
     "onnx": "optional (the `onnx` extra): only `export_onnx`",
+    "sacrebleu": "optional (the `eval` extra): only `keras_t5gemma.evaluation`",
+    "rouge_score": "optional (the `eval` extra): only `keras_t5gemma.evaluation`",
+    "matplotlib": "optional (the `eval` extra): only `keras_t5gemma.evaluation`",
 }
 # This distribution's own top-level packages besides `keras_t5gemma`.
 FIRST_PARTY = {"keras_t5gemma", "t5gemma_onnx"}
