@@ -6,6 +6,7 @@ from keras_t5gemma.commands import classify
 from keras_t5gemma.commands import convert
 from keras_t5gemma.commands import demo
 from keras_t5gemma.commands import embed
+from keras_t5gemma.commands import evaluate
 from keras_t5gemma.commands import export
 from keras_t5gemma.commands import fine_tune
 from keras_t5gemma.commands import generate
@@ -16,6 +17,7 @@ SUBCOMMANDS = (
     demo.add_parser,
     generate.add_parser,
     fine_tune.add_parser,
+    evaluate.add_parser,
     embed.add_parser,
     classify.add_parser,
     convert.add_parser,

@@ -50,6 +50,18 @@ def add_parser(commands):
         parser.add_argument(f"--{side}-length", type=positive_int, help=length)
     keep = "epoch checkpoints of this run to keep " + DEFAULT
     parser.add_argument("--keep-checkpoints", type=positive_int, default=2, help=keep)
+    evaluate = (
+        "held-out input/target pairs (.jsonl or .csv) to score after every epoch (greedy answers; see "
+        "`keras-t5gemma evaluate`); the scores go to the run's history.csv and curves.png"
+    )
+    parser.add_argument("--eval", dest="eval_data", metavar="DATA", help=evaluate)
+    metrics = "comma-separated, from exact, rouge, bleu, chrf (default: all; rouge, bleu and chrf need the eval extra)"
+    parser.add_argument("--eval-metrics", default="exact,rouge,bleu,chrf", help=metrics)
+    best = (
+        "keep the checkpoint of the epoch with the best --eval score in OUTPUT/runs/run_NNN/best/: a score "
+        "(exact, rouge1, rouge2, rougeL, bleu, chrf) or a metric (rouge: ROUGE-L)"
+    )
+    parser.add_argument("--keep-best", metavar="SCORE", help=best)
     resume = (
         "continue the last run in OUTPUT from its last complete checkpoint (the same settings; --epochs may grow); "
         "starts a run if OUTPUT is empty"

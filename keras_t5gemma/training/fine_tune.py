@@ -35,6 +35,14 @@ from keras_t5gemma.data import number_classes
 from keras_t5gemma.data import read_image
 from keras_t5gemma.data import read_labelled
 from keras_t5gemma.data import read_pairs
+from keras_t5gemma.evaluation import DEFAULT_METRICS
+from keras_t5gemma.evaluation import best_score_name
+from keras_t5gemma.evaluation import check_metrics
+from keras_t5gemma.evaluation import evaluate
+from keras_t5gemma.evaluation import read_examples
+from keras_t5gemma.evaluation import read_history
+from keras_t5gemma.evaluation import write_curves
+from keras_t5gemma.evaluation import write_history
 from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import pil_image_to_rgb
 from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAGE_MARKER
 from keras_t5gemma.training import checkpoints as training_checkpoints
@@ -155,6 +163,9 @@ def fine_tune(
     dtype=None,
     remat=False,
     keep_checkpoints=2,
+    eval_data=None,
+    eval_metrics=DEFAULT_METRICS,
+    keep_best=None,
     resume=False,
     overwrite=False,
     mesh=None,
@@ -190,6 +201,15 @@ def fine_tune(
         remat: bool, recompute each layer's activations in the backward pass
             instead of keeping them (less memory, more compute).
         keep_checkpoints: int, the epoch checkpoints of this run to keep.
+        eval_data: held-out pairs (a file or tuples, as `data`) to score after
+            every epoch with `keras_t5gemma.evaluation.evaluate` (greedy), or
+            None. The scores join the history as `eval_<score>`.
+        eval_metrics: the metrics for `eval_data` (`evaluation.METRICS`).
+        keep_best: a score name (`"exact"`, `"rougeL"`, `"bleu"`, ...) or a
+            metric (`"rouge"`: ROUGE-L): keep the checkpoint of the epoch with
+            the highest one in `RUN/best/EPOCH`, beside the last ones. Every
+            run folder also gets `history.csv` (the loss and every score,
+            every epoch) and `curves.png` (with matplotlib).
         resume: bool, continue the last run in `output` from its last complete
             checkpoint (same settings); starts a run if `output` is empty.
         overwrite: bool, write into a non-empty `output`: a new run beside the
@@ -215,7 +235,11 @@ def fine_tune(
         raise ValueError(f"`task` must be one of {', '.join(TASKS)}; got {task!r}")
     if not 0.0 < learning_rate < 1.0:
         raise ValueError("--learning-rate must be in (0, 1)")
+    if keep_best and eval_data is None:
+        raise ValueError("--keep-best compares scores on --eval data: give both")
     if task != "generate":
+        if eval_data is not None:
+            raise ValueError(f"--eval scores generated answers; --task {task} does not generate")
         if resume or mesh or multi_host:
             raise ValueError(
                 f"--task {task} trains on one process and saves at the end: drop --resume, --mesh and --multi-host"
@@ -258,6 +282,12 @@ def fine_tune(
     if batch_size % data_axis:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the mesh's batch axis ({data_axis})")
     pairs, source, digest = _pairs(data)
+    # Checked before anything trains: the metrics' libraries, the score to keep the best by, the data.
+    eval_examples = read_examples(eval_data) if eval_data is not None else None
+    if eval_examples is not None:
+        eval_metrics = check_metrics(eval_metrics)
+        if keep_best:
+            best_score_name(keep_best, eval_metrics)
     settings = {
         "preset": preset,
         "data_sha256": digest,
@@ -296,6 +326,7 @@ def fine_tune(
             run = training_checkpoints.start_run(output, settings)
         checkpoints = training_checkpoints.TrainingCheckpoints(os.path.join(run, "checkpoints"), keep=keep_checkpoints)
         done = checkpoints.restore(seq_2_seq_lm) if checkpoints.latest_step() else 0
+        report = _EpochReport(run, done, eval_examples, eval_metrics, keep_best, batch_size, log)
         trainable = sum(int(np.prod(weight.shape)) for weight in seq_2_seq_lm.trainable_weights)
         where = f" on {distribution.device_mesh.shape} devices (batch, model)" if distribution is not None else ""
         log(
@@ -313,7 +344,7 @@ def fine_tune(
                 epochs=epochs,
                 initial_epoch=done,
                 shuffle=False,
-                callbacks=[checkpoints.callback()],
+                callbacks=[checkpoints.callback(), report],
                 verbose=fit_verbosity(verbose),
             )
         except KeyboardInterrupt:
@@ -500,3 +531,49 @@ def fine_tune_classifier(
     accuracy = next(values[-1] for name, values in history.history.items() if "accuracy" in name)
     log(f"Training accuracy after the last epoch: {accuracy:.1%}.")
     return FineTuneResult(classifier, history, None, 0, True)
+
+
+class _EpochReport(keras.callbacks.Callback):
+    """After each epoch: the scores on the evaluation data, the best checkpoint, `history.csv` and `curves.png`.
+
+    Every process generates and scores (as `keras_t5gemma.evaluation.evaluate` does in a
+    job) and agrees with process 0 on keeping the best; process 0 writes the
+    files. A resumed run keeps the rows of the epochs its checkpoint holds.
+    """
+
+    def __init__(self, run, done, examples, metrics, keep_best, batch_size, log):
+        super().__init__()
+        self.history_path = os.path.join(run, "history.csv")
+        self.curves_path = os.path.join(run, "curves.png")
+        self.rows = [row for row in read_history(self.history_path) if row["epoch"] <= done]
+        self.examples, self.metrics, self.log = examples, metrics, log
+        self.batch_size = min(batch_size, len(examples)) if examples else batch_size
+        self.best = f"eval_{best_score_name(keep_best, metrics)}" if keep_best else None
+        self.best_value = max((row[self.best] for row in self.rows if self.best in row), default=None)
+        self.best_checkpoints = (
+            training_checkpoints.TrainingCheckpoints(os.path.join(run, "best"), keep=1) if keep_best else None
+        )
+        self.plot = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {} if logs is None else logs
+        if self.examples:
+            result = evaluate(self.model, self.examples, self.metrics, self.batch_size, progress=False)
+            # In the logs, the history and the progress bar's epoch line show them too.
+            logs.update({f"eval_{name}": value for name, value in result.scores.items()})
+            scores = ", ".join(f"{name} {value:.2f}" for name, value in result.scores.items())
+            self.log(f"Epoch {epoch + 1}, {len(self.examples)} evaluation examples: {scores}.")
+        if self.best and training_checkpoints.agree(self.best_value is None or logs[self.best] > self.best_value):
+            self.best_value = logs[self.best]
+            path = self.best_checkpoints.save(self.model, epoch + 1)
+            self.log(f"Best {self.best.removeprefix('eval_')} so far ({self.best_value:.2f}): checkpoint {path}.")
+        self.rows.append({"epoch": epoch + 1, **{name: float(value) for name, value in logs.items()}})
+        if training_checkpoints.process_index() != 0:
+            return
+        write_history(self.history_path, self.rows)
+        if self.plot:
+            try:
+                write_curves(self.curves_path, self.rows)
+            except ImportError as error:
+                self.plot = False
+                self.log(f"No curves.png: {error}")
