@@ -29,15 +29,17 @@ from keras_t5gemma.utils.preset_utils import PresetMixin
 
 # Pillow's fixed point for 8-bit images: 32 bits less 8 for the pixel, 2 for overflow.
 _PRECISION_BITS = 22
-# `ImageConverter` arguments that this converter fixes to match the reference.
-_FIXED_RESIZING_ARGUMENTS = (
-    "interpolation",
-    "antialias",
-    "crop_to_aspect_ratio",
-    "pad_to_aspect_ratio",
-    "bounding_box_format",
-    "data_format",
-)
+# `ImageConverter` arguments that this converter fixes to match the reference,
+# with the values it fixes them to: KerasHub's configs carry them, and they
+# are accepted when they say the same.
+_FIXED_RESIZING_ARGUMENTS = {
+    "interpolation": "bilinear",
+    "antialias": True,
+    "crop_to_aspect_ratio": False,
+    "pad_to_aspect_ratio": False,
+    "bounding_box_format": "yxyx",
+    "data_format": "channels_last",
+}
 
 
 def pillow_bilinear_weights(input_size, output_size):
@@ -250,10 +252,10 @@ class T5Gemma2ImageConverter(PresetMixin, ImageConverter):
     backbone_cls = T5Gemma2Backbone
 
     def __init__(self, image_size=(896, 896), scale=1.0 / 127.5, offset=-1.0, **kwargs):
-        fixed = [name for name in _FIXED_RESIZING_ARGUMENTS if name in kwargs]
+        fixed = [name for name, value in _FIXED_RESIZING_ARGUMENTS.items() if kwargs.pop(name, value) != value]
         if fixed:
             raise ValueError(
-                f"T5Gemma2ImageConverter does not take {fixed}: it always stretches the whole "
+                f"T5Gemma2ImageConverter does not take other values of {fixed}: it always stretches the whole "
                 "image to `image_size` with Pillow's antialiased bilinear filter, channels last, "
                 "as the reference does."
             )
@@ -338,6 +340,6 @@ class T5Gemma2ImageConverter(PresetMixin, ImageConverter):
 
     def get_config(self):
         config = super().get_config()
-        for name in _FIXED_RESIZING_ARGUMENTS + ("dtype",):
+        for name in (*_FIXED_RESIZING_ARGUMENTS, "dtype"):
             config.pop(name, None)
         return config
