@@ -43,11 +43,13 @@ from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import SLIDING
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import IMAGE_PLACEHOLDER_ID
-from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import PresetLoader
 from keras_t5gemma.utils.keras_hub_compat import check_file_exists
 from keras_t5gemma.utils.keras_hub_compat import get_file
 from keras_t5gemma.utils.keras_hub_compat import load_json
+from keras_t5gemma.utils.loading import built_without_values
+from keras_t5gemma.utils.loading import initialize_unfilled
+from keras_t5gemma.utils.preset_utils import KerasPresetFolderLoader
 from keras_t5gemma.utils.preset_utils import RoutedOptionsLoader
 
 REGISTERED_NAME = "keras_hub>T5Gemma2Backbone"
@@ -63,28 +65,26 @@ logger = logging.getLogger(__name__)
 
 def hf_config_from_keras_hub(config, image_token_id=IMAGE_PLACEHOLDER_ID):
     """A Hugging Face T5Gemma 2 `config.json` dict for KerasHub's `T5Gemma2Backbone` config."""
-    for name in ("hidden_dim", "intermediate_dim", "num_attention_heads", "num_key_value_heads", "head_dim"):
-        if config[f"encoder_{name}"] != config[f"decoder_{name}"]:
-            raise ValueError(
-                f"The KerasHub preset has `encoder_{name}` {config[f'encoder_{name}']} and `decoder_{name}` "
-                f"{config[f'decoder_{name}']}; this package shares it between encoder and decoder, as the "
-                "T5Gemma 2 releases do."
-            )
+    if config["encoder_hidden_dim"] != config["decoder_hidden_dim"]:
+        raise ValueError(
+            f"The KerasHub preset has `encoder_hidden_dim` {config['encoder_hidden_dim']} and `decoder_hidden_dim` "
+            f"{config['decoder_hidden_dim']}; T5Gemma 2 (here and in transformers) needs equal widths."
+        )
     if config.get("hidden_activation", "gelu_approximate") not in _TANH_GELU:
         raise ValueError(f"Unsupported activation `{config['hidden_activation']}`; T5Gemma 2 uses tanh GeLU.")
     if not config.get("use_query_key_norm", True):
         raise ValueError("KerasHub presets without query/key norms (`use_query_key_norm=False`) are not supported.")
 
-    def text(num_layers, layer_types, wavelength, factor):
+    def text(side, wavelength, factor):
         return {
             "vocab_size": config["vocabulary_size"],
-            "hidden_size": config["decoder_hidden_dim"],
-            "intermediate_size": config["decoder_intermediate_dim"],
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": config["decoder_num_attention_heads"],
-            "num_key_value_heads": config["decoder_num_key_value_heads"],
-            "head_dim": config["decoder_head_dim"],
-            "layer_types": list(layer_types),
+            "hidden_size": config[f"{side}_hidden_dim"],
+            "intermediate_size": config[f"{side}_intermediate_dim"],
+            "num_hidden_layers": config[f"{side}_num_layers"],
+            "num_attention_heads": config[f"{side}_num_attention_heads"],
+            "num_key_value_heads": config[f"{side}_num_key_value_heads"],
+            "head_dim": config[f"{side}_head_dim"],
+            "layer_types": list(config[f"{side}_layer_types"]),
             "sliding_window": config.get("sliding_window") or 4096,
             "query_pre_attn_scalar": config.get("query_pre_attn_scalar", 1.0),
             "rms_norm_eps": config.get("rms_norm_eps", 1e-6),
@@ -102,11 +102,7 @@ def hf_config_from_keras_hub(config, image_token_id=IMAGE_PLACEHOLDER_ID):
     factor = config.get("global_rope_scaling_factor", 1.0)
     encoder_wavelength = config.get("encoder_rope_max_wavelength") or wavelength
     encoder_factor = config.get("encoder_global_rope_scaling_factor") or factor
-    encoder = {
-        "text_config": text(
-            config["encoder_num_layers"], config["encoder_layer_types"], encoder_wavelength, encoder_factor
-        )
-    }
+    encoder = {"text_config": text("encoder", encoder_wavelength, encoder_factor)}
     vision = config.get("vision_encoder")
     if vision is not None:
         vision = vision["config"]
@@ -124,7 +120,7 @@ def hf_config_from_keras_hub(config, image_token_id=IMAGE_PLACEHOLDER_ID):
     return {
         "model_type": "t5gemma2",
         "encoder": encoder,
-        "decoder": text(config["decoder_num_layers"], config["decoder_layer_types"], wavelength, factor),
+        "decoder": text("decoder", wavelength, factor),
         "tie_word_embeddings": config.get("tie_word_embeddings", True),
         "dropout_rate": config.get("dropout_rate", 0.0),
         "attention_dropout": config.get("attention_dropout", 0.0),
@@ -269,15 +265,20 @@ class KerasHubT5Gemma2PresetLoader(RoutedOptionsLoader, PresetLoader):
         if kwargs:
             raise ValueError(f"Unexpected arguments for a KerasHub T5Gemma 2 preset: {sorted(kwargs)}.")
         config = self.hf_config()
-        backbone = build_quantized(
-            lambda policy: backbone_from_hf_config(
-                config, text_only=text_only, encoder_only=encoder_only, dtype=policy, cls=cls, remat=remat
-            ),
-            dtype,
-            quantize,
-        )
+
+        def build():
+            return build_quantized(
+                lambda policy: backbone_from_hf_config(
+                    config, text_only=text_only, encoder_only=encoder_only, dtype=policy, cls=cls, remat=remat
+                ),
+                dtype,
+                quantize,
+            )
+
+        backbone = built_without_values(build) if load_weights_ else build()
         if load_weights_:
-            source = KerasPresetLoader(self.preset, self.config).load_backbone(
+            # Built without values and filled by its weights file: none of KerasHub's initializers runs.
+            source = KerasPresetFolderLoader(self.preset, self.config).load_backbone(
                 KerasHubT5Gemma2Backbone, True, dtype=dtype
             )
             tensors = keras_hub_tensors(source)
@@ -287,9 +288,12 @@ class KerasHubT5Gemma2PresetLoader(RoutedOptionsLoader, PresetLoader):
             specs = {spec.key: spec for spec in weight_specs(backbone)}
 
             def read(key):
-                return specs[key].to_checkpoint(tensors[key]) if key in specs else tensors[key]
+                # Each tensor is read once: dropping it frees KerasHub's copy as ours is filled.
+                tensor = tensors.pop(key)
+                return specs[key].to_checkpoint(tensor) if key in specs else tensor
 
-            load_weights(backbone, tensors.keys(), read, progress=progress)
+            load_weights(backbone, list(tensors), read, progress=progress)
+            initialize_unfilled(backbone)
         return backbone
 
     def load_tokenizer(self, cls, config_file="tokenizer.json", **kwargs):

@@ -437,6 +437,14 @@ class T5Gemma2Backbone(EncoderDecoderBackbone):
         exporter = get_exporter("transformers")
         return exporter(self, path, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
 
+    def export_to_keras_hub(self, path, overwrite=False):
+        """Writes a KerasHub 0.32 preset folder of this backbone (`keras_hub.models.T5Gemma2Backbone.from_preset`).
+
+        See `conversion/keras_hub_export.py` for what KerasHub cannot hold
+        (refused) and where it computes differently.
+        """
+        return get_exporter("keras-hub")(self, path, overwrite=overwrite)
+
     def _check_inputs(self, inputs):
         """Token ids in range and image placeholders matching the images (eager calls only)."""
         checked = super()._check_inputs(inputs)

@@ -1,6 +1,11 @@
 """T5Gemma 2 sequence-to-sequence language model: `generate` and `fit`."""
 
+import os
+import re
+import warnings
+
 import keras
+import numpy as np
 from keras import ops
 from keras_hub.models import Seq2SeqLM
 
@@ -10,8 +15,10 @@ from keras_t5gemma.models.samplers import ArgmaxSampler
 from keras_t5gemma.models.streaming import stream_generate
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import TruncationWarning
 from keras_t5gemma.models.task import T5Gemma2Task
 from keras_t5gemma.utils.keras_hub_compat import any_equal
+from keras_t5gemma.utils.preset_utils import get_exporter
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
@@ -41,6 +48,8 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
 
     backbone_cls = T5Gemma2Backbone
     preprocessor_cls = T5Gemma2Seq2SeqLMPreprocessor
+    # The decoder positions the model was made for (`max_position_embeddings` of the released configs).
+    max_decoder_positions = 131_072
 
     def __init__(self, backbone, preprocessor=None, train_vision_tower=False, **kwargs):
         # === Layers ===
@@ -83,7 +92,67 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
             check_token_ids(x, self.backbone.vocabulary_size)
         return super().predict(x, *args, **kwargs)
 
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`T5Gemma2Task.fit`; warns once (`TruncationWarning`) when in-memory texts are cut to the sequence lengths.
+
+        Texts in a dataset are not counted (they would have to be read twice).
+        """
+        texts = _training_texts(x, y) if self.preprocessor is not None else None
+        if texts is not None:
+            report = self.preprocessor.truncation(*texts)
+            if report:
+                warnings.warn(report.message(), TruncationWarning, stacklevel=2)
+        return super().fit(x, y, *args, **kwargs)
+
     # === Generation ===
+
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        """KerasHub's `generate`, after checking that `max_length` fits the model and the memory.
+
+        Raises:
+            ValueError: `max_length` beyond the decoder's positions
+                (`max_decoder_positions`), or a self-attention cache larger
+                than the memory available.
+        """
+        self.check_max_length(max_length, inputs)
+        return super().generate(inputs, max_length=max_length, stop_token_ids=stop_token_ids, strip_prompt=strip_prompt)
+
+    def check_max_length(self, max_length=None, inputs=None):
+        """Refuses a decoder length the model or the machine cannot hold, before anything is allocated.
+
+        The length is `max_length`, else the preprocessor's
+        `decoder_sequence_length`, else the width of token-id inputs'
+        `decoder_token_ids`. Its cache (keys and values of every decoder
+        layer, for the batch of `inputs`) is compared with the memory
+        available to the first device (free host memory on a CPU).
+
+        Raises:
+            ValueError: naming the length, the limit and what to do.
+        """
+        batch = _batch_size(inputs)
+        if max_length is None:
+            if self.preprocessor is not None:
+                max_length = self.preprocessor.decoder_sequence_length
+            elif isinstance(inputs, dict) and "decoder_token_ids" in inputs:
+                max_length = np.shape(inputs["decoder_token_ids"])[-1]
+            else:
+                return
+        if max_length > self.max_decoder_positions:
+            raise ValueError(
+                f"`max_length` {max_length:,} is beyond the decoder's {self.max_decoder_positions:,} positions "
+                "(the model's `max_position_embeddings`); give at most that."
+            )
+        sizes = self.backbone.decoder.layer_kwargs
+        layers = len(self.backbone.decoder.transformer_layers)
+        itemsize = int(re.search(r"\d+", keras.backend.standardize_dtype(self.compute_dtype)).group()) // 8
+        cache = 2 * layers * batch * max_length * sizes["num_key_value_heads"] * sizes["head_dim"] * itemsize
+        available = available_memory_bytes()
+        if available is not None and cache > available:
+            raise ValueError(
+                f"`max_length` {max_length:,} needs a {cache / 2**30:.1f} GiB decoder cache for {batch} prompt(s), "
+                f"more than the {available / 2**30:.1f} GiB of memory available; give a smaller `max_length` "
+                "(or fewer prompts per batch)."
+            )
 
     def stream_generate(self, inputs, max_length=None, sampler=None, stop_token_ids="auto"):
         """Generates for one prompt, yielding text pieces as tokens are chosen (`models.streaming`).
@@ -97,6 +166,7 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
         "".join(seq_2_seq_lm.stream_generate("reverse: 1 2 3", max_length=16, sampler="greedy"))  # '3 2 1'
         ```
         """
+        self.check_max_length(max_length, inputs)
         return stream_generate(self, inputs, max_length=max_length, sampler=sampler, stop_token_ids=stop_token_ids)
 
     def make_generate_function(self):
@@ -113,6 +183,23 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
             return generate_function(inputs, stop_token_ids=stop_token_ids)
 
         return checked_generate_function
+
+    def export_to_keras_hub(self, path, overwrite=False):
+        """Writes a KerasHub 0.32 preset folder that `keras_hub.models.T5Gemma2Seq2SeqLM.from_preset` loads.
+
+        The backbone, and KerasHub's preprocessor and tokenizer built from
+        this one's (vocabulary, sequence lengths, start/end tokens). See
+        `conversion/keras_hub_export.py` for what is refused.
+
+        Example:
+        ```python
+        import tempfile
+
+        seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits", text_only=True)
+        seq_2_seq_lm.export_to_keras_hub(tempfile.mkdtemp() + "/digits")
+        ```
+        """
+        return get_exporter("keras-hub")(self, path, overwrite=overwrite)
 
     # === KerasHub's encoder and cached-decoder calls ===
 
@@ -310,3 +397,56 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
             replicated = keras.distribution.TensorLayout((None, None), distribution.device_mesh)
             outputs = {key: keras.distribution.distribute_tensor(value, replicated) for key, value in outputs.items()}
         return outputs
+
+
+def available_memory_bytes():
+    """Bytes free on the first accelerator (JAX's memory stats), else the host's available memory, else None."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _batch_size(inputs):
+    """Prompts in one `generate` call: a string or a dict of one prompt is 1; a dataset's is unknown (1)."""
+    if isinstance(inputs, dict):
+        for key in ("encoder_text", "encoder_token_ids"):
+            if key in inputs:
+                value = inputs[key]
+                if isinstance(value, str):
+                    return 1
+                shape = np.shape(value) if not isinstance(value, (list, tuple)) else (len(value),)
+                return int(shape[0]) if len(shape) > (1 if key == "encoder_token_ids" else 0) else 1
+        return 1
+    if isinstance(inputs, (list, tuple)):
+        return max(1, len(inputs))
+    if isinstance(inputs, np.ndarray) and inputs.ndim:
+        return int(inputs.shape[0])
+    return 1
+
+
+def _training_texts(x, y):
+    """`(encoder texts, decoder texts)` of in-memory training samples, or None (datasets, token ids)."""
+    if isinstance(x, dict):
+        encoder, decoder = x.get("encoder_text"), x.get("decoder_text", y)
+    else:
+        encoder, decoder = x, y
+    for texts in (encoder, decoder):
+        if isinstance(texts, np.ndarray) and texts.dtype.kind in "USO":
+            continue
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            return None
+    return list(encoder), list(decoder)
