@@ -1,49 +1,39 @@
 """Reading Hugging Face T5Gemma 2 checkpoints: files, config and tensors.
 
-Tensors are read one at a time, each straight into its own array, so
-converting a model needs little memory beyond the model itself (a memory map
-would instead keep every page read resident in the process).
+Tensors are read with the `safetensors` library, one at a time (or one
+device's part of one), each into its own array. The file is opened for each
+read, so that its memory map, and the pages a read touched, are released at
+once: a map held open for the whole load would keep every page read resident
+in the process beside the model.
 """
 
-import json
+import contextlib
 import os
-import struct
 
-import ml_dtypes
-import numpy as np
+from safetensors import SafetensorError
+from safetensors import safe_open
 
 from keras_t5gemma.conversion.config import check_t5gemma2_config
 from keras_t5gemma.utils.hub import fetch_file
 from keras_t5gemma.utils.hub import read_json_file
 
-_DTYPES = {
-    "BF16": ml_dtypes.bfloat16,
-    "F16": np.float16,
-    "F32": np.float32,
-    "F64": np.float64,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 # Allocations above this size get their own memory mapping (see below).
 _MMAP_THRESHOLD = 1 << 20
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Bytes per element of each safetensors dtype.
+_ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2}
 
 
 def return_freed_memory_to_the_system():
     """Makes glibc give large freed buffers back to the system at once.
 
-    Loading a checkpoint replaces every randomly initialised weight, one
-    tensor at a time. glibc serves allocations above a threshold with their
-    own memory mappings, but raises that threshold each time such a buffer is
-    freed, so later tensors land on its heap, whose freed space it keeps:
-    converting the 270m-270m model then peaked at 3.1x its weights. A fixed
-    threshold keeps the peak near one copy of the model. Elsewhere than glibc
-    this does nothing.
+    A load reads one tensor after another into buffers of their own. glibc
+    serves allocations above a threshold with their own memory mappings, but
+    raises that threshold each time such a buffer is freed, so later tensors
+    land on its heap, whose freed space it keeps: converting the 270m-270m
+    model then peaked at 3.1x its weights. A fixed threshold keeps the peak
+    near one copy of the model. Elsewhere than glibc this does nothing.
     """
     import ctypes
     import ctypes.util
@@ -58,10 +48,7 @@ def return_freed_memory_to_the_system():
 
 
 class SafetensorsFile:
-    """A `.safetensors` file, read one tensor at a time.
-
-    The format is an 8-byte little-endian header length, a JSON header mapping
-    names to dtype, shape and byte offsets, then the raw data.
+    """A `.safetensors` file, read one tensor (or one part of a tensor) at a time.
 
     Example:
     >>> checkpoint = SafetensorsFile("model.safetensors")  # doctest: +SKIP
@@ -71,45 +58,49 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = path
-        size = os.path.getsize(path)
-        with open(path, "rb") as file:
-            prefix = file.read(8)
-            if len(prefix) < 8:
-                raise ValueError(f"`{path}` is not a safetensors file: it is only {size} bytes long.")
-            (header_length,) = struct.unpack("<Q", prefix)
-            if header_length > size - 8:
-                raise ValueError(f"`{path}` is corrupt or truncated: its header claims {header_length} bytes.")
-            try:
-                header = json.loads(file.read(header_length))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise ValueError(f"`{path}` is corrupt: its header is not valid JSON ({error}).") from None
-        header.pop("__metadata__", None)
-        self._data_start = 8 + header_length
-        self._entries = header
-        for name, entry in header.items():
-            if entry.get("dtype") not in _DTYPES:
-                raise ValueError(f"`{path}`: tensor `{name}` has unsupported dtype {entry.get('dtype')!r}.")
-            begin, end = entry["data_offsets"]
-            expected = int(np.prod(entry["shape"])) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
-            if end - begin != expected or self._data_start + end > size:
-                raise ValueError(
-                    f"`{path}` is corrupt or truncated: tensor `{name}` needs bytes {begin}-{end} "
-                    f"({expected} expected) of a {size - self._data_start}-byte data section."
-                )
+        self._entries = {}
+        with self._open() as file:
+            for name in file.keys():
+                tensor = file.get_slice(name)
+                self._entries[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
+
+    @contextlib.contextmanager
+    def _open(self):
+        try:
+            with safe_open(self.path, framework="numpy") as file:
+                yield file
+        except SafetensorError as error:
+            size = os.path.getsize(self.path)
+            raise ValueError(f"`{self.path}` ({size} bytes) is corrupt or truncated: {error}.") from None
 
     def keys(self):
         return list(self._entries)
 
+    def shape(self, name):
+        return self._entries[name][0]
+
+    def nbytes(self, name):
+        shape, dtype = self._entries[name]
+        count = 1
+        for size in shape:
+            count *= size
+        return count * _ITEM_BYTES.get(dtype, 1)
+
     def read(self, name):
         """The tensor `name` as a NumPy array (bfloat16 via `ml_dtypes`)."""
-        entry = self._entries[name]
-        begin, end = entry["data_offsets"]
-        array = np.empty(entry["shape"], _DTYPES[entry["dtype"]])
-        with open(self.path, "rb") as file:
-            file.seek(self._data_start + begin)
-            if file.readinto(memoryview(array.reshape(-1).view(np.uint8))) != end - begin:
-                raise ValueError(f"`{self.path}` is truncated: tensor `{name}` could not be read whole.")
-        return array
+        with self._open() as file:
+            return self._checked(name, lambda: file.get_tensor(name))
+
+    def read_part(self, name, index):
+        """The part `index` (a tuple of slices, one per axis) of tensor `name`; only those bytes are read."""
+        with self._open() as file:
+            return self._checked(name, lambda: file.get_slice(name)[tuple(index)])
+
+    def _checked(self, name, read):
+        try:
+            return read()
+        except (SafetensorError, TypeError, ValueError) as error:
+            raise ValueError(f"`{self.path}`: tensor `{name}` could not be read ({error}).") from None
 
 
 class HFCheckpoint:
@@ -188,3 +179,13 @@ class HFCheckpoint:
 
     def read(self, key):
         return self._file(self._index()[key]).read(key)
+
+    def read_part(self, key, index):
+        """The part `index` (a tuple of slices) of tensor `key`."""
+        return self._file(self._index()[key]).read_part(key, index)
+
+    def shape(self, key):
+        return self._file(self._index()[key]).shape(key)
+
+    def nbytes(self, key):
+        return self._file(self._index()[key]).nbytes(key)

@@ -17,6 +17,10 @@ from keras_t5gemma.conversion.weights import load_weights
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2.t5gemma2_classification import T5Gemma2Classifier
 from keras_t5gemma.utils.keras_hub_compat import PresetLoader
+from keras_t5gemma.utils.loading import LoadProgress
+from keras_t5gemma.utils.loading import built_without_values
+from keras_t5gemma.utils.loading import initialize_unfilled
+from keras_t5gemma.utils.loading import model_bytes
 from keras_t5gemma.utils.preset_utils import RoutedOptionsLoader
 
 
@@ -54,18 +58,49 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
     ):
         if kwargs:
             raise ValueError(f"Unexpected arguments for a T5Gemma 2 checkpoint: {sorted(kwargs)}.")
-        return_freed_memory_to_the_system()
 
         def build(policy):
             return backbone_from_hf_config(
                 self.config, text_only=text_only, encoder_only=encoder_only, dtype=policy, cls=cls, remat=remat
             )
 
-        backbone = build_quantized(build, dtype, quantize)
-        if load_weights_:
-            checkpoint = self.checkpoint
-            load_weights(backbone, checkpoint.keys(), checkpoint.read, progress=progress)
+        return self.build_and_fill(build, dtype, quantize, load_weights_, progress, load_weights)
+
+    def build_and_fill(self, build, dtype, quantize, load_weights_, progress, load):
+        """`build_quantized(build, ...)` with no initializer run, each variable filled from the checkpoint.
+
+        `load(backbone, keys, read, read_part=..., shape_of=...)` assigns the
+        weights (`weights.load_weights`); a variable laid out over devices gets
+        only its devices' parts read. `progress` is the backbone option (see
+        `utils.loading.LoadProgress`).
+        """
+        if not load_weights_:
+            return build_quantized(build, dtype, quantize)
+        return_freed_memory_to_the_system()
+        backbone = built_without_values(lambda: build_quantized(build, dtype, quantize))
+        checkpoint = self.checkpoint
+        keys = checkpoint.keys()
+        bar = LoadProgress(sum(checkpoint.nbytes(key) for key in keys), f"`{self.preset}`", progress)
+
+        def read(key):
+            array = checkpoint.read(key)
+            bar.advance(array.nbytes)
+            return array
+
+        def read_part(key, index):
+            array = checkpoint.read_part(key, index)
+            bar.advance(array.nbytes)
+            return array
+
+        kwargs = {"read_part": read_part, "shape_of": checkpoint.shape} if self.reads_parts(load) else {}
+        load(backbone, keys, read, **kwargs)
+        initialize_unfilled(backbone)
+        bar.done(model_bytes(backbone))
         return backbone
+
+    @staticmethod
+    def reads_parts(load):
+        return load is load_weights
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):
         image_token_id = self.config.get("image_token_index", 256_001)

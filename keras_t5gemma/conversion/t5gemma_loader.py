@@ -5,9 +5,7 @@ The tokenizer files and their `<bos>`/`<eos>` convention are read as for
 T5Gemma 2 (`T5Gemma2CheckpointLoader`); the model is text only.
 """
 
-from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
 from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
-from keras_t5gemma.conversion.quantized_loading import build_quantized
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import check_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
@@ -47,17 +45,13 @@ class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
                 f"`{self.preset}` is a T5Gemma (first generation) checkpoint; load it with `T5GemmaBackbone` or "
                 f"`T5GemmaSeq2SeqLM`, not `{cls.__name__}`."
             )
-        return_freed_memory_to_the_system()
-        backbone = build_quantized(
-            lambda policy: backbone_from_t5gemma_config(
+
+        def build(policy):
+            return backbone_from_t5gemma_config(
                 self.config, encoder_only=encoder_only, dtype=policy, cls=cls, remat=remat
-            ),
-            dtype,
-            quantize,
-        )
-        if load_weights_:
-            load_t5gemma_weights(backbone, self.checkpoint.keys(), self.checkpoint.read, progress=progress)
-        return backbone
+            )
+
+        return self.build_and_fill(build, dtype, quantize, load_weights_, progress, load_t5gemma_weights)
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):
         return self.tokenizer_from_checkpoint(cls, **kwargs)

@@ -14,6 +14,7 @@ import numpy as np
 from keras_t5gemma.conversion.quantized_loading import assign_by_name
 from keras_t5gemma.conversion.quantized_loading import quantized_layers
 from keras_t5gemma.conversion.quantized_loading import quantized_values
+from keras_t5gemma.utils.loading import fill
 
 # torch Linear weights are `[out, in]`; Keras kernels are `[in, ...out]`.
 LINEAR = (1, 0)
@@ -77,6 +78,24 @@ class WeightSpec:
             return (math.prod(target),)
         return target
 
+    def check_shape(self, shape):
+        """Refuses a checkpoint tensor of `shape` (as stored) that does not fit the variable."""
+        shape = tuple(shape)
+        if self.permutation is not None:
+            if len(shape) != len(self.permutation):
+                raise ValueError(
+                    f"Checkpoint tensor `{self.key}` has shape {shape}; expected {len(self.permutation)} "
+                    f"axes for variable `{self.variable.path}` of shape {tuple(self.variable.shape)}."
+                )
+            shape = tuple(shape[axis] for axis in self.permutation)
+        expected = self.expected_shape(len(shape))
+        if shape != expected:
+            raise ValueError(
+                f"Checkpoint tensor `{self.key}` has shape {self._stored(shape)}, which does not fit "
+                f"variable `{self.variable.path}` of shape {tuple(self.variable.shape)} (it needs "
+                f"{self._stored(expected)}). Does the config match the weights (or is the tensor transposed)?"
+            )
+
     def convert(self, array):
         """`array` in the variable's layout; refuses any other shape, and integer tensors.
 
@@ -84,33 +103,78 @@ class WeightSpec:
         quantized layer too (`assign_weights` quantizes them).
         """
         array = np.asarray(array)
+        self._check_float(array)
+        self.check_shape(array.shape)
+        if self.permutation is not None:
+            array = np.transpose(array, self.permutation)
+        return array.reshape(tuple(self.variable.shape))
+
+    def _check_float(self, array):
         if array.dtype.kind in "iub":
             raise ValueError(
                 f"Checkpoint tensor `{self.key}` holds {array.dtype} values; variable "
                 f"`{self.variable.path}` is filled from float weights. Is the file damaged?"
             )
-        if self.permutation is not None:
-            if array.ndim != len(self.permutation):
-                raise ValueError(
-                    f"Checkpoint tensor `{self.key}` has shape {array.shape}; expected {len(self.permutation)} "
-                    f"axes for variable `{self.variable.path}` of shape {tuple(self.variable.shape)}."
-                )
-            array = np.transpose(array, self.permutation)
+
+    def convert_part(self, read_part, stored_shape, index):
+        """The variable's part `index` (a tuple of slices), reading only the checkpoint bytes that hold it.
+
+        Args:
+            read_part: callable `(stored_index) -> array`, a part of the
+                checkpoint tensor in its stored layout.
+            stored_shape: the checkpoint tensor's shape.
+            index: the part of the variable, one slice per axis.
+
+        A variable axis made by merging checkpoint axes (heads and head size
+        stored as one torch axis) is cut out of the checkpoint where it is the
+        outermost of the merged ones or the others are whole; otherwise that
+        stored axis is read whole and cut after (never the case for the
+        layout map's splits).
+        """
+        self.check_shape(stored_shape)
         target = tuple(self.variable.shape)
-        expected = self.expected_shape(array.ndim)
-        if array.shape != expected:
-            raise ValueError(
-                f"Checkpoint tensor `{self.key}` has shape {self._stored(array.shape)}, which does not fit "
-                f"variable `{self.variable.path}` of shape {target} (it needs {self._stored(expected)}). "
-                "Does the config match the weights (or is the tensor transposed)?"
-            )
-        return array.reshape(target)
+        permutation = self.permutation or tuple(range(len(stored_shape)))
+        permuted = tuple(stored_shape[axis] for axis in permutation)
+        ranges = [index[axis].indices(size)[:2] for axis, size in enumerate(target)]
+        stored_parts, read_shape, rest = [], [], []
+        for axes in _merged_axes(permuted, target):
+            first, inner = axes[0], axes[1:]
+            if all(ranges[axis] == (0, target[axis]) for axis in inner):
+                start, stop = ranges[first]
+                inner_size = math.prod(target[axis] for axis in inner)
+                stored_parts.append(slice(start * inner_size, stop * inner_size))
+                read_shape.extend([stop - start, *(target[axis] for axis in inner)])
+                rest.extend(slice(None) for _ in axes)
+            else:
+                stored_parts.append(slice(None))
+                read_shape.extend(target[axis] for axis in axes)
+                rest.extend(slice(*ranges[axis]) for axis in axes)
+        stored_index = [None] * len(permutation)
+        for position, axis in enumerate(permutation):
+            stored_index[axis] = stored_parts[position]
+        array = np.asarray(read_part(tuple(stored_index)))
+        self._check_float(array)
+        return np.transpose(array, permutation).reshape(read_shape)[tuple(rest)]
 
     def _stored(self, shape):
         """`shape` (in the variable's axis order) as the checkpoint stores it."""
         if self.permutation is None:
             return tuple(shape)
         return tuple(shape[self.permutation.index(axis)] for axis in range(len(shape)))
+
+
+def _merged_axes(stored, target):
+    """For each axis of `stored`, the axes of `target` (the same elements, reshaped) that make it."""
+    groups, axis = [], 0
+    for size in stored:
+        group, product = [axis], target[axis]
+        axis += 1
+        while product != size:
+            group.append(axis)
+            product *= target[axis]
+            axis += 1
+        groups.append(tuple(group))
+    return groups
 
 
 def _text_layer_specs(layer, prefix):
@@ -192,7 +256,7 @@ _VISION = re.compile(r"^model\.encoder\.(vision_tower|multi_modal_projector)\.")
 _DECODER = re.compile(r"^model\.decoder\.")
 
 
-def load_weights(backbone, keys, get_tensor, progress=None):
+def load_weights(backbone, keys, get_tensor, progress=None, read_part=None, shape_of=None):
     """Assigns every `T5Gemma2Backbone` variable from a checkpoint.
 
     Args:
@@ -200,6 +264,7 @@ def load_weights(backbone, keys, get_tensor, progress=None):
         keys: iterable of the checkpoint's keys, in any supported spelling.
         get_tensor: callable key -> array (a key as spelled in `keys`).
         progress: optional callable advanced by one per assigned tensor.
+        read_part, shape_of: optional part reads (see `assign_weights`).
 
     Raises:
         ValueError: naming missing or unexpected tensors, or a shape mismatch.
@@ -218,11 +283,21 @@ def load_weights(backbone, keys, get_tensor, progress=None):
         model_name="a T5Gemma 2 checkpoint matching its config (and does it include the vision tower, if the "
         "config has one)",
         quantized=quantized_layers(backbone),
+        read_part=read_part,
+        shape_of=shape_of,
     )
 
 
 def assign_weights(
-    specs, keys, get_tensor, left_out, progress=None, model_name="a checkpoint matching its config", quantized=None
+    specs,
+    keys,
+    get_tensor,
+    left_out,
+    progress=None,
+    model_name="a checkpoint matching its config",
+    quantized=None,
+    read_part=None,
+    shape_of=None,
 ):
     """Assigns each `WeightSpec`'s variable from the checkpoint tensor it names.
 
@@ -237,6 +312,10 @@ def assign_weights(
         quantized: `{id(variable): layer}` of the model's quantized variables
             (`quantized_loading.quantized_layers`); each is filled with its
             float tensor quantized as `layer.quantize` would.
+        read_part: optional callable `(key, index) -> array`, a part of a
+            checkpoint tensor (`index` in its stored layout), with `shape_of`
+            (`key -> stored shape`): a variable laid out over devices then
+            gets only each device's part read (`utils.loading.fill`).
 
     Raises:
         ValueError: naming missing or unexpected tensors, or a shape mismatch.
@@ -262,9 +341,16 @@ def assign_weights(
             # The float tensor is never named here, so it is freed before the int8 values are assigned.
             assign_by_name(layer, quantized_values(layer, spec.variable.name, spec.convert(get_tensor(key))))
         else:
-            spec.variable.assign(spec.convert(get_tensor(key)))
+            fill(spec.variable, lambda: spec.convert(get_tensor(key)), _part_reader(spec, key, read_part, shape_of))
         if progress is not None:
             progress(1)
+
+
+def _part_reader(spec, key, read_part, shape_of):
+    """`index -> the variable's part`, reading only that part of tensor `key`; `None` without `read_part`."""
+    if read_part is None:
+        return None
+    return lambda index: spec.convert_part(lambda stored: read_part(key, stored), shape_of(key), index)
 
 
 def classifier_head_specs(classifier):
@@ -284,4 +370,4 @@ def load_classifier_head(classifier, keys, get_tensor):
     if missing:
         raise ValueError(f"The checkpoint has no classification head: it lacks {missing}.")
     for spec in specs:
-        spec.variable.assign(spec.convert(get_tensor(spec.key)))
+        fill(spec.variable, lambda: spec.convert(get_tensor(spec.key)))

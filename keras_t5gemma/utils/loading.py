@@ -1,0 +1,232 @@
+"""Filling a model's variables straight from a checkpoint: no initializer runs, shards go to their devices.
+
+Every loader builds its model with `built_without_values` (Keras variables
+with paths, shapes, dtypes and layouts but no value) and then gives each
+variable its value once with `fill`: the checkpoint tensor in the variable's
+dtype, or, when a distribution lays the variable out over devices, each
+device's part read on its own (`jax.make_array_from_callback`), so that no
+process holds a whole tensor it only keeps a shard of. Variables the
+checkpoint does not hold (a seed generator's state, a new classifier head)
+get their initializer afterwards (`initialize_unfilled`).
+
+`LoadProgress` is the progress bar of a load (bytes read, bytes/s) and its
+closing line (seconds, the memory the model holds).
+"""
+
+import contextlib
+import os
+import sys
+import threading
+import time
+
+import keras
+import ml_dtypes
+import numpy as np
+
+_patch_lock = threading.Lock()
+
+
+_deferring = threading.local()
+
+
+def _initialize_or_defer(original):
+    def initialize(variable, initializer):
+        if getattr(_deferring, "active", False):
+            # Left empty, as a stateless scope leaves it: `fill` or `initialize_unfilled` gives the value.
+            variable._initializer = initializer
+            variable._value = None
+            return
+        original(variable, initializer)
+
+    initialize.original = original
+    return initialize
+
+
+def built_without_values(build):
+    """`build()`'s model with no initializer run: its variables have paths, shapes and dtypes, no values.
+
+    Variables made from an initializer are left empty for `fill` (those still
+    empty after the load need `initialize_unfilled`); a variable made from a
+    value (KerasHub's end-of-image vectors, an optimizer's counters) keeps
+    it. Only this thread's variables are affected. With a distribution set,
+    each variable gets its layout, so that `fill` (and Keras' own `assign`,
+    which reloading a Keras preset calls) places its value on its devices.
+    """
+    variable_class = keras.Variable
+    with _patch_lock:
+        if not hasattr(variable_class._initialize_with_initializer, "original"):
+            variable_class._initialize_with_initializer = _initialize_or_defer(
+                variable_class._initialize_with_initializer
+            )
+    outer = getattr(_deferring, "active", False)
+    _deferring.active = True
+    try:
+        model = build()
+    finally:
+        _deferring.active = outer
+    if keras.distribution.distribution() is not None:
+        for variable in model.variables:
+            variable._initialize_layout()
+    return model
+
+
+def is_unfilled(variable):
+    return getattr(variable, "_value", True) is None
+
+
+def numpy_dtype(dtype):
+    """The NumPy dtype of a Keras dtype name (`"bfloat16"` through `ml_dtypes`)."""
+    name = keras.backend.standardize_dtype(dtype)
+    return np.dtype(getattr(ml_dtypes, name, name))
+
+
+def _sharding(variable):
+    """The JAX sharding of `variable`'s layout, or `None` when it is not laid out over devices."""
+    layout = getattr(variable, "_layout", None)
+    if layout is None:
+        return None
+    return getattr(layout, "backend_layout", layout)
+
+
+def fill(variable, read, read_part=None):
+    """Gives `variable` its value from a checkpoint, cast to its dtype, without running its initializer.
+
+    Args:
+        variable: a Keras variable, empty (`built_without_values`) or not
+            (then it is assigned).
+        read: callable `() -> array`, the whole value in the variable's layout.
+        read_part: optional callable `(index) -> array`, the part at `index`
+            (a tuple of slices of the variable's shape). With it, a variable
+            laid out over devices gets each device's part read on its own.
+    """
+    dtype = numpy_dtype(variable._dtype)
+    sharding = _sharding(variable) if is_unfilled(variable) else None
+    if sharding is not None and read_part is not None:
+        import jax
+
+        parts = {}
+
+        def part(index):
+            # Devices holding the same part (replicas) share one read.
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if key not in parts:
+                parts[key] = np.asarray(read_part(index)).astype(dtype, copy=False)
+            return parts[key]
+
+        variable._value = jax.make_array_from_callback(tuple(variable.shape), sharding, part)
+        variable._initializer = None
+        return
+    value = np.asarray(read())
+    value = value.astype(dtype, copy=False)
+    if not is_unfilled(variable):
+        variable.assign(value)
+        return
+    tensor = variable._convert_to_tensor(value, dtype=variable._dtype)
+    del value
+    variable._initialize(tensor)
+    variable._initializer = None
+
+
+def fill_from_values(variable, value):
+    """`fill` with a value already read."""
+    fill(variable, lambda: value)
+
+
+def initialize_unfilled(model):
+    """Runs the initializer of each of `model`'s variables that no checkpoint tensor filled; their paths."""
+    paths = []
+    for variable in model.variables:
+        if is_unfilled(variable):
+            variable._initialize_with_initializer(variable._initializer)
+            variable._initializer = None
+            paths.append(variable.path)
+    return paths
+
+
+def model_bytes(model):
+    """The bytes `model`'s variables hold (each variable's full shape and dtype)."""
+    return sum(int(np.prod(v.shape)) * numpy_dtype(v._dtype).itemsize for v in model.variables)
+
+
+def progress_wanted(progress):
+    """Whether a load shows its bar: `progress` if a bool; by default in a terminal or a notebook, not under pytest."""
+    if isinstance(progress, bool):
+        return progress
+    if progress is not None or "PYTEST_CURRENT_TEST" in os.environ:
+        return False
+    if "ipykernel" in sys.modules:
+        return True
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def _human(count):
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1000
+
+
+class LoadProgress:
+    """A load's progress: bytes read against the total, bytes/s, and one closing line.
+
+    Args:
+        total_bytes: the bytes the load will read.
+        label: what is loaded, for the closing line.
+        progress: the `progress` backbone option: `None` (a bar in a terminal
+            or a notebook, none in tests), `True`, `False`, or a callable
+            advanced once per tensor (no bar then).
+        stream: where the bar and the line go (standard error).
+
+    Example:
+    >>> bar = LoadProgress(2_000_000, "a model", progress=False)
+    >>> bar.advance(1_000_000)
+    >>> bar.done(model_bytes=2_000_000)
+    """
+
+    def __init__(self, total_bytes, label, progress=None, stream=None):
+        self.total = max(int(total_bytes), 1)
+        self.label = label
+        self.callback = progress if callable(progress) else None
+        self.shown = progress_wanted(progress)
+        self.stream = stream or sys.stderr
+        self.read = 0
+        self.started = time.perf_counter()
+        self._last_draw = 0.0
+
+    def advance(self, nbytes):
+        """One tensor of `nbytes` read."""
+        self.read += int(nbytes)
+        if self.callback is not None:
+            self.callback(1)
+        now = time.perf_counter()
+        if self.shown and (now - self._last_draw > 0.1 or self.read >= self.total):
+            self._last_draw = now
+            self._draw(now)
+
+    def _draw(self, now):
+        fraction = min(self.read / self.total, 1.0)
+        filled = int(30 * fraction)
+        rate = self.read / max(now - self.started, 1e-9)
+        self.stream.write(
+            f"\r[{'=' * filled}{'.' * (30 - filled)}] {_human(self.read)} / {_human(self.total)} {_human(rate)}/s"
+        )
+        self.stream.flush()
+
+    def done(self, model_bytes):
+        """Ends the bar with one line: the time taken and the memory the model holds."""
+        if not self.shown:
+            return
+        seconds = time.perf_counter() - self.started
+        self.stream.write(
+            f"\rLoaded {self.label} in {seconds:.1f} s ({_human(self.read / max(seconds, 1e-9))}/s); "
+            f"its weights hold {_human(model_bytes)}.{' ' * 20}\n"
+        )
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def progress_of(total_bytes, label, progress, model_of):
+    """A `LoadProgress` whose closing line is written when the block ends without error."""
+    bar = LoadProgress(total_bytes, label, progress)
+    yield bar
+    bar.done(model_bytes(model_of()))
