@@ -33,6 +33,8 @@ from keras_t5gemma.utils.hub import fetch_file
 from keras_t5gemma.utils.hub import read_json_file
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import classproperty
+from keras_t5gemma.utils.loading import built_without_values
+from keras_t5gemma.utils.loading import initialize_unfilled
 from keras_t5gemma.utils.safe_files import atomic_folder
 
 BUNDLED_DIRECTORY = Path(__file__).resolve().parents[1] / "presets"
@@ -243,6 +245,8 @@ class KerasPresetFolderLoader(RoutedOptionsLoader, KerasPresetLoader):
     tower.
     """
 
+    _without_values = False
+
     def get_backbone_kwargs(self, **kwargs):
         options, kwargs = super().get_backbone_kwargs(**kwargs)
         options.pop("quantize", None)
@@ -254,6 +258,39 @@ class KerasPresetFolderLoader(RoutedOptionsLoader, KerasPresetLoader):
                 "checkpoint it came from with `text_only=True`."
             )
         return options, kwargs
+
+    # Loading with weights builds the model without values (no initializer runs) and Keras'
+    # `load_weights` assigns each variable its saved value, one tensor at a time; what the files
+    # did not fill (a task's new head) is initialized afterwards.
+    def load_backbone(self, cls, load_weights, **kwargs):
+        return self._filled(lambda: super(KerasPresetFolderLoader, self).load_backbone(cls, load_weights, **kwargs))
+
+    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
+        load = super().load_task
+        return self._filled(lambda: load(cls, load_weights, load_task_weights, **kwargs), load_weights)
+
+    def _filled(self, load, load_weights=True):
+        outer, self._without_values = self._without_values, load_weights
+        try:
+            model = load()
+        finally:
+            self._without_values = outer
+        if not outer:
+            initialize_unfilled(model)
+        return model
+
+    def _load_serialized_object(self, config, **kwargs):
+        if not self._without_values:
+            return super()._load_serialized_object(config, **kwargs)
+        inner = config.get("config", {})
+        if isinstance(inner.get("backbone"), dict):
+            # A task (`task.json`) compiles when built, which creates variables with values: only its
+            # backbone (the backbone options are already in its config) is built without values.
+            backbone = self._load_serialized_object(inner["backbone"])
+            config = {**config, "config": {**inner, "backbone": backbone}}
+            return super()._load_serialized_object(config, **kwargs)
+        load = super()._load_serialized_object
+        return built_without_values(lambda: load(config, **kwargs))
 
 
 class PresetMixin:
