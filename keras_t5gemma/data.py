@@ -19,6 +19,7 @@ assert read_pairs(path) == [("rotate: 1 2 3", "2 3 1", None)]
 """
 
 import csv
+import io
 import json
 import os
 import sys
@@ -34,19 +35,49 @@ def _check_file(path, what="file"):
         raise ValueError(f"no such {what}: {path}")
 
 
-def _text_lines(path, newline=None):
-    """The lines of a UTF-8 text file, line ends kept (`newline` as `open` takes it)."""
+# The encoding of data and prompt files unless the caller names another (`--encoding`).
+DEFAULT_ENCODING = "utf-8"
+
+
+def _text_lines(path, newline=None, encoding=DEFAULT_ENCODING):
+    """The lines of a text file, line ends kept (`newline` as `open` takes it).
+
+    A UTF-8 byte-order mark (what Excel's "CSV UTF-8" and Notepad write) is
+    dropped. A byte that is not text in `encoding` is named with its line
+    and column in bytes.
+    """
     _check_file(path)
+    encoding = _codec(encoding)
+    with open(path, "rb") as file:
+        data = file.read()
     try:
-        with open(path, encoding="utf-8", newline=newline) as file:
-            return list(file)
+        text = data.decode(encoding)
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason})") from None
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(
+            f"{path}, line {line}, byte {column}: not {error.encoding} text (byte 0x{data[error.start]:02x}: "
+            f"{error.reason}); give the file's encoding with --encoding (`encoding=`), e.g. latin-1 or cp1252"
+        ) from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    # Split as `open(path, newline=newline)` would.
+    return list(io.StringIO(text, newline=newline))
 
 
-def _json_records(path):
+def _codec(encoding):
+    """The Python codec of `encoding`, checked; `utf-8-sig` and `utf-8` read the same here."""
+    import codecs
+
+    try:
+        return codecs.lookup(encoding or DEFAULT_ENCODING).name
+    except LookupError:
+        raise ValueError(f"unknown text encoding {encoding!r} (try utf-8, latin-1, cp1252, utf-16)") from None
+
+
+def _json_records(path, encoding=DEFAULT_ENCODING):
     """`(where, record)` for each non-blank line of a JSONL file; `where` is `"PATH, line N"`."""
-    for number, line in enumerate(_text_lines(path), 1):
+    for number, line in enumerate(_text_lines(path, encoding=encoding), 1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"
@@ -56,9 +87,12 @@ def _json_records(path):
             raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
 
 
-def read_lines(path):
-    """The non-blank lines of a text file (prompts or texts, one per line), without their line ends."""
-    return [line.rstrip("\n") for line in _text_lines(path) if line.strip()]
+def read_lines(path, encoding=DEFAULT_ENCODING):
+    """The non-blank lines of a text file (prompts or texts, one per line), without their line ends.
+
+    `encoding` is the file's (a UTF-8 byte-order mark is dropped).
+    """
+    return [line.rstrip("\r\n") for line in _text_lines(path, encoding=encoding) if line.strip()]
 
 
 def read_image(path):
@@ -81,7 +115,7 @@ def read_image(path):
         raise ValueError(f"cannot read the image {path}: {error}") from None
 
 
-def read_pairs(path, image_marker=None):
+def read_pairs(path, image_marker=None, encoding=DEFAULT_ENCODING):
     """`[(input, target, image path or None)]` from a JSONL or CSV file.
 
     JSONL: one object per line with string fields `input` and `target`
@@ -94,9 +128,12 @@ def read_pairs(path, image_marker=None):
         path: str, a `.jsonl` or `.csv` file.
         image_marker: str or None, the prompt's image marker (`<start_of_image>`):
             a record whose input holds it must have an `image`.
+        encoding: str, the file's text encoding (a UTF-8 byte-order mark is
+            dropped).
 
     Raises:
-        ValueError: naming the file and line of the first bad record.
+        ValueError: naming the file and line of the first bad record (or
+            byte that is not text in `encoding`).
     """
     _check_file(path)
     suffix = Path(path).suffix.lower()
@@ -104,9 +141,9 @@ def read_pairs(path, image_marker=None):
         raise ValueError(f"{path}: expected a .jsonl or .csv file")
     folder = os.path.dirname(os.path.abspath(path))
     if suffix == ".jsonl":
-        pairs = [_pair(record, where, folder, image_marker) for where, record in _json_records(path)]
+        pairs = [_pair(record, where, folder, image_marker) for where, record in _json_records(path, encoding)]
     else:
-        reader = csv.DictReader(_text_lines(path, newline=""))
+        reader = csv.DictReader(_text_lines(path, newline="", encoding=encoding))
         header = reader.fieldnames or []
         if "input" not in header or "target" not in header:
             raise ValueError(
@@ -142,12 +179,13 @@ def _pair(record, where, folder, image_marker):
     return record["input"], record["target"], image
 
 
-def read_labelled(path, per_word=False):
+def read_labelled(path, per_word=False, encoding=DEFAULT_ENCODING):
     """`(texts, labels, names)` from a JSONL file of labelled inputs.
 
     Lines are `{"input": str, "label": class}`, or with `per_word`
     `{"input": str, "labels": [class per whitespace-separated word]}`; a class
-    is an index or a name. See `number_classes` for what is returned.
+    is an index or a name; `encoding` is the file's. See `number_classes`
+    for what is returned.
 
     Raises:
         ValueError: naming the file and line of the first bad record.
@@ -157,7 +195,7 @@ def read_labelled(path, per_word=False):
         raise ValueError(f"{path}: classification data must be a .jsonl file")
     key = "labels" if per_word else "label"
     examples = []
-    for where, record in _json_records(path):
+    for where, record in _json_records(path, encoding):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected an object with a string `input`")
         examples.append((where, record.get("input"), record.get(key)))

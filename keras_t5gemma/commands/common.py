@@ -3,6 +3,7 @@
 import argparse
 import re
 
+from keras_t5gemma.data import DEFAULT_ENCODING
 from keras_t5gemma.data import read_lines
 from keras_t5gemma.training.fine_tune import DEFAULT_PRESET
 
@@ -41,10 +42,21 @@ def say(*args, **kwargs):
 
 def texts_of(args, what):
     """The texts given as arguments (`args.<what>`), then the lines of `--file`."""
-    texts = list(getattr(args, what)) + (read_lines(args.file) if args.file else [])
+    encoding = getattr(args, "encoding", DEFAULT_ENCODING)
+    texts = list(getattr(args, what)) + (read_lines(args.file, encoding) if args.file else [])
     if not texts:
         raise CommandError(f"give {what} as arguments or with --file")
     return texts
+
+
+def add_encoding(parser, files="--file"):
+    """`--encoding`: the text encoding of the command's text files."""
+    parser.add_argument(
+        "--encoding",
+        default=DEFAULT_ENCODING,
+        help=f"text encoding of {files}, e.g. latin-1, cp1252, utf-16 (default: %(default)s; a byte-order mark is "
+        "dropped)",
+    )
 
 
 def add_preset(parser):

@@ -4,6 +4,7 @@ import numpy as np
 
 from keras_t5gemma.commands.common import DEFAULT
 from keras_t5gemma.commands.common import POOLINGS
+from keras_t5gemma.commands.common import add_encoding
 from keras_t5gemma.commands.common import add_preset
 from keras_t5gemma.commands.common import positive_int
 from keras_t5gemma.commands.common import say
@@ -20,6 +21,7 @@ def add_parser(commands):
     add_preset(parser)
     parser.add_argument("texts", nargs="*", help="texts (quote each one)")
     parser.add_argument("--file", help="a text file, one text per line")
+    add_encoding(parser)
     parser.add_argument("--pooling", default="mean", choices=POOLINGS, help=DEFAULT)
     parser.add_argument("--no-normalize", action="store_true", help="keep the vectors' norms")
     parser.add_argument("--batch-size", type=positive_int, default=32, help=DEFAULT)

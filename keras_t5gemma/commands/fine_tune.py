@@ -4,6 +4,7 @@ import inspect
 import sys
 
 from keras_t5gemma.commands.common import DEFAULT
+from keras_t5gemma.commands.common import add_encoding
 from keras_t5gemma.commands.common import add_preset
 from keras_t5gemma.commands.common import positive_int
 from keras_t5gemma.commands.common import say
@@ -23,6 +24,7 @@ def add_parser(commands):
     )
     add_preset(parser)
     parser.add_argument("data", help="a .jsonl or .csv file")
+    add_encoding(parser, "the data file")
     task = (
         'generate: input/target pairs (T5Gemma2Seq2SeqLM); classify: JSONL {"input": ..., "label": ...} lines '
         '(T5Gemma2TextClassifier); classify-tokens: JSONL {"input": ..., "labels": [...]} lines, one label per '

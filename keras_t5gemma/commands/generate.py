@@ -4,6 +4,7 @@ import keras
 
 from keras_t5gemma.commands.common import DEFAULT
 from keras_t5gemma.commands.common import CommandError
+from keras_t5gemma.commands.common import add_encoding
 from keras_t5gemma.commands.common import add_preset
 from keras_t5gemma.commands.common import positive_int
 from keras_t5gemma.commands.common import say
@@ -26,6 +27,7 @@ def add_parser(commands):
     add_preset(parser)
     parser.add_argument("prompts", nargs="*", help="prompts (quote each one)")
     parser.add_argument("--file", help="a text file of prompts, one per line")
+    add_encoding(parser)
     parser.add_argument("--image", action="append", metavar="PATH", help="a PNG/JPEG image (repeatable)")
     parser.add_argument("--sampler", default="greedy", choices=SAMPLERS, help=DEFAULT)
     length = "decoder length in tokens, <bos> included (default: the preset's)"

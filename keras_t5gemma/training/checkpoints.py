@@ -13,6 +13,15 @@ checkpoint under a step's name, and `latest_step` only sees complete ones.
 A SIGINT that arrives while a checkpoint is written is held until the write
 has finished (`interrupts_deferred`).
 
+Faults: a save checks the free space first and fails with one `OSError`
+(`ENOSPC`) before writing; a save that fails anyway (the disk filled
+meanwhile, a quota) removes its temporary folder and raises one `OSError`,
+and Orbax's background threads print nothing for it (their log records are
+dropped when the error is raised, printed when the save succeeds).
+A checkpoint is trusted only once read whole: `restore` of the latest
+checkpoint sets a damaged or incomplete one aside (`STEP.damaged`), warns
+naming it, and restores the newest one that reads.
+
 Run folders: `fine-tune --output OUT` keeps each run's checkpoints in
 `OUT/runs/run_NNN/checkpoints/STEP/`, next to the run's settings
 (`OUT/runs/run_NNN/run.json`). A new run takes a new number; a run only
@@ -23,18 +32,27 @@ continues with `fit(..., initial_epoch=step)`.
 """
 
 import contextlib
+import errno
 import json
+import logging
+import math
 import os
 import re
 import shutil
 import signal
 import threading
+import warnings
 
 import keras
 import numpy as np
 
+from keras_t5gemma.utils.safe_files import check_free_space
+from keras_t5gemma.utils.safe_files import check_not_in_use
+
 # Orbax writes a checkpoint into `STEP.orbax-checkpoint-tmp...`, then renames it.
 PARTIAL_SAVE_MARK = ".orbax-checkpoint-tmp"
+# A checkpoint that failed to read is renamed `STEP.damaged` (kept for a look; Orbax no longer sees a step).
+DAMAGED_MARK = ".damaged"
 RUNS_FOLDER = "runs"
 RUN_SETTINGS = "run.json"
 _RUN_NAME = re.compile(r"run_(\d{3,})$")
@@ -215,36 +233,108 @@ class TrainingCheckpoints:
 
         Refuses a step that already has a checkpoint. A SIGINT during the
         write takes effect once the checkpoint is complete.
+
+        Raises:
+            OSError: too little free space (checked first, `ENOSPC`), or a
+                write that failed; no part of the checkpoint is left.
         """
         if step in self.steps():
             raise ValueError(f"{self.path(step)} already holds a checkpoint; it is not overwritten")
+        state = _state_tree(model)
+        self._check_free_space(state, step)
         with interrupts_deferred():
-            self._manager.save(step, args=self._ocp.args.StandardSave(_state_tree(model)))
-            self._manager.wait_until_finished()
+            try:
+                with _orbax_logs_held(self.directory):
+                    self._manager.save(step, args=self._ocp.args.StandardSave(state))
+                    self._manager.wait_until_finished()
+            except Exception as error:
+                self._discard_partial_saves()
+                raise _write_error(error, self.path(step)) from None
         return self.path(step)
 
-    def restore(self, model, step=None):
-        """Reads checkpoint `step` (default: the latest) into `model`; returns the step.
+    def _check_free_space(self, state, step):
+        """Process 0 compares the checkpoint's bytes with the free space; every process gets its answer."""
+        refusal = None
+        if process_index() == 0:
+            arrays = list(_leaves(state))
+            needed = 256 * 1024 + sum(math.prod(array.shape) * array.dtype.itemsize + 4096 for array in arrays)
+            try:
+                check_free_space(self.directory, needed, f"checkpoint {self.path(step)}")
+            except OSError as error:
+                refusal = error
+        if agree(refusal is not None):
+            raise refusal or OSError(errno.ENOSPC, f"process 0 has no space for the checkpoint {self.path(step)}")
+
+    def restore(self, model, step=None, warn=None):
+        """Reads checkpoint `step` (default: the latest that reads) into `model`; returns the step.
 
         Each array is read in the layout of `model`'s variable (the current
         distribution's), whatever mesh wrote it. The model must be built,
         compiled and its optimizer built, with the same variables as the model
         that was saved (the same LoRA rank, for example).
+
+        Without `step`, a checkpoint that cannot be read whole (a file cut
+        short or damaged) is renamed `STEP.damaged`, `warn(message)` names
+        it (default: `warnings.warn`), and the checkpoint before it is
+        tried. The model is changed only by a checkpoint read whole.
+
+        Raises:
+            ValueError: no complete checkpoint, none that reads (one line
+                naming them), or one saved from a model with other variables.
         """
+        if step is not None:
+            if step not in self.steps():
+                raise ValueError(f"{self.directory} has no complete checkpoint {step}")
+            return self._restore_step(model, step)
+        steps = self.steps()
+        if not steps:
+            raise ValueError(f"{self.directory} has no complete checkpoint")
+        warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+        damaged = []
+        for candidate in reversed(steps):
+            try:
+                return self._restore_step(model, candidate)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:
+                aside = self._set_aside(candidate)
+                damaged.append(aside)
+                earlier = " and restoring the one before" if candidate != steps[0] else ""
+                reason = _reason(error)
+                warn(
+                    f"the checkpoint {self.path(candidate)} cannot be read ({reason}); set it aside as {aside}{earlier}"
+                )
+        raise ValueError(
+            f"no checkpoint in {self.directory} can be read: {', '.join(damaged)} are damaged or incomplete "
+            "(set aside); start a new run"
+        )
+
+    def _restore_step(self, model, step):
         import jax
 
-        step = self.latest_step() if step is None else step
-        if step is None or step not in self.steps():
-            raise ValueError(f"{self.directory} has no complete checkpoint" + ("" if step is None else f" {step}"))
         state = _state_tree(model)
         target = jax.tree.map(
             lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=array.sharding), state
         )
-        saved = self._manager.item_metadata(step)
-        _check_same_variables(saved, target, self.path(step))
-        restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(target))
+        with _orbax_logs_held(self.directory):
+            saved = self._manager.item_metadata(step)
+            _check_same_variables(saved, target, self.path(step))
+            restored = self._manager.restore(step, args=self._ocp.args.StandardRestore(target))
         _assign(model, restored)
         return step
+
+    def _set_aside(self, step):
+        """Renames checkpoint `step` to `STEP.damaged` (numbered if taken); returns the new folder."""
+        aside = self.path(step) + DAMAGED_MARK
+        if process_index() == 0:
+            number = 1
+            while os.path.lexists(aside):
+                number += 1
+                aside = f"{self.path(step)}{DAMAGED_MARK}-{number}"
+            os.rename(self.path(step), aside)
+        agree(0)
+        self._manager.reload()
+        return aside
 
     def callback(self, step_offset=0):
         """A Keras callback that saves after each epoch, as step `epoch + 1 + step_offset`."""
@@ -252,6 +342,91 @@ class TrainingCheckpoints:
 
     def close(self):
         self._manager.close()
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that reads, but holds other variables than the model's (not damage: nothing is set aside)."""
+
+
+def _leaves(tree):
+    for value in tree.values():
+        if isinstance(value, dict):
+            yield from _leaves(value)
+        else:
+            yield value
+
+
+class _HeldRecords(logging.Filter):
+    """Holds the `absl` logger's records (Orbax logs its threads' failures there, tracebacks included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def filter(self, record):
+        self.records.append(record)
+        return False
+
+
+class _ReportedFailures(logging.Filter):
+    """Drops `asyncio`'s late reports of Orbax write tasks that failed in a folder whose failure was raised.
+
+    Orbax's write tasks that failed beside the one that raised are reported
+    by `asyncio` when its loop collects them, after the save has returned
+    ("Task exception was never retrieved", with a traceback).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.folders = set()
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not ("exception was never retrieved" in message and any(folder in message for folder in self.folders))
+
+
+_REPORTED_FAILURES = _ReportedFailures()
+
+
+@contextlib.contextmanager
+def _orbax_logs_held(folder):
+    """Orbax's log records of the block: dropped if it raises (the caller reports the error), else let through.
+
+    Orbax logs its threads' failures to `absl` (see also `_ReportedFailures`
+    for those of `asyncio`, for writes under `folder`).
+    """
+    logger = logging.getLogger("absl")
+    held = _HeldRecords()
+    logger.addFilter(held)
+    try:
+        yield
+    except BaseException:
+        _REPORTED_FAILURES.folders.add(folder)
+        asyncio_logger = logging.getLogger("asyncio")
+        if _REPORTED_FAILURES not in asyncio_logger.filters:
+            asyncio_logger.addFilter(_REPORTED_FAILURES)
+        raise
+    finally:
+        logger.removeFilter(held)
+    for record in held.records:
+        logger.handle(record)
+
+
+def _reason(error):
+    """The first line of an Orbax or TensorStore error, shortened; its cause's when it says more."""
+    cause = error.__cause__ or error
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _write_error(error, where):
+    """One `OSError` for a failed checkpoint write, with the system's error code when TensorStore gives it."""
+    if isinstance(error, OSError) and error.errno:
+        code = error.errno
+    else:
+        match = re.search(r"os_error_code='?(\d+)", str(error))
+        code = int(match.group(1)) if match else errno.EIO
+    return OSError(code, f"could not write the checkpoint {where} ({os.strerror(code)}); no part of it was kept")
 
 
 def _check_same_variables(saved, target, where):
@@ -271,7 +446,7 @@ def _check_same_variables(saved, target, where):
         def some(names):
             return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"{where} does not fit the model (saved with other settings, such as the LoRA rank?): "
             + "; ".join(
                 [f"it holds {len(only_saved)} variable(s) the model lacks: {some(only_saved)}"] * bool(only_saved)
@@ -281,7 +456,9 @@ def _check_same_variables(saved, target, where):
     for name in sorted(saved):
         saved_shape = tuple(getattr(saved[name], "shape", ()))
         if saved_shape != tuple(target[name].shape):
-            raise ValueError(f"{where}: {name} has shape {saved_shape}; the model's is {tuple(target[name].shape)}")
+            raise CheckpointMismatchError(
+                f"{where}: {name} has shape {saved_shape}; the model's is {tuple(target[name].shape)}"
+            )
 
 
 class _EpochCheckpoint(keras.callbacks.Callback):
@@ -327,7 +504,9 @@ def check_output_folder(output, overwrite=False, resume=False):
 
     Raises:
         ValueError: naming the folder and the options that allow it.
+        FolderInUseError: another process is writing `output` (a `fine-tune`, `save_to_preset`, ...).
     """
+    check_not_in_use(output, "--output folder")
     if os.path.exists(output) and not os.path.isdir(output):
         raise ValueError(f"--output {output} is a file, not a folder")
     if not os.path.isdir(output) or not os.listdir(output) or overwrite:

@@ -27,10 +27,12 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 
 import keras
 import numpy as np
 
+from keras_t5gemma.data import DEFAULT_ENCODING
 from keras_t5gemma.data import number_classes
 from keras_t5gemma.data import read_image
 from keras_t5gemma.data import read_labelled
@@ -44,9 +46,11 @@ from keras_t5gemma.evaluation import read_history
 from keras_t5gemma.evaluation import write_curves
 from keras_t5gemma.evaluation import write_history
 from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import pil_image_to_rgb
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import TruncationWarning
 from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAGE_MARKER
 from keras_t5gemma.training import checkpoints as training_checkpoints
 from keras_t5gemma.training import distribution as training_distribution
+from keras_t5gemma.utils.safe_files import writer_lock
 
 DEFAULT_PRESET = "t5gemma2_tiny_digits"
 TASKS = ("generate", "classify", "classify-tokens")
@@ -173,6 +177,7 @@ def fine_tune(
     seed=0,
     verbose="auto",
     log=print,
+    encoding=DEFAULT_ENCODING,
 ):
     """Fine-tunes a preset on input/target pairs (or labelled texts) and saves it to `output`.
 
@@ -195,7 +200,9 @@ def fine_tune(
             all weights (merged into the saved kernels).
         train_vision_tower: bool, train the vision tower too (default: frozen).
         encoder_length, decoder_length: int or None, sequence lengths
-            (default: the preset's); longer texts are truncated.
+            (default: the preset's); longer texts are truncated, and `log`
+            says how many were cut and by how much (without `log`, `fit`
+            warns).
         dtype: str or None, a dtype policy for the model, e.g.
             `"mixed_bfloat16"` (the saved model keeps it).
         remat: bool, recompute each layer's activations in the backward pass
@@ -222,13 +229,19 @@ def fine_tune(
         verbose: `"auto"`, 0, 1 or 2, Keras' progress output in `fit`
             (`"auto"`: a bar on a terminal, else a line per epoch).
         log: a `print`-like function for the run's summary lines, or None.
+        encoding: str, the text encoding of a `data` file (a UTF-8
+            byte-order mark is dropped).
 
     Returns:
         A `FineTuneResult`: the model, the history, the run folder.
 
     Raises:
         ValueError: for bad data (naming the file and line), settings that
-            disagree with the run to resume, or a folder in the way.
+            disagree with the run to resume, or a folder in the way; with
+            `resume`, when no checkpoint of the run reads (a damaged newest
+            one is set aside with a warning and the one before restored).
+        FolderInUseError: another process is writing `output`.
+        OSError: a disk too full for a checkpoint or the final model.
         FineTuneInterrupted: on Ctrl-C; the last complete checkpoint is kept.
     """
     if task not in TASKS:
@@ -260,7 +273,9 @@ def fine_tune(
             seed=seed,
             verbose=verbose,
             log=log,
+            encoding=encoding,
         )
+    report_truncation = log is not None
     log = _log_to(log)
     if resume and overwrite:
         raise ValueError("--resume continues the last run in --output, --overwrite starts a new one: give one")
@@ -281,7 +296,7 @@ def fine_tune(
     data_axis = training_distribution.batch_axis_size(distribution)
     if batch_size % data_axis:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the mesh's batch axis ({data_axis})")
-    pairs, source, digest = _pairs(data)
+    pairs, source, digest = _pairs(data, encoding)
     # Checked before anything trains: the metrics' libraries, the score to keep the best by, the data.
     eval_examples = read_examples(eval_data) if eval_data is not None else None
     if eval_examples is not None:
@@ -311,9 +326,14 @@ def fine_tune(
         if not rows:
             raise ValueError(f"{source} has {len(pairs)} examples, fewer than one batch of {batch_size}")
         pairs = [pairs[row] for row in rows]
-    with distribution.scope() if distribution is not None else contextlib.nullcontext():
+    # One writer per output folder: a second run into it refuses while this one works (process 0 holds it).
+    only_writer = writer_lock(output, "--output folder") if training_checkpoints.process_index() == 0 else None
+    with only_writer or contextlib.nullcontext(), distribution.scope() if distribution else contextlib.nullcontext():
         seq_2_seq_lm = load_seq_2_seq_lm(preset, dtype, remat)
         x = _seq_2_seq_inputs(seq_2_seq_lm, pairs, source, preset, encoder_length, decoder_length)
+        truncation = seq_2_seq_lm.preprocessor.truncation(x["encoder_text"], x["decoder_text"])
+        if truncation and report_truncation:
+            log(f"Truncated: {truncation.message('--encoder-length', '--decoder-length')}")
         # Before `enable_lora`, so that a trained vision tower gets adapters too.
         seq_2_seq_lm.train_vision_tower = train_vision_tower
         if lora_rank:
@@ -325,7 +345,7 @@ def fine_tune(
         if run is None:
             run = training_checkpoints.start_run(output, settings)
         checkpoints = training_checkpoints.TrainingCheckpoints(os.path.join(run, "checkpoints"), keep=keep_checkpoints)
-        done = checkpoints.restore(seq_2_seq_lm) if checkpoints.latest_step() else 0
+        done = checkpoints.restore(seq_2_seq_lm, warn=_warn) if checkpoints.latest_step() else 0
         report = _EpochReport(run, done, eval_examples, eval_metrics, keep_best, batch_size, log)
         trainable = sum(int(np.prod(weight.shape)) for weight in seq_2_seq_lm.trainable_weights)
         where = f" on {distribution.device_mesh.shape} devices (batch, model)" if distribution is not None else ""
@@ -338,15 +358,18 @@ def fine_tune(
             + "."
         )
         try:
-            history = seq_2_seq_lm.fit(
-                x,
-                batch_size=batch_size // parts,
-                epochs=epochs,
-                initial_epoch=done,
-                shuffle=False,
-                callbacks=[checkpoints.callback(), report],
-                verbose=fit_verbosity(verbose),
-            )
+            with warnings.catch_warnings():
+                if report_truncation:  # said once above
+                    warnings.simplefilter("ignore", TruncationWarning)
+                history = seq_2_seq_lm.fit(
+                    x,
+                    batch_size=batch_size // parts,
+                    epochs=epochs,
+                    initial_epoch=done,
+                    shuffle=False,
+                    callbacks=[checkpoints.callback(), report],
+                    verbose=fit_verbosity(verbose),
+                )
         except KeyboardInterrupt:
             last = checkpoints.latest_step()
             raise FineTuneInterrupted(run, checkpoints.path(last) if last else None, last, epochs) from None
@@ -367,12 +390,17 @@ def fine_tune(
     return FineTuneResult(seq_2_seq_lm, history, run, done, saved)
 
 
-def _pairs(data):
+def _warn(message):
+    """A warning of the run (a checkpoint set aside) on standard error, as the command prints them."""
+    print(f"keras-t5gemma: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _pairs(data, encoding=DEFAULT_ENCODING):
     """`(pairs, source, digest)`: `[(input, target, image or None)]` of a file or in-memory pairs, where they
     come from (for messages) and a SHA-256 that a resumed run must match."""
     if isinstance(data, (str, os.PathLike)):
         path = os.fspath(data)
-        pairs = read_pairs(path, image_marker=IMAGE_MARKER)
+        pairs = read_pairs(path, image_marker=IMAGE_MARKER, encoding=encoding)
         with open(path, "rb") as file:
             return pairs, path, hashlib.sha256(file.read()).hexdigest()
     pairs, digest = [], hashlib.sha256()
@@ -470,6 +498,7 @@ def fine_tune_classifier(
     seed=0,
     verbose="auto",
     log=print,
+    encoding=DEFAULT_ENCODING,
 ):
     """Fine-tunes a `T5Gemma2TextClassifier` (or with `per_word` a `T5Gemma2TokenClassifier`) and saves it to `output`.
 
@@ -489,7 +518,7 @@ def fine_tune_classifier(
     log = _log_to(log)
     if isinstance(data, (str, os.PathLike)):
         source = os.fspath(data)
-        texts, labels, names = read_labelled(source, per_word)
+        texts, labels, names = read_labelled(source, per_word, encoding)
     else:
         source = "the data"
         examples = []

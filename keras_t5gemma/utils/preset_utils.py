@@ -19,6 +19,7 @@ A preset is one of:
 """
 
 import contextvars
+import math
 import os
 import re
 from pathlib import Path
@@ -189,6 +190,7 @@ def _check_saved_classes(preset):
         return
     import keras
 
+    _check_weights_files(preset)
     for name in _CLASS_FILES:
         path = os.path.join(preset, name)
         if not os.path.isfile(path):
@@ -199,6 +201,32 @@ def _check_saved_classes(preset):
                 f"`{path}` names the class `{registered_name}`, which is not registered with Keras: the "
                 "preset was saved by another package (import it first), or the file is damaged."
             )
+
+
+_WEIGHTS_FILE = re.compile(r"^(model|task)(_\d+)?\.weights\.h5$")
+
+
+def _check_weights_files(preset):
+    """Opens each weights file of a local Keras preset folder, so that a truncated or damaged one is named.
+
+    Raises:
+        ValueError: naming the file and what HDF5 found wrong with it.
+    """
+    import h5py
+
+    for name in sorted(os.listdir(preset)):
+        if not _WEIGHTS_FILE.match(name):
+            continue
+        path = os.path.join(preset, name)
+        try:
+            with h5py.File(path, "r"):
+                pass
+        except OSError as error:
+            reason = re.sub(r"^Unable to (synchronously )?open file ", "", str(error))
+            raise ValueError(
+                f"`{path}` is damaged or incomplete (a truncated copy or download?): {reason}. "
+                "Copy or save the preset again."
+            ) from None
 
 
 # The `from_preset` options that shape the backbone, declared once. `PresetMixin.from_preset`
@@ -345,13 +373,24 @@ class PresetMixin:
         previous preset's files are replaced and none of them is left behind,
         while files the preset format does not hold (a README, notes) are kept.
 
+        The free space is checked first (the weights' bytes and the files
+        around them): a disk too full for the preset gives an
+        `OSError(ENOSPC)` and nothing is written. Another process writing
+        `preset_dir` (a `save_to_preset`, `fine-tune`, `convert` or
+        `export`) makes this one refuse at once.
+
         Raises:
             FileExistsError: `preset_dir` is a file, or a non-empty folder
                 without `overwrite=True`.
+            FolderInUseError: (a `FileExistsError`) another process is
+                writing `preset_dir`.
+            OSError: the disk has too little space, or a write failed.
         """
         if _SAVING_INTO.get() is not None:
             return super().save_to_preset(preset_dir, *args, **kwargs)
-        with atomic_folder(os.fspath(preset_dir), is_preset_entry, overwrite, "preset folder") as temporary:
+        # Checked before writing: HDF5 can crash the process when the disk fills during a write.
+        needed = _bytes_to_save(self)
+        with atomic_folder(os.fspath(preset_dir), is_preset_entry, overwrite, "preset folder", needed) as temporary:
             token = _SAVING_INTO.set(temporary)
             try:
                 super().save_to_preset(temporary, *args, **kwargs)
@@ -372,6 +411,20 @@ class PresetMixin:
         if issubclass(cls, ImageConverter):
             return loader.load_image_converter(cls, **kwargs)
         raise TypeError(f"`{cls.__name__}` is not a KerasHub backbone, task, preprocessor, tokenizer or converter.")
+
+
+def _bytes_to_save(saved):
+    """About how many bytes `save_to_preset` writes for `saved`: its weights, HDF5's overhead per
+    weight, the tokenizer's vocabulary and the JSON files."""
+    total = 256 * 1024
+    for variable in getattr(saved, "weights", None) or []:
+        digits = re.search(r"\d+", str(variable.dtype))
+        itemsize = max(1, int(digits.group()) // 8) if digits else 1
+        total += math.prod(variable.shape) * itemsize + 4096
+    preprocessor = getattr(saved, "preprocessor", None) or saved
+    tokenizer = getattr(preprocessor, "tokenizer", None) or saved
+    proto = getattr(tokenizer, "proto", None)
+    return total + (len(proto) if isinstance(proto, bytes) else 0)
 
 
 def _load_task(cls, loader, load_weights=True, **kwargs):

@@ -5,6 +5,19 @@ beside its destination under a hidden temporary name, then renamed into place
 (a rename is atomic within a filesystem). An interruption leaves the old
 content, or nothing, at the destination.
 
+Two more faults of real machines are handled here:
+- A full disk. HDF5 (Keras' weights files) can take the whole process down
+  (SIGSEGV) when a write fails for want of space, before any `except` runs.
+  `atomic_folder(..., needed_bytes=N)` therefore checks the free space first
+  and raises `OSError(ENOSPC)` naming the folder, the bytes needed and the
+  bytes free before anything is written; any other failed write removes the
+  temporary folder and leaves the destination as it was.
+- Two writers. `writer_lock(path)` takes an OS file lock (`fcntl.flock`) on
+  `.NAME.lock` beside the destination for as long as a writer works on it;
+  a second process refuses at once (`FolderInUseError`, naming the other
+  process's pid and command). The kernel drops the lock when its holder
+  exits or is killed, so a killed run never blocks the next one.
+
 Example:
 >>> import os, tempfile
 >>> folder = tempfile.mkdtemp()
@@ -15,9 +28,13 @@ Example:
 """
 
 import contextlib
+import errno
+import fcntl
 import os
 import shutil
+import sys
 import tempfile
+import threading
 
 
 def _temporary_name(path, kind):
@@ -51,6 +68,146 @@ def atomic_file(path, mode="wb", overwrite=True, **kwargs):
         raise
 
 
+def free_bytes(path):
+    """Bytes free to this user on the filesystem that holds (or would hold) `path`."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(path, needed_bytes, what="output folder"):
+    """Raises `OSError(ENOSPC)` unless the filesystem of `path` has `needed_bytes` free.
+
+    Called before a write that a full disk would cut short (or, for HDF5,
+    turn into a crash of the process), so that the caller gets an error it
+    can catch and nothing is written.
+    """
+    free = free_bytes(path)
+    if needed_bytes > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left for the {what} `{path}`: it needs about {_size(needed_bytes)} and the disk has "
+            f"{_size(free)} free. Free some space or choose a folder on another disk; nothing was written",
+        )
+
+
+def _size(count):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+
+
+# === One writer per destination ===
+
+
+class FolderInUseError(FileExistsError):
+    """Another process is writing the destination (it holds its `writer_lock`)."""
+
+
+# {lock file path: [file descriptor, depth]} of the locks this process holds (a holder may re-enter).
+_HELD_LOCKS = {}
+_HELD_LOCKS_GUARD = threading.Lock()
+
+
+def lock_path(path):
+    """The lock file of destination `path`: `.NAME.lock` beside it (the folder itself is renamed while written)."""
+    folder, name = os.path.split(os.path.realpath(path))
+    return os.path.join(folder, f".{name}.lock")
+
+
+def _holder(lock_file):
+    """`pid N (command)` of the process named in `lock_file`, as it wrote itself there."""
+    with contextlib.suppress(OSError):
+        with open(lock_file, encoding="utf-8", errors="replace") as file:
+            text = file.read().strip()
+        if text:
+            pid, _, command = text.partition(" ")
+            return f"pid {pid} ({command})" if command else f"pid {pid}"
+    return "another process"
+
+
+def _refusal(path, what, lock_file):
+    return FolderInUseError(
+        f"The {what} `{path}` is being written by {_holder(lock_file)}; refusing to write into it at the same "
+        "time. Wait for that process to finish (or stop it), or choose another folder."
+    )
+
+
+def check_not_in_use(path, what="output folder"):
+    """Raises `FolderInUseError` if another process holds `path`'s `writer_lock`; takes nothing itself."""
+    lock_file = lock_path(path)
+    if lock_file in _HELD_LOCKS or not os.path.exists(lock_file):
+        return
+    try:
+        descriptor = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _refusal(path, what, lock_file) from None
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def writer_lock(path, what="output folder"):
+    """Holds an exclusive OS lock on destination `path` for the block; refuses if another process holds it.
+
+    The lock is `fcntl.flock` on `.NAME.lock` beside `path`, which holds the
+    holder's pid and command for the refusal message; the file is removed
+    when the block ends. The same process may take it again inside the
+    block (a `fine_tune` that saves its final model to its `output`).
+
+    Raises:
+        FolderInUseError: another process holds the lock (its pid and
+            command are named).
+    """
+    lock_file = lock_path(path)
+    with _HELD_LOCKS_GUARD:
+        if lock_file in _HELD_LOCKS:
+            _HELD_LOCKS[lock_file][1] += 1
+        else:
+            _HELD_LOCKS[lock_file] = [_acquire(path, what, lock_file), 1]
+    try:
+        yield
+    finally:
+        with _HELD_LOCKS_GUARD:
+            held = _HELD_LOCKS[lock_file]
+            held[1] -= 1
+            if not held[1]:
+                del _HELD_LOCKS[lock_file]
+                # Removed while still locked: a waiter that opened the old file sees it is gone and retries.
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_file)
+                os.close(held[0])
+
+
+def _acquire(path, what, lock_file):
+    os.makedirs(os.path.dirname(lock_file), exist_ok=True)
+    while True:
+        descriptor = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise _refusal(path, what, lock_file) from None
+        try:
+            same = os.fstat(descriptor).st_ino == os.stat(lock_file).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(descriptor)  # the previous holder removed this file as it let go: take the new one
+    # Who holds it, for the message of a second writer (best effort: an empty file still locks).
+    with contextlib.suppress(OSError):
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()} {' '.join(sys.argv)[:500]}\n".encode("utf-8", "replace"))
+    return descriptor
+
+
 def is_empty_folder(path):
     return os.path.isdir(path) and not os.listdir(path)
 
@@ -63,7 +220,9 @@ def check_writable_folder(path, overwrite=False, what="output folder", owns=None
 
     Raises:
         FileExistsError: `path` is a file, or a non-empty folder without `overwrite`.
+        FolderInUseError: another process is writing `path` (`writer_lock`).
     """
+    check_not_in_use(path, what)
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"The {what} `{path}` is a file, not a folder.")
     if not os.path.isdir(path) or overwrite:
@@ -78,7 +237,7 @@ def check_writable_folder(path, overwrite=False, what="output folder", owns=None
 
 
 @contextlib.contextmanager
-def atomic_folder(path, owns, overwrite=False, what="output folder"):
+def atomic_folder(path, owns, overwrite=False, what="output folder", needed_bytes=0):
     """Yields a temporary folder beside `path`; puts it at `path` when the block ends without error.
 
     `path` must be absent or empty, or hold only entries the writer owns
@@ -94,25 +253,32 @@ def atomic_folder(path, owns, overwrite=False, what="output folder"):
         owns: callable, whether an entry name (file or folder) is one the
             writer creates.
         overwrite: replace what `path` holds (see above).
+        needed_bytes: int, about how much the content will take: checked
+            against the free space before anything is written.
 
     Raises:
         FileExistsError: `path` is a file, holds entries the writer does
             not own, or (without `overwrite`) entries the new content would
             replace.
+        FolderInUseError: another process is writing `path`.
+        OSError: `ENOSPC`, fewer than `needed_bytes` free; or any write
+            that fails (the temporary folder is removed first).
     """
-    check_writable_folder(path, overwrite, what, owns)
-    parent, prefix = _temporary_name(path, "partial")
-    os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    try:
-        yield temporary
-        if overwrite or not os.path.isdir(path) or is_empty_folder(path):
-            _move_into_place(temporary, path, owns)
-        else:
-            _add_into_place(temporary, path, what)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    with writer_lock(path, what):
+        check_writable_folder(path, overwrite, what, owns)
+        parent, prefix = _temporary_name(path, "partial")
+        os.makedirs(parent, exist_ok=True)
+        check_free_space(path, needed_bytes, what)
+        temporary = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        try:
+            yield temporary
+            if overwrite or not os.path.isdir(path) or is_empty_folder(path):
+                _move_into_place(temporary, path, owns)
+            else:
+                _add_into_place(temporary, path, what)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
 
 
 def _add_into_place(temporary, path, what):

@@ -137,13 +137,65 @@ def resize_like_pillow(images, image_size):
     return images
 
 
+# Pillow's integer modes wider than 8 bits (16-bit PNG/TIFF grey levels), by the largest value they hold.
+_WIDE_INTEGER_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def _wide_to_grey(image):
+    """uint8 grey levels of a 16-bit, 32-bit integer or float PIL image, scaled from the mode's range.
+
+    Pillow's own `convert("RGB")` clips these values at 255 (a dark 16-bit
+    image turns white). Here 16-bit modes are scaled from [0, 65535]; mode
+    `I` (32-bit integers, which is also how Pillow holds some 16-bit files)
+    from [0, 65535] when every value lies there, else from [0, 2**31 - 1];
+    mode `F` (32-bit floats) from [0, 1]. Values outside the range (negative
+    integers, floats beyond [0, 1] or NaN) have no colour meaning to guess:
+    they are refused.
+    """
+    values = np.asarray(image)
+    if image.mode == "F":
+        if not np.all((values >= 0.0) & (values <= 1.0)):
+            raise ValueError(
+                "A 32-bit float image (PIL mode `F`) must hold values in [0, 1]; this one holds "
+                f"[{np.nanmin(values):g}, {np.nanmax(values):g}]{' and NaN' if np.isnan(values).any() else ''}. "
+                "Scale it to [0, 1] (or convert it to 8 bits) first."
+            )
+        top = 1.0
+    else:
+        values = values.astype("int64")
+        if values.size and values.min() < 0:
+            raise ValueError(
+                f"A 32-bit integer image (PIL mode `{image.mode}`) holds negative values ({values.min()}), which have "
+                "no colour meaning; convert it to 8 bits first."
+            )
+        top = _WIDE_INTEGER_MODES.get(image.mode) or (65535 if not values.size or values.max() <= 65535 else 2**31 - 1)
+    grey = np.rint(values.astype("float64") * (255.0 / top)).astype("uint8")
+    transparency = image.info.get("transparency")
+    if isinstance(transparency, (int, float)):
+        # A single transparent grey level (PNG tRNS): composited onto white, as for other modes.
+        grey[np.asarray(image) == transparency] = 255
+    return grey
+
+
 def pil_image_to_rgb(image):
     """RGB uint8 pixels `(H, W, 3)` of a PIL image; transparency is composited onto white, like the reference.
 
-    The one conversion for images from files and from the Python API alike.
+    The one conversion for images from files and from the Python API alike,
+    for every mode Pillow opens: 16-bit and 32-bit integer and float grey
+    images are scaled from their range (see `_wide_to_grey`), not clipped;
+    premultiplied-alpha modes (`La`, `RGBa`) are unpremultiplied first.
     """
     from PIL import Image
 
+    if image.mode in _WIDE_INTEGER_MODES or image.mode in ("I", "F"):
+        return np.repeat(_wide_to_grey(image)[..., None], 3, axis=-1)
+    if image.mode == "La":
+        # Pillow converts `La` to nothing else; its grey level is premultiplied by alpha.
+        grey, alpha = (np.asarray(band, "float64") for band in image.split())
+        unpremultiplied = np.where(alpha > 0, np.clip(np.rint(grey * 255.0 / np.maximum(alpha, 1)), 0, 255), 0)
+        image = Image.merge("LA", [Image.fromarray(unpremultiplied.astype("uint8")), image.getchannel("a")])
+    elif image.mode == "RGBa":
+        image = image.convert("RGBA")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         image = image.convert("RGBA")
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -55,6 +55,45 @@ def check_texts(text, name):
     raise ValueError(f"`{name}` must be a string or a list of strings; got {_describe(text)}.")
 
 
+class TruncationWarning(UserWarning):
+    """Training examples longer than the sequence lengths were cut (see `TruncationReport`)."""
+
+
+class TruncationReport:
+    """What cutting examples to the sequence lengths removes: per side, the tokens cut from each cut example.
+
+    Attributes:
+        examples: int, the examples counted.
+        encoder_cuts, decoder_cuts: int arrays, the tokens cut from each
+            input (target) that was cut.
+        encoder_sequence_length, decoder_sequence_length: the lengths.
+    """
+
+    def __init__(self, examples, encoder_cuts, decoder_cuts, encoder_sequence_length, decoder_sequence_length):
+        self.examples = examples
+        self.encoder_cuts, self.decoder_cuts = encoder_cuts, decoder_cuts
+        self.encoder_sequence_length = encoder_sequence_length
+        self.decoder_sequence_length = decoder_sequence_length
+
+    def __bool__(self):
+        return bool(len(self.encoder_cuts) or len(self.decoder_cuts))
+
+    def message(self, encoder_name="encoder_sequence_length", decoder_name="decoder_sequence_length"):
+        """One sentence: how many inputs and targets were cut, to what length, and by how many tokens."""
+        parts = []
+        for cuts, what, name, length in (
+            (self.encoder_cuts, "inputs", encoder_name, self.encoder_sequence_length),
+            (self.decoder_cuts, "targets", decoder_name, self.decoder_sequence_length),
+        ):
+            if len(cuts):
+                spread = f"{cuts.min()}" if cuts.min() == cuts.max() else f"{cuts.min()} to {cuts.max()}"
+                parts.append(
+                    f"{len(cuts)} of {self.examples} {what} were cut to {name} {length} "
+                    f"(by {spread} tokens; {int(cuts.sum())} tokens in all)"
+                )
+        return "; ".join(parts) + ". Raise the length to train on whole examples."
+
+
 def _describe(value):
     hint = " (decode bytes first: `value.decode()`)" if isinstance(value, bytes) else ""
     return f"{type(value).__name__} {value!r:.60}{hint}"
@@ -414,6 +453,40 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
         if self.image_converter is not None:
             inputs["images"] = images if images is not None else self._empty_images(encoder_token_ids)
         return inputs
+
+    def truncation(self, encoder_text, decoder_text=None, encoder_sequence_length=None, decoder_sequence_length=None):
+        """A `TruncationReport` of what training on these texts cuts (eagerly; lists or arrays of strings).
+
+        Counts the tokens each text becomes as `call` lays it out (images'
+        placeholders, `<bos>`, `<eos>` included) against the sequence lengths
+        (default: this preprocessor's).
+        """
+        if not self.built:
+            self.build(None)
+        encoder_sequence_length = encoder_sequence_length or self.encoder_sequence_length
+        decoder_sequence_length = decoder_sequence_length or self.decoder_sequence_length
+        encoder_text = [encoder_text] if isinstance(encoder_text, str) else list(encoder_text)
+        decoder_text = (
+            None if decoder_text is None else [decoder_text] if isinstance(decoder_text, str) else list(decoder_text)
+        )
+
+        def lengths(texts, tokenize):
+            counts = []
+            for start in range(0, len(texts), 1024):
+                token_ids = tokenize(tf.constant(texts[start : start + 1024]))
+                counts.append(np.asarray(token_ids.row_lengths()))
+            return np.concatenate(counts) if counts else np.zeros([0], "int64")
+
+        encoder = lengths(encoder_text, self._expanded_prompts) + self.add_start_token + self.add_end_token
+        encoder_cuts = encoder[encoder > encoder_sequence_length] - encoder_sequence_length
+        decoder_cuts = np.zeros([0], "int64")
+        if decoder_text is not None:
+            # `<bos>` + target + `<eos>`, packed to `decoder_sequence_length + 1` (inputs and labels share it).
+            decoder = lengths(decoder_text, self._tokenize) + 2
+            decoder_cuts = decoder[decoder > decoder_sequence_length + 1] - (decoder_sequence_length + 1)
+        return TruncationReport(
+            len(encoder_text), encoder_cuts, decoder_cuts, encoder_sequence_length, decoder_sequence_length
+        )
 
     @staticmethod
     def _check_fits(token_ids, sequence_length, side, extra):
