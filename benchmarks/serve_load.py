@@ -48,7 +48,8 @@ def _start_server(preset, onnx_folder, max_tokens, log_path):
     command = [
         sys.executable,
         "-m",
-        "keras_t5gemma.serving",
+        "keras_t5gemma",
+        "serve",
         "--preset",
         f"keras={preset}",
         "--onnx",

@@ -55,7 +55,8 @@ def server(tmp_path_factory):
     command = [
         sys.executable,
         "-m",
-        "keras_t5gemma.serving",
+        "keras_t5gemma",
+        "serve",
         "--preset",
         DEMO,
         "--onnx",

@@ -57,7 +57,7 @@ ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_l
 
 @dataclass
 class ServerSettings:
-    """Everything `keras-t5gemma serve` sets (see `add_serve_parser` for each)."""
+    """Everything `keras-t5gemma serve` sets (see `commands/serve.py` for each)."""
 
     models: list
     api_key: str | None = None

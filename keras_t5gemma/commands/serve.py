@@ -1,4 +1,4 @@
-"""The `serve` subcommand: its flags, and running uvicorn until SIGTERM (or Ctrl-C) has drained the requests.
+"""`keras-t5gemma serve`: the server's flags, and uvicorn run until SIGTERM (or Ctrl-C) has drained the requests.
 
 Example:
 ```
@@ -8,24 +8,16 @@ keras-t5gemma serve --preset digits=t5gemma2_tiny_digits --onnx digits-onnx=./di
 """
 
 import argparse
-import importlib.util
 import logging
 import os
 import signal
 import sys
 
+from keras_t5gemma.commands.common import positive_int
+from keras_t5gemma.serving import require_serve_extra
+from keras_t5gemma.training.fine_tune import DEFAULT_PRESET
+
 API_KEY_VARIABLE = "KERAS_T5GEMMA_API_KEY"
-SERVE_EXTRA = ("fastapi", "uvicorn", "pydantic", "prometheus_client")
-DEFAULT_PRESET = "t5gemma2_tiny_digits"
-
-
-def require_serve_extra():
-    """Raises `ImportError` naming the missing packages and the extra that installs them."""
-    missing = [name for name in SERVE_EXTRA if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ImportError(
-            f'`keras-t5gemma serve` needs {", ".join(missing)}: install them with `pip install "keras-t5gemma[serve]"`.'
-        )
 
 
 def _named(text):
@@ -39,16 +31,6 @@ def _named(text):
     return name, source
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {value}")
-    return value
-
-
 def _sizes(text):
     try:
         sizes = sorted({int(part) for part in text.split(",") if part.strip()})
@@ -59,7 +41,7 @@ def _sizes(text):
     return tuple(sizes)
 
 
-def add_serve_parser(subcommands):
+def add_parser(subcommands):
     """Adds `serve` (every flag, and its handler as `run`) to an argparse subparsers object."""
     serve = subcommands.add_parser(
         "serve",
@@ -89,7 +71,7 @@ def add_serve_parser(subcommands):
         default=os.environ.get(API_KEY_VARIABLE),
         help=f"require `Authorization: Bearer KEY` on every route but /health (default: ${API_KEY_VARIABLE})",
     )
-    serve.add_argument("--max-batch-size", type=_positive_int, default=16, help="rows per batch (default: 16)")
+    serve.add_argument("--max-batch-size", type=positive_int, default=16, help="rows per batch (default: 16)")
     serve.add_argument(
         "--batch-sizes",
         type=_sizes,
@@ -102,23 +84,23 @@ def add_serve_parser(subcommands):
         help="wait for more rows after the first (default: 0: rows that come while a batch decodes join the next)",
     )
     serve.add_argument(
-        "--max-queue", type=_positive_int, default=256, help="rows that may wait; more get 429 (default: 256)"
+        "--max-queue", type=positive_int, default=256, help="rows that may wait; more get 429 (default: 256)"
     )
     serve.add_argument(
-        "--max-prompt-tokens", type=_positive_int, default=512, help="longest prompt in tokens (default: 512)"
+        "--max-prompt-tokens", type=positive_int, default=512, help="longest prompt in tokens (default: 512)"
     )
     serve.add_argument(
-        "--max-tokens", type=_positive_int, default=256, help="most generated tokens per answer (default: 256)"
+        "--max-tokens", type=positive_int, default=256, help="most generated tokens per answer (default: 256)"
     )
-    serve.add_argument("--max-images", type=_positive_int, default=4, help="images per prompt (default: 4)")
+    serve.add_argument("--max-images", type=positive_int, default=4, help="images per prompt (default: 4)")
     serve.add_argument(
         "--max-image-pixels",
-        type=_positive_int,
+        type=positive_int,
         default=4096 * 4096,
         help="pixels per image, checked before decoding (default: 4096*4096)",
     )
     serve.add_argument(
-        "--max-body-bytes", type=_positive_int, default=16 * 2**20, help="request body limit (default: 16 MiB)"
+        "--max-body-bytes", type=positive_int, default=16 * 2**20, help="request body limit (default: 16 MiB)"
     )
     serve.add_argument(
         "--request-timeout", type=float, default=120.0, help="seconds per request, queue included (default: 120)"
@@ -130,12 +112,12 @@ def add_serve_parser(subcommands):
         help="unload a model idle this many seconds; 0 or less keeps models loaded (default: 300)",
     )
     serve.add_argument(
-        "--max-loaded-models", type=_positive_int, default=2, help="least recently used unloads first (default: 2)"
+        "--max-loaded-models", type=positive_int, default=2, help="least recently used unloads first (default: 2)"
     )
     serve.add_argument(
         "--no-warmup", action="store_true", help="skip compiling every bucketed shape at load (faster start)"
     )
-    serve.add_argument("--onnx-threads", type=_positive_int, help="onnxruntime intra-op threads (default: its own)")
+    serve.add_argument("--onnx-threads", type=positive_int, help="onnxruntime intra-op threads (default: its own)")
     serve.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
     serve.set_defaults(run=run_serve)
     return serve
