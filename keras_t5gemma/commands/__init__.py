@@ -11,7 +11,7 @@ from keras_t5gemma.commands import export
 from keras_t5gemma.commands import fine_tune
 from keras_t5gemma.commands import generate
 from keras_t5gemma.commands import presets
-from keras_t5gemma.serving import add_serve_parser
+from keras_t5gemma.commands import serve
 
 SUBCOMMANDS = (
     demo.add_parser,
@@ -23,5 +23,5 @@ SUBCOMMANDS = (
     convert.add_parser,
     export.add_parser,
     presets.add_parser,
-    add_serve_parser,
+    serve.add_parser,
 )
