@@ -207,26 +207,54 @@ _WEIGHTS_FILE = re.compile(r"^(model|task)(_\d+)?\.weights\.h5$")
 
 
 def _check_weights_files(preset):
-    """Opens each weights file of a local Keras preset folder, so that a truncated or damaged one is named.
+    """Checks each weights file of a local Keras preset folder against the length its HDF5 header records.
+
+    A copy or download cut short is then named here, rather than failing
+    inside HDF5 with a message that does not name the file.
 
     Raises:
-        ValueError: naming the file and what HDF5 found wrong with it.
+        ValueError: naming the file, its length and the length it should have.
     """
-    import h5py
-
     for name in sorted(os.listdir(preset)):
         if not _WEIGHTS_FILE.match(name):
             continue
         path = os.path.join(preset, name)
-        try:
-            with h5py.File(path, "r"):
-                pass
-        except OSError as error:
-            reason = re.sub(r"^Unable to (synchronously )?open file ", "", str(error))
+        size = os.path.getsize(path)
+        expected = _hdf5_recorded_length(path)
+        if expected is None or size < expected:
+            found = "no HDF5 header" if expected is None else f"{size:,} bytes of the {expected:,} it records"
             raise ValueError(
-                f"`{path}` is damaged or incomplete (a truncated copy or download?): {reason}. "
+                f"`{path}` is damaged or incomplete (a truncated copy or download?): {found}. "
                 "Copy or save the preset again."
-            ) from None
+            )
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _hdf5_recorded_length(path):
+    """The end-of-file address an HDF5 superblock records (plus its base address), or None without one."""
+    with open(path, "rb") as file:
+        for offset in (0, 512, 1024, 2048):  # where HDF5 looks for its superblock in a file
+            file.seek(offset)
+            header = file.read(64)
+            if header[:8] != _HDF5_SIGNATURE or len(header) < 16:
+                continue
+            version = header[8]
+            if version in (0, 1):
+                offsets_size = header[13]
+                fields = 24 + (4 if version == 1 else 0)  # base, free-space, end-of-file addresses follow
+                names = ("base", "free_space", "end")
+            else:
+                offsets_size = header[9]
+                fields = 12
+                names = ("base", "extension", "end")
+            values = {}
+            for index, field in enumerate(names):
+                start = fields + index * offsets_size
+                values[field] = int.from_bytes(header[start : start + offsets_size], "little")
+            return values["base"] + values["end"]
+    return None
 
 
 # The `from_preset` options that shape the backbone, declared once. `PresetMixin.from_preset`
