@@ -423,6 +423,9 @@ def plot_history(rows):
         for name in series:
             points = [(row["epoch"], row[name]) for row in rows if name in row]
             axes.plot(*zip(*points), marker="o", label=name.removeprefix("eval_"))
+        values = [row[name] for row in rows for name in series if name in row]
+        if label == "loss" and min(values) > 0 and max(values) > 20 * min(values):
+            axes.set_yscale("log")  # a loss falling by orders of magnitude stays readable
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
