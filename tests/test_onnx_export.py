@@ -58,8 +58,20 @@ def demo_int8(demo, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def random_vision(tmp_path_factory):
-    """A tiny random vision checkpoint in `transformers` and Keras, and its export (no tokenizer)."""
-    config = tiny_config(mm_tokens_per_image=4)
+    """A tiny random vision checkpoint in `transformers` and Keras, and its export (no tokenizer).
+
+    Its decoder differs from its encoder in heads, key/value heads, head size,
+    MLP width and depth, so the graphs take each stack's own sizes.
+    """
+    decoder = {
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "intermediate_size": 40,
+        "num_hidden_layers": 2,
+        "layer_types": ["full_attention", "sliding_attention"],
+    }
+    config = tiny_config(mm_tokens_per_image=4, decoder=decoder)
     model = reference_model(config, seed=7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -154,29 +154,48 @@ def vision_weights(vision_encoder):
     }
 
 
+def _stack_config(backbone, side):
+    """What differs between the encoder's and the decoder's graphs (KerasHub's `encoder_*`/`decoder_*`)."""
+    return {
+        "num_heads": getattr(backbone, f"{side}_num_attention_heads"),
+        "num_key_value_heads": getattr(backbone, f"{side}_num_key_value_heads"),
+        "head_dim": getattr(backbone, f"{side}_head_dim"),
+        "rope": backbone.stack_rope(side),
+    }
+
+
+def stack_config(config, side):
+    """`config` with the `"encoder"` or `"decoder"` stack's sizes at the top, as the layer graphs read them."""
+    return {**config, **config[side]}
+
+
 def model_config(backbone):
-    """The hyperparameters the graphs need, from a `T5Gemma2Backbone`."""
+    """The hyperparameters the graphs need, from a `T5Gemma2Backbone`.
+
+    Sizes that may differ between the stacks sit under `"encoder"` and
+    `"decoder"` (see `stack_config`); the top level repeats the decoder's,
+    which the runtime's caches follow.
+    """
+    if not backbone.use_query_key_norm:
+        raise ValueError("The ONNX graphs apply query/key RMSNorm; this model has none (`use_query_key_norm=False`).")
+    decoder = _stack_config(backbone, "decoder")
     config = {
         "vocabulary_size": backbone.vocabulary_size,
         "hidden_dim": backbone.hidden_dim,
-        "num_heads": backbone.num_heads,
-        "num_key_value_heads": backbone.num_key_value_heads,
-        "head_dim": backbone.head_dim,
-        "num_encoder_layers": backbone.num_encoder_layers,
-        "num_decoder_layers": backbone.num_decoder_layers,
+        **decoder,
+        "encoder": _stack_config(backbone, "encoder"),
+        "decoder": decoder,
+        "num_encoder_layers": backbone.encoder_num_layers,
+        "num_decoder_layers": backbone.decoder_num_layers,
         "encoder_layer_types": list(backbone.encoder_layer_types),
         "decoder_layer_types": list(backbone.decoder_layer_types),
-        "sliding_window": backbone.sliding_window,
+        "sliding_window": backbone.sliding_window or 1,
         "query_scale": float(backbone.query_pre_attn_scalar) ** -0.5,
-        "layer_norm_epsilon": backbone.layer_norm_epsilon,
-        "attention_soft_cap": backbone.attention_logit_soft_cap,
-        "final_logit_soft_cap": backbone.final_logit_soft_cap,
-        "rope": {
-            "sliding_attention": (backbone.local_rope_wavelength, backbone.local_rope_scaling_factor),
-            "full_attention": (backbone.global_rope_wavelength, backbone.global_rope_scaling_factor),
-        },
-        "eoi_token_id": backbone.eoi_token_id,
-        "image_token_id": backbone.image_token_id,
+        "layer_norm_epsilon": backbone.rms_norm_eps,
+        "attention_soft_cap": backbone.attn_logit_softcapping,
+        "final_logit_soft_cap": backbone.final_logit_softcapping,
+        "eoi_token_id": backbone.eoi_token_index,
+        "image_token_id": backbone.image_token_index,
         "vision": None,
     }
     vision = backbone.vision_encoder
@@ -244,6 +263,7 @@ def _encode(g, weights, config, table, token_ids, padding_mask, images):
         features = _image_features(g, images, weights, config)
         x = graph.image_merge(g, x, token_ids, features, config["image_token_id"])
     positions = g.arange(g.dim(token_ids, 1))
+    config = stack_config(config, "encoder")
     masks, ropes = graph.stack_masks_and_ropes(
         g,
         config,
@@ -266,6 +286,7 @@ def encoder_graph(weights, config, quantize=None):
     token_ids, padding_mask, images = _encoder_inputs(g, config)
     encoder_output, _ = _encode(g, weights, config, table, token_ids, padding_mask, images)
     g.output("encoder_output", encoder_output, "float32", ["batch", "encoder_length", config["hidden_dim"]])
+    config = stack_config(config, "decoder")
     kv_shape = ["batch", "encoder_length", config["num_key_value_heads"], config["head_dim"]]
     for index, layer in enumerate(weights["decoder"]):
         key, value = graph.key_value(g, encoder_output, layer["attention"], f"decoder.layer_{index}.attention", config)
@@ -277,6 +298,7 @@ def encoder_graph(weights, config, quantize=None):
 def decoder_graph(weights, config, max_decode_length, quantize=None):
     """A chunk of decoder tokens against the static self-attention cache."""
     g = GraphBuilder("t5gemma2_decoder", quantize, {"max_decode_length": max_decode_length})
+    config = stack_config(config, "decoder")
     table = graph.embedding_table(g, weights["table"], "token_embedding.table")
     kv_heads, head_dim = config["num_key_value_heads"], config["head_dim"]
     token_ids = g.input("decoder_token_ids", "int64", ["batch", "decoder_length"])
