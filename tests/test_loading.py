@@ -1,0 +1,227 @@
+"""Loading fills each variable once from the checkpoint: no initializer runs, a sharded load reads only parts.
+
+Every loader (Hugging Face folders, Keras preset folders old and new,
+KerasHub's own presets, straight into int8) is run while each Keras
+variable's initializer is recorded; none of the model's may run, and the
+values must be the checkpoint's, in the dtype asked for. The sharded load runs
+in a child process with 8 virtual CPU devices (as in `test_distribution.py`):
+on a (2, 4) mesh with the layout map, each variable laid out over devices is
+filled from parts of its checkpoint tensor, never the whole one.
+"""
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import keras
+import numpy as np
+import pytest
+from hf_checkpoints import checkpoint_config
+from hf_checkpoints import write_checkpoint
+
+from keras_t5gemma import T5Gemma2Backbone
+from keras_t5gemma import T5Gemma2Seq2SeqLM
+from keras_t5gemma.conversion.checkpoint import HFCheckpoint
+from keras_t5gemma.conversion.checkpoint import SafetensorsFile
+from keras_t5gemma.conversion.weights import weight_specs
+from keras_t5gemma.utils.loading import LoadProgress
+
+CHILD = "T5GEMMA2_LOADING_CHILD"
+IN_CHILD = os.environ.get(CHILD) == "1"
+FOLDER = "T5GEMMA2_LOADING_FOLDER"
+
+
+@contextlib.contextmanager
+def initializers_run():
+    """The ids of the variables whose initializer runs inside the block."""
+    ran = []
+    original = keras.Variable._initialize_with_initializer
+    original = getattr(original, "original", original)
+
+    def recording(variable, initializer):
+        ran.append(id(variable))
+        return original(variable, initializer)
+
+    with mock.patch.object(keras.Variable, "_initialize_with_initializer", recording):
+        yield ran
+
+
+def _loaded(load):
+    with initializers_run() as ran:
+        model = load()
+    ran = set(ran)
+    return model, [variable.path for variable in model.variables if id(variable) in ran]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(small_proto, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_checkpoint")
+    write_checkpoint(folder, checkpoint_config(), small_proto, seed=7)
+    return str(folder)
+
+
+def _assert_holds_the_checkpoint(backbone, folder, dtype):
+    checkpoint = HFCheckpoint(folder)
+    for spec in weight_specs(backbone):
+        assert keras.backend.standardize_dtype(spec.variable.dtype) == dtype, spec.variable.path
+        expected = spec.convert(checkpoint.read(spec.key)).astype(keras.ops.convert_to_numpy(spec.variable).dtype)
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(spec.variable), expected, err_msg=spec.key)
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_hugging_face_load_runs_no_initializer(hf_folder, dtype):
+    backbone, initialized = _loaded(lambda: T5Gemma2Backbone.from_preset(hf_folder, dtype=dtype))
+    assert initialized == []
+    _assert_holds_the_checkpoint(backbone, hf_folder, dtype)
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+def test_a_quantized_load_runs_none_of_the_models_initializers(hf_folder):
+    backbone, initialized = _loaded(lambda: T5Gemma2Backbone.from_preset(hf_folder, quantize="int8", text_only=True))
+    assert initialized == []
+    kernel = backbone.encoder.transformer_layers[0].attention.query_dense._kernel
+    assert keras.backend.standardize_dtype(kernel.dtype) == "int8"
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+@pytest.mark.parametrize("max_shard_size", [None, 0.0001])
+def test_our_preset_reloads_without_initializers(hf_folder, tmp_path, max_shard_size):
+    """`save_to_preset` in one file or in Keras' shards (0.0001 GB each) reloads with no initializer run."""
+    saved = T5Gemma2Seq2SeqLM.from_preset(hf_folder, dtype="bfloat16")
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    saved.save_to_preset(str(tmp_path / "preset"), **kwargs)
+    if max_shard_size is not None:
+        assert len(list((tmp_path / "preset").glob("model_*.weights.h5"))) > 1
+    seq_2_seq_lm, initialized = _loaded(
+        lambda: T5Gemma2Seq2SeqLM.from_preset(str(tmp_path / "preset"), dtype="bfloat16")
+    )
+    assert initialized == []
+    for ours, theirs in zip(seq_2_seq_lm.backbone.weights, saved.backbone.weights, strict=True):
+        assert keras.backend.standardize_dtype(ours.dtype) == "bfloat16"
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+def test_the_bundled_preset_written_before_loads_without_initializers():
+    """`model.weights.h5` saved before this loader; values as Keras' own `load_weights` gives them."""
+    backbone, initialized = _loaded(lambda: T5Gemma2Backbone.from_preset("t5gemma2_tiny_digits"))
+    assert initialized == []
+    reference = T5Gemma2Backbone.from_config(backbone.get_config())
+    reference.load_weights(str(_bundled_weights()))
+    for ours, theirs in zip(backbone.weights, reference.weights, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+
+
+def _bundled_weights():
+    from keras_t5gemma.utils.preset_utils import resolve_preset
+
+    return Path(resolve_preset("t5gemma2_tiny_digits")) / "model.weights.h5"
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+def test_the_progress_bar_shows_bytes_per_second_and_a_closing_line(hf_folder, capsys):
+    T5Gemma2Backbone.from_preset(hf_folder, text_only=True)
+    assert capsys.readouterr().err == ""  # off under pytest by default
+    T5Gemma2Backbone.from_preset(hf_folder, text_only=True, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"\] [\d.]+ [KMG]?B / [\d.]+ [KMG]?B [\d.]+ [KMG]?B/s", err), err
+    assert re.search(r"Loaded `.*` in [\d.]+ s \(.*/s\); its weights hold [\d.]+ [KMG]?B\. *\n$", err), err
+    steps = []
+    backbone = T5Gemma2Backbone.from_preset(hf_folder, text_only=True, progress=steps.append)
+    assert capsys.readouterr().err == ""
+    assert steps == [1] * len(list(weight_specs(backbone)))  # once per tensor read
+
+
+def test_load_progress_counts_bytes():
+    stream = _Stream()
+    bar = LoadProgress(3_000_000, "x", progress=True, stream=stream)
+    bar.advance(3_000_000)
+    bar.done(model_bytes=3_000_000)
+    assert "3.00 MB / 3.00 MB" in stream.text and stream.text.rstrip().endswith("its weights hold 3.00 MB.")
+
+
+class _Stream:
+    text = ""
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.skipif(IN_CHILD, reason="this is the child process")
+def test_a_sharded_load_reads_only_each_devices_part(small_proto, tmp_path):
+    if os.environ.get("KERAS_BACKEND", "jax") != "jax":
+        pytest.skip("JAX distribution only")
+    # A vocabulary the model axis (4) and the data axis (2) divide.
+    write_checkpoint(tmp_path, checkpoint_config(text={"vocab_size": 336}), small_proto, seed=3)
+    flags = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
+    environment = {
+        **os.environ,
+        CHILD: "1",
+        FOLDER: str(tmp_path),
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": " ".join(flags),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "in_the_child"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert re.search(r"\b1 passed", result.stdout), result.stdout[-2000:]
+
+
+@pytest.mark.skipif(not IN_CHILD, reason="runs in the 8-device child process")
+def test_in_the_child_sharded_parts_only():
+    from keras_t5gemma.models.layout import layout_map
+
+    folder = os.environ[FOLDER]
+    unsharded = T5Gemma2Backbone.from_preset(folder, dtype="bfloat16")
+    expected = {v.path: keras.ops.convert_to_numpy(v) for v in unsharded.weights}
+    del unsharded
+    whole, parts = [], {}
+    read, read_part = SafetensorsFile.read, SafetensorsFile.read_part
+
+    def recording_read(self, name):
+        whole.append(name)
+        return read(self, name)
+
+    def recording_read_part(self, name, index):
+        array = read_part(self, name, index)
+        parts.setdefault(name, []).append(array.size)
+        return array
+
+    mesh = keras.distribution.DeviceMesh((2, 4), ("batch", "model"), keras.distribution.list_devices())
+    distribution = keras.distribution.ModelParallel(layout_map=layout_map(mesh), batch_dim_name="batch")
+    with (
+        distribution.scope(),
+        mock.patch.object(SafetensorsFile, "read", recording_read),
+        mock.patch.object(SafetensorsFile, "read_part", recording_read_part),
+        initializers_run() as ran,
+    ):
+        backbone = T5Gemma2Backbone.from_preset(folder, dtype="bfloat16")
+    assert not {id(v) for v in backbone.variables} & set(ran)
+    assert whole == [], f"whole tensors read: {whole[:5]}"
+    split = 0
+    for spec in weight_specs(backbone):
+        variable = spec.variable
+        sharding = variable.value.sharding
+        assert sharding.spec == variable._layout.backend_layout.spec, variable.path
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), expected[variable.path])
+        if any(axis is not None for axis in sharding.spec):
+            split += 1
+            size = int(np.prod(variable.shape))
+            assert max(parts[spec.key]) < size, f"{spec.key}: a part as large as the whole tensor was read"
+            # One read per distinct part: a device's shard, or the replicas' shared one.
+            for shard in variable.value.addressable_shards:
+                assert shard.data.size < size
+    assert split >= 10, split
