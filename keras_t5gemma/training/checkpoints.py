@@ -240,9 +240,9 @@ class TrainingCheckpoints:
         """
         if step in self.steps():
             raise ValueError(f"{self.path(step)} already holds a checkpoint; it is not overwritten")
-        state = _state_tree(model)
-        self._check_free_space(state, step)
         with interrupts_deferred():
+            state = _state_tree(model)
+            self._check_free_space(state, step)
             try:
                 with _orbax_logs_held(self.directory):
                     self._manager.save(step, args=self._ocp.args.StandardSave(state))
@@ -420,12 +420,15 @@ def _reason(error):
 
 
 def _write_error(error, where):
-    """One `OSError` for a failed checkpoint write, with the system's error code when TensorStore gives it."""
+    """One `OSError` for a checkpoint write the filesystem refused (the system's error code, as TensorStore gives
+    it); any other error as it is."""
     if isinstance(error, OSError) and error.errno:
         code = error.errno
     else:
         match = re.search(r"os_error_code='?(\d+)", str(error))
-        code = int(match.group(1)) if match else errno.EIO
+        if not match:
+            return error  # not the filesystem's: raised as it is
+        code = int(match.group(1))
     return OSError(code, f"could not write the checkpoint {where} ({os.strerror(code)}); no part of it was kept")
 
 
