@@ -255,7 +255,7 @@ def test_no_intermediate_grows_with_the_square_of_the_length(tiny_pair):
 
         return _largest_intermediate(jax.make_jaxpr(jax.grad(forward) if gradient else forward)(trainable).jaxpr)
 
-    dense_logits = backbone.num_heads * length * length
+    dense_logits = backbone.encoder_num_attention_heads * length * length
     with blockwise_settings(min_logits=0, block_size=16, step_logits=2**16):
         blockwise = largest()
         blockwise_gradient = largest(gradient=True)

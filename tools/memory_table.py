@@ -65,26 +65,25 @@ def activation_bytes(backbone, batch, mesh, remat, bytes_per_value=2):
     """
     data, model = mesh
     local = batch / data
-    d, n, k, h, i = (
-        backbone.hidden_dim,
-        backbone.num_heads,
-        backbone.num_key_value_heads,
-        backbone.head_dim,
-        backbone.intermediate_dim,
-    )
+    d = backbone.hidden_dim
 
-    def layer(keys):
+    def layer(side, keys):
+        # Each stack's own heads, head size and MLP width (KerasHub's `encoder_*`/`decoder_*`).
+        n, k, h, i = (
+            getattr(backbone, f"{side}_{name}")
+            for name in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_dim")
+        )
         return 4 * d + 2 * n * h + 2 * k * h + n * keys + 3 * i / model
 
     stacks = [
-        (backbone.num_encoder_layers, ENCODER_LENGTH, ENCODER_LENGTH),
-        (backbone.num_decoder_layers, DECODER_LENGTH, DECODER_LENGTH + ENCODER_LENGTH),
+        ("encoder", backbone.encoder_num_layers, ENCODER_LENGTH, ENCODER_LENGTH),
+        ("decoder", backbone.decoder_num_layers, DECODER_LENGTH, DECODER_LENGTH + ENCODER_LENGTH),
     ]
     if remat:
-        kept = sum(layers * length * d for layers, length, _ in stacks)
-        kept += max(length * layer(keys) for _, length, keys in stacks)
+        kept = sum(layers * length * d for _, layers, length, _ in stacks)
+        kept += max(length * layer(side, keys) for side, _, length, keys in stacks)
     else:
-        kept = sum(layers * length * layer(keys) for layers, length, keys in stacks)
+        kept = sum(layers * length * layer(side, keys) for side, layers, length, keys in stacks)
     logits = 2 * DECODER_LENGTH * backbone.vocabulary_size / model * 4
     return local * (kept * bytes_per_value + logits)
 
