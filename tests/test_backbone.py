@@ -62,12 +62,12 @@ def test_default_layer_types_make_every_sixth_layer_full():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"num_heads": 4, "num_key_value_heads": 3}, "multiple of `num_key_value_heads`"),
+        ({"num_heads": 4, "num_key_value_heads": 3}, "`encoder_num_attention_heads` (4) must be a multiple of"),
         ({"encoder_layer_types": ["sliding_attention"]}, "has 1 entries but the stack has 2 layers"),
         ({"decoder_layer_types": ["sliding_attention", "global"]}, "unknown layer types ['global']"),
-        ({"head_dim": 7}, "`head_dim` must be even"),
+        ({"head_dim": 7}, "`encoder_head_dim` must be even"),
         ({"sliding_window": 0}, "`sliding_window` must be a positive integer"),
-        ({"dropout": 1.0}, "`dropout` must be in [0, 1)"),
+        ({"dropout": 1.0}, "`dropout_rate` must be in [0, 1)"),
     ],
 )
 def test_bad_config_gives_a_clear_error(overrides, message):

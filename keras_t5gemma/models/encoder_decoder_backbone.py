@@ -68,19 +68,25 @@ def check_layer_types(name, layer_types, num_layers):
         raise ValueError(f"`{name}` has unknown layer types {unknown}; expected {list(LAYER_TYPES)}.")
 
 
-def check_attention_sizes(prefix, num_heads, num_key_value_heads, head_dim):
-    """Grouped heads must divide evenly; RoPE rotates pairs, so `head_dim` is even."""
+def check_attention_sizes(prefix, num_heads, num_key_value_heads, head_dim, heads_name="num_heads"):
+    """Grouped heads must divide evenly; RoPE rotates pairs, so `head_dim` is even.
+
+    `heads_name`: the backbone's name for the query head count.
+    """
     if num_heads % num_key_value_heads:
         raise ValueError(
-            f"`{prefix}num_heads` ({num_heads}) must be a multiple of "
+            f"`{prefix}{heads_name}` ({num_heads}) must be a multiple of "
             f"`{prefix}num_key_value_heads` ({num_key_value_heads})."
         )
     if head_dim % 2:
         raise ValueError(f"`{prefix}head_dim` must be even for rotary embeddings; got {head_dim}.")
 
 
-def check_regularisation(dropout, attention_dropout, attention_logit_soft_cap, final_logit_soft_cap):
-    for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+def check_regularisation(
+    dropout, attention_dropout, attention_logit_soft_cap, final_logit_soft_cap, names=("dropout", "attention_dropout")
+):
+    """Rates in [0, 1), caps positive or None; `names` are the backbone's names of the two rates."""
+    for name, rate in zip(names, (dropout, attention_dropout)):
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"`{name}` must be in [0, 1); got {rate}.")
     for name, cap in (

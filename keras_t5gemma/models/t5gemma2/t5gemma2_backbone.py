@@ -255,7 +255,11 @@ class T5Gemma2Backbone(EncoderDecoderBackbone):
             for name, value in sizes.items():
                 check_positive_int(f"{side}_{name}", value)
             check_attention_sizes(
-                f"{side}_", sizes["num_attention_heads"], sizes["num_key_value_heads"], sizes["head_dim"]
+                f"{side}_",
+                sizes["num_attention_heads"],
+                sizes["num_key_value_heads"],
+                sizes["head_dim"],
+                heads_name="num_attention_heads",
             )
             sides[side] = sizes
         check_positive_int("vocabulary_size", vocabulary_size)
@@ -282,7 +286,13 @@ class T5Gemma2Backbone(EncoderDecoderBackbone):
                 "`tie_word_embeddings=False` is not supported: T5Gemma 2 shares one table between the encoder, "
                 "the decoder and the output projection."
             )
-        check_regularisation(dropout_rate, attention_dropout, attn_logit_softcapping, final_logit_softcapping)
+        check_regularisation(
+            dropout_rate,
+            attention_dropout,
+            attn_logit_softcapping,
+            final_logit_softcapping,
+            names=("dropout_rate", "attention_dropout"),
+        )
         encoder_layer_types = list(encoder_layer_types or default_layer_types(encoder_num_layers))
         decoder_layer_types = list(decoder_layer_types or default_layer_types(decoder_num_layers))
         check_layer_types("encoder_layer_types", encoder_layer_types, encoder_num_layers)
