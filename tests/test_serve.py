@@ -428,6 +428,33 @@ def test_onnx_models_answer_as_keras_and_lru_eviction(client, http, seq_2_seq_lm
     assert http.get("/api/models").json()["loaded"] == [DEMO, "onnx-b"]
 
 
+def test_sigterm_while_the_model_loads_exits_at_once(tmp_path):
+    """A server stopped during its warm-up (compiling every bucketed shape) does not wait for the load."""
+    port = _free_port()
+    command = [sys.executable, "-m", "keras_t5gemma", "serve", "--preset", DEMO, "--port", str(port)]
+    command += ["--max-prompt-tokens", "2048", "--max-tokens", "1024", "--batch-sizes", "1,2,4,8,16"]
+    environment = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    with open(tmp_path / "server.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, (tmp_path / "server.log").read_text()
+                time.sleep(0.2)
+        # 90 shapes to compile: the load is far from done.
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 # === Last: SIGTERM drains, then the process exits ===
 
 

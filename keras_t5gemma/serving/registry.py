@@ -1,8 +1,9 @@
 """Models by name: loaded on first use, unloaded after `keep_alive` idle seconds, at most `max_loaded` at once.
 
-Loading runs in a thread (it takes seconds to minutes); requests for a model
-that is loading wait for it. When a load would pass `max_loaded`, the least
-recently used idle model is unloaded first.
+Loading runs in a daemon thread (it takes seconds to minutes, compiling every
+bucketed shape); requests for a model that is loading wait for it, and a server
+told to stop while loading exits without waiting for the load. When a load
+would pass `max_loaded`, the least recently used idle model is unloaded first.
 """
 
 import asyncio
@@ -31,6 +32,34 @@ class ModelSpec:
 
 class UnknownModel(KeyError):
     pass
+
+
+async def in_daemon_thread(function, *args):
+    """`await`s `function(*args)` run in a daemon thread.
+
+    `asyncio.to_thread` runs in the loop's executor, whose threads the
+    interpreter joins at exit: a server stopped during a minutes-long load
+    would wait for it. A daemon thread is dropped at exit instead.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(method, value):
+        if not future.done():
+            method(value)
+
+    def run():
+        try:
+            outcome = (future.set_result, function(*args))
+        except BaseException as error:  # handed to the awaiting request, whatever it is
+            outcome = (future.set_exception, error)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the loop closed while this ran: the server is stopping
+
+    threading.Thread(target=run, name=f"load-{getattr(function, '__name__', 'model')}", daemon=True).start()
+    return await future
 
 
 class LoadedModel:
@@ -71,7 +100,7 @@ class ModelRegistry:
             model = self.loaded.get(name)
             if model is None:
                 await self._evict_for_one_more()
-                model = await asyncio.to_thread(self._load, self.specs[name])
+                model = await in_daemon_thread(self._load, self.specs[name])
                 self.loaded[name] = model
                 self.metrics.loaded_models.set(len(self.loaded))
             model.users += 1
