@@ -266,7 +266,9 @@ def _hdf5_recorded_length(path):
 # - `text_only`: no vision tower (its weights are not read);
 # - `encoder_only`: no decoder (its weights are not read);
 # - `remat`: rematerialise each transformer layer in the backward pass;
-# - `progress`: a callable advanced once per tensor read from a checkpoint.
+# - `progress`: the loading bar (bytes, bytes/s, then one line with the time and the weights' memory):
+#   `None` shows it in a terminal or a notebook (not under pytest), `True`/`False` force it, a callable
+#   is advanced once per tensor read instead (`utils/loading.py`).
 BACKBONE_OPTIONS = ("dtype", "quantize", "text_only", "encoder_only", "remat", "progress")
 
 
