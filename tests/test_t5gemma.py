@@ -430,3 +430,10 @@ def test_registry_counts_equal_transformers_counts(size):
     # The bundled config converts (the sizes the registry describes are buildable).
     kwargs = backbone_kwargs_from_t5gemma_config(config)
     assert kwargs["attention_logit_soft_cap"] == 50.0 and kwargs["final_logit_soft_cap"] == 30.0
+
+
+def test_max_length_is_capped_at_the_released_positions(seq_2_seq_lm):
+    # T5Gemma's `max_position_embeddings` is 8192 (T5Gemma 2's 131,072).
+    seq_2_seq_lm.check_max_length(8192)
+    with pytest.raises(ValueError, match="beyond the decoder's 8,192 positions"):
+        seq_2_seq_lm.check_max_length(8193)

@@ -46,3 +46,5 @@ class T5GemmaSeq2SeqLM(T5Gemma2Seq2SeqLM):
 
     backbone_cls = T5GemmaBackbone
     preprocessor_cls = T5GemmaSeq2SeqLMPreprocessor
+    # The released T5Gemma configs' `max_position_embeddings`.
+    max_decoder_positions = 8192
