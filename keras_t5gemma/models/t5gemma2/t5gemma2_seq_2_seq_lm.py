@@ -404,7 +404,8 @@ def available_memory_bytes():
     if keras.backend.backend() == "jax":
         import jax
 
-        stats = jax.devices()[0].memory_stats() or {}
+        # This process' own device: in a multi-process job `jax.devices()[0]` is process 0's, which others cannot query.
+        stats = jax.local_devices()[0].memory_stats() or {}
         if "bytes_limit" in stats:
             return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     try:
