@@ -71,6 +71,6 @@ class T5GemmaSeq2SeqLMPreprocessor(T5Gemma2Seq2SeqLMPreprocessor):
 
     def get_config(self):
         config = super().get_config()
-        for name in ("image_converter", "mm_tokens_per_image", "max_images_per_prompt"):
+        for name in ("image_converter", "image_size", "num_vision_tokens_per_image", "max_images_per_prompt"):
             config.pop(name, None)
         return config

@@ -99,6 +99,42 @@ def _describe(value):
     return f"{type(value).__name__} {value!r:.60}{hint}"
 
 
+def _holds_images(images):
+    """Whether `images` (an array, a tensor, a PIL image or per-sample lists of them) holds an image, or may."""
+    if images is None:
+        return False
+    shape = getattr(images, "shape", None)
+    if shape is not None:
+        return 0 not in tuple(shape)
+    if isinstance(images, (list, tuple)):
+        return any(_holds_images(item) for item in images)
+    return True
+
+
+def _renamed(old_name, old_value, name, value):
+    """`value`, or the earlier argument's value when only that was given; both and different is an error."""
+    if old_value is None:
+        return value
+    if value is not None and value != old_value:
+        raise ValueError(f"`{old_name}` (the earlier name of `{name}`) is {old_value!r} but `{name}` is {value!r}.")
+    return old_value
+
+
+def _image_converter_of_size(image_converter, image_size):
+    """The image converter, made for KerasHub's `image_size` when none is given; a size it does not have is refused."""
+    if image_size is None:
+        return image_converter
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if image_converter is None:
+        return T5Gemma2ImageConverter(image_size=size)
+    if image_converter.image_size is None or tuple(image_converter.image_size) != size:
+        raise ValueError(
+            f"`image_size` is {image_size!r} but the image converter makes images of size "
+            f"{image_converter.image_size}; give one of them, or the same size to both."
+        )
+    return image_converter
+
+
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
 class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
     """Prepares T5Gemma 2 inputs as the reference trains and generates.
@@ -106,8 +142,8 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
     - Encoder: `<bos>` + prompt (the reference tokenizer adds `<bos>` and no
       `<eos>`; both are configurable). Each `<start_of_image>` in a prompt is
       expanded as the reference processor does, to `"\\n\\n<start_of_image>"`,
-      `mm_tokens_per_image` image placeholders, `"<end_of_image>\\n\\n"`; it
-      takes the sample's next image.
+      `num_vision_tokens_per_image` image placeholders,
+      `"<end_of_image>\\n\\n"`; it takes the sample's next image.
     - Decoder: `<bos>` + target; labels are the target followed by `<eos>`
       (the reference's right shift of `target + <eos>` with `<bos>` as the
       decoder start token); `sample_weight` is 0 on padding.
@@ -123,15 +159,30 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
     `"images"`, or encoder strings as `x` and decoder strings as `y`. Strings
     may be scalars, lists or tensors; this works inside `tf.data`.
 
-    Args:
-        tokenizer: a `T5Gemma2Tokenizer`.
-        image_converter: a `T5Gemma2ImageConverter`, or `None` for text-only.
+    Args (KerasHub 0.32's names and meanings; pass all but `tokenizer` by
+    keyword, as KerasHub's second positional argument is
+    `encoder_sequence_length` and ours `image_converter`):
+        tokenizer: a `T5Gemma2Tokenizer`. A vocabulary without the image
+            pieces works for text; images are then refused, naming them.
+        image_converter: a `T5Gemma2ImageConverter`, or `None`.
         encoder_sequence_length, decoder_sequence_length: padded lengths.
             Longer inputs are truncated when training; `generate` refuses
             prompts that do not fit.
-        mm_tokens_per_image: int, placeholders per image (the model's).
+        image_size: int (or `(height, width)`), the side of the images the
+            vision tower takes, or `None` for a text-only model. Without an
+            `image_converter` one is made with this size and the
+            reference's normalisation (KerasHub uses the size only for the
+            dummy images of text-only input); with one, it must match.
+        num_vision_tokens_per_image: int, placeholders per image (the
+            model's); default 256, the released models'. Was
+            `mm_tokens_per_image`, still accepted.
         max_images_per_prompt: optional int, a fixed image slot count.
         add_start_token, add_end_token: `<bos>`/`<eos>` around the prompt.
+            The defaults (`True`, `False`) are the reference's; KerasHub's
+            are `False`, `True`.
+
+    KerasHub's `vision_indices` input is not produced: the placeholders in
+    `encoder_token_ids` mark where each image goes.
 
     Example:
     ```python
@@ -152,23 +203,44 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
         image_converter=None,
         encoder_sequence_length=512,
         decoder_sequence_length=512,
-        mm_tokens_per_image=256,
+        image_size=None,
+        num_vision_tokens_per_image=None,
         max_images_per_prompt=None,
         add_start_token=True,
         add_end_token=False,
         **kwargs,
     ):
+        if isinstance(image_converter, int):
+            raise ValueError(
+                f"`image_converter` is {image_converter!r}, an int: pass `encoder_sequence_length` (KerasHub's second "
+                "positional argument) and the other settings by keyword."
+            )
+        num_vision_tokens_per_image = _renamed(
+            "mm_tokens_per_image",
+            kwargs.pop("mm_tokens_per_image", None),
+            "num_vision_tokens_per_image",
+            num_vision_tokens_per_image,
+        )
         super().__init__(
             tokenizer,
             encoder_sequence_length=encoder_sequence_length,
             decoder_sequence_length=decoder_sequence_length,
             **kwargs,
         )
-        self.image_converter = image_converter
-        self.mm_tokens_per_image = mm_tokens_per_image
+        self.image_converter = _image_converter_of_size(image_converter, image_size)
+        self.num_vision_tokens_per_image = 256 if num_vision_tokens_per_image is None else num_vision_tokens_per_image
         self.max_images_per_prompt = max_images_per_prompt
         self.add_start_token = add_start_token
         self.add_end_token = add_end_token
+
+    @property
+    def mm_tokens_per_image(self):
+        """The earlier name of `num_vision_tokens_per_image`."""
+        return self.num_vision_tokens_per_image
+
+    def _uses_images(self):
+        """Whether prompts get image blocks: an image converter and a vocabulary with the image pieces."""
+        return self.image_converter is not None and not self.tokenizer.missing_image_tokens
 
     def build(self, input_shape):
         with _BUILD_LOCK:
@@ -201,6 +273,13 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
             return None, None
         if self.image_converter is None:
             raise ValueError("Images were given but this preprocessor has no image converter (text-only model).")
+        missing = self.tokenizer.missing_image_tokens
+        if missing and _holds_images(images):
+            raise ValueError(
+                f"Images were given but the tokenizer's vocabulary has no {', '.join(missing)}: it holds text "
+                "only. Use a vocabulary with the image pieces (Gemma 3's), or give the tokenizer "
+                "`image_placeholder`, the piece that marks an image token."
+            )
         if tf.is_tensor(images) and not tf.executing_eagerly():
             return self._graph_images(images, batched)
         if hasattr(images, "ndim") and images.ndim == (5 if batched else 4):
@@ -270,10 +349,12 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
         return token_ids
 
     def _expanded_prompts(self, text):
-        """Tokenized prompts with each image marker expanded to its block."""
+        """Tokenized prompts with each image marker expanded to its block (plain text without the marker piece)."""
+        if self.tokenizer.start_of_image_token_id is None:
+            return self._tokenize(text)
         text = tf.strings.regex_replace(text, START_OF_IMAGE_PIECE, IMAGE_BLOCK)
         token_ids = self._tokenize(text)
-        if self.image_converter is None:
+        if not self._uses_images():
             return token_ids
         self._refuse_placeholders_in_text(token_ids)
         return self._insert_placeholders(token_ids)
@@ -312,7 +393,7 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
 
     def _check_images(self, encoder_token_ids, counts):
         """Exact per-sample counts for image lists; at most the slot count for arrays; none without images."""
-        if self.image_converter is None or tf.is_tensor(counts):
+        if not self._uses_images() or tf.is_tensor(counts):
             return
         if counts is None:
             if not tf.executing_eagerly():
@@ -501,9 +582,15 @@ class T5Gemma2Seq2SeqLMPreprocessor(PresetMixin, Seq2SeqLMPreprocessor):
             )
 
     def get_config(self):
+        size = self.image_size
         return {
             **super().get_config(),
             "encoder_sequence_length": self.encoder_sequence_length,
             "decoder_sequence_length": self.decoder_sequence_length,
-            **{name: getattr(self, name) for name in PROMPT_SETTINGS},
+            # KerasHub's names; its `image_size` is one side.
+            "image_size": size[0] if size is not None and size[0] == size[1] else size,
+            "num_vision_tokens_per_image": self.num_vision_tokens_per_image,
+            "max_images_per_prompt": self.max_images_per_prompt,
+            "add_start_token": self.add_start_token,
+            "add_end_token": self.add_end_token,
         }
