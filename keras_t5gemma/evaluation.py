@@ -194,16 +194,9 @@ def _pixels(image):
 
 def _load(preset):
     """The preset's task for generation, greedy: T5Gemma's for a first-generation preset, else T5Gemma 2's."""
-    from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
-    from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
-    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.utils.preset_utils import get_preset_loader
-    from keras_t5gemma.utils.preset_utils import resolve_preset
+    from keras_t5gemma.models.auto import load_seq_2_seq_lm
 
-    resolve_preset(preset)  # an unknown name fails here, with the list of known ones
-    backbone_cls = get_preset_loader(preset).check_backbone_class()
-    task_cls = T5GemmaSeq2SeqLM if issubclass(backbone_cls, T5GemmaBackbone) else T5Gemma2Seq2SeqLM
-    seq_2_seq_lm = task_cls.from_preset(preset)
+    seq_2_seq_lm = load_seq_2_seq_lm(preset)
     seq_2_seq_lm.compile(sampler="greedy")
     return seq_2_seq_lm
 

@@ -40,11 +40,12 @@ class KerasEngine:
     kind = "keras"
 
     def __init__(self, preset, embed_batch_sizes=(1, 4, 16)):
+        from keras_t5gemma.models.auto import load_seq_2_seq_lm
         from keras_t5gemma.models.streaming import DecoderSteps
         from keras_t5gemma.models.streaming import sentencepiece_decoder
 
         self.preset = preset
-        self.seq_2_seq_lm = _load_seq_2_seq_lm(preset)
+        self.seq_2_seq_lm = load_seq_2_seq_lm(preset)
         self.seq_2_seq_lm.compile(sampler="greedy")
         self.preprocessor = self.seq_2_seq_lm.preprocessor
         tokenizer = self.preprocessor.tokenizer
@@ -225,18 +226,6 @@ class OnnxEngine:
     @property
     def embed_max_prompt_tokens(self):
         return self.max_prompt_length
-
-
-def _load_seq_2_seq_lm(preset):
-    """T5Gemma's task for a first-generation preset, else T5Gemma 2's (as the command line picks)."""
-    from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
-    from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
-    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.utils.preset_utils import get_preset_loader
-
-    backbone_cls = get_preset_loader(preset).check_backbone_class()
-    task_cls = T5GemmaSeq2SeqLM if issubclass(backbone_cls, T5GemmaBackbone) else T5Gemma2Seq2SeqLM
-    return task_cls.from_preset(preset)
 
 
 def _one_line(error):

@@ -98,16 +98,9 @@ def load_seq_2_seq_lm(preset, dtype=None, remat=False):
     preset's; `remat=True` recomputes each layer's activations in the
     backward pass instead of keeping them.
     """
-    from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
-    from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
-    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
-    from keras_t5gemma.utils.preset_utils import get_preset_loader
-    from keras_t5gemma.utils.preset_utils import resolve_preset
+    from keras_t5gemma.models.auto import load_seq_2_seq_lm as load
 
-    resolve_preset(preset)  # an unknown name fails here, with the list of known ones
-    backbone_cls = get_preset_loader(preset).check_backbone_class()
-    task_cls = T5GemmaSeq2SeqLM if issubclass(backbone_cls, T5GemmaBackbone) else T5Gemma2Seq2SeqLM
-    return task_cls.from_preset(preset, **_load_options(dtype, remat))
+    return load(preset, **_load_options(dtype, remat))
 
 
 def _load_options(dtype, remat):
