@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,3 +375,20 @@ def test_fine_tune_says_what_it_cut_once_and_resumes_past_a_damaged_checkpoint(c
     assert "resuming" in out and "after epoch 1" in out, out
     assert sorted(os.listdir(checkpoints)) == ["2", "2.damaged", "3"]
     assert json.loads((output / "config.json").read_text())["registered_name"]
+
+
+def test_written_files_and_folders_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through `tempfile`, whose files are private (0600, folders 0700): not what a user expects."""
+    from keras_t5gemma.utils.safe_files import atomic_file
+    from keras_t5gemma.utils.safe_files import atomic_folder
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "predictions.jsonl", "w") as file:
+            file.write("{}\n")
+        with atomic_folder(str(tmp_path / "preset"), lambda name: True, False, "preset folder") as folder:
+            (Path(folder) / "config.json").write_text("{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "predictions.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "preset").stat().st_mode & 0o777 == 0o755

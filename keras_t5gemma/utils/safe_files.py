@@ -57,6 +57,7 @@ def atomic_file(path, mode="wb", overwrite=True, **kwargs):
     folder, prefix = _temporary_name(path, "partial")
     descriptor, temporary = tempfile.mkstemp(prefix=prefix, dir=folder)
     try:
+        _with_usual_permissions(temporary, 0o666)
         with open(descriptor, mode, **kwargs) as file:
             yield file
             file.flush()
@@ -66,6 +67,26 @@ def atomic_file(path, mode="wb", overwrite=True, **kwargs):
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _current_umask():
+    """The process's umask, read without changing it where Linux shows it (setting it races other threads)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status", encoding="ascii") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _with_usual_permissions(path, mode):
+    """`chmod` a temporary file (`0o666`) or folder (`0o777`) to what `open`/`mkdir` would give under the umask.
+
+    `tempfile` makes them private (`0o600`, `0o700`) so that the renamed
+    result would be unreadable by the group and others, unlike every other
+    file a user writes.
+    """
+    os.chmod(path, mode & ~_current_umask())
 
 
 def free_bytes(path):
@@ -271,6 +292,7 @@ def atomic_folder(path, owns, overwrite=False, what="output folder", needed_byte
         check_free_space(path, needed_bytes, what)
         temporary = tempfile.mkdtemp(prefix=prefix, dir=parent)
         try:
+            _with_usual_permissions(temporary, 0o777)
             yield temporary
             if overwrite or not os.path.isdir(path) or is_empty_folder(path):
                 _move_into_place(temporary, path, owns)
