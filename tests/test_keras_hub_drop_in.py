@@ -20,7 +20,10 @@ from hf_reference import tiny_config
 from keras_hub.src.tests.test_case import TestCase
 
 from keras_t5gemma import T5Gemma2Backbone
+from keras_t5gemma import T5Gemma2ImageConverter
 from keras_t5gemma import T5Gemma2Seq2SeqLM
+from keras_t5gemma import T5Gemma2Seq2SeqLMPreprocessor
+from keras_t5gemma import T5Gemma2Tokenizer
 
 # KerasHub's argument names; the decoder differs from the encoder in every size but the width.
 ASYMMETRIC = {
@@ -216,3 +219,143 @@ def test_export_refuses_what_keras_hub_cannot_hold_and_foreign_folders(exported,
     assert (tmp_path / "mine" / "config.json").exists()
     with pytest.raises(FileExistsError):
         ours.export_to_keras_hub(folder)
+
+
+# === The tokenizer and preprocessor under KerasHub's names, on a vocabulary without image pieces ===
+
+ENCODER_TEXTS = ["The quick brown fox", "def add(a, b):"]
+DECODER_TEXTS = ["jumped over", "return a + b"]
+
+
+class KerasHubPreprocessingTest(TestCase):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        from vocabularies import train_vocabulary
+
+        # Only <pad>, <eos>, <bos> (and <unk>) are special, as in KerasHub's test vocabulary.
+        cls.text_only_proto = train_vocabulary(special_pieces=[])
+
+    def test_tokenizer_needs_no_image_pieces(self):
+        tokenizer = T5Gemma2Tokenizer(proto=self.text_only_proto)
+        self.assertEqual((tokenizer.pad_token_id, tokenizer.end_token_id, tokenizer.start_token_id), (0, 1, 2))
+        self.assertIsNone(tokenizer.start_of_image_token_id)
+        self.assertIsNone(tokenizer.end_of_image_token_id)
+        self.assertIsNone(tokenizer.image_placeholder_token_id)
+        self.assertEqual(len(tokenizer.missing_image_tokens), 3)
+        self.assertEqual(sorted(tokenizer.special_token_ids), [0, 1, 2])
+        self.run_preprocessing_layer_test(
+            cls=T5Gemma2Tokenizer, init_kwargs={"proto": self.text_only_proto}, input_data=ENCODER_TEXTS
+        )
+
+    def test_preprocessor_with_keras_hub_arguments(self):
+        tokenizer = T5Gemma2Tokenizer(proto=self.text_only_proto)
+        init_kwargs = {
+            "tokenizer": tokenizer,
+            "encoder_sequence_length": 24,
+            "decoder_sequence_length": 16,
+            "image_size": 14,
+            "num_vision_tokens_per_image": 4,
+            "add_start_token": True,
+            "add_end_token": False,
+        }
+        # The reference's layout: encoder <bos> + prompt; decoder <bos> + target (+ <eos>, whose label is
+        # padding); labels target + <eos>.
+        bos, eos, pad = 2, 1, 0
+        encoder, decoder, labels = [], [], []
+        for prompt, target in zip(ENCODER_TEXTS, DECODER_TEXTS):
+            prompt_ids, target_ids = np.asarray(tokenizer(prompt)).tolist(), np.asarray(tokenizer(target)).tolist()
+            self.assertLess(len(prompt_ids), 23)  # no truncation
+            self.assertLess(len(target_ids), 15)
+            encoder.append([bos] + prompt_ids + [pad] * (23 - len(prompt_ids)))
+            decoder.append([bos] + target_ids + [eos] + [pad] * (14 - len(target_ids)))
+            labels.append(target_ids + [eos] + [pad] * (15 - len(target_ids)))
+        expected_x = {
+            "encoder_token_ids": encoder,
+            "encoder_padding_mask": [[token != pad for token in row] for row in encoder],
+            "decoder_token_ids": decoder,
+            "decoder_padding_mask": [[token != pad for token in row] for row in decoder],
+            # No image slots: the vocabulary holds text only.
+            "images": np.zeros((2, 0, 14, 14, 3), "float32"),
+        }
+        self.run_preprocessing_layer_test(
+            cls=T5Gemma2Seq2SeqLMPreprocessor,
+            init_kwargs=init_kwargs,
+            input_data=({"encoder_text": ENCODER_TEXTS, "decoder_text": DECODER_TEXTS},),
+            expected_output=(expected_x, labels, [[token != pad for token in row] for row in labels]),
+        )
+        preprocessor = T5Gemma2Seq2SeqLMPreprocessor(**init_kwargs)
+        config = preprocessor.get_config()
+        self.assertEqual((config["image_size"], config["num_vision_tokens_per_image"]), (14, 4))
+        self.assertNotIn("mm_tokens_per_image", config)
+        self.assertEqual(preprocessor.image_converter.image_size, (14, 14))
+
+    def test_images_with_a_text_only_vocabulary_are_refused_naming_the_pieces(self):
+        preprocessor = T5Gemma2Seq2SeqLMPreprocessor(
+            tokenizer=T5Gemma2Tokenizer(proto=self.text_only_proto),
+            encoder_sequence_length=32,
+            decoder_sequence_length=8,
+            image_size=14,
+            num_vision_tokens_per_image=4,
+        )
+        image = np.zeros((20, 20, 3), "uint8")
+        message = "no `<start_of_image>`, `<end_of_image>`, the image placeholder.*text only"
+        with self.assertRaisesRegex(ValueError, message):
+            preprocessor.generate_preprocess({"encoder_text": ["a photo of"], "images": [[image]]})
+        with self.assertRaisesRegex(ValueError, message):
+            preprocessor({"encoder_text": ["a photo of"], "decoder_text": ["a cat"], "images": [[image]]})
+        # `<start_of_image>` is plain text here, and text-only prompts work.
+        x = preprocessor.generate_preprocess({"encoder_text": ["a photo of <start_of_image>"]})
+        self.assertEqual(tuple(x["images"].shape), (1, 0, 14, 14, 3))
+
+    def test_earlier_names_load_and_conflicts_are_named(self):
+        tokenizer = T5Gemma2Tokenizer(proto=self.text_only_proto)
+        old = T5Gemma2Seq2SeqLMPreprocessor(tokenizer=tokenizer, mm_tokens_per_image=9)
+        self.assertEqual((old.num_vision_tokens_per_image, old.mm_tokens_per_image), (9, 9))
+        digits = T5Gemma2Seq2SeqLMPreprocessor.from_preset("t5gemma2_tiny_digits")  # saved with the old names
+        self.assertEqual(digits.num_vision_tokens_per_image, 4)
+        self.assertEqual(digits.get_config()["image_size"], 16)
+        with self.assertRaisesRegex(ValueError, "`mm_tokens_per_image`.*`num_vision_tokens_per_image`"):
+            T5Gemma2Seq2SeqLMPreprocessor(tokenizer=tokenizer, mm_tokens_per_image=9, num_vision_tokens_per_image=4)
+        with self.assertRaisesRegex(ValueError, "`image_size` is 14 but the image converter makes images"):
+            T5Gemma2Seq2SeqLMPreprocessor(
+                tokenizer=tokenizer, image_converter=T5Gemma2ImageConverter(image_size=(16, 16)), image_size=14
+            )
+        with self.assertRaisesRegex(ValueError, "pass `encoder_sequence_length`.*by keyword"):
+            T5Gemma2Seq2SeqLMPreprocessor(tokenizer, 64, 32)
+
+
+# === keras-t5gemma export --format keras-hub ===
+
+
+def test_command_line_exports_to_keras_hub(tmp_path, capsys):
+    from vocabularies import train_vocabulary
+
+    from keras_t5gemma.cli import main as command_line
+
+    tokenizer = T5Gemma2Tokenizer(proto=train_vocabulary(special_pieces=[]))
+    backbone = T5Gemma2Backbone(**{**ASYMMETRIC, "vocabulary_size": tokenizer.vocabulary_size(), "dropout_rate": 0.0})
+    preprocessor = T5Gemma2Seq2SeqLMPreprocessor(
+        tokenizer=tokenizer, encoder_sequence_length=32, decoder_sequence_length=8
+    )
+    T5Gemma2Seq2SeqLM(backbone, preprocessor).save_to_preset(tmp_path / "ours")
+    output = tmp_path / "keras_hub"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        status = command_line(["export", str(output), "--preset", str(tmp_path / "ours"), "--format", "keras-hub"])
+    assert status == 0
+    assert "for KerasHub" in capsys.readouterr().out
+    ours = T5Gemma2Seq2SeqLM.from_preset(str(tmp_path / "ours"))
+    theirs = keras_hub.models.T5Gemma2Seq2SeqLM.from_preset(str(output))
+    assert type(theirs.preprocessor).__module__.startswith("keras_hub")
+    prompts = ["The quick brown fox", "Numbers like 12345"]
+    for model in (ours, theirs):
+        model.compile(sampler="greedy")
+    assert ours.generate(prompts, max_length=8, stop_token_ids=None) == theirs.generate(
+        prompts, max_length=8, stop_token_ids=None
+    )
+    # A preset with a vision tower is refused with what to do; --text-only belongs to this format.
+    assert command_line(["export", str(tmp_path / "vision"), "--format", "keras-hub"]) == 2
+    assert "--text-only" in capsys.readouterr().err
+    assert command_line(["export", str(tmp_path / "onnx"), "--format", "onnx", "--text-only"]) == 2
+    assert "--text-only applies to --format keras-hub" in capsys.readouterr().err

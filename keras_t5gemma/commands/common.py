@@ -7,7 +7,7 @@ from keras_t5gemma.data import DEFAULT_ENCODING
 from keras_t5gemma.data import read_lines
 from keras_t5gemma.training.fine_tune import DEFAULT_PRESET
 
-EXPORT_FORMATS = ("onnx", "transformers")
+EXPORT_FORMATS = ("onnx", "transformers", "keras-hub")
 POOLINGS = ("mean", "first", "last")
 DEFAULT = "(default: %(default)s)"
 

@@ -1,4 +1,4 @@
-"""`keras-t5gemma export`: ONNX graphs or a `transformers` folder."""
+"""`keras-t5gemma export`: ONNX graphs, a `transformers` folder or a KerasHub preset."""
 
 import time
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 from keras_t5gemma.commands.common import DEFAULT
 from keras_t5gemma.commands.common import EXPORT_FORMATS
 from keras_t5gemma.commands.common import POOLINGS
+from keras_t5gemma.commands.common import CommandError
 from keras_t5gemma.commands.common import add_preset
 from keras_t5gemma.commands.common import positive_int
 from keras_t5gemma.commands.common import say
@@ -15,13 +16,15 @@ from keras_t5gemma.training.fine_tune import load_seq_2_seq_lm
 def add_parser(commands):
     parser = commands.add_parser(
         "export",
-        help="export a preset for serving without Keras (ONNX) or for transformers",
+        help="export a preset for serving without Keras (ONNX), for transformers or for KerasHub",
         description="--format onnx writes encoder.onnx (encoder output and cross keys/values), decoder.onnx (one "
         "step or a prompt chunk against a static self-attention cache), embedder.onnx, the tokenizer and "
         "t5gemma2_onnx.json to OUTPUT; the `t5gemma_onnx` package generates from it with numpy, onnxruntime "
         "and sentencepiece only. --format transformers writes safetensors weights (LoRA merged), config.json, "
         "generation_config.json, the tokenizer and the image processor config, for "
-        "T5Gemma2ForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained.",
+        "T5Gemma2ForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained. --format keras-hub "
+        "writes a KerasHub 0.32 preset folder for keras_hub.models.T5Gemma2Seq2SeqLM.from_preset (text model "
+        "only: a preset with a vision tower needs --text-only).",
     )
     add_preset(parser)
     parser.add_argument("output", help="folder to write (new, empty, or an earlier ONNX export)")
@@ -35,12 +38,16 @@ def add_parser(commands):
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help=dtype)
     shard = "transformers: largest safetensors file, e.g. 500MB " + DEFAULT
     parser.add_argument("--max-shard-size", default="2GB", help=shard)
+    text_only = "keras-hub: leave out the vision tower, which the KerasHub export does not write yet"
+    parser.add_argument("--text-only", action="store_true", help=text_only)
     parser.set_defaults(run=run_export)
 
 
 def run_export(args):
-    """`export OUTPUT --format onnx` (serving without Keras) or `--format transformers`."""
-    seq_2_seq_lm = load_seq_2_seq_lm(args.preset)
+    """`export OUTPUT --format onnx` (serving without Keras), `--format transformers` or `--format keras-hub`."""
+    if args.text_only and args.format != "keras-hub":
+        raise CommandError("--text-only applies to --format keras-hub")
+    seq_2_seq_lm = _text_only_model(args.preset) if args.text_only else load_seq_2_seq_lm(args.preset)
     started = time.time()
     if args.format == "onnx":
         from keras_t5gemma.export import export_onnx
@@ -50,9 +57,25 @@ def run_export(args):
         output, then = args.output, f'try `keras-t5gemma generate --onnx {args.output} "..."`'
         what = f"ONNX opset {settings['opset']}, {settings['quantization'] or 'float32'}, decoder cache "
         what += f"{settings['max_decode_length']} tokens"
+    elif args.format == "keras-hub":
+        if getattr(seq_2_seq_lm.backbone, "vision_encoder", None) is not None:
+            raise CommandError(
+                f"{args.preset} has a vision tower, which the KerasHub export does not write yet; pass --text-only "
+                "to export its text model"
+            )
+        output = seq_2_seq_lm.export_to_keras_hub(args.output)
+        what, then = "for KerasHub", "load it with keras_hub.models.T5Gemma2Seq2SeqLM.from_preset"
     else:
         output = seq_2_seq_lm.export_to_transformers(args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
         what, then = "for transformers", "load it with T5Gemma2ForConditionalGeneration.from_pretrained"
     size = sum(path.stat().st_size for path in Path(output).iterdir() if path.is_file()) / 2**20
     say(f"Exported {args.preset} to {output} ({what}, {size:.1f} MiB) in {time.time() - started:.1f}s; {then}.")
     return 0
+
+
+def _text_only_model(preset):
+    """T5Gemma 2 without its vision tower (Hugging Face checkpoints and KerasHub presets; Keras preset folders
+    with a tower say they cannot)."""
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
+
+    return T5Gemma2Seq2SeqLM.from_preset(preset, text_only=True)
