@@ -48,10 +48,15 @@ def built_without_values(build):
     Variables made from an initializer are left empty for `fill` (those still
     empty after the load need `initialize_unfilled`); a variable made from a
     value (KerasHub's end-of-image vectors, an optimizer's counters) keeps
-    it. Only this thread's variables are affected. With a distribution set,
+    it. Only this thread's variables are affected; on JAX only (other
+    backends build as usual, initializers included). With a distribution set,
     each variable gets its layout, so that `fill` (and Keras' own `assign`,
     which reloading a Keras preset calls) places its value on its devices.
     """
+    if keras.backend.backend() != "jax":
+        # TensorFlow's and torch's variables need their backend tensor from the start (Keras' loading
+        # finds none to assign into otherwise): they are initialized, then overwritten by `fill`.
+        return build()
     variable_class = keras.Variable
     with _patch_lock:
         if not hasattr(variable_class._initialize_with_initializer, "original"):
