@@ -324,6 +324,33 @@ class KerasHubPreprocessingTest(TestCase):
         with self.assertRaisesRegex(ValueError, "pass `encoder_sequence_length`.*by keyword"):
             T5Gemma2Seq2SeqLMPreprocessor(tokenizer, 64, 32)
 
+    def test_task_trains_predicts_and_saves_as_keras_hub_tasks_do(self):
+        """KerasHub's task checks (serialization, predict and fit with and without split preprocessing, a
+        `.keras` round trip) on our `T5Gemma2Seq2SeqLM`, built with KerasHub's argument names."""
+        tokenizer = T5Gemma2Tokenizer(proto=self.text_only_proto)
+        preprocessor = T5Gemma2Seq2SeqLMPreprocessor(
+            tokenizer=tokenizer, encoder_sequence_length=24, decoder_sequence_length=16
+        )
+        backbone_kwargs = {
+            **ASYMMETRIC,
+            "vocabulary_size": tokenizer.vocabulary_size(),
+            "eoi_token_index": tokenizer.vocabulary_size() - 2,
+            "image_token_index": tokenizer.vocabulary_size() - 1,
+        }
+        init_kwargs = {"backbone": T5Gemma2Backbone(**backbone_kwargs), "preprocessor": preprocessor}
+        train_data = ({"encoder_text": ENCODER_TEXTS, "decoder_text": DECODER_TEXTS},)
+        self.run_task_test(
+            cls=T5Gemma2Seq2SeqLM,
+            init_kwargs=init_kwargs,
+            train_data=train_data,
+            expected_output_shape=(2, 16, tokenizer.vocabulary_size()),
+        )
+        self.run_model_saving_test(
+            cls=T5Gemma2Seq2SeqLM,
+            init_kwargs={"backbone": T5Gemma2Backbone(**backbone_kwargs)},
+            input_data=_inputs(encoder_length=24, decoder_length=16),
+        )
+
 
 # === keras-t5gemma export --format keras-hub ===
 
