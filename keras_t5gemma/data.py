@@ -179,6 +179,36 @@ def _pair(record, where, folder, image_marker):
     return record["input"], record["target"], image
 
 
+def check_pairs(pairs, image_marker=None):
+    """In-memory examples as `read_pairs` gives them: `[(input, target, image or None)]`.
+
+    Each example is an `(input, target)` or `(input, target, image)` tuple,
+    an image being a file path (checked to exist), a PIL image or `(H, W, 3)`
+    pixels; an input holding `image_marker` needs its image.
+
+    Raises:
+        ValueError: naming the example that is wrong, or for no examples.
+    """
+    examples = []
+    for number, pair in enumerate(pairs):
+        where = f"the data's example {number}"
+        if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
+            raise ValueError(f"{where}: expected an (input, target) or (input, target, image) tuple; got {pair!r}")
+        text, target, image = (*pair, None)[:3]
+        if not isinstance(text, str) or not isinstance(target, str):
+            raise ValueError(f"{where}: the input and the target must be strings; got {text!r}, {target!r}")
+        if image is None and image_marker is not None and image_marker in text:
+            raise ValueError(f"{where}: the input has a {image_marker} marker but the example has no image")
+        if isinstance(image, (str, os.PathLike)):
+            image = os.fspath(image)
+            if not os.path.isfile(image):
+                raise ValueError(f"{where}: no such image file: {image}")
+        examples.append((text, target, image))
+    if not examples:
+        raise ValueError("the data has no examples")
+    return examples
+
+
 def read_labelled(path, per_word=False, encoding=DEFAULT_ENCODING):
     """`(texts, labels, names)` from a JSONL file of labelled inputs.
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_t5gemma.data import check_pairs
 from keras_t5gemma.data import read_image
 from keras_t5gemma.data import read_pairs
 from keras_t5gemma.models.t5gemma2.t5gemma2_image_converter import pil_image_to_rgb
@@ -167,20 +168,7 @@ def read_examples(data):
     """
     if isinstance(data, (str, os.PathLike)):
         return read_pairs(os.fspath(data), image_marker=IMAGE_MARKER)
-    examples = []
-    for number, pair in enumerate(data):
-        where = f"the data's example {number}"
-        if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
-            raise ValueError(f"{where}: expected an (input, target) or (input, target, image) tuple; got {pair!r}")
-        text, target, image = (*pair, None)[:3]
-        if not isinstance(text, str) or not isinstance(target, str):
-            raise ValueError(f"{where}: the input and the target must be strings; got {text!r}, {target!r}")
-        if image is None and IMAGE_MARKER in text:
-            raise ValueError(f"{where}: the input has a {IMAGE_MARKER} marker but the example has no image")
-        examples.append((text, target, image))
-    if not examples:
-        raise ValueError("the data has no examples")
-    return examples
+    return check_pairs(data, image_marker=IMAGE_MARKER)
 
 
 def _pixels(image):

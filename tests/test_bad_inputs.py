@@ -383,3 +383,22 @@ def test_two_threads_generating_on_a_fresh_model_share_one_build(monkeypatch):
         thread.join()
     assert errors == [] and sorted(answers) == ["1 2", "2 1"]
     assert len(calls) == 2  # one build: an encoder and a decoder packer
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        ([("a", "b", None, "extra")], "example 0: expected an \\(input, target\\)"),
+        ([("a", 3)], "example 0: the input and the target must be strings"),
+        ([("a", "b"), ("color: <start_of_image>", "red")], "example 1: the input has a <start_of_image> marker"),
+        ([("a", "b", "missing.png")], "example 0: no such image file: missing.png"),
+        ([], "the data has no examples"),
+    ],
+)
+def test_in_memory_examples_name_the_bad_one(pairs, message):
+    # `fine_tune(data=[...])` and `evaluate(model, [...])` both check in-memory examples this way.
+    from keras_t5gemma.data import check_pairs
+
+    with pytest.raises(ValueError, match=message):
+        check_pairs(pairs, image_marker="<start_of_image>")
+    assert check_pairs([("a", "b")]) == [("a", "b", None)]

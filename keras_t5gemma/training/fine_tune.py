@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from keras_t5gemma.data import DEFAULT_ENCODING
+from keras_t5gemma.data import check_pairs
 from keras_t5gemma.data import number_classes
 from keras_t5gemma.data import read_image
 from keras_t5gemma.data import read_labelled
@@ -396,27 +397,12 @@ def _pairs(data, encoding=DEFAULT_ENCODING):
         pairs = read_pairs(path, image_marker=IMAGE_MARKER, encoding=encoding)
         with open(path, "rb") as file:
             return pairs, path, hashlib.sha256(file.read()).hexdigest()
-    pairs, digest = [], hashlib.sha256()
-    for number, pair in enumerate(data):
-        where = f"the data's example {number}"
-        if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
-            raise ValueError(f"{where}: expected an (input, target) or (input, target, image) tuple; got {pair!r}")
-        text, target, image = (*pair, None)[:3]
-        if not isinstance(text, str) or not isinstance(target, str):
-            raise ValueError(f"{where}: the input and the target must be strings; got {text!r}, {target!r}")
-        if image is None and IMAGE_MARKER in text:
-            raise ValueError(f"{where}: the input has a {IMAGE_MARKER} marker but the example has no image")
-        if isinstance(image, (str, os.PathLike)):
-            image = os.fspath(image)
-            if not os.path.isfile(image):
-                raise ValueError(f"{where}: no such image file: {image}")
+    pairs, digest = check_pairs(data, image_marker=IMAGE_MARKER), hashlib.sha256()
+    for text, target, image in pairs:
         digest.update(json.dumps([text, target]).encode())
         digest.update(
             image.encode() if isinstance(image, str) else _pixels(image).tobytes() if image is not None else b""
         )
-        pairs.append((text, target, image))
-    if not pairs:
-        raise ValueError("the data has no examples")
     return pairs, "the data", digest.hexdigest()
 
 
