@@ -198,9 +198,9 @@ def _processes():
     return jax.process_count(), jax.process_index()
 
 
-def _shard(num_examples, model):
-    """`(rows, sharded)`: the rows this process generates, its contiguous part when every process holds the
-    whole model (`sharded`), else all of them."""
+def process_part(num_examples, model):
+    """`(rows, sharded)`: the rows this process generates, its contiguous part when every process of a JAX
+    job holds the whole model (`sharded`: `gather_texts` then puts the parts together), else all of them."""
     count, index = _processes()
     if count == 1 or not all(variable.value.is_fully_addressable for variable in model.weights):
         return range(num_examples), False
@@ -208,7 +208,7 @@ def _shard(num_examples, model):
     return range(min(index * per_process, num_examples), min((index + 1) * per_process, num_examples)), True
 
 
-def _gather(answers):
+def gather_texts(answers):
     """Every process' answers, concatenated in process order, on every process."""
     from jax.experimental import multihost_utils
 
@@ -335,7 +335,7 @@ def evaluate(
     seq_2_seq_lm = _load(model_or_preset) if isinstance(model_or_preset, (str, os.PathLike)) else model_or_preset
     preprocessor = seq_2_seq_lm.preprocessor
     max_length = max_length or preprocessor.decoder_sequence_length
-    rows, sharded = _shard(len(examples), seq_2_seq_lm)
+    rows, sharded = process_part(len(examples), seq_2_seq_lm)
     _, index = _processes()
     bar = None
     if index == 0 and (progress is True or (progress == "auto" and os.isatty(1))):
@@ -348,7 +348,7 @@ def evaluate(
     finally:
         preprocessor.encoder_sequence_length = original_length
     if sharded:
-        answers = _gather(answers)
+        answers = gather_texts(answers)
     targets = [target for _, target, _ in examples]
     inputs = [text for text, _, _ in examples]
     result = EvaluationResult(score(answers, targets, metrics), answers, inputs, targets, rows)

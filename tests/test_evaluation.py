@@ -8,6 +8,7 @@ compares process 0's table and predictions file with this process' `evaluate`.
 
 import json
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -147,12 +148,22 @@ def test_two_processes_evaluate_as_one(rotate_result, tmp_path):
         }
         for process in range(2)
     ]
-    outputs = run_workers([command, command], tmp_path, environments)
+    # `generate --file --multi-host` in the same processes, after the evaluation.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{example.prompt}\n" for example in ROTATE))
+    generate = [sys.executable, "-m", "keras_t5gemma", "generate", "--file", str(prompts), "--multi-host"]
+    generate += ["--batch-size", "8", "--encoder-length", "32", "--max-length", "16"]
+    both = ["bash", "-c", " ".join(map(shlex.quote, command)) + " && " + " ".join(map(shlex.quote, generate))]
+    outputs = run_workers([both, both], tmp_path, environments)
     # Each process generated its half; process 0 alone printed the table and wrote the file.
     assert "Process 0 generated examples 1-12 of 24." in outputs[0]
     assert "Process 1 generated examples 13-24 of 24." in outputs[1]
     assert result.table() in outputs[0] and "metric" not in outputs[1]
     assert predictions.read_text() == single_predictions.read_text()
+    # Process 0 printed every prompt's answer, in order: the single-process answers.
+    assert "Process 1 generated prompts 13-24 of 24." in outputs[1]
+    answers = [json.loads(line)["prediction"] for line in single_predictions.read_text().splitlines()]
+    assert "\n".join(answers) in outputs[0] and answers[0] not in outputs[1]
 
 
 def test_fine_tune_scores_every_epoch_keeps_the_best_and_draws_the_curves(tmp_path):

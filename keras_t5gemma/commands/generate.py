@@ -1,5 +1,7 @@
 """`keras-t5gemma generate`: answers to prompts, with Keras or the ONNX runtime, batched or streamed."""
 
+import sys
+
 import keras
 
 from keras_t5gemma.commands.common import DEFAULT
@@ -41,6 +43,11 @@ def add_parser(commands):
     parser.add_argument("--seed", type=int, default=0, help="for the random samplers " + DEFAULT)
     parser.add_argument("--show-prompt", action="store_true", help="print `prompt -> answer`")
     parser.add_argument("--stream", action="store_true", help="print each answer as it is generated (Keras path)")
+    multi_host = (
+        "join the other processes of a JAX job first (keras.distribution.initialize); each generates its part "
+        "of the prompts and process 0 prints them all, in order"
+    )
+    parser.add_argument("--multi-host", action="store_true", help=multi_host)
     onnx = "generate with the ONNX runtime from a folder written by `export --format onnx` (instead of --preset)"
     parser.add_argument("--onnx", metavar="FOLDER", help=onnx)
     parser.set_defaults(run=run_generate)
@@ -51,7 +58,13 @@ def run_generate(args):
     prompts = texts_of(args, "prompts")
     images = [load_image(path) for path in args.image or []]
     prompts = [with_image_markers(prompt, len(images)) for prompt in prompts]
+    if args.multi_host:
+        if args.onnx or args.stream:
+            raise CommandError("--multi-host generates with Keras in batches; it takes neither --onnx nor --stream")
+        keras.distribution.initialize()
     generate = _onnx_generate(args, images) if args.onnx else _keras_generate(args, images)
+    if args.multi_host:
+        return _generate_in_parts(args, prompts, generate)
     if args.stream and not args.onnx:
         for prompt in prompts:
             say(f"{prompt} -> " if args.show_prompt else "", end="")
@@ -64,6 +77,31 @@ def run_generate(args):
         # A ValueError here (a prompt or image the preprocessor refuses) is the user's: status 2.
         for prompt, answer in zip(batch, generate(batch)):
             say(f"{prompt} -> {answer.strip()}" if args.show_prompt else answer.strip())
+    return 0
+
+
+def _generate_in_parts(args, prompts, generate):
+    """`--multi-host`: this process's contiguous part of the prompts, then every answer printed by process 0."""
+    from keras_t5gemma.evaluation import gather_texts
+    from keras_t5gemma.evaluation import process_part
+    from keras_t5gemma.training.checkpoints import process_index
+
+    rows, sharded = process_part(len(prompts), generate.seq_2_seq_lm)
+    mine = [prompts[i] for i in rows]
+    answers = [
+        answer.strip()
+        for start in range(0, len(mine), args.batch_size)
+        for answer in generate(mine[start : start + args.batch_size])
+    ]
+    if sharded:
+        print(
+            f"Process {process_index()} generated prompts {rows.start + 1}-{rows.stop} of {len(prompts)}.",
+            file=sys.stderr,
+        )
+        answers = gather_texts(answers)
+    if process_index() == 0:
+        for prompt, answer in zip(prompts, answers):
+            say(f"{prompt} -> {answer}" if args.show_prompt else answer)
     return 0
 
 
@@ -89,6 +127,7 @@ def _keras_generate(args, images):
         return seq_2_seq_lm.stream_generate(inputs, max_length=max_length)
 
     generate.stream = stream
+    generate.seq_2_seq_lm = seq_2_seq_lm
     return generate
 
 
