@@ -191,12 +191,24 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
         this one's (vocabulary, sequence lengths, start/end tokens). See
         `conversion/keras_hub_export.py` for what is refused.
 
+        KerasHub's T5Gemma 2 holds no vision tower here: export a text-only
+        model (a Hugging Face checkpoint loaded with `text_only=True`, or one
+        built without a `vision_encoder`, as below).
+
         Example:
         ```python
         import tempfile
 
-        seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits", text_only=True)
-        seq_2_seq_lm.export_to_keras_hub(tempfile.mkdtemp() + "/digits")
+        backbone = T5Gemma2Backbone(
+            vocabulary_size=300,
+            encoder_hidden_dim=32, encoder_intermediate_dim=64, encoder_num_layers=2,
+            encoder_num_attention_heads=2, encoder_num_key_value_heads=1, encoder_head_dim=16,
+            decoder_hidden_dim=32, decoder_intermediate_dim=64, decoder_num_layers=2,
+            decoder_num_attention_heads=2, decoder_num_key_value_heads=1, decoder_head_dim=16,
+            sliding_window=4, eoi_token_index=298, image_token_index=299,
+        )
+        folder = T5Gemma2Seq2SeqLM(backbone).export_to_keras_hub(tempfile.mkdtemp() + "/tiny")
+        # keras_hub.models.T5Gemma2Seq2SeqLM.from_preset(folder)
         ```
         """
         return get_exporter("keras-hub")(self, path, overwrite=overwrite)
