@@ -183,4 +183,3 @@ def export_to_keras_hub(model, path, overwrite=False):
             )
             task.save_to_preset(staging)
     return path
-
