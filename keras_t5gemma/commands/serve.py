@@ -169,6 +169,7 @@ def run_serve(args):
     import uvicorn
 
     from keras_t5gemma.serving.app import create_app
+    from keras_t5gemma.serving.registry import load_in_progress
 
     settings = settings_from_args(args)
     handler = logging.StreamHandler(sys.stderr)
@@ -188,4 +189,10 @@ def run_serve(args):
     # uvicorn re-raises the signal that stopped it once it has drained; with this handler that ends in a return.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
+    if load_in_progress():
+        # Stopped during a load: no finaliser may run beside the compiling thread.
+        log.info("stopped while a model was loading")
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(0)
     return 0

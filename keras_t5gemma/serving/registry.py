@@ -57,9 +57,25 @@ async def in_daemon_thread(function, *args):
             loop.call_soon_threadsafe(settle, *outcome)
         except RuntimeError:
             pass  # the loop closed while this ran: the server is stopping
+        _LOADS.discard(threading.current_thread())
 
-    threading.Thread(target=run, name=f"load-{getattr(function, '__name__', 'model')}", daemon=True).start()
+    thread = threading.Thread(target=run, name=f"load-{getattr(function, '__name__', 'model')}", daemon=True)
+    _LOADS.add(thread)
+    thread.start()
     return await future
+
+
+_LOADS = set()
+
+
+def load_in_progress():
+    """Whether a daemon thread started by `in_daemon_thread` is still running.
+
+    Such a thread may be inside XLA's compiler; letting the interpreter
+    finalise around it crashes the process (SIGABRT or SIGSEGV) or hangs
+    it, so the server leaves with `os._exit` instead.
+    """
+    return any(thread.is_alive() for thread in list(_LOADS))
 
 
 class LoadedModel:
