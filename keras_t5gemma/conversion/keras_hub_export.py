@@ -31,6 +31,8 @@ from keras_t5gemma.conversion.transformers_export import _parts
 from keras_t5gemma.conversion.weights import weight_specs
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import SLIDING
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import SHARED_SCALARS
+from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import STACK_SIZES
 from keras_t5gemma.utils.safe_files import atomic_folder
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,6 @@ _PRESET_ENTRIES = {
     "metadata.json",
     "assets",
 }
-_SIZES = ("hidden_dim", "intermediate_dim", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
 
 
 def keras_hub_backbone_config(backbone):
@@ -68,26 +69,9 @@ def keras_hub_backbone_config(backbone):
             )
     config = {"vocabulary_size": backbone.vocabulary_size}
     for side in ("encoder", "decoder"):
-        config.update({f"{side}_{name}": getattr(backbone, f"{side}_{name}") for name in _SIZES})
+        config.update({f"{side}_{name}": getattr(backbone, f"{side}_{name}") for name in STACK_SIZES})
         config[f"{side}_layer_types"] = list(getattr(backbone, f"{side}_layer_types"))
-    for name in (
-        "dropout_rate",
-        "rms_norm_eps",
-        "query_pre_attn_scalar",
-        "initializer_range",
-        "attention_dropout",
-        "sliding_window",
-        "cross_attention_hidden_size",
-        "attn_logit_softcapping",
-        "final_logit_softcapping",
-        "rope_max_wavelength",
-        "global_rope_scaling_factor",
-        "encoder_rope_max_wavelength",
-        "encoder_global_rope_scaling_factor",
-        "use_query_key_norm",
-        "eoi_token_index",
-    ):
-        config[name] = getattr(backbone, name)
+    config.update({name: getattr(backbone, name) for name in SHARED_SCALARS})
     config.update(attention_bias=False, hidden_activation="gelu_approximate", tie_word_embeddings=True)
     return config
 

@@ -48,7 +48,25 @@ LEGACY_ARGUMENTS = {
 }
 # Spellings of tanh-approximate GeLU (KerasHub's, transformers', ours).
 GELU_TANH = ("gelu_approximate", "gelu_pytorch_tanh", "gelu_tanh")
-_SIZES = ("hidden_dim", "intermediate_dim", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+STACK_SIZES = ("hidden_dim", "intermediate_dim", "num_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+# The scalar arguments KerasHub 0.32's `T5Gemma2Backbone` has too, under the same names (its config keys).
+SHARED_SCALARS = (
+    "dropout_rate",
+    "rms_norm_eps",
+    "query_pre_attn_scalar",
+    "initializer_range",
+    "attention_dropout",
+    "sliding_window",
+    "cross_attention_hidden_size",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "rope_max_wavelength",
+    "global_rope_scaling_factor",
+    "encoder_rope_max_wavelength",
+    "encoder_global_rope_scaling_factor",
+    "use_query_key_norm",
+    "eoi_token_index",
+)
 
 
 def rope_settings(
@@ -251,7 +269,7 @@ class T5Gemma2Backbone(EncoderDecoderBackbone):
             return self.__init__(**{**given, **merged}, **kwargs)
         sides = {}
         for side in ("encoder", "decoder"):
-            sizes = {name: given[f"{side}_{name}"] for name in _SIZES}
+            sizes = {name: given[f"{side}_{name}"] for name in STACK_SIZES}
             for name, value in sizes.items():
                 check_positive_int(f"{side}_{name}", value)
             check_attention_sizes(
@@ -470,26 +488,12 @@ class T5Gemma2Backbone(EncoderDecoderBackbone):
     def get_config(self):
         names = ["vocabulary_size"]
         for side in ("encoder", "decoder"):
-            names += [f"{side}_{name}" for name in _SIZES] + [f"{side}_layer_types"]
+            names += [f"{side}_{name}" for name in STACK_SIZES] + [f"{side}_layer_types"]
         names += [
-            "dropout_rate",
-            "rms_norm_eps",
-            "query_pre_attn_scalar",
+            *SHARED_SCALARS,
             "attention_bias",
             "hidden_activation",
             "tie_word_embeddings",
-            "initializer_range",
-            "attention_dropout",
-            "sliding_window",
-            "cross_attention_hidden_size",
-            "attn_logit_softcapping",
-            "final_logit_softcapping",
-            "rope_max_wavelength",
-            "global_rope_scaling_factor",
-            "encoder_rope_max_wavelength",
-            "encoder_global_rope_scaling_factor",
-            "use_query_key_norm",
-            "eoi_token_index",
             "global_rope_max_wavelength",
             "local_rope_scaling_factor",
             "image_token_index",
