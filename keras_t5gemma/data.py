@@ -144,12 +144,7 @@ def read_pairs(path, image_marker=None, encoding=DEFAULT_ENCODING):
         pairs = [_pair(record, where, folder, image_marker) for where, record in _json_records(path, encoding)]
     else:
         reader = csv.DictReader(_text_lines(path, newline="", encoding=encoding))
-        header = reader.fieldnames or []
-        if "input" not in header or "target" not in header:
-            raise ValueError(
-                f"{path}: the CSV header must name the columns `input` and `target` "
-                f"(and optionally `image`); found {header}"
-            )
+        _check_csv_header(path, reader.fieldnames)
         pairs = [_pair(record, f"{path}, line {reader.line_num}", folder, image_marker) for record in reader]
     if not pairs:
         raise ValueError(f"{path}: no examples")
@@ -302,3 +297,167 @@ def write_vectors(path, texts, vectors, overwrite=False):
         return
     with atomic_file(path, "w", overwrite=overwrite, encoding="utf-8") as file:
         file.writelines(json.dumps({"text": t, "embedding": v.tolist()}) + "\n" for t, v in zip(texts, vectors))
+
+
+# === Streamed reading (`keras_t5gemma.training.input_pipeline`) ===
+
+# The files of input/target pairs that can be read as a stream.
+STREAM_SUFFIXES = (".jsonl", ".csv", ".parquet")
+PARQUET_EXTRA = "pip install 'keras-t5gemma[parquet]'"
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise ImportError(f"reading Parquet files needs pyarrow: {PARQUET_EXTRA}") from None
+    return parquet
+
+
+def _streamed_lines(path, newline=None, encoding=DEFAULT_ENCODING, block_size=1 << 20):
+    """The lines of a text file as `_text_lines` splits them, decoded a block at a time (never all in memory).
+
+    A byte that is not text in `encoding` is named with its line and column,
+    counted as `_text_lines` counts them.
+    """
+    import codecs
+    import re
+
+    _check_file(path)
+    decoder = codecs.getincrementaldecoder(_codec(encoding))()
+    line_end = re.compile(r"\r\n|\r|\n")
+    pending, fed, first = "", 0, True
+    with open(path, "rb") as file:
+        while True:
+            block = file.read(block_size)
+            try:
+                held = len(decoder.getstate()[0])
+                pending += decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                _raise_not_text(path, fed - held + error.start, error)
+            fed += len(block)
+            if first and pending:
+                pending, first = pending.removeprefix("\ufeff"), False
+            start = 0
+            for match in line_end.finditer(pending):
+                # A "\r" at the end of a block may be the first half of "\r\n": wait for the next block.
+                if block and match.end() == len(pending) and match.group() == "\r":
+                    break
+                line = pending[start : match.end()]
+                yield line if newline is not None else line[: match.start() - start] + "\n"
+                start = match.end()
+            pending = pending[start:]
+            if not block:
+                break
+    if pending:
+        yield pending
+
+
+def _raise_not_text(path, offset, error):
+    """The error of `_text_lines` for the byte at `offset`, its line counted by reading the file up to it."""
+    line, column, read = 1, offset + 1, 0
+    with open(path, "rb") as file:
+        while read < offset:
+            block = file.read(min(1 << 20, offset - read))
+            newlines = block.count(b"\n")
+            if newlines:
+                line += newlines
+                column = offset - (read + block.rfind(b"\n") + 1) + 1
+            read += len(block)
+        file.seek(offset)
+        byte = file.read(1)[0]
+    raise ValueError(
+        f"{path}, line {line}, byte {column}: not {error.encoding} text (byte 0x{byte:02x}: {error.reason}); "
+        "give the file's encoding with --encoding (`encoding=`), e.g. latin-1 or cp1252"
+    ) from None
+
+
+def stream_records(path, encoding=DEFAULT_ENCODING, start=0):
+    """`(where, record)` for the records of a `.jsonl`, `.csv` or `.parquet` file from record `start`, read lazily.
+
+    A JSONL record is its line, unparsed (`pair_of_record` parses it): a
+    reader that skips other processes' records does not parse them. A CSV
+    record is a dict of its columns, a Parquet record a dict of its
+    `input`/`target`/`image` columns. `where` is `"PATH, line N"` (`"PATH, row
+    N"` for Parquet). Records before `start` are skipped, unparsed where the
+    format allows (Parquet skips whole row groups).
+
+    Raises:
+        ValueError: another suffix, a CSV header without `input` and
+            `target`, bytes that are not text in `encoding`.
+        ImportError: a Parquet file without pyarrow (naming the extra).
+    """
+    _check_file(path)
+    suffix = Path(path).suffix.lower()
+    if suffix not in STREAM_SUFFIXES:
+        raise ValueError(f"{path}: expected a {', '.join(STREAM_SUFFIXES)} file")
+    if suffix == ".parquet":
+        yield from _parquet_records(path, start)
+        return
+    number = 0
+    if suffix == ".jsonl":
+        for line_number, line in enumerate(_streamed_lines(path, encoding=encoding), 1):
+            if line.strip():
+                if number >= start:
+                    yield f"{path}, line {line_number}", line
+                number += 1
+        return
+    reader = csv.DictReader(_streamed_lines(path, newline="", encoding=encoding))
+    _check_csv_header(path, reader.fieldnames)
+    for record in reader:
+        if number >= start:
+            yield f"{path}, line {reader.line_num}", record
+        number += 1
+
+
+def _check_csv_header(path, header):
+    header = header or []
+    if "input" not in header or "target" not in header:
+        raise ValueError(
+            f"{path}: the CSV header must name the columns `input` and `target` "
+            f"(and optionally `image`); found {header}"
+        )
+
+
+def _parquet_records(path, start):
+    parquet = _pyarrow_parquet()
+    try:
+        file = parquet.ParquetFile(path)
+    except Exception as error:
+        raise ValueError(f"cannot read the Parquet file {path}: {error}") from None
+    names = file.schema_arrow.names
+    if "input" not in names or "target" not in names:
+        raise ValueError(f"{path}: the Parquet file must have the columns `input` and `target`; found {names}")
+    columns = [name for name in ("input", "target", "image") if name in names]
+    row = 0
+    for group in range(file.metadata.num_row_groups):
+        rows = file.metadata.row_group(group).num_rows
+        if row + rows <= start:
+            row += rows
+            continue
+        for batch in file.iter_batches(batch_size=1024, row_groups=[group], columns=columns):
+            for record in batch.to_pylist():
+                if row >= start:
+                    yield f"{path}, row {row + 1}", record
+                row += 1
+
+
+def count_records(path, encoding=DEFAULT_ENCODING):
+    """The records `stream_records(path)` yields, counted without parsing JSON (Parquet: from its metadata)."""
+    if Path(path).suffix.lower() == ".parquet":
+        _check_file(path)
+        return _pyarrow_parquet().ParquetFile(path).metadata.num_rows
+    return sum(1 for _ in stream_records(path, encoding))
+
+
+def pair_of_record(record, where, folder=None, image_marker=None):
+    """`(input, target, image or None)` of a `stream_records` record, checked as `read_pairs` checks its records.
+
+    `folder` is the data file's (where relative image paths start).
+    """
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+    return _pair(record, where, folder or ".", image_marker)
