@@ -29,6 +29,12 @@ prunes checkpoints it wrote itself.
 
 The CLI's `fine-tune --resume` restores the last checkpoint of a run and
 continues with `fit(..., initial_epoch=step)`.
+
+Input positions: a streamed run (`training.input_pipeline`) saves with each
+checkpoint the position of its input stream, a small JSON file
+`STEP.input.json` beside the checkpoint's folder (`input_position(step)`),
+written before the checkpoint is: a complete checkpoint always has its
+position. Orbax ignores the files; those of pruned checkpoints are removed.
 """
 
 import contextlib
@@ -46,6 +52,7 @@ import warnings
 import keras
 import numpy as np
 
+from keras_t5gemma.utils.safe_files import atomic_file
 from keras_t5gemma.utils.safe_files import check_free_space
 from keras_t5gemma.utils.safe_files import check_not_in_use
 
@@ -53,6 +60,8 @@ from keras_t5gemma.utils.safe_files import check_not_in_use
 PARTIAL_SAVE_MARK = ".orbax-checkpoint-tmp"
 # A checkpoint that failed to read is renamed `STEP.damaged` (kept for a look; Orbax no longer sees a step).
 DAMAGED_MARK = ".damaged"
+# The input stream's position saved with checkpoint STEP, as `STEP.input.json` beside it.
+INPUT_POSITION_SUFFIX = ".input.json"
 RUNS_FOLDER = "runs"
 RUN_SETTINGS = "run.json"
 _RUN_NAME = re.compile(r"run_(\d{3,})$")
@@ -228,11 +237,13 @@ class TrainingCheckpoints:
     def path(self, step):
         return os.path.join(self.directory, str(step))
 
-    def save(self, model, step):
+    def save(self, model, step, input_position=None):
         """Writes `model`'s training state as checkpoint `step`; returns its folder.
 
         Refuses a step that already has a checkpoint. A SIGINT during the
-        write takes effect once the checkpoint is complete.
+        write takes effect once the checkpoint is complete. `input_position`,
+        a JSON-able dict (an input stream's `state`), is written first as
+        `STEP.input.json` (`input_position(step)` reads it).
 
         Raises:
             OSError: too little free space (checked first, `ENOSPC`), or a
@@ -243,6 +254,9 @@ class TrainingCheckpoints:
         with interrupts_deferred():
             state = _state_tree(model)
             self._check_free_space(state, step)
+            if input_position is not None and process_index() == 0:
+                with atomic_file(self._input_position_path(step), "w", encoding="utf-8") as file:
+                    json.dump(input_position, file, indent=2, sort_keys=True)
             try:
                 with _orbax_logs_held(self.directory):
                     self._manager.save(step, args=self._ocp.args.StandardSave(state))
@@ -250,7 +264,28 @@ class TrainingCheckpoints:
             except Exception as error:
                 self._discard_partial_saves()
                 raise _write_error(error, self.path(step)) from None
+            self._discard_unused_input_positions()
         return self.path(step)
+
+    def _input_position_path(self, step):
+        return os.path.join(self.directory, f"{step}{INPUT_POSITION_SUFFIX}")
+
+    def input_position(self, step):
+        """The input position saved with checkpoint `step` (a dict), or None if it has none."""
+        path = self._input_position_path(step)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+
+    def _discard_unused_input_positions(self):
+        """Removes the input positions of checkpoints that are gone (pruned, or a save that failed)."""
+        if process_index() != 0:
+            return
+        steps = {str(step) for step in self.steps()}
+        for name in os.listdir(self.directory):
+            if name.endswith(INPUT_POSITION_SUFFIX) and name.removesuffix(INPUT_POSITION_SUFFIX) not in steps:
+                os.remove(os.path.join(self.directory, name))
 
     def _check_free_space(self, state, step):
         """Process 0 compares the checkpoint's bytes with the free space; every process gets its answer."""

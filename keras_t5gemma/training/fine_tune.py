@@ -51,6 +51,7 @@ from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import Tru
 from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import START_OF_IMAGE_PIECE as IMAGE_MARKER
 from keras_t5gemma.training import checkpoints as training_checkpoints
 from keras_t5gemma.training import distribution as training_distribution
+from keras_t5gemma.training import input_pipeline
 from keras_t5gemma.utils.safe_files import writer_lock
 
 DEFAULT_PRESET = "t5gemma2_tiny_digits"
@@ -172,6 +173,9 @@ def fine_tune(
     verbose="auto",
     log=print,
     encoding=DEFAULT_ENCODING,
+    stream=None,
+    shuffle_buffer=input_pipeline.DEFAULT_SHUFFLE_BUFFER,
+    checkpoint_every=None,
 ):
     """Fine-tunes a preset on input/target pairs (or labelled texts) and saves it to `output`.
 
@@ -225,6 +229,17 @@ def fine_tune(
         log: a `print`-like function for the run's summary lines, or None.
         encoding: str, the text encoding of a `data` file (a UTF-8
             byte-order mark is dropped).
+        stream: bool or None, read `data` as a stream
+            (`training.input_pipeline.ExampleStream`: never all in memory,
+            shuffled in windows of `shuffle_buffer` records, each process
+            reading its shard, the position saved with every checkpoint so
+            that `resume` goes on with the next unseen example). None:
+            streamed when `data` is a glob, a list of files, a Parquet file or
+            a file over 1 GiB (`input_pipeline.streams_by_default`). `data`
+            may also be an `ExampleStream`. Text pairs only (no images).
+        shuffle_buffer: int, a streamed run's shuffle window (records).
+        checkpoint_every: int or None, a streamed run also saves a checkpoint
+            every this many steps (and after each epoch).
 
     Returns:
         A `FineTuneResult`: the model, the history, the run folder.
@@ -290,7 +305,28 @@ def fine_tune(
     data_axis = training_distribution.batch_axis_size(distribution)
     if batch_size % data_axis:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the mesh's batch axis ({data_axis})")
-    pairs, source, digest = _pairs(data, encoding)
+    parts, shard = training_distribution.data_shards(distribution)
+    streamed = isinstance(data, input_pipeline.ExampleStream) or (
+        input_pipeline.streams_by_default(data) if stream is None else stream
+    )
+    if checkpoint_every and not streamed:
+        raise ValueError("--checkpoint-every saves a streamed run's position within an epoch: add --stream")
+    if streamed:
+        examples = data
+        if not isinstance(data, input_pipeline.ExampleStream):
+            examples = input_pipeline.ExampleStream(
+                data,
+                batch_size=batch_size,
+                seed=seed,
+                shuffle_buffer=shuffle_buffer,
+                drop_remainder=distribution is not None,
+                shard_index=shard,
+                shard_count=parts,
+                encoding=encoding,
+            )
+        pairs, source, digest = None, examples.source, examples.fingerprint()
+    else:
+        pairs, source, digest = _pairs(data, encoding)
     # Checked before anything trains: the metrics' libraries, the score to keep the best by, the data.
     eval_examples = read_examples(eval_data) if eval_data is not None else None
     if eval_examples is not None:
@@ -307,14 +343,16 @@ def fine_tune(
         "encoder_length": encoder_length,
         "decoder_length": decoder_length,
         "seed": seed,
+        # None for a run read in memory: the settings of runs from before streaming still match.
+        "stream_shuffle_buffer": examples.shuffle_buffer if streamed else None,
     }
     run = _run_to_continue(output, settings) if resume else None
     # Seed before anything builds a tokenizer: seeding clears TF's caches.
     keras.utils.set_random_seed(seed)
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    pairs = [pairs[i] for i in order]
-    parts, _ = training_distribution.data_shards(distribution)
-    if distribution is not None:
+    if not streamed:
+        order = np.random.default_rng(seed).permutation(len(pairs))
+        pairs = [pairs[i] for i in order]
+    if distribution is not None and not streamed:
         # Each process feeds its rows of every complete global batch.
         rows = training_distribution.process_rows(len(pairs), batch_size, distribution)
         if not rows:
@@ -324,8 +362,8 @@ def fine_tune(
     only_writer = writer_lock(output, "--output folder") if training_checkpoints.process_index() == 0 else None
     with only_writer or contextlib.nullcontext(), distribution.scope() if distribution else contextlib.nullcontext():
         seq_2_seq_lm = load_seq_2_seq_lm(preset, dtype, remat)
-        x = _seq_2_seq_inputs(seq_2_seq_lm, pairs, source, preset, encoder_length, decoder_length)
-        truncation = seq_2_seq_lm.preprocessor.truncation(x["encoder_text"], x["decoder_text"])
+        x = _seq_2_seq_inputs(seq_2_seq_lm, pairs or [], source, preset, encoder_length, decoder_length)
+        truncation = not streamed and seq_2_seq_lm.preprocessor.truncation(x["encoder_text"], x["decoder_text"])
         if truncation and report_truncation:
             log(f"Truncated: {truncation.message('--encoder-length', '--decoder-length')}")
         # Before `enable_lora`, so that a trained vision tower gets adapters too.
@@ -340,33 +378,58 @@ def fine_tune(
             run = training_checkpoints.start_run(output, settings)
         checkpoints = training_checkpoints.TrainingCheckpoints(os.path.join(run, "checkpoints"), keep=keep_checkpoints)
         done = checkpoints.restore(seq_2_seq_lm, warn=_warn) if checkpoints.latest_step() else 0
+        position = input_pipeline.StreamPosition()
+        if streamed and done:
+            state = checkpoints.input_position(done)
+            if state is None:
+                raise ValueError(f"--resume: {checkpoints.path(done)} has no input position ({done}.input.json)")
+            position = examples.position_of(state)
+            done = position.epoch
         report = _EpochReport(run, done, eval_examples, eval_metrics, keep_best, batch_size, log)
         trainable = sum(int(np.prod(weight.shape)) for weight in seq_2_seq_lm.trainable_weights)
         where = f" on {distribution.device_mesh.shape} devices (batch, model)" if distribution is not None else ""
+        count = examples.total if streamed else len(pairs) * parts
         log(
-            f"Fine-tuning {preset} on {len(pairs) * parts:,} examples from {source}{where}: "
+            f"Fine-tuning {preset} on {count:,} examples from {source}{where}: "
             f"{epochs} epoch(s) of batch {batch_size}, learning rate {learning_rate}, "
             f"{trainable:,} trainable parameters"
             + (f" (LoRA rank {lora_rank})" if lora_rank else "")
-            + (f"; resuming {run} after epoch {done}" if done else f"; checkpoints in {run}")
+            + (f"; streamed in shuffle windows of {examples.shuffle_buffer:,}" if streamed else "")
+            + (f"; resuming {run} after epoch {done}" if done and not position.example else "")
+            + (f"; resuming {run} at example {position.example:,} of epoch {done + 1}" if position.example else "")
+            + ("" if done or position.example else f"; checkpoints in {run}")
             + "."
         )
         try:
             with warnings.catch_warnings():
                 if report_truncation:  # said once above
                     warnings.simplefilter("ignore", TruncationWarning)
-                history = seq_2_seq_lm.fit(
-                    x,
-                    batch_size=batch_size // parts,
-                    epochs=epochs,
-                    initial_epoch=done,
-                    shuffle=False,
-                    callbacks=[checkpoints.callback(), report],
-                    verbose=fit_verbosity(verbose),
-                )
+                if streamed:
+                    history = input_pipeline.fit_stream(
+                        seq_2_seq_lm,
+                        examples,
+                        epochs=epochs,
+                        start=position,
+                        checkpoints=checkpoints,
+                        checkpoint_every=checkpoint_every,
+                        callbacks=[report],
+                        verbose=fit_verbosity(verbose),
+                    )
+                else:
+                    history = seq_2_seq_lm.fit(
+                        x,
+                        batch_size=batch_size // parts,
+                        epochs=epochs,
+                        initial_epoch=done,
+                        shuffle=False,
+                        callbacks=[checkpoints.callback(), report],
+                        verbose=fit_verbosity(verbose),
+                    )
         except KeyboardInterrupt:
             last = checkpoints.latest_step()
-            raise FineTuneInterrupted(run, checkpoints.path(last) if last else None, last, epochs) from None
+            # A streamed run numbers its checkpoints by step.
+            epoch = last // examples.steps_per_epoch if streamed and last else last
+            raise FineTuneInterrupted(run, checkpoints.path(last) if last else None, epoch, epochs) from None
         losses = ", ".join(f"{loss:.4f}" for loss in history.history.get("loss", []))
         log(
             (f"Loss per epoch: {losses}." if losses else f"The run had finished its {done} epoch(s) already.")
@@ -453,11 +516,10 @@ def _seq_2_seq_inputs(seq_2_seq_lm, pairs, source, preset, encoder_length, decod
     return x
 
 
-def _classifier_class(per_word):
-    from keras_t5gemma.models.t5gemma2.t5gemma2_text_classifier import T5Gemma2TextClassifier
-    from keras_t5gemma.models.t5gemma2.t5gemma2_token_classifier import T5Gemma2TokenClassifier
+def _classifier_class(preset, per_word):
+    from keras_t5gemma.models.auto import classifier_class
 
-    return T5Gemma2TokenClassifier if per_word else T5Gemma2TextClassifier
+    return classifier_class(preset, per_word)
 
 
 def fine_tune_classifier(
@@ -514,7 +576,7 @@ def fine_tune_classifier(
     texts, labels = [texts[i] for i in order], [labels[i] for i in order]
     flat = [value for label in labels for value in (label if per_word else [label])]
     num_classes = len(names) if names else max(flat) + 1
-    classifier = _classifier_class(per_word).from_preset(
+    classifier = _classifier_class(preset, per_word).from_preset(
         preset, num_classes=num_classes, labels=names, **_load_options(dtype, remat)
     )
     if encoder_length:
