@@ -5,8 +5,10 @@ export OUTPUT --format onnx`). This package imports neither Keras, JAX,
 TensorFlow nor torch, so it runs where the training stack is not installed.
 """
 
+from t5gemma_onnx.runtime import PRECISIONS
 from t5gemma_onnx.runtime import OnnxSeq2SeqLM
+from t5gemma_onnx.runtime import available_precisions
 from t5gemma_onnx.runtime import convert_image
 from t5gemma_onnx.runtime import sample
 
-__all__ = ["OnnxSeq2SeqLM", "convert_image", "sample"]
+__all__ = ["PRECISIONS", "OnnxSeq2SeqLM", "available_precisions", "convert_image", "sample"]

@@ -15,6 +15,10 @@ model = OnnxSeq2SeqLM("digits_onnx")
 model.generate(["reverse: 1 2 3", "sort: 3 1 2"], max_length=16)
 model.embed(["sort: 1 2", "sort: 2 1"])  # (2, hidden_dim)
 ```
+
+A folder may hold several precisions (`fp32`, `fp16`, `int8`, `q4`,
+`q4f16`); `OnnxSeq2SeqLM(folder, precision="q4")` picks one, and
+`available_precisions(folder)` lists them.
 """
 
 import json
@@ -30,6 +34,34 @@ START_OF_IMAGE_PIECE = "<start_of_image>"
 IMAGE_BLOCK = f"\n\n{START_OF_IMAGE_PIECE}<end_of_image>\n\n"
 # The floor of the norm in L2 normalisation, as the Keras embedder's.
 NORM_EPSILON = 1e-12
+PRECISIONS = ("fp32", "fp16", "int8", "q4", "q4f16")
+_CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def _read_settings(folder):
+    config_path = Path(folder) / CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(f"{folder} is not a T5Gemma 2 ONNX export: it has no {CONFIG_FILE}.")
+    return json.loads(config_path.read_text())
+
+
+def _graph_sets(settings):
+    """`{precision: {"files": ...}}`; a version 1 folder (one set) is fp32 or int8 by its `quantization`."""
+    if "precisions" in settings:
+        return settings["precisions"]
+    precision = settings.get("quantization") or "fp32"
+    return {precision: {"files": {name: settings["files"][name] for name in ("encoder", "decoder", "embedder")}}}
+
+
+def available_precisions(folder):
+    """The precisions an export folder holds, in the order they were exported."""
+    return list(_graph_sets(_read_settings(folder)))
+
+
+def default_precision(settings):
+    """fp32 if the export has it, else the first precision exported (the export's `default_precision`)."""
+    sets = _graph_sets(settings)
+    return settings.get("default_precision") or ("fp32" if "fp32" in sets else next(iter(sets)))
 
 
 def _softmax(logits):
@@ -110,19 +142,30 @@ class OnnxSeq2SeqLM:
         folder: a folder written by `keras_t5gemma.export.export_onnx`.
         providers: onnxruntime execution providers (default CPU).
         threads: optional int, onnxruntime intra-op threads.
+        precision: which graph set to run (`"fp32"`, `"fp16"`, `"int8"`,
+            `"q4"`, `"q4f16"`); default fp32 when the folder has it, else
+            the first precision exported. fp32 is exact; `q4` is the
+            smallest and, with int8, the fastest on CPU; `fp16`/`q4f16`
+            are for accelerators (float16 matmuls are slow on x86 CPUs).
 
     Attributes:
         settings: the export's `t5gemma2_onnx.json`.
+        precision: the graph set in use.
         max_decode_length: the static cache length: the longest decoder
             sequence (`<bos>` + generated tokens).
     """
 
-    def __init__(self, folder, providers=None, threads=None):
+    def __init__(self, folder, providers=None, threads=None, precision=None):
         self.folder = Path(folder)
-        config_path = self.folder / CONFIG_FILE
-        if not config_path.is_file():
-            raise ValueError(f"{self.folder} is not a T5Gemma 2 ONNX export: it has no {CONFIG_FILE}.")
-        self.settings = json.loads(config_path.read_text())
+        self.settings = _read_settings(self.folder)
+        sets = _graph_sets(self.settings)
+        self.precision = precision or default_precision(self.settings)
+        if self.precision not in sets:
+            raise ValueError(
+                f"The export {self.folder} has no {self.precision!r} graphs; it holds {', '.join(sets)} "
+                "(export again with `--precision` naming it)."
+            )
+        self._files = sets[self.precision]["files"]
         self.max_decode_length = self.settings["max_decode_length"]
         self.num_layers = self.settings["num_decoder_layers"]
         self._providers = providers or ["CPUExecutionProvider"]
@@ -141,7 +184,7 @@ class OnnxSeq2SeqLM:
 
     def _session(self, name):
         if name not in self._sessions:
-            path = self.folder / self.settings["files"][name]
+            path = self.folder / self._files[name]
             self._sessions[name] = onnxruntime.InferenceSession(str(path), self._options, providers=self._providers)
         return self._sessions[name]
 
@@ -323,12 +366,14 @@ class OnnxSeq2SeqLM:
         encoded = dict(zip([output.name for output in encoder.get_outputs()], encoder.run(None, encoder_feeds)))
         shape = (batch, self.max_decode_length, self.settings["num_key_value_heads"], self.settings["head_dim"])
         feeds = {"encoder_padding_mask": encoder_feeds["encoder_padding_mask"]}
+        decoder = self._session("decoder")
+        # float16 caches in the float16 graph sets.
+        cache_dtype = _CACHE_DTYPES[next(i.type for i in decoder.get_inputs() if i.name == "past_key_0")]
         for layer in range(self.num_layers):
-            feeds[f"past_key_{layer}"] = np.zeros(shape, np.float32)
-            feeds[f"past_value_{layer}"] = np.zeros(shape, np.float32)
+            feeds[f"past_key_{layer}"] = np.zeros(shape, cache_dtype)
+            feeds[f"past_value_{layer}"] = np.zeros(shape, cache_dtype)
             feeds[f"cross_key_{layer}"] = encoded[f"cross_key_{layer}"]
             feeds[f"cross_value_{layer}"] = encoded[f"cross_value_{layer}"]
-        decoder = self._session("decoder")
         output_names = [output.name for output in decoder.get_outputs()]
 
         def run(chunk, position):

@@ -105,12 +105,14 @@ def _decoder_logits(runtime, encoder_ids, encoder_mask, images, decoder_ids, ste
     settings = runtime.settings
     shape = (len(encoder_ids), settings["max_decode_length"], settings["num_key_value_heads"], settings["head_dim"])
     decoder_feeds = {"encoder_padding_mask": feeds["encoder_padding_mask"]}
+    decoder = runtime._session("decoder")
+    # float16 caches in the float16 graph sets (`test_onnx_precisions`).
+    dtype = "float16" if decoder.get_inputs()[3].type == "tensor(float16)" else "float32"
     for layer in range(settings["num_decoder_layers"]):
-        decoder_feeds[f"past_key_{layer}"] = np.zeros(shape, "float32")
-        decoder_feeds[f"past_value_{layer}"] = np.zeros(shape, "float32")
+        decoder_feeds[f"past_key_{layer}"] = np.zeros(shape, dtype)
+        decoder_feeds[f"past_value_{layer}"] = np.zeros(shape, dtype)
         decoder_feeds[f"cross_key_{layer}"] = encoded[f"cross_key_{layer}"]
         decoder_feeds[f"cross_value_{layer}"] = encoded[f"cross_value_{layer}"]
-    decoder = runtime._session("decoder")
     names = [o.name for o in decoder.get_outputs()]
     chunks = [(p, p + 1) for p in range(decoder_ids.shape[1])] if step_by_step else [(0, decoder_ids.shape[1])]
     logits = []

@@ -50,6 +50,11 @@ def add_parser(commands):
     parser.add_argument("--multi-host", action="store_true", help=multi_host)
     onnx = "generate with the ONNX runtime from a folder written by `export --format onnx` (instead of --preset)"
     parser.add_argument("--onnx", metavar="FOLDER", help=onnx)
+    precision = (
+        "with --onnx: the export's graph set to run, fp32, fp16, int8, q4 or q4f16 (default: fp32 if exported, "
+        "else the first precision exported)"
+    )
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8", "q4", "q4f16"), help=precision)
     parser.set_defaults(run=run_generate)
 
 
@@ -58,6 +63,8 @@ def run_generate(args):
     prompts = texts_of(args, "prompts")
     images = [load_image(path) for path in args.image or []]
     prompts = [with_image_markers(prompt, len(images)) for prompt in prompts]
+    if args.precision and not args.onnx:
+        raise CommandError("--precision picks the graph set of an ONNX export; it needs --onnx FOLDER")
     if args.multi_host:
         if args.onnx or args.stream:
             raise CommandError("--multi-host generates with Keras in batches; it takes neither --onnx nor --stream")
@@ -137,7 +144,10 @@ def _onnx_generate(args, images):
 
     if args.sampler == "beam":
         raise CommandError("the ONNX runtime samples greedy, top_k, top_p or random; beam search is Keras-only")
-    model = OnnxSeq2SeqLM(args.onnx)
+    try:
+        model = OnnxSeq2SeqLM(args.onnx, precision=args.precision)
+    except ValueError as error:  # not an export, or no such precision in it
+        raise CommandError(str(error)) from None
     if images and not model.settings["vision"]:
         raise CommandError(f"the export {args.onnx} has no vision tower; it cannot take --image")
     options = {"max_length": args.max_length, "sampler": args.sampler, "seed": args.seed, "k": args.top_k}

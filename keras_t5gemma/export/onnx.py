@@ -24,6 +24,15 @@ The folder written by `export_onnx`:
 - `tokenizer.spm` (SentencePiece) and `t5gemma2_onnx.json`: special ids,
   prompt layout, image-converter settings, shapes, opset, file names.
 
+These are the float32 (`fp32`) graph set. Each other precision exported
+(`fp16`, `int8`, `q4`, `q4f16`; see `export_onnx`) adds its own set beside
+it, the same names ending in the precision (`encoder_q4.onnx`,
+`decoder_q4.onnx`, `embedder_q4.onnx`, `weights_q4.data`), all sharing the
+tokenizer and `t5gemma2_onnx.json` (`precisions`: each set's files, weight
+format, activations' dtype and size). In float16 sets the caches and cross
+keys/values are float16; `encoder_output`, `logits` and the embeddings are
+float32 in every set.
+
 `t5gemma_onnx.OnnxSeq2SeqLM` (the top-level `t5gemma_onnx` package) generates and embeds from the
 folder with numpy, onnxruntime and sentencepiece only.
 
@@ -49,6 +58,7 @@ from keras_t5gemma.export.onnx_graph import GraphBuilder
 from keras_t5gemma.utils.safe_files import atomic_folder
 
 CONFIG_FILE = "t5gemma2_onnx.json"
+# The float32 graph set's files; other precisions add a suffix (`precision_files`).
 FILES = {
     "encoder": "encoder.onnx",
     "decoder": "decoder.onnx",
@@ -56,8 +66,44 @@ FILES = {
     "tokenizer": "tokenizer.spm",
     "weights": "weights.data",
 }
-FORMAT_VERSION = 1
+GRAPHS = ("encoder", "decoder", "embedder")
+PRECISIONS = tuple(graph.PRECISIONS)
+# Version 2 adds `precisions` (several graph sets in one folder); version 1
+# folders (one set, `files` and `quantization` only) still load.
+FORMAT_VERSION = 2
 POOLING_MODES = ("mean", "first", "last")
+
+
+def precision_files(precision):
+    """The graph and weights file names of one precision's graph set.
+
+    fp32 keeps the names of single-precision exports (`encoder.onnx`,
+    `weights.data`); the others end in the precision (`encoder_q4.onnx`,
+    `weights_q4.data`), so that one precision's files can be copied alone.
+    """
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    return {name: f"{name}{suffix}.onnx" for name in GRAPHS} | {"weights": f"weights{suffix}.data"}
+
+
+def parse_precisions(precision=None, quantize=None):
+    """The precisions to export, in order, from `precision` (a name, a comma-separated string or a list).
+
+    `quantize="int8"`, the earlier argument, means `precision="int8"`.
+    """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"`quantize` must be None or 'int8'; got {quantize!r}.")
+    if precision is None:
+        return ["int8" if quantize else "fp32"]
+    if quantize is not None:
+        raise ValueError("Pass `precision` or `quantize`, not both (`quantize='int8'` is `precision='int8'`).")
+    names = precision.split(",") if isinstance(precision, str) else list(precision)
+    names = [str(name).strip() for name in names]
+    unknown = [name for name in names if name not in PRECISIONS]
+    if unknown or not names:
+        raise ValueError(f"Unknown precision {unknown or names}; choose from {', '.join(PRECISIONS)}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"A precision is listed twice: {names}.")
+    return names
 
 
 def _array(variable):
@@ -245,14 +291,14 @@ def _encoder_inputs(g, config):
 
 
 def _image_features(g, images, weights, config):
-    """`(B, N, H, W, 3)` images to `(B, N * mm_tokens, D)` soft tokens."""
+    """`(B, N, H, W, 3)` images to float32 `(B, N * mm_tokens, D)` soft tokens."""
     vision = config["vision"]
     size = vision["image_size"]
     batch, slots = g.dim(images, 0), g.dim(images, 1)
     flat = g.reshape(images, [g.op("Mul", [batch, slots]), size, size, 3])
     features = graph.vision_tower(g, flat, weights["vision"], vision)
     tokens = g.op("Mul", [slots, g.const([vision["mm_tokens_per_image"]])])
-    return g.reshape(features, [batch, tokens, config["hidden_dim"]])
+    return g.to_float32(g.reshape(features, [batch, tokens, config["hidden_dim"]]))
 
 
 def _encode(g, weights, config, table, token_ids, padding_mask, images):
@@ -275,13 +321,14 @@ def _encode(g, weights, config, table, token_ids, padding_mask, images):
     )
     for index, (layer, layer_type) in enumerate(zip(weights["encoder"], config["encoder_layer_types"])):
         x = graph.transformer_layer(g, x, layer, f"encoder.layer_{index}", config, masks[layer_type], ropes[layer_type])
-    x = graph.rms_norm(g, x, weights["encoder_final_norm"], "encoder.final_norm", config["layer_norm_epsilon"])
+    epsilon = config["layer_norm_epsilon"]
+    x = graph.rms_norm(g, x, weights["encoder_final_norm"], "encoder.final_norm", epsilon, keep_float32=True)
     return x, features
 
 
-def encoder_graph(weights, config, quantize=None):
+def encoder_graph(weights, config, precision=None):
     """Encoder output and the decoder's per-layer cross keys/values (a `GraphBuilder`)."""
-    g = GraphBuilder("t5gemma2_encoder", quantize)
+    g = GraphBuilder("t5gemma2_encoder", precision)
     table = graph.embedding_table(g, weights["table"], "token_embedding.table")
     token_ids, padding_mask, images = _encoder_inputs(g, config)
     encoder_output, _ = _encode(g, weights, config, table, token_ids, padding_mask, images)
@@ -290,14 +337,14 @@ def encoder_graph(weights, config, quantize=None):
     kv_shape = ["batch", "encoder_length", config["num_key_value_heads"], config["head_dim"]]
     for index, layer in enumerate(weights["decoder"]):
         key, value = graph.key_value(g, encoder_output, layer["attention"], f"decoder.layer_{index}.attention", config)
-        g.output(f"cross_key_{index}", key, "float32", kv_shape)
-        g.output(f"cross_value_{index}", value, "float32", kv_shape)
+        g.output(f"cross_key_{index}", key, g.activation, kv_shape)
+        g.output(f"cross_value_{index}", value, g.activation, kv_shape)
     return g
 
 
-def decoder_graph(weights, config, max_decode_length, quantize=None):
-    """A chunk of decoder tokens against the static self-attention cache."""
-    g = GraphBuilder("t5gemma2_decoder", quantize, {"max_decode_length": max_decode_length})
+def decoder_graph(weights, config, max_decode_length, precision=None):
+    """A chunk of decoder tokens against the static self-attention cache (in the activations' dtype)."""
+    g = GraphBuilder("t5gemma2_decoder", precision, {"max_decode_length": max_decode_length})
     config = stack_config(config, "decoder")
     table = graph.embedding_table(g, weights["table"], "token_embedding.table")
     kv_heads, head_dim = config["num_key_value_heads"], config["head_dim"]
@@ -310,15 +357,15 @@ def decoder_graph(weights, config, max_decode_length, quantize=None):
     for index in range(config["num_decoder_layers"]):
         caches.append(
             (
-                g.input(f"past_key_{index}", "float32", cache_shape),
-                g.input(f"past_value_{index}", "float32", cache_shape),
+                g.input(f"past_key_{index}", g.activation, cache_shape),
+                g.input(f"past_value_{index}", g.activation, cache_shape),
             )
         )
     for index in range(config["num_decoder_layers"]):
         cross.append(
             (
-                g.input(f"cross_key_{index}", "float32", cross_shape),
-                g.input(f"cross_value_{index}", "float32", cross_shape),
+                g.input(f"cross_key_{index}", g.activation, cross_shape),
+                g.input(f"cross_value_{index}", g.activation, cross_shape),
             )
         )
 
@@ -352,9 +399,10 @@ def decoder_graph(weights, config, max_decode_length, quantize=None):
             cache=(*caches[index], start),
             cross_key_value=cross[index],
         )
-        g.output(f"present_key_{index}", key_cache, "float32", cache_shape)
-        g.output(f"present_value_{index}", value_cache, "float32", cache_shape)
-    x = graph.rms_norm(g, x, weights["decoder_final_norm"], "decoder.final_norm", config["layer_norm_epsilon"])
+        g.output(f"present_key_{index}", key_cache, g.activation, cache_shape)
+        g.output(f"present_value_{index}", value_cache, g.activation, cache_shape)
+    epsilon = config["layer_norm_epsilon"]
+    x = graph.rms_norm(g, x, weights["decoder_final_norm"], "decoder.final_norm", epsilon, keep_float32=True)
     logits = graph.logits(g, x, table, config["final_logit_soft_cap"])
     g.output("logits", logits, "float32", ["batch", "decoder_length", config["vocabulary_size"]])
     return g
@@ -366,11 +414,11 @@ def _l2_normalize(g, x):
     return g.op("Div", [x, g.op("Max", [norm, g.const(1e-12, "float32")])])
 
 
-def embedder_graph(weights, config, pooling="mean", normalize=True, quantize=None):
-    """Pooled encoder output (and image-only vectors), as `T5Gemma2Embedder`."""
+def embedder_graph(weights, config, pooling="mean", normalize=True, precision=None):
+    """Pooled encoder output (and image-only vectors), as `T5Gemma2Embedder`; float32 out."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"`pooling` must be one of {POOLING_MODES}; got {pooling!r}.")
-    g = GraphBuilder("t5gemma2_embedder", quantize, {"pooling": pooling, "normalize": normalize})
+    g = GraphBuilder("t5gemma2_embedder", precision, {"pooling": pooling, "normalize": normalize})
     table = graph.embedding_table(g, weights["table"], "token_embedding.table")
     token_ids, padding_mask, images = _encoder_inputs(g, config)
     hidden, image_features = _encode(g, weights, config, table, token_ids, padding_mask, images)
@@ -426,8 +474,13 @@ def _listify(value):
     return np.asarray(value).tolist() if value is not None else None
 
 
+_EXPORT_FILES = {CONFIG_FILE, FILES["tokenizer"]}.union(
+    *(precision_files(precision).values() for precision in PRECISIONS)
+)
+
+
 def _is_export_file(name):
-    return name == CONFIG_FILE or name in FILES.values()
+    return name in _EXPORT_FILES
 
 
 def _check_output(output):
@@ -443,12 +496,36 @@ def _check_output(output):
     return (output / CONFIG_FILE).exists()
 
 
-def export_onnx(seq_2_seq_lm, output, max_decode_length=None, quantize=None, pooling="mean", normalize=True):
+def export_onnx(
+    seq_2_seq_lm, output, max_decode_length=None, quantize=None, pooling="mean", normalize=True, precision=None
+):
     """Writes `seq_2_seq_lm` as ONNX graphs, tokenizer and settings to the folder `output`.
 
     Any `T5Gemma2Seq2SeqLM` exports: a preset, a fine-tuned model, a model
-    with LoRA adapters (merged into the weights). Weights are exported in
-    float32 whatever the Keras dtype.
+    with LoRA adapters (merged into the weights). Weights are read in float32
+    whatever the Keras dtype, then stored at each precision asked for.
+
+    Precisions (one graph set each, sharing the tokenizer and settings):
+
+    - `fp32`: float32 weights and activations (`encoder.onnx`, ...).
+    - `fp16`: float16 weights, matmuls, GELU, RoPE and key/value caches; the
+      residual stream, RMSNorm/LayerNorm, attention logits and softmax, the
+      embedding scaling and the final logits (and soft cap) stay float32,
+      where float16 would overflow (`*_fp16.onnx`).
+    - `int8`: weight-only int8 in blocks of up to 128 (`MatMulNBits`),
+      float32 activations; the embedding table int8 (`Gather`).
+    - `q4`: weight-only 4-bit, blocks of 32 along the input axis,
+      symmetric (no zero points; each block's scale is its
+      largest-magnitude weight / -8), onnxruntime's `MatMulNBits`, float32
+      activations; the tied embedding table 4-bit too (`GatherBlockQuantized`
+      for the lookup, `MatMulNBits` for the logits over the same codes).
+    - `q4f16`: the 4-bit weights of `q4` with float16 activations and scales,
+      float32 kept where `fp16` keeps it.
+
+    Norm scales, biases, the vision position embeddings and the
+    end-of-image embedding stay float32 in every precision. `fp16` and
+    `q4f16` are for accelerators (WebGPU, CUDA); on x86 CPUs onnxruntime's
+    float16 matmuls are slower than float32.
 
     Args:
         seq_2_seq_lm: a `T5Gemma2Seq2SeqLM`. Without a preprocessor only the
@@ -460,11 +537,14 @@ def export_onnx(seq_2_seq_lm, output, max_decode_length=None, quantize=None, poo
         max_decode_length: int, the static self-attention cache length: the
             longest decoder sequence (`<bos>` + generated tokens) the graphs
             take. Defaults to the preprocessor's `decoder_sequence_length`.
-        quantize: `None` or `"int8"`: weight-only int8 matmuls and embedding
-            table (onnxruntime `MatMulNBits`), about a quarter of the float32
-            size.
+        quantize: `None` or `"int8"`, the earlier spelling of
+            `precision="int8"`.
         pooling, normalize: the embedder's pooling (`"mean"`, `"first"`,
             `"last"`) and L2 normalisation, as in `T5Gemma2Embedder`.
+        precision: one of `PRECISIONS`, a list of them or a comma-separated
+            string (`"fp32,q4"`); default `"fp32"`. The runtime picks one
+            with `OnnxSeq2SeqLM(folder, precision=...)`; its default is fp32
+            when exported, else the first listed.
 
     Returns:
         dict: the settings written to `t5gemma2_onnx.json`, with
@@ -483,35 +563,61 @@ def export_onnx(seq_2_seq_lm, output, max_decode_length=None, quantize=None, poo
         raise ValueError(f"`max_decode_length` must be a positive int; got {max_decode_length!r}.")
     if pooling not in POOLING_MODES:
         raise ValueError(f"`pooling` must be one of {POOLING_MODES}; got {pooling!r}.")
+    precisions = parse_precisions(precision, quantize)
     replaces_export = _check_output(output)
     # Written into a temporary folder beside `output`, then renamed into place: an interrupted export leaves
     # the earlier one (or nothing); the user's other files in the folder stay.
     with atomic_folder(output, owns=_is_export_file, overwrite=replaces_export, what="export output") as folder:
-        settings = _write_export(seq_2_seq_lm, Path(folder), max_decode_length, quantize, pooling, normalize)
+        settings = _write_export(seq_2_seq_lm, Path(folder), max_decode_length, precisions, pooling, normalize)
     settings["export_seconds"] = time.perf_counter() - started
     return settings
 
 
-def _write_export(seq_2_seq_lm, output, max_decode_length, quantize, pooling, normalize):
+def _write_graph_set(output, weights, config, max_decode_length, precision, pooling, normalize):
+    """One precision's three graphs and their weights file; returns its entry of `settings["precisions"]`."""
+    files = precision_files(precision)
+    with graph.WeightsFile(output / files["weights"]) as weights_file:
+        for name, build in (
+            ("encoder", lambda: encoder_graph(weights, config, precision)),
+            ("decoder", lambda: decoder_graph(weights, config, max_decode_length, precision)),
+            ("embedder", lambda: embedder_graph(weights, config, pooling, normalize, precision)),
+        ):
+            build().save(output / files[name], weights_file)
+    weight_format, activations = graph.PRECISIONS[precision]
+    entry = {
+        "files": files,
+        "weights": weight_format,
+        "activations": activations,
+        "bytes": sum((output / file).stat().st_size for file in files.values()),
+    }
+    if weight_format == "q4":
+        entry["block_size"] = graph.Q4_BLOCK_SIZE
+        entry["zero_points"] = None
+        entry["accuracy_level"] = graph.Q4_ACCURACY_LEVEL
+    return entry
+
+
+def _write_export(seq_2_seq_lm, output, max_decode_length, precisions, pooling, normalize):
     """Writes the graphs, weights, tokenizer and settings into the folder `output`; returns the settings."""
     backbone = seq_2_seq_lm.backbone
     preprocessor = seq_2_seq_lm.preprocessor
     config = model_config(backbone)
     weights = model_weights(backbone)
-    with graph.WeightsFile(output / FILES["weights"]) as weights_file:
-        for name, build in (
-            ("encoder", lambda: encoder_graph(weights, config, quantize)),
-            ("decoder", lambda: decoder_graph(weights, config, max_decode_length, quantize)),
-            ("embedder", lambda: embedder_graph(weights, config, pooling, normalize, quantize)),
-        ):
-            build().save(output / FILES[name], weights_file)
+    sets = {
+        precision: _write_graph_set(output, weights, config, max_decode_length, precision, pooling, normalize)
+        for precision in precisions
+    }
+    default = "fp32" if "fp32" in sets else precisions[0]
 
     settings = {
         "format": "keras_t5gemma.onnx",
         "format_version": FORMAT_VERSION,
         "opset": graph.OPSET,
-        "quantization": quantize,
-        "files": {name: FILES[name] for name in ("encoder", "decoder", "embedder", "weights")},
+        "precisions": sets,
+        "default_precision": default,
+        # The default graph set under the version 1 keys, for earlier runtimes.
+        "quantization": {"fp32": None}.get(default, default),
+        "files": dict(sets[default]["files"]),
         "max_decode_length": max_decode_length,
         "vocabulary_size": config["vocabulary_size"],
         "hidden_dim": config["hidden_dim"],

@@ -7,6 +7,14 @@ encoder, decoder and embedder graphs (`keras_t5gemma/export/onnx.py`) are
 assembled from them with different masks and inputs.
 
 The builder imports only numpy and onnx; weights come in as numpy arrays.
+Each graph is built at one precision (`PRECISIONS`): how matmul weights and
+the embedding table are stored, and the activations' dtype. In float16
+graphs (`fp16`, `q4f16`) the residual stream, every norm (RMSNorm and
+LayerNorm, computed on float32 inputs), the attention logits and softmax,
+the embedding lookup's scaling and the final logits (with their soft cap)
+stay float32: Gemma's hidden states and attention logits can pass float16's
+65504, and a norm's mean of squares overflows long before them. Matmuls,
+GELU, RoPE and the key/value caches are float16.
 Shape letters as in `keras_t5gemma/layers/attention.py`: B batch, T queries,
 S keys, N query heads, K key/value heads, G = N // K, H head size, D width.
 """
@@ -21,7 +29,15 @@ from onnx import helper
 from onnx import numpy_helper
 
 OPSET = 17
-# `MatMulNBits` (weight-only int8 matmul) lives in onnxruntime's domain.
+# Precision -> (how matmul weights and the embedding table are stored, activations' dtype).
+PRECISIONS = {
+    "fp32": ("float32", "float32"),
+    "fp16": ("float16", "float16"),
+    "int8": ("int8", "float32"),
+    "q4": ("q4", "float32"),
+    "q4f16": ("q4", "float16"),
+}
+# `MatMulNBits` (weight-only 8- and 4-bit matmuls) and `GatherBlockQuantized` live in onnxruntime's domain.
 MICROSOFT_DOMAIN = "com.microsoft"
 # As `keras_t5gemma.layers.masks.MASKED_LOGIT`: finite, so a fully
 # masked row gives a uniform softmax instead of NaN.
@@ -35,11 +51,27 @@ INT8_ZERO_POINT = 128
 # (at level 0, float32 activations, it dequantizes the whole weight per call:
 # 25x slower than float32 on a 640 x 65536 matmul, where level 4 is 3.5x faster).
 INT8_ACCURACY_LEVEL = 4
+# 4-bit weights: blocks of 32 along the input axis (a matmul's K, the table's
+# D; an input width that 32 does not divide is padded with zeros), symmetric
+# without zero points (onnxruntime's default zero point 8 of unsigned codes):
+# each block's scale is its largest-magnitude weight over -8, so that weight
+# is the code -8 exactly and the 16 codes -8..7 are all used. Scales are in
+# the activations' dtype (`MatMulNBits` requires it).
+Q4_BLOCK_SIZE = 32
+Q4_ZERO_POINT = 8
+# As `INT8_ACCURACY_LEVEL`: int8 activations inside `MatMulNBits`, 2.3x
+# (batch 1) to 6.7x (batch 8) faster than level 0 on a 640 x 16384 4-bit
+# matmul on this CPU, for about 2% relative error per matmul on random data.
+Q4_ACCURACY_LEVEL = 4
 # Weights larger than this go to the external data file.
 EXTERNAL_DATA_THRESHOLD = 1024
 
+# Ops whose outputs are never float, whatever their inputs.
+_NOT_FLOAT_OPS = frozenset(("Shape", "Equal", "Less", "Greater", "Not", "And", "Or", "ArgMax"))
+
 _ONNX_TYPES = {
     np.dtype("float32"): TensorProto.FLOAT,
+    np.dtype("float16"): TensorProto.FLOAT16,
     np.dtype("int64"): TensorProto.INT64,
     np.dtype("int32"): TensorProto.INT32,
     np.dtype("bool"): TensorProto.BOOL,
@@ -69,21 +101,52 @@ def quantize_int8_rows(matrix, block_size):
     return codes.astype(np.uint8), scales
 
 
+def quantize_q4_rows(matrix, block_size=Q4_BLOCK_SIZE):
+    """Symmetric per-block 4-bit codes of the rows of `matrix` `(N, K)`, as `MatMulNBits` reads them.
+
+    Returns `(packed uint8 (N, ceil(K / block_size), block_size // 2),
+    scales float32 (N, ceil(K / block_size)))`: two codes a byte, the even
+    element in the low nibble; `matrix ~= (codes - 8) * scales` (zero-padded
+    to whole blocks).
+    """
+    rows, width = matrix.shape
+    blocks_per_row = -(-width // block_size)
+    padded = np.zeros((rows, blocks_per_row * block_size), np.float32)
+    padded[:, :width] = matrix
+    blocks = padded.reshape(rows, blocks_per_row, block_size)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    scales = np.where(extreme == 0, 1.0, extreme / -8.0).astype(np.float32)
+    codes = (np.clip(np.round(blocks / scales[..., None]), -8, 7) + Q4_ZERO_POINT).astype(np.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8), scales
+
+
+def dequantize_q4_rows(packed, scales, width):
+    """The float32 `(N, width)` matrix that `quantize_q4_rows`' codes stand for."""
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    values = (codes.astype(np.float32) - Q4_ZERO_POINT) * np.asarray(scales, np.float32)[..., None]
+    return values.reshape(len(packed), -1)[:, :width]
+
+
 class GraphBuilder:
     """Collects nodes, weights and graph inputs/outputs; `op` returns output names.
 
     Args:
         name: the graph's name.
-        quantize: `None` or `"int8"`, weight-only int8 for `linear` and
-            `token_embedding`.
+        precision: one of `PRECISIONS` (None: `"fp32"`).
         metadata: optional dict written to the model's metadata.
+
+    In a float16 graph the builder follows which tensors are float32 (graph
+    inputs, casts to float32 and what is computed from them), so that
+    `to_float32` and `to_activation` add a `Cast` only where the dtype changes.
     """
 
-    def __init__(self, name, quantize=None, metadata=None):
-        if quantize not in (None, "int8"):
-            raise ValueError(f"`quantize` must be None or 'int8'; got {quantize!r}.")
+    def __init__(self, name, precision=None, metadata=None):
+        precision = precision or "fp32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"`precision` must be one of {tuple(PRECISIONS)}; got {precision!r}.")
         self.name = name
-        self.quantize = quantize
+        self.precision = precision
+        self.weight_format, self.activation = PRECISIONS[precision]
         self.metadata = dict(metadata or {})
         self.nodes = []
         self.weights = {}
@@ -92,6 +155,8 @@ class GraphBuilder:
         self._counts = collections.Counter()
         self._constants = {}
         self.uses_microsoft_domain = False
+        # Tensors known to be float32 in a float16 graph.
+        self._float32 = set()
 
     def _fresh(self, hint):
         self._counts[hint] += 1
@@ -101,7 +166,29 @@ class GraphBuilder:
         """Adds one node; returns its output name, or a list when `outputs > 1`."""
         names = [self._fresh(hint or op_type) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, domain=domain, **attributes))
+        if op_type == "Cast":
+            is_float32 = attributes["to"] == TensorProto.FLOAT
+        else:
+            is_float32 = op_type not in _NOT_FLOAT_OPS and any(name in self._float32 for name in inputs)
+        if is_float32:
+            self._float32.update(names)
         return names[0] if outputs == 1 else names
+
+    def to_float32(self, x):
+        """`x` as float32 (a `Cast` only for a float16 tensor of a float16 graph)."""
+        if self.activation == "float32" or x in self._float32:
+            return x
+        return self.op("Cast", [x], to=TensorProto.FLOAT)
+
+    def to_activation(self, x):
+        """`x` in the activations' dtype (a `Cast` only for a float32 tensor of a float16 graph)."""
+        if self.activation == "float32" or x not in self._float32:
+            return x
+        return self.op("Cast", [x], to=TensorProto.FLOAT16)
+
+    def activation_const(self, value):
+        """A scalar or small constant in the activations' dtype."""
+        return self.const(value, self.activation)
 
     def weight(self, name, array):
         """A named initializer (added once per name); the array is not copied until it is saved."""
@@ -118,6 +205,8 @@ class GraphBuilder:
         return self._constants[key]
 
     def input(self, name, dtype, shape):
+        if np.dtype(dtype) == np.float32:
+            self._float32.add(name)
         self.inputs.append(helper.make_tensor_value_info(name, _ONNX_TYPES[np.dtype(dtype)], shape))
         return name
 
@@ -222,46 +311,67 @@ class WeightsFile:
 # === Layers ===
 
 
-def linear(g, x, kernel, name, bias=None):
-    """`x @ kernel (+ bias)`, `kernel` `(K, N)`; weight-only int8 when quantizing.
+def matmul_nbits(g, x, codes, scales, input_width, output_width, bits, block_size):
+    """onnxruntime's `MatMulNBits`: `x @ W.T` for a `(N, K)` weight stored as `bits`-bit block codes."""
+    g.uses_microsoft_domain = True
+    return g.op(
+        "MatMulNBits",
+        [x, codes, scales],
+        domain=MICROSOFT_DOMAIN,
+        K=input_width,
+        N=output_width,
+        bits=bits,
+        accuracy_level=INT8_ACCURACY_LEVEL if bits == 8 else Q4_ACCURACY_LEVEL,
+        block_size=block_size,
+    )
 
-    Int8 runs as onnxruntime's `MatMulNBits` (8-bit weights in symmetric
-    blocks of the input axis, int8 activations; see `INT8_ACCURACY_LEVEL`).
+
+def linear(g, x, kernel, name, bias=None):
+    """`x @ kernel (+ bias)`, `kernel` `(K, N)`, in the activations' dtype; weights as the precision stores them.
+
+    Int8 and 4-bit run as onnxruntime's `MatMulNBits` (weights in symmetric
+    blocks of the input axis; see `INT8_ACCURACY_LEVEL`, `Q4_BLOCK_SIZE`).
+    An int8 kernel whose input width no block size divides stays float32.
     """
-    block_size = int8_block_size(kernel.shape[0]) if g.quantize == "int8" else None
-    if block_size is None:
-        y = g.op("MatMul", [x, g.weight(name, np.asarray(kernel, np.float32))])
+    x = g.to_activation(x)
+    input_width, output_width = kernel.shape
+    block_size = int8_block_size(input_width) if g.weight_format == "int8" else None
+    if g.weight_format == "q4":
+        codes, scales = quantize_q4_rows(np.asarray(kernel, np.float32).T)
+        scales = g.weight(name + ".scales", scales.reshape(-1).astype(g.activation))
+        y = matmul_nbits(g, x, g.weight(name + ".q4", codes), scales, input_width, output_width, 4, Q4_BLOCK_SIZE)
+    elif block_size is not None:
+        codes, scales = quantize_int8_rows(np.asarray(kernel, np.float32).T, block_size)
+        scales = g.weight(name + ".scales", scales.reshape(-1))
+        y = matmul_nbits(g, x, g.weight(name + ".int8", codes), scales, input_width, output_width, 8, block_size)
     else:
-        codes, scales = quantize_int8_rows(kernel.T, block_size)
-        g.uses_microsoft_domain = True
-        y = g.op(
-            "MatMulNBits",
-            [x, g.weight(name + ".int8", codes), g.weight(name + ".scales", scales.reshape(-1))],
-            domain=MICROSOFT_DOMAIN,
-            K=kernel.shape[0],
-            N=kernel.shape[1],
-            bits=8,
-            accuracy_level=INT8_ACCURACY_LEVEL,
-            block_size=block_size,
-        )
+        dtype = "float16" if g.weight_format == "float16" else "float32"
+        y = g.op("MatMul", [x, g.weight(name, np.asarray(kernel).astype(dtype))])
     if bias is not None:
-        y = g.op("Add", [y, g.weight(name + ".bias", np.asarray(bias, np.float32))])
+        y = g.op("Add", [y, g.weight(name + ".bias", np.asarray(bias).astype(g.activation))])
     return y
 
 
-def rms_norm(g, x, scale, name, epsilon):
-    """`x / rms(x) * (1 + scale)` over the last axis (float32 graph)."""
+def rms_norm(g, x, scale, name, epsilon, keep_float32=False):
+    """`x / rms(x) * (1 + scale)` over the last axis, computed in float32.
+
+    Returns float32 if `keep_float32` (what goes into the residual stream),
+    else the activations' dtype.
+    """
+    x = g.to_float32(x)
     mean_square = g.op("ReduceMean", [g.op("Mul", [x, x])], axes=[-1], keepdims=1)
     inverse = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean_square, g.const(epsilon, "float32")])])])
     factor = g.weight(name, (1.0 + scale).astype(np.float32))
-    return g.op("Mul", [g.op("Mul", [x, inverse]), factor])
+    y = g.op("Mul", [g.op("Mul", [x, inverse]), factor])
+    return y if keep_float32 else g.to_activation(y)
 
 
-def layer_norm(g, x, weights, name, epsilon):
-    """LayerNormalization with `weights["gamma"]`, `weights["beta"]` (SigLIP)."""
+def layer_norm(g, x, weights, name, epsilon, keep_float32=False):
+    """LayerNormalization with `weights["gamma"]`, `weights["beta"]` (SigLIP), computed in float32."""
     gamma = g.weight(name + ".gamma", weights["gamma"].astype(np.float32))
     beta = g.weight(name + ".beta", weights["beta"].astype(np.float32))
-    return g.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=epsilon)
+    y = g.op("LayerNormalization", [g.to_float32(x), gamma, beta], axis=-1, epsilon=epsilon)
+    return y if keep_float32 else g.to_activation(y)
 
 
 def rotary_tables(g, positions, head_dim, wavelength, scaling_factor):
@@ -345,14 +455,16 @@ def grouped_attention(g, query, key, value, mask, num_heads, num_kv_heads, head_
     grouped = g.op("Transpose", [grouped], perm=[0, 2, 3, 1, 4])  # (B, K, G, T, H)
     key = g.op("Unsqueeze", [g.op("Transpose", [key], perm=[0, 2, 3, 1]), g.const([2])])  # (B, K, 1, H, S)
     value = g.op("Unsqueeze", [g.op("Transpose", [value], perm=[0, 2, 1, 3]), g.const([2])])  # (B, K, 1, S, H)
-    logits = g.op("Mul", [g.op("MatMul", [grouped, key]), g.const(scale, "float32")])  # (B, K, G, T, S)
+    # Logits, soft cap, mask and softmax in float32.
+    logits = g.to_float32(g.op("MatMul", [grouped, key]))
+    logits = g.op("Mul", [logits, g.const(scale, "float32")])  # (B, K, G, T, S)
     if soft_cap is not None:
         capped = g.op("Tanh", [g.op("Div", [logits, g.const(soft_cap, "float32")])])
         logits = g.op("Mul", [capped, g.const(soft_cap, "float32")])
     if mask is not None:
         mask = g.op("Unsqueeze", [mask, g.const([1, 2])])
         logits = g.op("Where", [mask, logits, g.const(MASKED_LOGIT, "float32")])
-    probabilities = g.op("Softmax", [logits], axis=-1)
+    probabilities = g.to_activation(g.op("Softmax", [logits], axis=-1))
     attended = g.op("MatMul", [probabilities, value])  # (B, K, G, T, H)
     attended = g.op("Transpose", [attended], perm=[0, 3, 1, 2, 4])
     return g.reshape(attended, [batch, length, num_heads * head_dim])
@@ -381,10 +493,10 @@ def feedforward(g, x, weights, name):
 def gelu_tanh(g, x):
     """`0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`."""
     cube = g.op("Mul", [g.op("Mul", [x, x]), x])
-    inner = g.op("Add", [x, g.op("Mul", [cube, g.const(0.044715, "float32")])])
-    inner = g.op("Mul", [inner, g.const(np.sqrt(2.0 / np.pi), "float32")])
-    half = g.op("Mul", [x, g.const(0.5, "float32")])
-    return g.op("Mul", [half, g.op("Add", [g.op("Tanh", [inner]), g.const(1.0, "float32")])])
+    inner = g.op("Add", [x, g.op("Mul", [cube, g.activation_const(0.044715)])])
+    inner = g.op("Mul", [inner, g.activation_const(np.sqrt(2.0 / np.pi))])
+    half = g.op("Mul", [x, g.activation_const(0.5)])
+    return g.op("Mul", [half, g.op("Add", [g.op("Tanh", [inner]), g.activation_const(1.0)])])
 
 
 def transformer_layer(g, x, weights, name, config, mask, rope, cache=None, cross_key_value=None):
@@ -400,7 +512,8 @@ def transformer_layer(g, x, weights, name, config, mask, rope, cache=None, cross
             self keys (merged self+cross attention, one softmax).
 
     Returns:
-        `x` and, with a cache, the updated `(key_cache, value_cache)`.
+        `x` (the residual stream, float32) and, with a cache, the updated
+        `(key_cache, value_cache)` (the activations' dtype).
     """
     epsilon = config["layer_norm_epsilon"]
     num_heads, kv_heads, head_dim = config["num_heads"], config["num_key_value_heads"], config["head_dim"]
@@ -439,10 +552,12 @@ def transformer_layer(g, x, weights, name, config, mask, rope, cache=None, cross
         config["attention_soft_cap"],
     )
     attended = linear(g, attended, attention["output"], name + ".attention.output")
-    x = g.op("Add", [x, rms_norm(g, attended, weights["post_attention_norm"], name + ".post_attention_norm", epsilon)])
+    post = rms_norm(g, attended, weights["post_attention_norm"], name + ".post_attention_norm", epsilon, True)
+    x = g.op("Add", [x, post])
     normed = rms_norm(g, x, weights["pre_feedforward_norm"], name + ".pre_feedforward_norm", epsilon)
     fed = feedforward(g, normed, weights["feedforward"], name + ".feedforward")
-    x = g.op("Add", [x, rms_norm(g, fed, weights["post_feedforward_norm"], name + ".post_feedforward_norm", epsilon)])
+    post = rms_norm(g, fed, weights["post_feedforward_norm"], name + ".post_feedforward_norm", epsilon, True)
+    x = g.op("Add", [x, post])
     return x if cache is None else (x, new_cache)
 
 
@@ -453,7 +568,8 @@ def stack_masks_and_ropes(g, config, layer_types, query_positions, key_positions
         window = config["sliding_window"] if layer_type == "sliding_attention" else None
         masks[layer_type] = attention_mask(g, query_positions, key_positions, causal, window, key_padding_mask)
         wavelength, scaling = config["rope"][layer_type]
-        ropes[layer_type] = rotary_tables(g, query_positions, config["head_dim"], wavelength, scaling)
+        tables = rotary_tables(g, query_positions, config["head_dim"], wavelength, scaling)
+        ropes[layer_type] = tuple(g.to_activation(table) for table in tables)
     return masks, ropes
 
 
@@ -463,14 +579,28 @@ def stack_masks_and_ropes(g, config, layer_types, query_positions, key_positions
 def embedding_table(g, table, name):
     """Registers the tied table; returns a handle for `token_embedding` and `logits`.
 
-    Float32: one `(V, D)` initializer. Int8: one uint8 `(V, D / b, b)` code
-    tensor and `(V, D / b)` scales, read by `Gather` for embeddings and by
-    `MatMulNBits` as the output projection (its weight layout is `(N, K)`,
-    which is the table's).
+    Float32 / float16: one `(V, D)` initializer. Int8: one uint8
+    `(V, D / b, b)` code tensor and `(V, D / b)` scales, read by `Gather` for
+    embeddings and by `MatMulNBits` as the output projection (its weight
+    layout is `(N, K)`, which is the table's). 4-bit: one packed uint8
+    `(V, D / 32, 16)` code tensor and `(V, D / 32, 1)` scales in the
+    activations' dtype, read by `GatherBlockQuantized` for embeddings and by
+    `MatMulNBits` for the logits: the table is stored once, in 4 bits.
     """
-    block_size = int8_block_size(table.shape[1]) if g.quantize == "int8" else None
+    vocabulary_size, hidden_dim = table.shape
+    if g.weight_format == "q4":
+        if hidden_dim % Q4_BLOCK_SIZE:
+            raise ValueError(f"4-bit tables need a width divisible by {Q4_BLOCK_SIZE}; got {hidden_dim}.")
+        codes, scales = quantize_q4_rows(np.asarray(table, np.float32))
+        return {
+            "q4": g.weight(name + ".q4", codes),
+            "scales": g.weight(name + ".scales", scales[..., None].astype(g.activation)),
+            "shape": table.shape,
+        }
+    block_size = int8_block_size(hidden_dim) if g.weight_format == "int8" else None
     if block_size is None:
-        return {"table": g.weight(name, np.asarray(table, np.float32)), "shape": table.shape}
+        dtype = "float16" if g.weight_format == "float16" else "float32"
+        return {"table": g.weight(name, np.asarray(table).astype(dtype)), "shape": table.shape}
     codes, scales = quantize_int8_rows(table, block_size)
     return {
         "codes": g.weight(name + ".int8", codes),
@@ -484,7 +614,19 @@ def token_embedding(g, token_ids, table, eoi_embedding, eoi_token_id, name):
     """`(B, T)` ids to `(B, T, D)`: rows times sqrt(D); end-of-image rows replaced by `eoi_embedding`."""
     vocabulary_size, hidden_dim = table["shape"]
     if "table" in table:
-        rows = g.op("Gather", [table["table"], token_ids], axis=0)
+        rows = g.to_float32(g.op("Gather", [table["table"], token_ids], axis=0))
+    elif "q4" in table:
+        g.uses_microsoft_domain = True
+        rows = g.op(
+            "GatherBlockQuantized",
+            [table["q4"], token_ids, table["scales"]],
+            domain=MICROSOFT_DOMAIN,
+            bits=4,
+            block_size=Q4_BLOCK_SIZE,
+            gather_axis=0,
+            quantize_axis=2,
+        )  # (B, T, D / 32, 32)
+        rows = g.to_float32(g.reshape(rows, [g.dim(token_ids, 0), g.dim(token_ids, 1), hidden_dim]))
     else:
         codes = g.op("Cast", [g.op("Gather", [table["codes"], token_ids], axis=0)], to=TensorProto.FLOAT)
         codes = g.op("Sub", [codes, g.const(float(INT8_ZERO_POINT), "float32")])
@@ -497,29 +639,25 @@ def token_embedding(g, token_ids, table, eoi_embedding, eoi_token_id, name):
 
 
 def logits(g, hidden, table, soft_cap=None):
-    """`(B, T, D)` to `(B, T, V)` through the tied table."""
+    """`(B, T, D)` to float32 `(B, T, V)` through the tied table (the soft cap in float32)."""
     vocabulary_size, hidden_dim = table["shape"]
+    hidden = g.to_activation(hidden)
     if "table" in table:
         y = g.op("MatMul", [hidden, g.op("Transpose", [table["table"]], perm=[1, 0])])
+    elif "q4" in table:
+        scales = g.op("Reshape", [table["scales"], g.const([-1])])
+        y = matmul_nbits(g, hidden, table["q4"], scales, hidden_dim, vocabulary_size, 4, Q4_BLOCK_SIZE)
     else:
-        g.uses_microsoft_domain = True
-        y = g.op(
-            "MatMulNBits",
-            [hidden, table["codes"], g.op("Reshape", [table["scales"], g.const([-1])])],
-            domain=MICROSOFT_DOMAIN,
-            K=hidden_dim,
-            N=vocabulary_size,
-            bits=8,
-            accuracy_level=INT8_ACCURACY_LEVEL,
-            block_size=table["block_size"],
-        )
+        scales = g.op("Reshape", [table["scales"], g.const([-1])])
+        y = matmul_nbits(g, hidden, table["codes"], scales, hidden_dim, vocabulary_size, 8, table["block_size"])
+    y = g.to_float32(y)
     if soft_cap is not None:
         y = g.op("Mul", [g.op("Tanh", [g.op("Div", [y, g.const(soft_cap, "float32")])]), g.const(soft_cap, "float32")])
     return y
 
 
 def vision_tower(g, images, weights, config):
-    """`(M, H, W, 3)` converted images to `(M, mm_tokens_per_image, D)` soft tokens.
+    """`(M, H, W, 3)` converted images to `(M, mm_tokens_per_image, D)` soft tokens (activations' dtype).
 
     SigLIP: patches (the strided convolution written as a matmul over
     flattened `(row, column, channel)` patches), position embeddings,
@@ -534,7 +672,7 @@ def vision_tower(g, images, weights, config):
     x = g.op("Transpose", [x], perm=[0, 1, 3, 2, 4, 5])
     x = g.reshape(x, [count, side * side, patch * patch * 3])
     kernel = weights["patch_kernel"].reshape(patch * patch * 3, hidden)
-    x = linear(g, x, kernel, "vision.patch_embedding", weights["patch_bias"])
+    x = g.to_float32(linear(g, x, kernel, "vision.patch_embedding", weights["patch_bias"]))
     x = g.op("Add", [x, g.weight("vision.position_embedding", weights["position_embedding"].astype(np.float32))])
     for index, layer in enumerate(weights["layers"]):
         name = f"vision.layer_{index}"
@@ -561,12 +699,13 @@ def vision_tower(g, images, weights, config):
             head_dim**-0.5,
         )
         attended = linear(g, attended, attention["output"], name + ".attention.output", attention["output_bias"])
-        x = g.op("Add", [x, attended])
+        x = g.op("Add", [x, g.to_float32(attended)])
         normed = layer_norm(g, x, layer["feedforward_norm"], name + ".feedforward_norm", epsilon)
         feedforward = layer["feedforward"]
         up = gelu_tanh(g, linear(g, normed, feedforward["up"], name + ".feedforward.up", feedforward["up_bias"]))
-        x = g.op("Add", [x, linear(g, up, feedforward["down"], name + ".feedforward.down", feedforward["down_bias"])])
-    x = layer_norm(g, x, weights["final_norm"], "vision.final_norm", epsilon)
+        down = linear(g, up, feedforward["down"], name + ".feedforward.down", feedforward["down_bias"])
+        x = g.op("Add", [x, g.to_float32(down)])
+    x = layer_norm(g, x, weights["final_norm"], "vision.final_norm", epsilon, keep_float32=True)
     tokens_per_side = config["tokens_per_side"]
     pool = side // tokens_per_side
     grid = g.reshape(x, [count, tokens_per_side, pool, tokens_per_side, pool, hidden])
