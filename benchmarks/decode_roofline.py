@@ -14,7 +14,14 @@ greedy `generate` at batch 1 and 8 for each implementation and dtype:
   checkpoint in the layout it reads): float32, bfloat16, its own
   `quantize("int8")`;
 - `transformers`: float32, bfloat16, and PyTorch's dynamic int8 quantization
-  of the `nn.Linear` layers (`torch.ao.quantization.quantize_dynamic`).
+  of the `nn.Linear` layers (`torch.ao.quantization.quantize_dynamic`);
+- CTranslate2 (`pip install ctranslate2==4.8.5`, not a dependency of the
+  package): float32 and int8, the same checkpoint through its own
+  `TransformersConverter` (run once, before the rounds; the random checkpoint
+  has no tokenizer, so the converter is given a stand-in vocabulary of
+  numbered pieces, which is all it reads of one), `Translator.translate_batch`
+  on token pieces with `min_decoding_length` so that every call decodes the
+  same number of tokens, on all CPU threads.
 
 Each (implementation, dtype) runs in its own process, one after another in
 each round (A, B, C, ..., A, B, C, ...); the table gives medians over rounds
@@ -40,7 +47,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _common  # noqa: E402
 
 IMPLEMENTATIONS = [
-    f"{name}:{dtype}" for dtype in ("float32", "bfloat16", "int8") for name in ("ours", "keras_hub", "transformers")
+    f"{name}:{dtype}"
+    for dtype in ("float32", "bfloat16", "int8")
+    for name in ("ours", "keras_hub", "transformers", "ctranslate2")
+    if (name, dtype) != ("ctranslate2", "bfloat16")  # CTranslate2 has no bfloat16 kernels on CPU
 ]
 PROMPT_TOKENS = 64
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "int8": 1}
@@ -147,11 +157,70 @@ def run_transformers(checkpoint, dtype):
     return weight_bytes, make_generate, (model, vocabulary)
 
 
+class _StandInVocabulary:
+    """What CTranslate2's converter reads of a tokenizer: pieces by id and the special tokens."""
+
+    bos_token, eos_token, unk_token = "<bos>", "<eos>", "<unk>"
+
+    def __init__(self, size):
+        self.size = size
+
+    def get_vocab(self):
+        special = {0: "<pad>", 1: self.eos_token, 2: self.bos_token, 3: self.unk_token}
+        return {special.get(i, f"piece{i}"): i for i in range(self.size)}
+
+
+def convert_for_ctranslate2(checkpoint, output, dtype):
+    """CTranslate2's own conversion of `checkpoint` into `output` (`int8` weights or `float32`)."""
+    import json
+
+    from ctranslate2.converters import TransformersConverter
+
+    size = json.loads((Path(checkpoint) / "config.json").read_text())["decoder"]["vocab_size"]
+
+    class Converter(TransformersConverter):
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return _StandInVocabulary(size)
+
+    Converter(str(checkpoint)).convert(str(output), quantization=dtype, force=True)
+    return output
+
+
+def run_ctranslate2(checkpoint, dtype):
+    import json
+
+    import ctranslate2
+
+    folder = Path(checkpoint).parent / f"ctranslate2_{dtype}"
+    translator = ctranslate2.Translator(str(folder), device="cpu", compute_type=dtype, intra_threads=os.cpu_count())
+    weight_bytes = sum(path.stat().st_size for path in folder.glob("model.bin"))
+
+    def make_generate(translator, vocabulary, new_tokens):
+        def generate(batch):
+            prompts = _common.prompts(batch, PROMPT_TOKENS, vocabulary)
+            pieces = [[f"piece{int(i)}" if i > 3 else "<unk>" for i in row] for row in prompts]
+            translator.translate_batch(
+                pieces,
+                beam_size=1,
+                max_decoding_length=new_tokens,
+                min_decoding_length=new_tokens,
+                max_batch_size=batch,
+            )
+            return batch * new_tokens
+
+        return generate
+
+    vocabulary = json.loads((Path(checkpoint) / "config.json").read_text())["decoder"]["vocab_size"]
+    return weight_bytes, make_generate, (translator, vocabulary)
+
+
 def child(implementation, checkpoint, new_tokens, repeats):
     name, dtype = implementation.split(":")
     if name == "transformers":
         import torch  # noqa: F401
         import transformers  # noqa: F401
+    elif name == "ctranslate2":
+        import ctranslate2  # noqa: F401
     else:
         import jax
         import keras_hub  # noqa: F401
@@ -160,7 +229,8 @@ def child(implementation, checkpoint, new_tokens, repeats):
 
         jax.numpy.zeros(1).block_until_ready()
     baseline = _common.current_rss()
-    runner = {"ours": run_ours, "keras_hub": run_keras_hub, "transformers": run_transformers}[name]
+    runners = {"ours": run_ours, "keras_hub": run_keras_hub, "transformers": run_transformers}
+    runner = {**runners, "ctranslate2": run_ctranslate2}[name]
     weight_bytes, make_generate, arguments = runner(checkpoint, dtype)
     results = {"weight_bytes": weight_bytes, "load_peak_bytes": _common.peak_rss() - baseline}
     _common.reset_peak_rss()
@@ -436,6 +506,8 @@ def main():
     results = {implementation: [] for implementation in args.implementations}
     with tempfile.TemporaryDirectory() as directory:
         current, earlier = _common.write_random_checkpoint(config, directory)
+        for dtype in {i.split(":")[1] for i in args.implementations if i.startswith("ctranslate2:")}:
+            convert_for_ctranslate2(current, Path(current).parent / f"ctranslate2_{dtype}", dtype)
         for _ in range(args.rounds):
             for implementation in args.implementations:
                 checkpoint = earlier if implementation.startswith("keras_hub") else current
