@@ -75,8 +75,8 @@ def test_a_keras_preset_is_quantized_after_loading(tmp_path):
 
 
 def test_an_unknown_quantization_mode_is_refused_by_name(hf_folder):
-    with pytest.raises(ValueError, match="Unknown quantization mode 'int4'; `quantize` accepts int8"):
-        T5Gemma2Backbone.from_preset(hf_folder, quantize="int4")
+    with pytest.raises(ValueError, match="Unknown quantization mode 'int2'; `quantize` accepts int8, int4"):
+        T5Gemma2Backbone.from_preset(hf_folder, quantize="int2")
     with pytest.raises(ValueError, match="`quantize` applies to backbones and tasks, not to `T5Gemma2Tokenizer`"):
         T5Gemma2Tokenizer.from_preset(hf_folder, quantize="int8")
 

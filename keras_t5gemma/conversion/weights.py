@@ -12,6 +12,7 @@ import re
 import numpy as np
 
 from keras_t5gemma.conversion.quantized_loading import assign_by_name
+from keras_t5gemma.conversion.quantized_loading import float_weight
 from keras_t5gemma.conversion.quantized_loading import quantized_layers
 from keras_t5gemma.conversion.quantized_loading import quantized_values
 from keras_t5gemma.utils.loading import fill
@@ -183,19 +184,19 @@ def _text_layer_specs(layer, prefix):
     yield WeightSpec(layer.post_attention_norm.scale, f"{prefix}.post_self_attn_layernorm.weight")
     yield WeightSpec(layer.pre_feedforward_norm.scale, f"{prefix}.pre_feedforward_layernorm.weight")
     yield WeightSpec(layer.post_feedforward_norm.scale, f"{prefix}.post_feedforward_layernorm.weight")
-    yield WeightSpec(attention.query_dense.kernel, f"{prefix}.self_attn.q_proj.weight", LINEAR)
-    yield WeightSpec(attention.key_dense.kernel, f"{prefix}.self_attn.k_proj.weight", LINEAR)
-    yield WeightSpec(attention.value_dense.kernel, f"{prefix}.self_attn.v_proj.weight", LINEAR)
-    yield WeightSpec(attention.output_dense.kernel, f"{prefix}.self_attn.o_proj.weight", LINEAR, input_axes=2)
+    yield WeightSpec(float_weight(attention.query_dense), f"{prefix}.self_attn.q_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(attention.key_dense), f"{prefix}.self_attn.k_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(attention.value_dense), f"{prefix}.self_attn.v_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(attention.output_dense), f"{prefix}.self_attn.o_proj.weight", LINEAR, input_axes=2)
     yield WeightSpec(attention.query_norm.scale, f"{prefix}.self_attn.q_norm.weight")
     yield WeightSpec(attention.key_norm.scale, f"{prefix}.self_attn.k_norm.weight")
-    yield WeightSpec(layer.feedforward.gate_dense.kernel, f"{prefix}.mlp.gate_proj.weight", LINEAR)
-    yield WeightSpec(layer.feedforward.up_dense.kernel, f"{prefix}.mlp.up_proj.weight", LINEAR)
-    yield WeightSpec(layer.feedforward.down_dense.kernel, f"{prefix}.mlp.down_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(layer.feedforward.gate_dense), f"{prefix}.mlp.gate_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(layer.feedforward.up_dense), f"{prefix}.mlp.up_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(layer.feedforward.down_dense), f"{prefix}.mlp.down_proj.weight", LINEAR)
 
 
 def _dense_specs(layer, prefix, permutation=LINEAR, input_axes=1):
-    yield WeightSpec(layer.kernel, f"{prefix}.weight", permutation, input_axes)
+    yield WeightSpec(float_weight(layer), f"{prefix}.weight", permutation, input_axes)
     yield WeightSpec(layer.bias, f"{prefix}.bias")
 
 
@@ -220,14 +221,14 @@ def _vision_specs(vision, prefix):
         yield from _dense_specs(layer.feedforward.down_dense, f"{layer_prefix}.mlp.fc2")
     yield from _layer_norm_specs(vision.final_norm, f"{prefix}.vision_tower.post_layernorm")
     # The projection is stored `[vision, text]`, already the Keras kernel layout.
-    yield WeightSpec(vision.projection.kernel, f"{prefix}.multi_modal_projector.mm_input_projection_weight")
+    yield WeightSpec(float_weight(vision.projection), f"{prefix}.multi_modal_projector.mm_input_projection_weight")
     yield WeightSpec(vision.projector_norm.scale, f"{prefix}.multi_modal_projector.mm_soft_emb_norm.weight")
 
 
 def weight_specs(backbone):
     """Every variable of `backbone` with the checkpoint key that fills it."""
     embedding = backbone.token_embedding
-    yield WeightSpec(embedding.table.embeddings, "model.encoder.embed_tokens.weight")
+    yield WeightSpec(float_weight(embedding.table, "embeddings"), "model.encoder.embed_tokens.weight")
     yield WeightSpec(embedding.eoi_embedding, "model.encoder.embed_tokens.eoi_embedding")
     for side, stack in (("encoder", backbone.encoder), ("decoder", backbone.decoder)):
         if stack is None:

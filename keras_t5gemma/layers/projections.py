@@ -170,6 +170,14 @@ class ReversibleEmbedding(_TwoRowCall, keras.layers.ReversibleEmbedding):
         logits = ops.divide(ops.cast(logits, self.compute_dtype), ops.multiply(inputs_scale, self.embeddings_scale))
         return self._soft_capped(logits)
 
+    def _int4_build(self, embeddings_shape, config=None):
+        # Keras gives an int4 table rebuilt from its dtype policy (no config: a reloaded preset)
+        # int8 activations in the tied projection, while `quantize("int4")` (its default config)
+        # keeps them float: a reloaded int4 model would not compute what was saved. Weight-only
+        # unless the config asks otherwise, as Keras' int4 `Dense` and `EinsumDense` are.
+        super()._int4_build(embeddings_shape, config)
+        self.inputs_quantizer = None if config is None else config.activation_quantizer
+
     def _float_logits(self, inputs):
         import jax
 

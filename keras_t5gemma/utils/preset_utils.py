@@ -58,7 +58,7 @@ _PRESET_ENTRIES = re.compile(
     r"|model\.weights)\.json$|^(model|task)(_\d+)?\.weights\.h5$|^assets$|^DESCRIPTION$"
 )
 # The `quantize` modes `from_preset` accepts.
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "int4")
 # Set while a `save_to_preset` writes its temporary folder (parts save into it too).
 _SAVING_INTO = contextvars.ContextVar("saving_into", default=None)
 
@@ -261,7 +261,7 @@ def _hdf5_recorded_length(path):
 # takes them out of a backbone's or task's arguments, and every loader's `get_backbone_kwargs`
 # hands them to its `load_backbone` (through `RoutedOptionsLoader`):
 # - `dtype`: the weights' and computations' dtype policy;
-# - `quantize`: `"int8"`, the model of `model.quantize("int8")` (loaders that can build the
+# - `quantize`: `"int8"` or `"int4"`, the model of `model.quantize(mode)` (loaders that can build the
 #   quantized layers directly do; `from_preset` quantizes what is left float afterwards);
 # - `text_only`: no vision tower (its weights are not read);
 # - `encoder_only`: no decoder (its weights are not read);
@@ -376,9 +376,9 @@ class PresetMixin:
         checkpoints and KerasHub presets: no vision tower), `encoder_only`,
         `remat` and `progress`.
 
-        `quantize="int8"` gives the model of `model.quantize("int8")`, weights
-        and arithmetic alike. A Hugging Face checkpoint loads straight into
-        it: each float tensor is quantized as it is read and no float copy
+        `quantize="int8"` or `"int4"` gives the model of `model.quantize(mode)`,
+        weights and arithmetic alike. A Hugging Face checkpoint loads straight
+        into it: each float tensor is quantized as it is read and no float copy
         of the model is held (the other weights get `dtype`). Whatever the
         loader left float (a Keras preset folder, a classifier's new head) is
         quantized here, after the load.
