@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import assert_matches_reference
 from transformers import T5GemmaConfig
+from transformers import T5GemmaEncoderModel
 from transformers import T5GemmaForConditionalGeneration
 
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
@@ -221,9 +222,20 @@ def test_bad_backbone_arguments_are_named(overrides, message):
         T5GemmaBackbone(**kwargs)
 
 
-def test_export_to_transformers_says_it_covers_t5gemma_2_only(seq_2_seq_lm, tmp_path):
-    with pytest.raises(ValueError, match="covers T5Gemma 2 models; `T5GemmaBackbone` is not one"):
-        seq_2_seq_lm.export_to_transformers(str(tmp_path / "out"))
+def test_export_to_transformers_gives_back_every_tensor(pair, seq_2_seq_lm, tmp_path):
+    """HF -> here -> HF: the generation model and the encoder alone come back bit for bit, with nothing missing."""
+    _, model, backbone = pair
+    folder = seq_2_seq_lm.export_to_transformers(tmp_path / "generation")
+    reloaded, info = T5GemmaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[name] for name in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    original = model.state_dict()
+    for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, original[key], rtol=0, atol=0, msg=key)
+    encoder_folder = T5GemmaEmbedder(backbone).export_to_transformers(tmp_path / "encoder")
+    encoder, info = T5GemmaEncoderModel.from_pretrained(encoder_folder, output_loading_info=True)
+    assert not any(info[name] for name in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    for key, value in encoder.state_dict().items():
+        torch.testing.assert_close(value, original[f"model.{key}"], rtol=0, atol=0, msg=key)
 
 
 def test_checkpoint_mismatch_is_named(pair):

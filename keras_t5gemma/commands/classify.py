@@ -28,11 +28,10 @@ def add_parser(commands):
 
 def run_classify(args):
     """Prints each text's most likely class and its probability (or, with `--tokens`, each word's class)."""
-    from keras_t5gemma.models.t5gemma2.t5gemma2_text_classifier import T5Gemma2TextClassifier
-    from keras_t5gemma.models.t5gemma2.t5gemma2_token_classifier import T5Gemma2TokenClassifier
+    from keras_t5gemma.models.auto import classifier_class
 
     texts = texts_of(args, "texts")
-    classifier = (T5Gemma2TokenClassifier if args.tokens else T5Gemma2TextClassifier).from_preset(args.preset)
+    classifier = classifier_class(args.preset, per_word=args.tokens).from_preset(args.preset)
     names = classifier.labels or [str(i) for i in range(classifier.num_classes)]
     if args.tokens:
         for text, scores in zip(texts, classifier.predict_words(texts, batch_size=args.batch_size, verbose=0)):

@@ -7,6 +7,7 @@ of `encoder` / `decoder` (the released files) and `rope_parameters`
 
 import re
 
+from keras_t5gemma.conversion.config import TRANSFORMERS_VERSION
 from keras_t5gemma.conversion.quantized_loading import quantized_layers
 from keras_t5gemma.conversion.weights import LINEAR
 from keras_t5gemma.conversion.weights import WeightSpec
@@ -72,8 +73,12 @@ def check_t5gemma_config(config):
     for section in ("encoder", "decoder"):
         if not isinstance(config.get(section, {}), dict):
             raise ValueError(f"The T5Gemma config's `{section}` section must be a dict.")
-    if not config.get("is_encoder_decoder", True):
-        raise ValueError("Encoder-only T5Gemma configs are not supported; load with `encoder_only=True` instead.")
+
+
+def is_encoder_only_config(config):
+    """Whether the checkpoint holds the encoder alone (`is_encoder_decoder: false`: `T5GemmaEncoderModel`
+    and the encoder-only classifiers)."""
+    return not config.get("is_encoder_decoder", True)
 
 
 def backbone_kwargs_from_t5gemma_config(config):
@@ -168,20 +173,91 @@ def t5gemma_weight_specs(backbone):
         yield WeightSpec(stack.final_norm.scale, f"model.{side}.norm.weight")
 
 
-# The output projection is the decoder's table, tied.
-_TIED = re.compile(r"^lm_head\.out_proj\.weight$")
+# The output projection is the decoder's table, tied; a classifier's head is read by `load_classifier_head`.
+_TIED = re.compile(r"^(lm_head\.out_proj\.weight|score\.out_proj\.(weight|bias))$")
 _DECODER = re.compile(r"^model\.decoder\.")
+# `T5GemmaEncoderModel` stores the encoder at the top level (`encoder.layers.N...`).
+_TOP_LEVEL_ENCODER = "encoder."
 
 
 def load_t5gemma_weights(backbone, keys, get_tensor, progress=None):
-    """Assigns every `T5GemmaBackbone` variable from a checkpoint (see `weights.assign_weights`)."""
+    """Assigns every `T5GemmaBackbone` variable from a checkpoint (see `weights.assign_weights`).
+
+    An encoder-only backbone reads only the encoder's tensors, from a full
+    checkpoint or an encoder-only one (`T5GemmaEncoderModel` keys included).
+    """
     left_out = [_TIED] if backbone.decoder is not None else [_TIED, _DECODER]
+    stored = {f"model.{key}" if key.startswith(_TOP_LEVEL_ENCODER) else key: key for key in keys}
     assign_weights(
         list(t5gemma_weight_specs(backbone)),
-        keys,
-        get_tensor,
+        stored,
+        lambda key: get_tensor(stored.get(key, key)),
         left_out,
         progress=progress,
         model_name="a T5Gemma checkpoint matching its config",
         quantized=quantized_layers(backbone),
     )
+
+
+# The released configs' `max_position_embeddings` (the decoder's generation limit; RoPE has no table).
+_MAX_POSITIONS = 8192
+
+
+def hf_config_from_t5gemma_backbone(
+    backbone, encoder_decoder=True, pad_token_id=0, bos_token_id=2, eos_token_id=1, dtype="float32"
+):
+    """A T5Gemma `config.json` dict, in the spelling `transformers` 5.23 writes, for `backbone`.
+
+    `encoder_decoder=False` writes `is_encoder_decoder: false` (a
+    `T5GemmaEncoderModel` or an encoder-only classifier); the decoder
+    section keeps the backbone's decoder sizes even where no decoder is
+    built. `backbone_kwargs_from_t5gemma_config` reads the result back to the
+    same arguments. The caller adds `architectures` and any head entries.
+    """
+    special_ids = {"pad_token_id": pad_token_id, "eos_token_id": eos_token_id, "bos_token_id": bos_token_id}
+
+    def module(side):
+        return {
+            "model_type": "t5_gemma_module",
+            "vocab_size": backbone.vocabulary_size,
+            "hidden_size": getattr(backbone, f"{side}_hidden_dim"),
+            "intermediate_size": getattr(backbone, f"{side}_intermediate_dim"),
+            "num_hidden_layers": getattr(backbone, f"{side}_num_layers"),
+            "num_attention_heads": getattr(backbone, f"{side}_num_heads"),
+            "num_key_value_heads": getattr(backbone, f"{side}_num_key_value_heads"),
+            "head_dim": getattr(backbone, f"{side}_head_dim"),
+            "layer_types": list(getattr(backbone, f"{side}_layer_types")),
+            "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": _MAX_POSITIONS,
+            "initializer_range": 0.02,
+            "rms_norm_eps": backbone.layer_norm_epsilon,
+            "use_cache": True,
+            **special_ids,
+            "tie_word_embeddings": True,
+            "rope_parameters": {"rope_theta": backbone.rope_wavelength, "rope_type": "default"},
+            "attention_bias": False,
+            "attention_dropout": backbone.attention_dropout,
+            "query_pre_attn_scalar": backbone.query_pre_attn_scalar,
+            "sliding_window": backbone.sliding_window,
+            "final_logit_softcapping": backbone.final_logit_soft_cap,
+            "attn_logit_softcapping": backbone.attention_logit_soft_cap,
+            "is_decoder": side == "decoder",
+            "dropout_rate": backbone.dropout,
+        }
+
+    decoder = {**module("decoder"), "cross_attention_hidden_size": backbone.encoder_hidden_dim}
+    return {
+        "model_type": "t5gemma",
+        "encoder": module("encoder"),
+        "decoder": decoder,
+        "is_encoder_decoder": encoder_decoder,
+        "dropout_rate": backbone.dropout,
+        "classifier_dropout_rate": 0.0,
+        "attention_dropout": backbone.attention_dropout,
+        "tie_word_embeddings": True,
+        "vocab_size": backbone.vocabulary_size,
+        "initializer_range": 0.02,
+        **special_ids,
+        "dtype": dtype,
+        "transformers_version": TRANSFORMERS_VERSION,
+    }

@@ -8,6 +8,7 @@ T5Gemma 2 (`T5Gemma2CheckpointLoader`); the model is text only.
 from keras_t5gemma.conversion.preset_loader import T5Gemma2CheckpointLoader
 from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import check_t5gemma_config
+from keras_t5gemma.conversion.t5gemma_config import is_encoder_only_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
 from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
 
@@ -45,6 +46,10 @@ class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
                 f"`{self.preset}` is a T5Gemma (first generation) checkpoint; load it with `T5GemmaBackbone` or "
                 f"`T5GemmaSeq2SeqLM`, not `{cls.__name__}`."
             )
+
+        if is_encoder_only_config(self.config):
+            # The checkpoint holds no decoder (`is_encoder_decoder: false`): the backbone builds none.
+            encoder_only = True
 
         def build(policy):
             return backbone_from_t5gemma_config(

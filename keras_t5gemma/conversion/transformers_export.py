@@ -1,10 +1,19 @@
 """keras_t5gemma models to Hugging Face `transformers` folders: the weight table run backwards.
 
 Registered as the "transformers" exporter in `keras_t5gemma/conversion/__init__.py`;
-`export_to_transformers` on the backbone, the seq2seq task and the embedder
-calls it. Every tensor comes from `weight_specs` (the table the loader uses)
-through `WeightSpec.to_checkpoint`, so a checkpoint read in and written out
-comes back bit for bit.
+`export_to_transformers` on the backbone and every task of both families
+calls it. Every tensor comes from the family's weight table (`weight_specs`,
+`t5gemma_weight_specs`: the tables the loaders use) through
+`WeightSpec.to_checkpoint`, so a checkpoint read in and written out comes
+back bit for bit.
+
+What each model becomes:
+
+- backbone, seq2seq LM: `T5Gemma2ForConditionalGeneration`, `T5GemmaForConditionalGeneration`;
+- embedder, encoder-only backbone: `T5Gemma2Encoder`, `T5GemmaEncoderModel`;
+- text and token classifiers: `T5Gemma2For{Sequence,Token}Classification`,
+  `T5GemmaFor{Sequence,Token}Classification` (`is_encoder_decoder` false
+  where the backbone has no decoder).
 
 The folder is written next to its destination under a temporary name and
 renamed into place when complete (`utils/safe_files.py`), so a failed export
@@ -25,11 +34,15 @@ from keras_t5gemma.conversion.checkpoint import SAFETENSORS_INDEX
 from keras_t5gemma.conversion.config import TRANSFORMERS_VERSION
 from keras_t5gemma.conversion.config import hf_config_from_backbone
 from keras_t5gemma.conversion.image_processor import hf_image_processor_from_converter
+from keras_t5gemma.conversion.t5gemma_config import hf_config_from_t5gemma_backbone
+from keras_t5gemma.conversion.t5gemma_config import t5gemma_weight_specs
 from keras_t5gemma.conversion.vocabulary import tokenizer_json_from_proto
 from keras_t5gemma.conversion.weights import classifier_head_specs
 from keras_t5gemma.conversion.weights import weight_specs
+from keras_t5gemma.models.classification import ClassifierTask
+from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2.t5gemma2_classification import T5Gemma2Classifier
+from keras_t5gemma.models.t5gemma2.t5gemma2_embedder import T5Gemma2Embedder
 from keras_t5gemma.utils.safe_files import atomic_folder
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -41,7 +54,7 @@ _EXPORT_FILE = re.compile(
     r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json|generation_config\.json"
     r"|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|processor_config\.json)$"
 )
-# A standalone `T5Gemma2Encoder` stores its tensors without the `model.encoder.` prefix.
+# A standalone `T5Gemma2Encoder` (`T5GemmaEncoderModel`: `encoder.`) stores its tensors without `model.encoder.`.
 _ENCODER_PREFIX = "model.encoder."
 
 
@@ -62,14 +75,13 @@ def parse_size(size):
 def _parts(model):
     """`(backbone, preprocessor or None, encoder_only)` of a backbone, task or embedder."""
     backbone = getattr(model, "backbone", model)
-    if not isinstance(backbone, T5Gemma2Backbone):
+    if not isinstance(backbone, (T5Gemma2Backbone, T5GemmaBackbone)):
         raise ValueError(
-            f"Export to `transformers` covers T5Gemma 2 models; `{type(backbone).__name__}` is not one "
-            "(T5Gemma, the first generation, has no exporter yet)."
+            f"Export to `transformers` covers the T5Gemma and T5Gemma 2 models; `{type(backbone).__name__}` is not one."
         )
     preprocessor = getattr(model, "preprocessor", None)
     # An embedder only needs the encoder, whatever its backbone holds.
-    encoder_only = backbone.decoder is None or type(model).__name__ == "T5Gemma2Embedder"
+    encoder_only = backbone.decoder is None or isinstance(model, T5Gemma2Embedder)
     return backbone, preprocessor, encoder_only
 
 
@@ -79,20 +91,28 @@ def _check_not_quantized(backbone):
     )
     if quantized:
         raise ValueError(
-            f"This model is quantized ({', '.join(quantized)}); transformers' T5Gemma 2 has no layout for "
+            f"This model is quantized ({', '.join(quantized)}); transformers' T5Gemma models have no layout for "
             "quantized weights. Export the model before calling `quantize()` (load the preset again)."
         )
 
 
 def _tensors(backbone, encoder_only, classifier=None):
-    """`[(checkpoint key, WeightSpec)]` in table order (a classifier's head last); LoRA kernels read merged."""
+    """`[(checkpoint key, WeightSpec)]` in table order (a classifier's head last); LoRA kernels read merged.
+
+    An encoder-only model without a head is a standalone encoder, its keys without `model.encoder.`
+    (`encoder.` for T5Gemma); an encoder-only T5Gemma classifier keeps them.
+    """
+    first_family = isinstance(backbone, T5GemmaBackbone)
+    specs = t5gemma_weight_specs(backbone) if first_family else weight_specs(backbone)
+    standalone = "encoder." if first_family else ""
     tensors = []
-    for spec in weight_specs(backbone):
+    for spec in specs:
         key = spec.key
         if encoder_only:
             if not key.startswith(_ENCODER_PREFIX):
                 continue
-            key = key[len(_ENCODER_PREFIX) :]
+            if classifier is None:
+                key = standalone + key[len(_ENCODER_PREFIX) :]
         tensors.append((key, spec))
     if classifier is not None:
         tensors.extend((spec.key, spec) for spec in classifier_head_specs(classifier))
@@ -108,8 +128,9 @@ def _classifier_config(classifier):
         )
     labels = classifier.labels or [f"LABEL_{i}" for i in range(classifier.num_classes)]
     kind = "Token" if classifier.per_token else "Sequence"
+    family = "T5Gemma" if isinstance(classifier.backbone, T5GemmaBackbone) else "T5Gemma2"
     return {
-        "architectures": [f"T5Gemma2For{kind}Classification"],
+        "architectures": [f"{family}For{kind}Classification"],
         "id2label": {str(i): label for i, label in enumerate(labels)},
         "label2id": {label: i for i, label in enumerate(labels)},
         "classifier_dropout_rate": classifier.dropout,
@@ -180,6 +201,10 @@ def _write_json(path, data):
 
 def _special_ids(tokenizer, backbone):
     """pad/bos/eos and start-of-image ids: the tokenizer's, else Gemma 3's layout."""
+    if isinstance(backbone, T5GemmaBackbone):
+        if tokenizer is None:
+            return {"pad": 0, "bos": 2, "eos": 1}
+        return {"pad": tokenizer.pad_token_id, "bos": tokenizer.start_token_id, "eos": tokenizer.end_token_id}
     if tokenizer is None:
         # Gemma 3 puts <start_of_image> just before <end_of_image>.
         return {"pad": 0, "bos": 2, "eos": 1, "boi": backbone.eoi_token_index - 1}
@@ -272,32 +297,44 @@ def _check_destination(path, overwrite):
 
 
 def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwrite=False):
-    """Writes `model` (backbone, `T5Gemma2Seq2SeqLM` or `T5Gemma2Embedder`) as a `transformers` folder.
+    """Writes `model` (a backbone or task of either family) as a `transformers` folder.
 
     See `t5gemma2_task.export_to_transformers` for the arguments.
     Returns the folder's path.
     """
     backbone, preprocessor, encoder_only = _parts(model)
     _check_not_quantized(backbone)
-    dtype = dtype or keras.backend.standardize_dtype(backbone.token_embedding.table.embeddings.dtype)
+    table = (backbone.token_embedding or backbone.encoder_token_embedding).table
+    dtype = dtype or keras.backend.standardize_dtype(table.embeddings.dtype)
     if dtype not in _NUMPY_DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(_NUMPY_DTYPES)}; got {dtype!r}.")
     max_shard_size = parse_size(max_shard_size)
     path = Path(path).expanduser().absolute()
     tokenizer = getattr(preprocessor, "tokenizer", None)
     ids = _special_ids(tokenizer, backbone)
-    classifier = model if isinstance(model, T5Gemma2Classifier) else None
+    classifier = model if isinstance(model, ClassifierTask) else None
     if classifier is not None:
         # The reference builds the decoder input from `bos_token_id` and reads the head by `pad_token_id`.
         ids.update(bos=classifier.start_token_id, pad=classifier.pad_token_id)
-    config = hf_config_from_backbone(
-        backbone if not encoder_only or backbone.decoder is None else _EncoderView(backbone),
-        boi_token_id=ids["boi"],
-        pad_token_id=ids["pad"],
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        dtype=dtype,
-    )
+    if isinstance(backbone, T5GemmaBackbone):
+        config = hf_config_from_t5gemma_backbone(
+            backbone,
+            encoder_decoder=not encoder_only,
+            pad_token_id=ids["pad"],
+            bos_token_id=ids["bos"],
+            eos_token_id=ids["eos"],
+            dtype=dtype,
+        )
+        config["architectures"] = ["T5GemmaEncoderModel" if encoder_only else "T5GemmaForConditionalGeneration"]
+    else:
+        config = hf_config_from_backbone(
+            backbone if not encoder_only or backbone.decoder is None else _EncoderView(backbone),
+            boi_token_id=ids["boi"],
+            pad_token_id=ids["pad"],
+            bos_token_id=ids["bos"],
+            eos_token_id=ids["eos"],
+            dtype=dtype,
+        )
     if classifier is not None:
         config.update(_classifier_config(classifier))
     _check_destination(path, overwrite)

@@ -6,6 +6,10 @@ from keras_t5gemma.models.t5gemma.t5gemma_embedder_preprocessor import T5GemmaEm
 from keras_t5gemma.models.t5gemma.t5gemma_presets import backbone_presets as t5gemma_backbone_presets
 from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
 from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm_preprocessor import T5GemmaSeq2SeqLMPreprocessor
+from keras_t5gemma.models.t5gemma.t5gemma_text_classifier import T5GemmaTextClassifier
+from keras_t5gemma.models.t5gemma.t5gemma_text_classifier_preprocessor import T5GemmaTextClassifierPreprocessor
+from keras_t5gemma.models.t5gemma.t5gemma_token_classifier import T5GemmaTokenClassifier
+from keras_t5gemma.models.t5gemma.t5gemma_token_classifier_preprocessor import T5GemmaTokenClassifierPreprocessor
 from keras_t5gemma.models.t5gemma.t5gemma_tokenizer import T5GemmaTokenizer
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2.t5gemma2_embedder import T5Gemma2Embedder
@@ -38,6 +42,10 @@ __all__ = [
     "T5GemmaEmbedderPreprocessor",
     "T5GemmaSeq2SeqLM",
     "T5GemmaSeq2SeqLMPreprocessor",
+    "T5GemmaTextClassifier",
+    "T5GemmaTextClassifierPreprocessor",
+    "T5GemmaTokenClassifier",
+    "T5GemmaTokenClassifierPreprocessor",
     "T5GemmaTokenizer",
 ]
 
@@ -66,6 +74,10 @@ register_presets(
         T5GemmaEmbedderPreprocessor,
         T5GemmaSeq2SeqLM,
         T5GemmaSeq2SeqLMPreprocessor,
+        T5GemmaTextClassifier,
+        T5GemmaTextClassifierPreprocessor,
+        T5GemmaTokenClassifier,
+        T5GemmaTokenClassifierPreprocessor,
         T5GemmaTokenizer,
     ],
 )

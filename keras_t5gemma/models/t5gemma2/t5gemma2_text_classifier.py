@@ -1,20 +1,15 @@
 """T5Gemma 2 sequence classification: one class per input, read where the reference reads it."""
 
 import keras
-from keras_hub.models import TextClassifier
 
+from keras_t5gemma.models.classification import SequenceClassifierTask
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2.t5gemma2_classification import T5Gemma2Classifier
-from keras_t5gemma.models.t5gemma2.t5gemma2_classification import encoder_inputs
-from keras_t5gemma.models.t5gemma2.t5gemma2_classification import last_non_pad_position
-from keras_t5gemma.models.t5gemma2.t5gemma2_classification import reference_decoder_states
+from keras_t5gemma.models.t5gemma2.t5gemma2_classification import t5gemma2_reference_states
 from keras_t5gemma.models.t5gemma2.t5gemma2_text_classifier_preprocessor import T5Gemma2TextClassifierPreprocessor
-from keras_t5gemma.models.task import is_model_input
-from keras_t5gemma.utils.keras_hub_compat import tf
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2TextClassifier(T5Gemma2Classifier, TextClassifier):
+class T5Gemma2TextClassifier(SequenceClassifierTask):
     """T5Gemma 2 with a classification head: one label per input (text, or text with images).
 
     Built as `transformers`' `T5Gemma2ForSequenceClassification`: the encoder
@@ -58,41 +53,4 @@ class T5Gemma2TextClassifier(T5Gemma2Classifier, TextClassifier):
     backbone_cls = T5Gemma2Backbone
     preprocessor_cls = T5Gemma2TextClassifierPreprocessor
 
-    def __init__(
-        self,
-        backbone,
-        num_classes,
-        preprocessor=None,
-        dropout=0.0,
-        labels=None,
-        start_token_id=None,
-        pad_token_id=None,
-        activation=None,
-        train_vision_tower=False,
-        **kwargs,
-    ):
-        self._configure(backbone, preprocessor, num_classes, dropout, labels, start_token_id, pad_token_id, activation)
-
-        # === Functional model ===
-        inputs = encoder_inputs(backbone)
-        decoder_token_ids, hidden = reference_decoder_states(backbone, inputs, self.start_token_id)
-        # [batch]: the decoder position that is read.
-        position = last_non_pad_position(decoder_token_ids, self.pad_token_id)
-        # [batch, hidden_dim]
-        pooled = keras.ops.take_along_axis(hidden, position[:, None, None], axis=1)[:, 0]
-        super().__init__(inputs=inputs, outputs=self._head(pooled), **kwargs)
-
-        # === Config ===
-        self.train_vision_tower = train_vision_tower
-
-    def predict(self, x=None, batch_size=None, **kwargs):
-        """Scores `(B, num_classes)`, one row per input in order.
-
-        Strings, `{"text": ..., "images": ...}` dicts (images of any sizes)
-        and lists of those are preprocessed in batches of `batch_size`
-        (default 32); model inputs and datasets go to Keras' `predict`.
-        """
-        if self.preprocessor is None or is_model_input(x) or isinstance(x, tf.data.Dataset) or tf.is_tensor(x):
-            return super().predict(x, batch_size=batch_size, **kwargs)
-        samples = [{"text": text, "images": images} for text, images in self.preprocessor.as_samples(x)]
-        return self.predict_samples(samples, batch_size or 32)
+    reference_states = staticmethod(t5gemma2_reference_states)

@@ -1,20 +1,15 @@
 """T5Gemma 2 token classification: one class per input token."""
 
 import keras
-import numpy as np
-from keras_hub.models import Task
 
+from keras_t5gemma.models.classification import TokenClassifierTask
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
-from keras_t5gemma.models.t5gemma2.t5gemma2_classification import T5Gemma2Classifier
-from keras_t5gemma.models.t5gemma2.t5gemma2_classification import encoder_inputs
-from keras_t5gemma.models.t5gemma2.t5gemma2_classification import reference_decoder_states
+from keras_t5gemma.models.t5gemma2.t5gemma2_classification import t5gemma2_reference_states
 from keras_t5gemma.models.t5gemma2.t5gemma2_token_classifier_preprocessor import T5Gemma2TokenClassifierPreprocessor
-from keras_t5gemma.models.task import is_model_input
-from keras_t5gemma.utils.keras_hub_compat import tf
 
 
 @keras.saving.register_keras_serializable(package="keras_t5gemma")
-class T5Gemma2TokenClassifier(T5Gemma2Classifier, Task):
+class T5Gemma2TokenClassifier(TokenClassifierTask):
     """T5Gemma 2 with a classification head on every input token.
 
     Built as `transformers`' `T5Gemma2ForTokenClassification`: the encoder
@@ -62,87 +57,5 @@ class T5Gemma2TokenClassifier(T5Gemma2Classifier, Task):
 
     backbone_cls = T5Gemma2Backbone
     preprocessor_cls = T5Gemma2TokenClassifierPreprocessor
-    per_token = True
 
-    def __init__(
-        self,
-        backbone,
-        num_classes,
-        preprocessor=None,
-        dropout=0.0,
-        labels=None,
-        start_token_id=None,
-        pad_token_id=None,
-        activation=None,
-        train_vision_tower=False,
-        **kwargs,
-    ):
-        self._configure(backbone, preprocessor, num_classes, dropout, labels, start_token_id, pad_token_id, activation)
-
-        # === Functional model ===
-        inputs = encoder_inputs(backbone)
-        # [batch, seq, hidden_dim]
-        _, hidden = reference_decoder_states(backbone, inputs, self.start_token_id)
-        super().__init__(inputs=inputs, outputs=self._head(hidden), **kwargs)
-
-        # === Config ===
-        self.train_vision_tower = train_vision_tower
-
-    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", **kwargs):
-        """Keras `compile` with defaults: Adam(5e-5), sparse cross-entropy, token accuracy.
-
-        The accuracy is a weighted metric, so that only scored tokens (each
-        word's first token) count.
-        """
-        if optimizer == "auto":
-            optimizer = keras.optimizers.Adam(5e-5)
-        if loss == "auto":
-            from_logits = keras.activations.get(self.activation) != keras.activations.softmax
-            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-        if weighted_metrics == "auto":
-            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
-        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
-
-    # === Python input runs through the preprocessor first ===
-
-    def _eager_inputs(self, x):
-        return (
-            self.preprocessor is not None
-            and not isinstance(x, (tf.data.Dataset, keras.utils.PyDataset))
-            and not is_model_input(x)
-        )
-
-    def _preprocessed(self, x, y, sample_weight):
-        """`(x, y, sample_weight)` ready for the model, labels checked."""
-        if self._eager_inputs(x):
-            if y is None:
-                return self.preprocessor(x), None, None
-            x, y, sample_weight = self.preprocessor(x, y, sample_weight)
-        self._check_labels(y)
-        return x, y, sample_weight
-
-    def fit(self, x=None, y=None, batch_size=None, epochs=1, sample_weight=None, **kwargs):
-        """Keras `fit` on words and per-word labels (preprocessed first), or on token-id dicts."""
-        x, y, sample_weight = self._preprocessed(x, y, sample_weight)
-        return super().fit(x, y, batch_size=batch_size, epochs=epochs, sample_weight=sample_weight, **kwargs)
-
-    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
-        """Keras `evaluate` on words and per-word labels, or on token-id dicts."""
-        x, y, sample_weight = self._preprocessed(x, y, sample_weight)
-        return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
-
-    def predict(self, x, batch_size=None, **kwargs):
-        """Token scores `(B, S, num_classes)` for words (preprocessed first) or token-id dicts."""
-        x = self._preprocessed(x, None, None)[0]
-        return super().predict(x, batch_size=batch_size, **kwargs)
-
-    def predict_words(self, x, batch_size=None, **kwargs):
-        """Per sample, a `(words, num_classes)` array: the scores of each word's first token.
-
-        Words cut off by the preprocessor's `sequence_length` get no row.
-        """
-        if self.preprocessor is None:
-            raise ValueError("`predict_words` needs a preprocessor to split the input into words.")
-        scores = self.predict(x, batch_size=batch_size, **kwargs)
-        positions = self.preprocessor.first_token_positions(x)
-        return [np.asarray(row[index]) for row, index in zip(scores, positions)]
+    reference_states = staticmethod(t5gemma2_reference_states)

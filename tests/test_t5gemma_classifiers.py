@@ -1,0 +1,183 @@
+"""`T5GemmaTextClassifier` and `T5GemmaTokenClassifier`, both forms: parity with `transformers`' heads, loading
+and export.
+
+Each reference (`T5GemmaForSequenceClassification`, `...ForTokenClassification`,
+on the encoder-decoder and with `is_encoder_decoder=False`) gets random
+weights on an unbalanced (encoder wider and deeper), soft-capped tiny config
+with a `<pad>` id that is not 0; the classifier loaded from its saved folder
+must give its logits, and its export must give back every tensor bit for bit.
+"""
+
+import json
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import torch
+from conftest import assert_matches_reference
+from safetensors.numpy import load_file
+from transformers import T5GemmaConfig
+from transformers import T5GemmaEncoderModel
+from transformers import T5GemmaForSequenceClassification
+from transformers import T5GemmaForTokenClassification
+
+from keras_t5gemma import T5GemmaTextClassifier
+from keras_t5gemma import T5GemmaTokenClassifier
+
+LABELS = ["negative", "neutral", "positive"]
+PAD = 5
+HEADS = {
+    "sequence": (T5GemmaForSequenceClassification, T5GemmaTextClassifier),
+    "token": (T5GemmaForTokenClassification, T5GemmaTokenClassifier),
+}
+MODULE = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "sliding_window": 3,
+    "query_pre_attn_scalar": 8,
+    "attn_logit_softcapping": 5.0,
+    "final_logit_softcapping": 3.0,
+    "pad_token_id": PAD,
+}
+# The decoder narrower and shallower than the encoder (as 9b-2b), with head sizes of its own.
+DECODER = {**MODULE, "hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def reference_config(encoder_decoder=True, **top):
+    return T5GemmaConfig(
+        encoder=dict(MODULE),
+        decoder=dict(DECODER),
+        is_encoder_decoder=encoder_decoder,
+        num_labels=3,
+        id2label=dict(enumerate(LABELS)),
+        label2id={label: i for i, label in enumerate(LABELS)},
+        **top,
+    )
+
+
+def randomised(model, seed):
+    """`model` with every parameter random (norms and the head included), in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            std = 0.3 if parameter.ndim == 1 else 0.15
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=[(kind, form) for kind in HEADS for form in ("encoder_decoder", "encoder")])
+def checkpoint(request, tmp_path_factory):
+    """A Hugging Face classification checkpoint folder (no tokenizer files), its reference and the classifier."""
+    kind, form = request.param
+    reference_class, task_class = HEADS[kind]
+    config = reference_config(encoder_decoder=form == "encoder_decoder")
+    config._attn_implementation = "eager"
+    model = randomised(reference_class(config), seed=11)
+    folder = tmp_path_factory.mktemp(f"{kind}_{form}")
+    model.save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classifier = task_class.from_preset(str(folder), preprocessor=None)
+    return model, classifier, kind, form, folder
+
+
+def padded(rng, lengths, length, left=False):
+    ids = np.full((len(lengths), length), PAD, "int32")
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        span = slice(length - n, length) if left else slice(0, n)
+        ids[row, span] = rng.integers(6, MODULE["vocab_size"], n)
+        ids[row, span.start] = 2  # <bos>
+        mask[row, span] = 1
+    return ids, mask
+
+
+def reference_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def logits(classifier, ids, mask):
+    return keras.ops.convert_to_numpy(classifier({"encoder_token_ids": ids, "encoder_padding_mask": mask}))
+
+
+def compare(kind, ours, reference, mask):
+    if kind == "token":
+        # Padding positions are free; the reference scores them, but nothing reads them.
+        assert_matches_reference(ours, reference, np.repeat(mask[..., None], reference.shape[-1], -1))
+    else:
+        assert_matches_reference(ours, reference)
+
+
+def test_the_form_head_and_labels_come_from_the_checkpoint(checkpoint):
+    model, classifier, _, form, _ = checkpoint
+    assert classifier.num_classes == 3 and classifier.labels == LABELS
+    assert classifier.pad_token_id == PAD
+    # The encoder-only form builds no decoder at all.
+    assert (classifier.backbone.decoder is None) == (form == "encoder")
+    assert (classifier.backbone.token_embedding is None) == (form == "encoder")
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(classifier.output_dense.bias), model.score.out_proj.bias.detach().numpy()
+    )
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right_padded", "left_padded"])
+def test_padded_batch_matches_reference(checkpoint, rng, left):
+    model, classifier, kind, _, _ = checkpoint
+    ids, mask = padded(rng, [9, 5, 2, 9], 9, left=left)
+    compare(kind, logits(classifier, ids, mask), reference_logits(model, ids, mask), mask)
+
+
+def test_export_gives_back_every_tensor_bit_for_bit(checkpoint, tmp_path, rng):
+    model, classifier, kind, form, folder = checkpoint
+    exported = classifier.export_to_transformers(tmp_path / "exported")
+    assert load_file(exported / "model.safetensors").keys() == load_file(folder / "model.safetensors").keys()
+    for key, value in load_file(folder / "model.safetensors").items():
+        np.testing.assert_array_equal(load_file(exported / "model.safetensors")[key], value, err_msg=key)
+    config = json.loads((exported / "config.json").read_text())
+    assert config["is_encoder_decoder"] == (form == "encoder_decoder")
+    reloaded, info = HEADS[kind][0].from_pretrained(exported, output_loading_info=True)
+    assert not any(info[name] for name in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert reloaded.config.id2label == dict(enumerate(LABELS)) and reloaded.config.pad_token_id == PAD
+    ids, mask = padded(rng, [7, 3], 7)
+    compare(kind, logits(classifier, ids, mask), reference_logits(reloaded.eval(), ids, mask), mask)
+
+
+def test_encoder_only_form_from_a_generation_checkpoint_reads_no_decoder(tmp_path, rng):
+    """`encoder_only=True` on a full checkpoint: a new head over the reference encoder's states."""
+    config = reference_config()
+    config._attn_implementation = "eager"
+    full = randomised(T5GemmaForSequenceClassification(config), seed=3)
+    full.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classifier = T5GemmaTokenClassifier.from_preset(
+            str(tmp_path), num_classes=2, preprocessor=None, encoder_only=True
+        )
+    assert classifier.backbone.decoder is None
+    encoder_config = reference_config(encoder_decoder=False)
+    encoder_config._attn_implementation = "eager"
+    encoder = T5GemmaEncoderModel(encoder_config).eval()
+    encoder.encoder.load_state_dict(full.model.encoder.state_dict())
+    ids, mask = padded(rng, [8, 4], 8)
+    with torch.no_grad():
+        states = encoder(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask)).last_hidden_state
+    head = classifier.output_dense
+    reference = states.numpy() @ keras.ops.convert_to_numpy(head.kernel) + keras.ops.convert_to_numpy(head.bias)
+    compare("token", logits(classifier, ids, mask), reference, mask)
+
+
+def test_classifier_round_trips_through_a_keras_file(checkpoint, tmp_path, rng):
+    _, classifier, _, form, _ = checkpoint
+    path = tmp_path / "classifier.keras"
+    classifier.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is type(classifier) and (loaded.backbone.decoder is None) == (form == "encoder")
+    ids, mask = padded(rng, [6, 3], 6)
+    np.testing.assert_array_equal(logits(loaded, ids, mask), logits(classifier, ids, mask))
