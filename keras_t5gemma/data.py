@@ -314,7 +314,7 @@ def _pyarrow_parquet():
     return parquet
 
 
-def _streamed_lines(path, newline=None, encoding=DEFAULT_ENCODING, block_size=1 << 20):
+def _streamed_lines(path, newline=None, encoding=DEFAULT_ENCODING, block_size=1 << 18):
     """The lines of a text file as `_text_lines` splits them, decoded a block at a time (never all in memory).
 
     A byte that is not text in `encoding` is named with its line and column,

@@ -23,7 +23,7 @@ def add_parser(commands):
         "command on every host with --multi-host. From Python: keras_t5gemma.training.fine_tune.fine_tune(...).",
     )
     add_preset(parser)
-    parser.add_argument("data", help="a .jsonl or .csv file")
+    parser.add_argument("data", help="a .jsonl or .csv file (streamed: also .parquet, or a quoted glob of files)")
     add_encoding(parser, "the data file")
     task = (
         'generate: input/target pairs (T5Gemma2Seq2SeqLM); classify: JSONL {"input": ..., "label": ...} lines '
@@ -78,6 +78,16 @@ def add_parser(commands):
         "found by itself on a Cloud TPU pod)"
     )
     parser.add_argument("--multi-host", action="store_true", help=multi_host)
+    stream = (
+        "read DATA as a stream, never all in memory: shuffled in windows of --shuffle-buffer records, each process "
+        "reading its shard, the position saved with each checkpoint so that --resume goes on with the next unseen "
+        "example (default: streamed for a glob, a Parquet file or a file over 1 GiB; text pairs only)"
+    )
+    parser.add_argument("--stream", action="store_true", default=None, help=stream)
+    shuffle = "records shuffled together when streaming " + DEFAULT
+    parser.add_argument("--shuffle-buffer", type=positive_int, default=10_000, help=shuffle)
+    every = "when streaming, also save a checkpoint every STEPS steps (default: after each epoch only)"
+    parser.add_argument("--checkpoint-every", type=positive_int, metavar="STEPS", help=every)
     parser.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default: 0)")
     quiet = "no progress output (default: a progress bar on a terminal, else a line per epoch)"
     parser.add_argument("--quiet", action="store_true", help=quiet)

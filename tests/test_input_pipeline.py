@@ -1,0 +1,208 @@
+"""The streamed input of `fine_tune` (`keras_t5gemma.training.input_pipeline`) and the streamed readers of `data`."""
+
+import collections
+import itertools
+import json
+import os
+import tracemalloc
+
+import pytest
+
+from keras_t5gemma import data
+from keras_t5gemma.training import input_pipeline
+from keras_t5gemma.training.input_pipeline import ExampleStream
+from keras_t5gemma.training.input_pipeline import StreamPosition
+
+
+def write_jsonl(path, start, count, width=0):
+    with open(path, "w", encoding="utf-8") as file:
+        for i in range(start, start + count):
+            file.write(json.dumps({"input": f"q{i} " + "x" * width, "target": f"a{i}"}) + "\n")
+    return path
+
+
+def inputs(batches):
+    return [text.split()[0] for batch in batches for text in batch["encoder_text"]]
+
+
+def test_streamed_reading_is_lazy_and_bounded(tmp_path):
+    # 4,000 records of ~2 KB (8 MB) and a byte that is not UTF-8 at the very end.
+    path = write_jsonl(tmp_path / "big.jsonl", 0, 4000, width=2000)
+    with open(path, "ab") as file:
+        file.write(b'{"input": "\xff", "target": "t"}\n')
+    with pytest.raises(ValueError, match=r"big.jsonl, line 4001, byte 12: not utf-8"):
+        data.read_pairs(path)
+    # Reading only the start never reaches the bad byte: the file is read lazily.
+    first = [where for where, _ in itertools.islice(data.stream_records(path), 3)]
+    assert first == [f"{path}, line {n}" for n in (1, 2, 3)]
+    path.write_bytes(path.read_bytes().replace(b"\xff", b"ok"))
+    tracemalloc.start()
+    try:
+        stream = ExampleStream(path, batch_size=8, shuffle_buffer=32, seed=1)
+        seen = inputs(itertools.islice(stream.batches(), 100))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(seen) == 800 == len(set(seen))
+    # The file is 8 MB; counting it and streaming 800 records held about a window of 32 records and a block.
+    assert peak < 2 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_an_epoch_visits_every_record_once_in_a_seeded_order(tmp_path):
+    files = [write_jsonl(tmp_path / f"part{n}.jsonl", 10 * n, 10) for n in range(3)]
+    stream = ExampleStream(str(tmp_path / "part*.jsonl"), batch_size=4, shuffle_buffer=7, seed=3)
+    assert stream.files == [str(path) for path in files] and stream.steps_per_epoch == 8  # 30 / 4, rounded up
+    epochs = [inputs(itertools.islice(stream.batches(StreamPosition(epoch, 0)), 8)) for epoch in range(2)]
+    for seen in epochs:
+        assert sorted(seen) == sorted(f"q{i}" for i in range(30))
+    assert epochs[0] != epochs[1] and epochs[0] != [f"q{i}" for i in range(30)]
+    again = ExampleStream(str(tmp_path / "part*.jsonl"), batch_size=4, shuffle_buffer=7, seed=3)
+    assert inputs(itertools.islice(again.batches(), 16)) == epochs[0] + epochs[1]
+
+
+def test_a_position_resumes_with_the_next_unseen_example(tmp_path):
+    for n in range(2):
+        write_jsonl(tmp_path / f"part{n}.jsonl", 20 * n, 20)
+    stream = ExampleStream(str(tmp_path / "*.jsonl"), batch_size=3, shuffle_buffer=5, seed=0)
+    steps = stream.steps_per_epoch
+    assert steps == 14  # 40 / 3: the last batch of each epoch holds one example
+    whole = list(itertools.islice(stream.batches(), 2 * steps))
+    for done in range(2 * steps):
+        position = stream.position_of(json.loads(json.dumps(stream.state(stream.position_after(done)))))
+        assert inputs(itertools.islice(stream.batches(position), 2 * steps - done)) == inputs(whole[done:]), done
+    # A position written for other data is refused, naming what changed.
+    state = stream.state(StreamPosition(0, 3))
+    write_jsonl(tmp_path / "part1.jsonl", 20, 21)
+    changed = ExampleStream(str(tmp_path / "*.jsonl"), batch_size=3, shuffle_buffer=5, seed=0)
+    with pytest.raises(ValueError, match="other data or settings.*fingerprint"):
+        changed.position_of(state)
+
+
+def test_two_processes_read_disjoint_shards_that_cover_the_set(tmp_path):
+    for n in range(3):
+        write_jsonl(tmp_path / f"part{n}.jsonl", 8 * n, 8)
+    shards = [
+        ExampleStream(str(tmp_path / "*.jsonl"), batch_size=4, shuffle_buffer=4, seed=5, shard_index=i, shard_count=2)
+        for i in range(2)
+    ]
+    assert [shard.process_batch_size for shard in shards] == [2, 2] and shards[0].steps_per_epoch == 6
+    for epoch in range(2):
+        parts = [
+            inputs(itertools.islice(shard.batches(StreamPosition(epoch, 0)), shard.steps_per_epoch)) for shard in shards
+        ]
+        assert not set(parts[0]) & set(parts[1])
+        assert sorted(parts[0] + parts[1]) == sorted(f"q{i}" for i in range(24))
+    # Every process reads only its records: the other shard's are never parsed (a bad one goes unnoticed).
+    lines = (tmp_path / "part0.jsonl").read_text().splitlines()
+    lines[1] = "not json"  # record 1: shard 1's
+    (tmp_path / "part0.jsonl").write_text("\n".join(lines) + "\n")
+    first = ExampleStream(str(tmp_path / "*.jsonl"), batch_size=4, shuffle_buffer=4, seed=5, shard_count=2)
+    assert len(inputs(itertools.islice(first.batches(), first.steps_per_epoch))) == 12
+    second = ExampleStream(
+        str(tmp_path / "*.jsonl"), batch_size=4, shuffle_buffer=4, seed=5, shard_index=1, shard_count=2
+    )
+    with pytest.raises(ValueError, match=r"part0.jsonl, line 2: not valid JSON"):
+        list(itertools.islice(second.batches(), second.steps_per_epoch))
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.jsonl", '{"input": "a", "target": "b"}\n\n{"input": "c"}\n', r"bad.jsonl, line 3: `target` must be"),
+        ("bad.jsonl", '{"input": "a", "target": "b"}\n[1, 2\n', r"bad.jsonl, line 2: not valid JSON"),
+        ("bad.csv", 'input,target\n"a\nb",c\nd\n', r"bad.csv, line 4: `target` must be a string; got None"),
+        ("bad.csv", "input,answer\na,b\n", r"bad.csv: the CSV header must name the columns `input` and `target`"),
+    ],
+)
+def test_bad_rows_are_named_by_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        list(ExampleStream(path, batch_size=1, shuffle_buffer=1).examples(0))
+
+
+def test_parquet_files_stream_by_row_group(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow", reason="the test extra installs pyarrow (the parquet extra)")
+    import pyarrow.parquet as parquet
+
+    table = pyarrow.table({"input": [f"q{i}" for i in range(10)], "target": [f"a{i}" for i in range(10)]})
+    parquet.write_table(table, tmp_path / "part0.parquet", row_group_size=4)
+    write_jsonl(tmp_path / "part1.jsonl", 10, 5)
+    assert data.count_records(str(tmp_path / "part0.parquet")) == 10
+    # From row 6: the first row group (rows 1-4) is skipped whole.
+    rest = list(data.stream_records(str(tmp_path / "part0.parquet"), start=5))
+    assert [where.rsplit(", ", 1)[1] for where, _ in rest] == [f"row {n}" for n in range(6, 11)]
+    assert [record["input"] for _, record in rest] == [f"q{i}" for i in range(5, 10)]
+    files = [str(tmp_path / "part0.parquet"), str(tmp_path / "part1.jsonl")]
+    assert input_pipeline.streams_by_default(files[0]) and input_pipeline.streams_by_default(files)
+    assert not input_pipeline.streams_by_default(files[1])
+    stream = ExampleStream(files, batch_size=5, shuffle_buffer=3, seed=2)
+    assert sorted(inputs(itertools.islice(stream.batches(), 3))) == sorted(f"q{i}" for i in range(15))
+    bad = pyarrow.table({"input": ["q", None], "target": ["a", "b"]})
+    parquet.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet, row 2: `input` must be a string"):
+        list(ExampleStream(str(tmp_path / "bad.parquet"), batch_size=1).examples(0))
+
+
+class LoggedStream(ExampleStream):
+    """An `ExampleStream` that notes, for each iteration of its batches, the inputs of every batch handed over."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.iterations = []
+
+    def batches(self, position=StreamPosition()):
+        handed = []
+        self.iterations.append(handed)
+        for batch in super().batches(position):
+            handed.append([text.split()[0] for text in batch["encoder_text"]])
+            yield batch
+
+
+def test_fine_tune_resumed_after_an_interrupt_sees_every_example_once_per_epoch(tmp_path, monkeypatch):
+    from keras_t5gemma.training.fine_tune import FineTuneInterrupted
+    from keras_t5gemma.training.fine_tune import fine_tune
+
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as file:
+        for i in range(16):
+            file.write(json.dumps({"input": f"q{i} rotate: {i % 10} {(i + 3) % 10}", "target": f"{(i + 3) % 10}"}))
+            file.write("\n")
+    options = dict(
+        output=tmp_path / "out",
+        epochs=2,
+        batch_size=4,
+        encoder_length=12,
+        decoder_length=4,
+        checkpoint_every=3,
+        verbose=0,
+        log=None,
+    )
+    steps = 4  # 16 examples, batches of 4
+    save = input_pipeline._StreamCheckpoint.on_train_batch_end
+
+    def interrupt_at_step_7(callback, batch, logs=None):
+        save(callback, batch, logs)
+        if callback.epoch * steps + callback.offset + batch + 1 == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(input_pipeline._StreamCheckpoint, "on_train_batch_end", interrupt_at_step_7)
+    first = LoggedStream(path, batch_size=4, shuffle_buffer=10, seed=0)
+    with pytest.raises(FineTuneInterrupted) as stop:
+        fine_tune(first, **options)
+    # Checkpoints after steps 3, 4 (the first epoch's end) and 6 (2 kept); step 7 was lost with the process.
+    assert stop.value.checkpoint.endswith(os.path.join("checkpoints", "6"))
+    monkeypatch.undo()
+    second = LoggedStream(path, batch_size=4, shuffle_buffer=10, seed=0)
+    result = fine_tune(second, resume=True, **options)
+    assert result.initial_epoch == 1 and len(result.history.history["loss"]) == 1
+    # What the model trained on: the first 6 batches of the first run, then 2 of the resumed one (the rest of
+    # epoch 2). Keras reads a first iteration of the data to see its structure (the last iteration is the one
+    # trained on), and the pipeline reads ahead, so each handed over more batches than were trained.
+    trained = first.iterations[-1][:6] + second.iterations[-1][:2]
+    epochs = [[name for batch in trained[e * steps : (e + 1) * steps] for name in batch] for e in range(2)]
+    for seen in epochs:
+        counts = collections.Counter(seen)
+        assert sorted(counts) == sorted(f"q{i}" for i in range(16)) and set(counts.values()) == {1}, counts
+    assert epochs[0] != epochs[1]
+    assert sorted(os.listdir(os.path.join(result.run, "checkpoints"))) == ["6", "6.input.json", "8", "8.input.json"]
