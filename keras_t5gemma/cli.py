@@ -24,11 +24,13 @@ the command did not write is overwritten without `--overwrite`.
 """
 
 import argparse
+import os
 import sys
 
 from keras_t5gemma.commands import SUBCOMMANDS
 from keras_t5gemma.commands.common import CommandError
 from keras_t5gemma.commands.common import one_line
+from keras_t5gemma.utils.loading import QUIET_VARIABLE
 
 
 def build_parser():
@@ -41,6 +43,11 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add_parser in SUBCOMMANDS:
         add_parser(commands)
+    for command in commands.choices.values():
+        try:
+            command.add_argument("--quiet", action="store_true", help="no progress bars (loading included)")
+        except argparse.ArgumentError:
+            pass  # the command has its own --quiet (fine-tune, evaluate): it silences the loading bar too
     return parser
 
 
@@ -56,6 +63,8 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return 2
+        if args.quiet:
+            os.environ[QUIET_VARIABLE] = "1"
         return args.run(args)
     except CommandError as error:
         print(f"keras-t5gemma: error: {error}", file=sys.stderr)

@@ -145,6 +145,26 @@ def test_load_progress_counts_bytes():
     assert "3.00 MB / 3.00 MB" in stream.text and stream.text.rstrip().endswith("its weights hold 3.00 MB.")
 
 
+def test_quiet_silences_the_default_bar_in_a_terminal(monkeypatch):
+    from keras_t5gemma.cli import build_parser
+    from keras_t5gemma.cli import main
+    from keras_t5gemma.utils.loading import QUIET_VARIABLE
+    from keras_t5gemma.utils.loading import progress_wanted
+
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")
+    monkeypatch.setenv(QUIET_VARIABLE, "0")  # restored (unset) after the test, though `main` sets it
+    monkeypatch.setattr("sys.stderr", mock.Mock(isatty=lambda: True))
+    assert progress_wanted(None)
+    assert main(["presets", "--quiet"]) == 0
+    assert not progress_wanted(None) and progress_wanted(True)  # an explicit choice still wins
+    # Every subcommand takes --quiet (fine-tune and evaluate with their own, which silence more).
+    parser = build_parser()
+    commands = {"generate": ["x"], "embed": ["x"], "classify": ["x"], "serve": [], "fine-tune": ["x"]}
+    commands.update(evaluate=["x"], convert=["x", "y"], export=["x", "--format", "onnx"])
+    for name, arguments in commands.items():
+        assert parser.parse_args([name, *arguments, "--quiet"]).quiet, name
+
+
 class _Stream:
     text = ""
 

@@ -153,11 +153,20 @@ def model_bytes(model):
     return sum(int(np.prod(v.shape)) * numpy_dtype(v._dtype).itemsize for v in model.variables)
 
 
+# Set (to anything but "" or "0") to silence loading bars by default: `keras-t5gemma --quiet` sets it.
+QUIET_VARIABLE = "KERAS_T5GEMMA_QUIET"
+
+
 def progress_wanted(progress):
-    """Whether a load shows its bar: `progress` if a bool; by default in a terminal or a notebook, not under pytest."""
+    """Whether a load shows its bar: `progress` if a bool; by default in a terminal or a notebook.
+
+    Not by default under pytest, nor with `KERAS_T5GEMMA_QUIET` set.
+    """
     if isinstance(progress, bool):
         return progress
     if progress is not None or "PYTEST_CURRENT_TEST" in os.environ:
+        return False
+    if os.environ.get(QUIET_VARIABLE, "") not in ("", "0"):
         return False
     if "ipykernel" in sys.modules:
         return True
