@@ -249,3 +249,29 @@ def test_command_line_exports_several_precisions_and_generates_with_one(capsys, 
     assert main(["export", "--preset", DEMO, str(tmp_path / "x"), "--format", "onnx", "--precision", "q4,int3"]) == 2
     assert "Unknown precision ['int3']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_server_runs_the_precision_it_is_given(demo, monkeypatch):
+    pytest.importorskip("fastapi")
+    from keras_t5gemma.cli import build_parser
+    from keras_t5gemma.commands.serve import settings_from_args
+    from keras_t5gemma.serving import registry
+    from keras_t5gemma.serving.engines import OnnxEngine
+
+    _, folder, _, runtimes = demo
+    args = build_parser().parse_args(["serve", "--onnx", f"digits={folder}", "--onnx-precision", "q4f16"])
+    settings = settings_from_args(args)
+    opened = []
+
+    def engine(source, **options):
+        opened.append(options)
+        raise RuntimeError("opened")
+
+    monkeypatch.setattr(registry, "OnnxEngine", engine)
+    with pytest.raises(RuntimeError, match="opened"):
+        registry.ModelRegistry(settings.models, settings, None)._load(settings.models[0])
+    assert opened[0]["precision"] == "q4f16"
+    served = OnnxEngine(folder, **opened[0])
+    assert served.model.precision == "q4f16" and served.model._files["decoder"] == "decoder_q4f16.onnx"
+    prompts = [example.prompt for example in _held_out(4) if example.image is None]
+    assert served.model.generate(prompts) == runtimes["q4f16"].generate(prompts)

@@ -118,6 +118,8 @@ def add_parser(subcommands):
         "--no-warmup", action="store_true", help="skip compiling every bucketed shape at load (faster start)"
     )
     serve.add_argument("--onnx-threads", type=positive_int, help="onnxruntime intra-op threads (default: its own)")
+    precision = "the graph set each --onnx export runs: fp32, fp16, int8, q4 or q4f16 (default: the export's own)"
+    serve.add_argument("--onnx-precision", choices=("fp32", "fp16", "int8", "q4", "q4f16"), help=precision)
     serve.add_argument("--log-prompts", action="store_true", help="put prompt text in the request log lines")
     serve.set_defaults(run=run_serve)
     return serve
@@ -160,6 +162,7 @@ def settings_from_args(args):
         warmup=not args.no_warmup,
         log_prompts=args.log_prompts,
         onnx_threads=args.onnx_threads,
+        onnx_precision=args.onnx_precision,
     )
 
 

@@ -75,6 +75,7 @@ class ServerSettings:
     warmup: bool = True
     log_prompts: bool = False
     onnx_threads: int | None = None
+    onnx_precision: str | None = None
     started: float = field(default_factory=time.time)
 
 

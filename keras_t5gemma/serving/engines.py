@@ -154,11 +154,12 @@ class OnnxEngine:
 
     kind = "onnx"
 
-    def __init__(self, folder, threads=None):
+    def __init__(self, folder, threads=None, precision=None):
         from t5gemma_onnx import OnnxSeq2SeqLM
 
         self.preset = str(folder)
-        self.model = OnnxSeq2SeqLM(folder, threads=threads)
+        # precision: the export's graph set (fp32, fp16, int8, q4, q4f16); None for the export's default.
+        self.model = OnnxSeq2SeqLM(folder, threads=threads, precision=precision)
         if self.model.tokenizer is None:
             raise ValueError(f"the export {folder} has no tokenizer; the server needs one")
         settings = self.model.settings

@@ -131,7 +131,7 @@ class ModelRegistry:
         settings = self.settings
         started = time.monotonic()
         if spec.kind == "onnx":
-            engine = OnnxEngine(spec.source, threads=settings.onnx_threads)
+            engine = OnnxEngine(spec.source, threads=settings.onnx_threads, precision=settings.onnx_precision)
         else:
             engine = KerasEngine(spec.source, embed_batch_sizes=settings.batch_sizes)
         max_prompt_tokens = settings.max_prompt_tokens
