@@ -303,6 +303,8 @@ def write_vectors(path, texts, vectors, overwrite=False):
 
 # The files of input/target pairs that can be read as a stream.
 STREAM_SUFFIXES = (".jsonl", ".csv", ".parquet")
+# The files of raw text (continued pretraining): one document per line of a `.txt`, or JSONL `{"text": ...}`.
+TEXT_SUFFIXES = (".txt", ".jsonl")
 PARQUET_EXTRA = "pip install 'keras-t5gemma[parquet]'"
 
 
@@ -373,9 +375,11 @@ def _raise_not_text(path, offset, error):
 
 
 def stream_records(path, encoding=DEFAULT_ENCODING, start=0):
-    """`(where, record)` for the records of a `.jsonl`, `.csv` or `.parquet` file from record `start`, read lazily.
+    """`(where, record)` for the records of a `.jsonl`, `.csv`, `.parquet` or `.txt` file from record `start`, read
+    lazily.
 
-    A JSONL record is its line, unparsed (`pair_of_record` parses it): a
+    A `.txt` record is a non-blank line without its line end. A JSONL record
+    is its line, unparsed (`pair_of_record` parses it): a
     reader that skips other processes' records does not parse them. A CSV
     record is a dict of its columns, a Parquet record a dict of its
     `input`/`target`/`image` columns. `where` is `"PATH, line N"` (`"PATH, row
@@ -389,17 +393,17 @@ def stream_records(path, encoding=DEFAULT_ENCODING, start=0):
     """
     _check_file(path)
     suffix = Path(path).suffix.lower()
-    if suffix not in STREAM_SUFFIXES:
-        raise ValueError(f"{path}: expected a {', '.join(STREAM_SUFFIXES)} file")
+    if suffix not in (*STREAM_SUFFIXES, ".txt"):
+        raise ValueError(f"{path}: expected a {', '.join(STREAM_SUFFIXES)} or .txt file")
     if suffix == ".parquet":
         yield from _parquet_records(path, start)
         return
     number = 0
-    if suffix == ".jsonl":
+    if suffix in (".jsonl", ".txt"):
         for line_number, line in enumerate(_streamed_lines(path, encoding=encoding), 1):
             if line.strip():
                 if number >= start:
-                    yield f"{path}, line {line_number}", line
+                    yield f"{path}, line {line_number}", line if suffix == ".jsonl" else line.rstrip("\r\n")
                 number += 1
         return
     reader = csv.DictReader(_streamed_lines(path, newline="", encoding=encoding))

@@ -88,6 +88,12 @@ def add_parser(commands):
     parser.add_argument("--shuffle-buffer", type=positive_int, default=10_000, help=shuffle)
     every = "when streaming, also save a checkpoint every STEPS steps (default: after each epoch only)"
     parser.add_argument("--checkpoint-every", type=positive_int, metavar="STEPS", help=every)
+    objective = (
+        "continued pretraining on raw text instead of input/target pairs: DATA is .txt (a document per line) or "
+        'JSONL {"text": ...} files (or a quoted glob), streamed; prefix-lm cuts each document in two, ul2 draws '
+        "one of UL2's seven denoisers (span corruption and prefix LM) per document, as T5Gemma was adapted"
+    )
+    parser.add_argument("--objective", choices=("prefix-lm", "ul2"), help=objective)
     parser.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default: 0)")
     quiet = "no progress output (default: a progress bar on a terminal, else a line per epoch)"
     parser.add_argument("--quiet", action="store_true", help=quiet)

@@ -33,6 +33,7 @@ import keras
 import numpy as np
 
 from keras_t5gemma.data import DEFAULT_ENCODING
+from keras_t5gemma.data import TEXT_SUFFIXES
 from keras_t5gemma.data import check_pairs
 from keras_t5gemma.data import number_classes
 from keras_t5gemma.data import read_image
@@ -52,6 +53,7 @@ from keras_t5gemma.models.t5gemma2.t5gemma2_tokenizer import START_OF_IMAGE_PIEC
 from keras_t5gemma.training import checkpoints as training_checkpoints
 from keras_t5gemma.training import distribution as training_distribution
 from keras_t5gemma.training import input_pipeline
+from keras_t5gemma.training import objectives
 from keras_t5gemma.utils.safe_files import writer_lock
 
 DEFAULT_PRESET = "t5gemma2_tiny_digits"
@@ -176,6 +178,7 @@ def fine_tune(
     stream=None,
     shuffle_buffer=input_pipeline.DEFAULT_SHUFFLE_BUFFER,
     checkpoint_every=None,
+    objective=None,
 ):
     """Fine-tunes a preset on input/target pairs (or labelled texts) and saves it to `output`.
 
@@ -240,6 +243,11 @@ def fine_tune(
         shuffle_buffer: int, a streamed run's shuffle window (records).
         checkpoint_every: int or None, a streamed run also saves a checkpoint
             every this many steps (and after each epoch).
+        objective: None (input/target pairs), or `"prefix-lm"` / `"ul2"`:
+            continued pretraining on raw text, `data` being `.txt` files (a
+            document per line) or JSONL `{"text": ...}` files (or globs),
+            streamed, each document drawn into a pair by the T5Gemma papers'
+            denoisers (`training.objectives`).
 
     Returns:
         A `FineTuneResult`: the model, the history, the run folder.
@@ -306,8 +314,12 @@ def fine_tune(
     if batch_size % data_axis:
         raise ValueError(f"--batch-size {batch_size} must be a multiple of the mesh's batch axis ({data_axis})")
     parts, shard = training_distribution.data_shards(distribution)
-    streamed = isinstance(data, input_pipeline.ExampleStream) or (
-        input_pipeline.streams_by_default(data) if stream is None else stream
+    if objective is not None and stream is False:
+        raise ValueError(f"--objective {objective} reads its corpus as a stream: drop stream=False")
+    streamed = (
+        isinstance(data, input_pipeline.ExampleStream)
+        or objective is not None
+        or (input_pipeline.streams_by_default(data) if stream is None else stream)
     )
     if checkpoint_every and not streamed:
         raise ValueError("--checkpoint-every saves a streamed run's position within an epoch: add --stream")
@@ -323,6 +335,7 @@ def fine_tune(
                 shard_index=shard,
                 shard_count=parts,
                 encoding=encoding,
+                **_objective_reading(objective, seed),
             )
         pairs, source, digest = None, examples.source, examples.fingerprint()
     else:
@@ -345,6 +358,7 @@ def fine_tune(
         "seed": seed,
         # None for a run read in memory: the settings of runs from before streaming still match.
         "stream_shuffle_buffer": examples.shuffle_buffer if streamed else None,
+        "objective": objective,
     }
     run = _run_to_continue(output, settings) if resume else None
     # Seed before anything builds a tokenizer: seeding clears TF's caches.
@@ -467,6 +481,17 @@ def _pairs(data, encoding=DEFAULT_ENCODING):
             image.encode() if isinstance(image, str) else _pixels(image).tobytes() if image is not None else b""
         )
     return pairs, "the data", digest.hexdigest()
+
+
+def _objective_reading(objective, seed):
+    """`ExampleStream`'s options for a continued-pretraining objective's corpus (none for pairs)."""
+    if objective is None:
+        return {}
+    return {
+        "example": objectives.document_of_record,
+        "collate": objectives.ObjectiveBatches(objective, seed),
+        "suffixes": TEXT_SUFFIXES,
+    }
 
 
 def _run_to_continue(output, settings):

@@ -152,9 +152,10 @@ class ExampleStream:
         example: `example(record, where, path)`, a record (see
             `keras_t5gemma.data.stream_records`) made an example (default:
             an `(input, target, image)` pair, checked).
-        collate: `collate(examples, indices)`, a list of examples (and their
-            records' indices in the epoch's sequence, for seeding) made the
-            batch that `fit` takes (default: `pair_texts`).
+        collate: `collate(examples, keys)`, a list of examples made the
+            batch that `fit` takes (default: `pair_texts`); each example's
+            key `(epoch, index)` names it (`index` is its record's place in
+            the epoch's sequence), to seed what is drawn for it.
         signature: the batches' structure with a `(shape, dtype name)` pair
             per array, `None` for the batch axis (default: `PAIR_SIGNATURE`).
     """
@@ -277,7 +278,7 @@ class ExampleStream:
             examples, indices = [], []
             for index, example in self.examples(epoch, start):
                 examples.append(example)
-                indices.append(index)
+                indices.append((epoch, index))
                 if len(examples) == self.process_batch_size:
                     yield self.collate(examples, indices)
                     examples, indices = [], []
