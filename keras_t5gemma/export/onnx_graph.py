@@ -94,11 +94,17 @@ def quantize_int8_rows(matrix, block_size):
     (N, K // block_size))`, with `matrix ~= (codes - 128) * scales`.
     """
     rows, width = matrix.shape
-    blocks = matrix.reshape(rows, width // block_size, block_size).astype(np.float32)
-    scales = np.abs(blocks).max(axis=-1) / 127.0
-    scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
-    codes = np.clip(np.round(blocks / scales[..., None]), -127, 127) + INT8_ZERO_POINT
-    return codes.astype(np.uint8), scales
+    codes = np.empty((rows, width // block_size, block_size), np.uint8)
+    scales = np.empty((rows, width // block_size), np.float32)
+    # In slices of rows, so that the temporaries stay small beside a 262144-row table.
+    step = max(1, 2**22 // width)
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        blocks = np.asarray(matrix[part], np.float32).reshape(-1, width // block_size, block_size)
+        largest = np.abs(blocks).max(axis=-1) / 127.0
+        scales[part] = np.where(largest == 0, 1.0, largest)
+        codes[part] = np.clip(np.round(blocks / scales[part][..., None]), -127, 127) + INT8_ZERO_POINT
+    return codes, scales
 
 
 def quantize_q4_rows(matrix, block_size=Q4_BLOCK_SIZE):
@@ -111,13 +117,20 @@ def quantize_q4_rows(matrix, block_size=Q4_BLOCK_SIZE):
     """
     rows, width = matrix.shape
     blocks_per_row = -(-width // block_size)
-    padded = np.zeros((rows, blocks_per_row * block_size), np.float32)
-    padded[:, :width] = matrix
-    blocks = padded.reshape(rows, blocks_per_row, block_size)
-    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-    scales = np.where(extreme == 0, 1.0, extreme / -8.0).astype(np.float32)
-    codes = (np.clip(np.round(blocks / scales[..., None]), -8, 7) + Q4_ZERO_POINT).astype(np.uint8)
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8), scales
+    packed = np.empty((rows, blocks_per_row, block_size // 2), np.uint8)
+    scales = np.empty((rows, blocks_per_row), np.float32)
+    # In slices of rows, so that the temporaries stay small beside a 262144-row table.
+    step = max(1, 2**22 // (blocks_per_row * block_size))
+    for start in range(0, rows, step):
+        part = slice(start, start + step)
+        blocks = np.zeros((len(matrix[part]), blocks_per_row * block_size), np.float32)
+        blocks[:, :width] = matrix[part]
+        blocks = blocks.reshape(-1, blocks_per_row, block_size)
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        scales[part] = np.where(extreme == 0, 1.0, extreme / -8.0)
+        codes = (np.clip(np.round(blocks / scales[part][..., None]), -8, 7) + Q4_ZERO_POINT).astype(np.uint8)
+        packed[part] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed, scales
 
 
 def dequantize_q4_rows(packed, scales, width):
@@ -346,7 +359,7 @@ def linear(g, x, kernel, name, bias=None):
         y = matmul_nbits(g, x, g.weight(name + ".int8", codes), scales, input_width, output_width, 8, block_size)
     else:
         dtype = "float16" if g.weight_format == "float16" else "float32"
-        y = g.op("MatMul", [x, g.weight(name, np.asarray(kernel).astype(dtype))])
+        y = g.op("MatMul", [x, g.weight(name, np.asarray(kernel).astype(dtype, copy=False))])
     if bias is not None:
         y = g.op("Add", [y, g.weight(name + ".bias", np.asarray(bias).astype(g.activation))])
     return y
@@ -600,7 +613,7 @@ def embedding_table(g, table, name):
     block_size = int8_block_size(hidden_dim) if g.weight_format == "int8" else None
     if block_size is None:
         dtype = "float16" if g.weight_format == "float16" else "float32"
-        return {"table": g.weight(name, np.asarray(table).astype(dtype)), "shape": table.shape}
+        return {"table": g.weight(name, np.asarray(table).astype(dtype, copy=False)), "shape": table.shape}
     codes, scales = quantize_int8_rows(table, block_size)
     return {
         "codes": g.weight(name + ".int8", codes),
