@@ -104,6 +104,7 @@ UNDECLARED = {
     "sacrebleu": "optional (the `eval` extra): only `keras_t5gemma.evaluation`",
     "rouge_score": "optional (the `eval` extra): only `keras_t5gemma.evaluation`",
     "matplotlib": "optional (the `eval` extra): only `keras_t5gemma.evaluation`",
+    "pyarrow": "optional (the `parquet` extra): only Parquet files in `keras_t5gemma.data`",
 }
 # This distribution's own top-level packages besides `keras_t5gemma`.
 FIRST_PARTY = {"keras_t5gemma", "t5gemma_onnx"}
