@@ -206,3 +206,17 @@ def test_fine_tune_resumed_after_an_interrupt_sees_every_example_once_per_epoch(
         assert sorted(counts) == sorted(f"q{i}" for i in range(16)) and set(counts.values()) == {1}, counts
     assert epochs[0] != epochs[1]
     assert sorted(os.listdir(os.path.join(result.run, "checkpoints"))) == ["6", "6.input.json", "8", "8.input.json"]
+
+
+def test_fine_tune_refuses_streaming_options_it_cannot_honour(tmp_path):
+    from keras_t5gemma.training.fine_tune import fine_tune
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", 0, 4)
+    with pytest.raises(ValueError, match="--checkpoint-every saves a streamed run's position.*add --stream"):
+        fine_tune(path, tmp_path / "a", checkpoint_every=2, log=None)
+    with pytest.raises(ValueError, match="--task classify reads its labelled data in memory: drop --objective"):
+        fine_tune(path, tmp_path / "b", task="classify", stream=True, log=None)
+    with pytest.raises(ValueError, match="reads its corpus as a stream: drop stream=False"):
+        fine_tune(path, tmp_path / "c", objective="ul2", stream=False, log=None)
+    with pytest.raises(ValueError, match=r"pairs.jsonl has 4 examples, fewer than one batch of 8"):
+        ExampleStream(path, batch_size=8, drop_remainder=True)

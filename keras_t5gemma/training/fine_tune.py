@@ -270,6 +270,10 @@ def fine_tune(
     if task != "generate":
         if eval_data is not None:
             raise ValueError(f"--eval scores generated answers; --task {task} does not generate")
+        if objective or stream or checkpoint_every:
+            raise ValueError(
+                f"--task {task} reads its labelled data in memory: drop --objective, --stream, --checkpoint-every"
+            )
         if resume or mesh or multi_host:
             raise ValueError(
                 f"--task {task} trains on one process and saves at the end: drop --resume, --mesh and --multi-host"
