@@ -1,6 +1,7 @@
 """The streamed input of `fine_tune` (`keras_t5gemma.training.input_pipeline`) and the streamed readers of `data`."""
 
 import collections
+import inspect
 import itertools
 import json
 import os
@@ -220,3 +221,26 @@ def test_fine_tune_refuses_streaming_options_it_cannot_honour(tmp_path):
         fine_tune(path, tmp_path / "c", objective="ul2", stream=False, log=None)
     with pytest.raises(ValueError, match=r"pairs.jsonl has 4 examples, fewer than one batch of 8"):
         ExampleStream(path, batch_size=8, drop_remainder=True)
+
+
+def test_the_command_line_passes_the_streaming_options_on(monkeypatch, tmp_path):
+    from keras_t5gemma.cli import build_parser
+    from keras_t5gemma.commands import fine_tune as command
+    from keras_t5gemma.training import fine_tune as training
+
+    received = {}
+
+    def fake_fine_tune(data, output, **options):
+        received.update(options, data=data)
+        raise ValueError("stop here")
+
+    fake_fine_tune.__signature__ = inspect.signature(training.fine_tune)  # the options the command passes on
+    monkeypatch.setattr(training, "fine_tune", fake_fine_tune)
+    arguments = ["fine-tune", "shards/*.parquet", "--stream", "--shuffle-buffer", "64", "--checkpoint-every", "5"]
+    with pytest.raises(ValueError, match="stop here"):
+        command.run_fine_tune(build_parser().parse_args([*arguments, "--objective", "ul2"]))
+    assert received["data"] == "shards/*.parquet" and received["stream"] is True
+    assert (received["shuffle_buffer"], received["checkpoint_every"], received["objective"]) == (64, 5, "ul2")
+    with pytest.raises(ValueError, match="stop here"):
+        command.run_fine_tune(build_parser().parse_args(["fine-tune", "data.jsonl"]))
+    assert received["stream"] is None and received["objective"] is None and received["checkpoint_every"] is None
