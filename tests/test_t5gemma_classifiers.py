@@ -24,6 +24,7 @@ from transformers import T5GemmaForTokenClassification
 
 from keras_t5gemma import T5GemmaTextClassifier
 from keras_t5gemma import T5GemmaTokenClassifier
+from keras_t5gemma.cli import main
 
 LABELS = ["negative", "neutral", "positive"]
 PAD = 5
@@ -32,7 +33,8 @@ HEADS = {
     "token": (T5GemmaForTokenClassification, T5GemmaTokenClassifier),
 }
 MODULE = {
-    "vocab_size": 96,
+    # The small test vocabulary's size (`tests/vocabularies.py`).
+    "vocab_size": 330,
     "hidden_size": 32,
     "intermediate_size": 48,
     "num_hidden_layers": 3,
@@ -72,8 +74,9 @@ def randomised(model, seed):
 
 
 @pytest.fixture(scope="module", params=[(kind, form) for kind in HEADS for form in ("encoder_decoder", "encoder")])
-def checkpoint(request, tmp_path_factory):
-    """A Hugging Face classification checkpoint folder (no tokenizer files), its reference and the classifier."""
+def checkpoint(request, tmp_path_factory, small_proto):
+    """A Hugging Face classification checkpoint folder, its reference and the classifier (loaded without the
+    tokenizer files)."""
     kind, form = request.param
     reference_class, task_class = HEADS[kind]
     config = reference_config(encoder_decoder=form == "encoder_decoder")
@@ -81,6 +84,7 @@ def checkpoint(request, tmp_path_factory):
     model = randomised(reference_class(config), seed=11)
     folder = tmp_path_factory.mktemp(f"{kind}_{form}")
     model.save_pretrained(folder)
+    (folder / "tokenizer.model").write_bytes(small_proto)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         classifier = task_class.from_preset(str(folder), preprocessor=None)
@@ -173,11 +177,49 @@ def test_encoder_only_form_from_a_generation_checkpoint_reads_no_decoder(tmp_pat
     compare("token", logits(classifier, ids, mask), reference, mask)
 
 
-def test_classifier_round_trips_through_a_keras_file(checkpoint, tmp_path, rng):
-    _, classifier, _, form, _ = checkpoint
+@pytest.mark.parametrize("checkpoint", [("sequence", "encoder")], indirect=True, ids=["sequence_encoder"])
+def test_encoder_only_classifier_round_trips_through_a_keras_file(checkpoint, tmp_path, rng):
+    _, classifier, _, _, _ = checkpoint
     path = tmp_path / "classifier.keras"
     classifier.save(path)
     loaded = keras.saving.load_model(path)
-    assert type(loaded) is type(classifier) and (loaded.backbone.decoder is None) == (form == "encoder")
+    assert type(loaded) is T5GemmaTextClassifier and loaded.backbone.decoder is None
     ids, mask = padded(rng, [6, 3], 6)
     np.testing.assert_array_equal(logits(loaded, ids, mask), logits(classifier, ids, mask))
+
+
+@pytest.mark.parametrize("checkpoint", [("sequence", "encoder")], indirect=True, ids=["sequence_encoder"])
+def test_classify_command_picks_the_family_and_gives_the_reference_classes(checkpoint, capsys):
+    model, _, _, _, folder = checkpoint
+    texts = ["the quick fox", "a slow dog sat down"]
+    status = main(["classify", *texts, "--preset", str(folder)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preprocessor = T5GemmaTextClassifier.from_preset(str(folder)).preprocessor
+    x = preprocessor(texts)
+    reference = reference_logits(model, np.asarray(x["encoder_token_ids"]), np.asarray(x["encoder_padding_mask"]))
+    probabilities = np.exp(reference) / np.exp(reference).sum(-1, keepdims=True)
+    expected = [f"{text}\t{LABELS[row.argmax()]}\t{row.max():.3f}" for text, row in zip(texts, probabilities)]
+    assert out.splitlines() == expected
+
+
+@pytest.mark.parametrize("checkpoint", [("token", "encoder")], indirect=True, ids=["token_encoder"])
+def test_fine_tune_classify_tokens_on_a_first_family_checkpoint(checkpoint, tmp_path, capsys):
+    folder = checkpoint[-1]
+    records = [{"input": "the fox sat", "labels": [0, 1, 0]}, {"input": "a dog", "labels": [1, 0]}] * 4
+    data = tmp_path / "tags.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    output = tmp_path / "tagger"
+    argv = ["fine-tune", data, "--task", "classify-tokens", "--preset", folder, "--output", output]
+    status = main([str(arg) for arg in [*argv, "--epochs", "1", "--batch-size", "8", "--encoder-length", "8"]])
+    _, err = capsys.readouterr()
+    assert status == 0, err
+    tagger = T5GemmaTokenClassifier.from_preset(str(output))
+    # The encoder-only checkpoint fine-tunes as an encoder-only tagger.
+    assert type(tagger) is T5GemmaTokenClassifier and tagger.backbone.decoder is None
+    assert main(["classify", "--tokens", "the dog", "--preset", str(output)]) == 0
+    assert capsys.readouterr().out.split() == [
+        f"{word}/{row.argmax()}" for word, row in zip(["the", "dog"], tagger.predict_words(["the dog"])[0])
+    ]
