@@ -244,3 +244,73 @@ def test_the_command_line_passes_the_streaming_options_on(monkeypatch, tmp_path)
     with pytest.raises(ValueError, match="stop here"):
         command.run_fine_tune(build_parser().parse_args(["fine-tune", "data.jsonl"]))
     assert received["stream"] is None and received["objective"] is None and received["checkpoint_every"] is None
+
+
+KILLED_WORKER = """
+import json, sys
+from keras_t5gemma.training.fine_tune import fine_tune
+from keras_t5gemma.training.input_pipeline import ExampleStream, StreamPosition
+
+data, output, log, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "resume"
+
+
+class Logged(ExampleStream):
+    iterations = 0
+
+    def batches(self, position=StreamPosition()):
+        Logged.iterations += 1
+        iteration = Logged.iterations
+        for batch in super().batches(position):
+            names = [text.split()[0] for text in batch["encoder_text"]]
+            with open(log, "a") as file:
+                file.write(json.dumps([iteration, position.epoch, position.example, names]) + "\\n")
+            yield batch
+
+
+stream = Logged(data, batch_size=4, shuffle_buffer=10, seed=0)
+fine_tune(stream, output, epochs=2, batch_size=4, encoder_length=12, decoder_length=4, checkpoint_every=1,
+          verbose=0, log=None, resume=resume)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_fine_tune_resumes_seeing_every_example_once_per_epoch(tmp_path):
+    """A real `kill -9` while training (a checkpoint every step), then `resume`: the batches trained into the final
+    model add up to every example once per epoch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        "".join(json.dumps({"input": f"q{i} rotate: {i % 10}", "target": f"{i % 10}"}) + "\n" for i in range(32))
+    )
+    worker = tmp_path / "worker.py"
+    worker.write_text(KILLED_WORKER)
+    checkpoints = tmp_path / "out" / "runs" / "run_001" / "checkpoints"
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    process = subprocess.Popen([sys.executable, worker, path, tmp_path / "out", logs[0], "new"])
+    deadline = time.time() + 600
+    while not (checkpoints / "11").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    subprocess.run([sys.executable, worker, path, tmp_path / "out", logs[1], "resume"], check=True, timeout=600)
+
+    def training_iteration(log):
+        """The batches of the log's last iteration (Keras first reads one to see the data's structure)."""
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
+        last = max(row[0] for row in rows)
+        return [row for row in rows if row[0] == last]
+
+    steps = 8  # 32 examples, batches of 4
+    first, second = training_iteration(logs[0]), training_iteration(logs[1])
+    assert first[0][1:3] == [0, 0]
+    epoch, example = second[0][1:3]  # where the resumed run started: the newest checkpoint the kill left
+    restored = epoch * steps + example // 4
+    assert restored >= 11
+    trained = [row[3] for row in first[:restored]] + [row[3] for row in second[: 2 * steps - restored]]
+    for e in range(2):
+        seen = [name for batch in trained[e * steps : (e + 1) * steps] for name in batch]
+        assert sorted(seen) == sorted(f"q{i}" for i in range(32)) and len(set(seen)) == 32
