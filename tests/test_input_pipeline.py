@@ -7,6 +7,8 @@ import json
 import os
 import tracemalloc
 
+import keras
+import numpy as np
 import pytest
 
 from keras_t5gemma import data
@@ -314,3 +316,26 @@ def test_a_killed_fine_tune_resumes_seeing_every_example_once_per_epoch(tmp_path
     for e in range(2):
         seen = [name for batch in trained[e * steps : (e + 1) * steps] for name in batch]
         assert sorted(seen) == sorted(f"q{i}" for i in range(32)) and len(set(seen)) == 32
+
+
+def test_batches_preprocessed_in_the_stream_feed_fit_as_model_inputs(tmp_path):
+    from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm_preprocessor import T5Gemma2Seq2SeqLMPreprocessor
+
+    preprocessor = T5Gemma2Seq2SeqLMPreprocessor.from_preset(
+        "t5gemma2_tiny_digits", encoder_sequence_length=10, decoder_sequence_length=6
+    )
+    path = write_jsonl(tmp_path / "pairs.jsonl", 0, 6)
+    rows = []
+
+    def then(x, y, sample_weight):  # stands for a packing step: sees the preprocessed arrays, may change them
+        rows.append(len(y))
+        return {**x, "row": np.arange(len(y), dtype="int32")}, y, sample_weight
+
+    stream = ExampleStream(path, batch_size=4, shuffle_buffer=1, **input_pipeline.preprocessed(preprocessor, then=then))
+    texts = input_pipeline.pair_texts([(f"q{i} ", f"a{i}", None) for i in range(4)])
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(preprocessor(texts))
+    first = next(iter(input_pipeline.dataset(stream)))
+    assert np.array_equal(first[0]["encoder_token_ids"], x["encoder_token_ids"])
+    assert np.array_equal(first[1], y) and np.array_equal(first[2], sample_weight)
+    assert first[0]["row"].numpy().tolist() == [0, 1, 2, 3] and rows[0] == 1  # the signature's made-up example
+    assert [len(batch[1]) for batch in itertools.islice(stream.batches(), 2)] == [4, 2]

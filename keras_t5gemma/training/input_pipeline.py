@@ -332,6 +332,34 @@ class ExampleStream:
         return StreamPosition(int(state["epoch"]), int(state["example"]))
 
 
+def preprocessed(preprocessor, texts=None, then=None):
+    """`collate` and `signature` for an `ExampleStream` whose batches are preprocessed in the stream.
+
+    Each batch's texts (`texts(examples, keys)`, default `pair_texts`; an
+    `objectives.ObjectiveBatches` for raw text) go through `preprocessor`
+    eagerly, and `fit` receives model inputs `(x, y, sample_weight)` as NumPy
+    arrays, which it passes through without preprocessing again. `then(x, y,
+    sample_weight)` transforms them after, e.g. a packing step that puts
+    several examples in one row (`training.packing.pack_examples`). The
+    signature is read from one made-up example run through the same steps.
+
+    Returns:
+        `{"collate": ..., "signature": ...}`, `ExampleStream`'s options.
+    """
+    texts = texts or (lambda examples, keys: pair_texts(examples))
+
+    def collate(examples, keys):
+        outputs = preprocessor(texts(examples, keys))
+        outputs = keras.tree.map_structure(np.asarray, tuple(keras.utils.unpack_x_y_sample_weight(outputs)))
+        return tuple(then(*outputs)) if then is not None else outputs
+
+    sample = collate([("a", "a", None)], [(0, 0)])
+    signature = keras.tree.map_structure(
+        lambda array: ((None, *np.shape(array)[1:]), np.asarray(array).dtype.name), sample
+    )
+    return {"collate": collate, "signature": signature}
+
+
 def _pair_example(record, where, path):
     return pair_of_record(record, where, os.path.dirname(os.path.abspath(path)))
 
