@@ -209,10 +209,11 @@ class ExampleStream:
         return self.files[0] if len(self.files) == 1 else f"{len(self.files)} files ({self.files[0]}, ...)"
 
     def fingerprint(self):
-        """A SHA-256 of the files' names and sizes (what a resumed run must find again)."""
+        """A SHA-256 of the files' paths (as given, normalised), sizes and record counts: what a resumed run must
+        find again."""
         digest = hashlib.sha256()
         for path, count in zip(self.files, self.counts):
-            digest.update(f"{path}\0{os.path.getsize(path)}\0{count}\n".encode())
+            digest.update(f"{os.path.normpath(path)}\0{os.path.getsize(path)}\0{count}\n".encode())
         return digest.hexdigest()
 
     def file_order(self, epoch):
