@@ -224,8 +224,10 @@ def test_bad_backbone_arguments_are_named(overrides, message):
 
 def test_export_to_transformers_gives_back_every_tensor(pair, seq_2_seq_lm, tmp_path):
     """HF -> here -> HF: the generation model and the encoder alone come back bit for bit, with nothing missing."""
-    _, model, backbone = pair
+    config, model, backbone = pair
     folder = seq_2_seq_lm.export_to_transformers(tmp_path / "generation")
+    written = json.loads((folder / "config.json").read_text())
+    assert backbone_kwargs_from_t5gemma_config(written) == backbone_kwargs_from_t5gemma_config(config)
     reloaded, info = T5GemmaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
     assert not any(info[name] for name in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     original = model.state_dict()
