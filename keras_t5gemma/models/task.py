@@ -4,9 +4,9 @@ What a task does besides its own head lives here, once: text-only input to
 a vision model, `quantize`, `export_to_transformers`, the frozen vision
 tower, the in-memory input pipeline of `fit` (shuffled every epoch) and of
 `predict` (Python samples preprocessed in batches), and reading a saved
-task's settings from a preset. Each task declares this base (or
-`T5Gemma2Classifier`, built on it) and KerasHub's kind of task
-(`class T5Gemma2TextClassifier(T5Gemma2Classifier, TextClassifier)`).
+task's settings from a preset. Each task declares this base (the
+classifiers through `models/classification.py`, built on it) and KerasHub's
+kind of task (`class SequenceClassifierTask(ClassifierTask, TextClassifier)`).
 """
 
 import keras
@@ -38,7 +38,11 @@ def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwr
     `T5Gemma2Embedder` with `AutoModel.from_pretrained` (`T5Gemma2Encoder`),
     a `T5Gemma2TextClassifier` / `T5Gemma2TokenClassifier` with
     `T5Gemma2ForSequenceClassification` / `T5Gemma2ForTokenClassification`
-    (the head as `score.out_proj`, `labels` as `id2label`).
+    (the head as `score.out_proj`, `labels` as `id2label`). The first
+    family's classes load with their `T5Gemma*` counterparts
+    (`T5GemmaForConditionalGeneration`, `T5GemmaEncoderModel`, and the
+    classifiers with `is_encoder_decoder` false when the backbone has no
+    decoder).
 
     Args:
         path: the folder to write; it must not exist or be empty, unless
