@@ -22,9 +22,12 @@ from transformers import T5GemmaEncoderModel
 from transformers import T5GemmaForSequenceClassification
 from transformers import T5GemmaForTokenClassification
 
+from keras_t5gemma import T5GemmaBackbone
 from keras_t5gemma import T5GemmaTextClassifier
 from keras_t5gemma import T5GemmaTokenClassifier
 from keras_t5gemma.cli import main
+from keras_t5gemma.conversion.t5gemma_config import backbone_from_t5gemma_config
+from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
 
 LABELS = ["negative", "neutral", "positive"]
 PAD = 5
@@ -175,6 +178,19 @@ def test_encoder_only_form_from_a_generation_checkpoint_reads_no_decoder(tmp_pat
     head = classifier.output_dense
     reference = states.numpy() @ keras.ops.convert_to_numpy(head.kernel) + keras.ops.convert_to_numpy(head.bias)
     compare("token", logits(classifier, ids, mask), reference, mask)
+    # Only the encoder's tensors are read.
+    state = {key: value.numpy() for key, value in full.state_dict().items()}
+    read = []
+    backbone = backbone_from_t5gemma_config(json.loads((tmp_path / "config.json").read_text()), encoder_only=True)
+    load_t5gemma_weights(backbone, state.keys(), lambda key: read.append(key) or state[key])
+    assert read and all(key.startswith("model.encoder.") for key in read)
+    # A `T5GemmaEncoderModel` folder (keys `encoder.*`) loads as the encoder-only backbone.
+    encoder.save_pretrained(tmp_path / "encoder")
+    loaded = T5GemmaBackbone.from_preset(str(tmp_path / "encoder"))
+    assert loaded.decoder is None
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(loaded.encoder.final_norm.scale), state["model.encoder.norm.weight"]
+    )
 
 
 @pytest.mark.parametrize("checkpoint", [("sequence", "encoder")], indirect=True, ids=["sequence_encoder"])
