@@ -80,7 +80,9 @@ def run_export(args):
         what, then = "for KerasHub", "load it with keras_hub.models.T5Gemma2Seq2SeqLM.from_preset"
     else:
         output = seq_2_seq_lm.export_to_transformers(args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
-        what, then = "for transformers", "load it with T5Gemma2ForConditionalGeneration.from_pretrained"
+        # T5Gemma2Seq2SeqLM -> T5Gemma2ForConditionalGeneration, T5GemmaSeq2SeqLM -> T5GemmaForConditionalGeneration.
+        reference = type(seq_2_seq_lm).__name__.replace("Seq2SeqLM", "ForConditionalGeneration")
+        what, then = "for transformers", f"load it with {reference}.from_pretrained"
     size = sum(path.stat().st_size for path in Path(output).iterdir() if path.is_file()) / 2**20
     say(f"Exported {args.preset} to {output} ({what}, {size:.1f} MiB) in {time.time() - started:.1f}s; {then}.")
     return 0
