@@ -23,6 +23,7 @@ from transformers import T5GemmaForSequenceClassification
 from transformers import T5GemmaForTokenClassification
 
 from keras_t5gemma import T5GemmaBackbone
+from keras_t5gemma import T5GemmaSeq2SeqLM
 from keras_t5gemma import T5GemmaTextClassifier
 from keras_t5gemma import T5GemmaTokenClassifier
 from keras_t5gemma.cli import main
@@ -139,6 +140,16 @@ def test_padded_batch_matches_reference(checkpoint, rng, left):
     model, classifier, kind, _, _ = checkpoint
     ids, mask = padded(rng, [9, 5, 2, 9], 9, left=left)
     compare(kind, logits(classifier, ids, mask), reference_logits(model, ids, mask), mask)
+
+
+def test_the_generation_task_loads_the_full_form_and_refuses_the_encoder_only_one(checkpoint):
+    _, _, _, form, folder = checkpoint
+    if form == "encoder":
+        with pytest.raises(ValueError, match="encoder alone .* needs the decoder"):
+            T5GemmaSeq2SeqLM.from_preset(str(folder), preprocessor=None)
+    else:
+        # The head's tensors are left aside; the encoder-decoder loads.
+        assert T5GemmaSeq2SeqLM.from_preset(str(folder), preprocessor=None).backbone.decoder is not None
 
 
 def test_export_gives_back_every_tensor_bit_for_bit(checkpoint, tmp_path, rng):

@@ -11,6 +11,7 @@ from keras_t5gemma.conversion.t5gemma_config import check_t5gemma_config
 from keras_t5gemma.conversion.t5gemma_config import is_encoder_only_config
 from keras_t5gemma.conversion.t5gemma_config import load_t5gemma_weights
 from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
+from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 
 
 class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
@@ -57,6 +58,15 @@ class T5GemmaCheckpointLoader(T5Gemma2CheckpointLoader):
             )
 
         return self.build_and_fill(build, dtype, quantize, load_weights_, progress, load_t5gemma_weights)
+
+    def load_task(self, cls, load_weights, load_task_weights, **kwargs):
+        if is_encoder_only_config(self.config) and issubclass(cls, T5Gemma2Seq2SeqLM):
+            raise ValueError(
+                f"`{self.preset}` holds a T5Gemma encoder alone (`is_encoder_decoder: false`), and "
+                f"`{cls.__name__}` needs the decoder. Load it with `T5GemmaEmbedder`, `T5GemmaTextClassifier` "
+                "or `T5GemmaTokenClassifier`."
+            )
+        return super().load_task(cls, load_weights, load_task_weights, **kwargs)
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):
         return self.tokenizer_from_checkpoint(cls, **kwargs)
