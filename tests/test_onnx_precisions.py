@@ -275,3 +275,38 @@ def test_the_server_runs_the_precision_it_is_given(demo, monkeypatch):
     assert served.model.precision == "q4f16" and served.model._files["decoder"] == "decoder_q4f16.onnx"
     prompts = [example.prompt for example in _held_out(4) if example.image is None]
     assert served.model.generate(prompts) == runtimes["q4f16"].generate(prompts)
+
+
+def test_q4_graphs_compute_the_float32_model_over_4_bit_rounded_weights(demo, tmp_path, monkeypatch):
+    """q4 is float32 over the weights its codes stand for: no error besides the rounding itself.
+
+    With `accuracy_level=0` (float32 activations inside `MatMulNBits`), the q4
+    graphs' logits equal those of fp32 graphs written over every matmul
+    kernel and the table replaced by `dequantize_q4_rows(quantize_q4_rows(.))`.
+    """
+    seq_2_seq_lm, _, _, runtimes = demo
+    monkeypatch.setattr(onnx_graph, "Q4_ACCURACY_LEVEL", 0)
+    export_onnx(seq_2_seq_lm, tmp_path / "q4", max_decode_length=MAX_LENGTH, precision="q4")
+    linear, embedding_table = onnx_graph.linear, onnx_graph.embedding_table
+
+    def rounded(matrix):  # (N, K) rows, as quantized
+        matrix = np.asarray(matrix, "float32")
+        return onnx_graph.dequantize_q4_rows(*onnx_graph.quantize_q4_rows(matrix), matrix.shape[1])
+
+    monkeypatch.setattr(onnx_graph, "linear", lambda g, x, kernel, *args: linear(g, x, rounded(kernel.T).T, *args))
+    monkeypatch.setattr(onnx_graph, "embedding_table", lambda g, table, name: embedding_table(g, rounded(table), name))
+    export_onnx(seq_2_seq_lm, tmp_path / "rounded", max_decode_length=MAX_LENGTH, precision="fp32")
+    examples = _held_out(8, seed=4)
+    prompts = [example.prompt for example in examples]
+    images = [[] if example.image is None else [example.image] for example in examples]
+    encoder_ids, encoder_mask, pixels = runtimes["fp32"].encoder_inputs(prompts, images)
+    decoder_ids = np.tile(np.arange(2, 2 + MAX_LENGTH), (len(prompts), 1)).astype("int64")
+    _, q4 = _decoder_logits(OnnxSeq2SeqLM(tmp_path / "q4"), encoder_ids, encoder_mask, pixels, decoder_ids, False)
+    _, expected = _decoder_logits(
+        OnnxSeq2SeqLM(tmp_path / "rounded"), encoder_ids, encoder_mask, pixels, decoder_ids, False
+    )
+    scale = np.abs(expected).max()
+    assert_matches_reference(q4, expected, atol=1e-5 * scale, rtol_to_scale=1e-5)
+    # ... and the rounding is what separates them from float32.
+    _, float32 = _decoder_logits(runtimes["fp32"], encoder_ids, encoder_mask, pixels, decoder_ids, False)
+    assert np.abs(float32 - expected).max() > 1e-3 * scale
