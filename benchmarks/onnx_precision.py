@@ -3,6 +3,7 @@
     python benchmarks/onnx_precision.py                        # 270m-270m config, random weights
     python benchmarks/onnx_precision.py --config tiny          # quick
     python benchmarks/onnx_precision.py --precisions fp32,int8,q4 --rounds 5
+    python benchmarks/onnx_precision.py --directory /tmp/exports --phases decode   # keep / reuse the exports
 
 Each phase runs in a child process of its own, so that its peak memory is its own:
 
@@ -12,14 +13,16 @@ Each phase runs in a child process of its own, so that its peak memory is its ow
 2. Load (one child per precision): the peak resident memory of the process
    after opening the encoder and decoder sessions and generating one token,
    above the interpreter with numpy and onnxruntime imported.
-3. Decode: every precision's runtime in one process. Logit error: the
-   decoder logits of a 64-token prompt and a 16-token decoder prompt,
-   against the fp32 graphs' (which match Keras float32 to 1e-5 of the logit
+3. Decode, in one process: each round opens every precision's runtime in
+   turn (one at a time, so that all five need not fit in memory together),
+   warms it up and times it, then closes it. Logit error: the decoder
+   logits of a 64-token prompt and a 16-token decoder prompt, against the
+   fp32 graphs' (which match Keras float32 to 1e-5 of the logit
    scale, `tests/test_onnx_export.py`), as the largest difference over the
    largest fp32 logit, and how many positions keep fp32's argmax. Speed:
    greedy generation of `--new-tokens` tokens from a 64-token prompt at
    batch 1 and 8, interleaved (A, B, C, ..., A, B, ...) for `--rounds`
-   rounds after a warm-up call each; medians of generated tokens/s over the
+   rounds, each after a warm-up call; medians of generated tokens/s over the
    whole call (encoder, cross keys/values and decode), no stop tokens.
 
 Greedy agreement on a trained model is measured on the demo preset by
@@ -81,26 +84,18 @@ def load_phase(args):
 
 
 def decode_phase(args):
+    import gc
+
     import numpy as np
 
     from t5gemma_onnx import OnnxSeq2SeqLM
 
     precisions = args.precisions.split(",")
-    runtimes = {p: OnnxSeq2SeqLM(Path(args.directory) / p, precision=p) for p in precisions}
-    vocabulary = runtimes[precisions[0]].settings["vocabulary_size"]
-    results = {}
-
-    # Logit error against fp32 on one prompt (batch 2), decoder prompt as one chunk.
+    vocabulary = OnnxSeq2SeqLM(Path(args.directory) / precisions[0], precision=precisions[0]).settings[
+        "vocabulary_size"
+    ]
     encoder_ids = _common.prompts(2, PROMPT_TOKENS, vocabulary, seed=7).astype("int64")
     decoder_ids = _common.prompts(2, DECODER_PROMPT_TOKENS, vocabulary, seed=8).astype("int64")
-    logits = {p: _chunk_logits(runtime, encoder_ids, decoder_ids) for p, runtime in runtimes.items()}
-    if "fp32" in logits:
-        reference = logits["fp32"]
-        scale = float(np.abs(reference).max())
-        for precision, values in logits.items():
-            results[f"{precision}_logit_error"] = float(np.abs(values - reference).max()) / scale
-            results[f"{precision}_argmax_agreement"] = float((values.argmax(-1) == reference.argmax(-1)).mean())
-
     length = args.new_tokens + 1
 
     def run(runtime, batch):
@@ -109,16 +104,28 @@ def decode_phase(args):
             ids, np.ones_like(ids), decoder_token_ids=np.full((batch, 1), 2), max_length=length, stop_token_ids=None
         )
 
+    logits = {}
     seconds = {(p, batch): [] for p in precisions for batch in (1, 8)}
-    for batch in (1, 8):
-        for runtime in runtimes.values():
-            run(runtime, batch)  # warm-up
-    for _ in range(args.rounds):
-        for batch in (1, 8):
-            for precision, runtime in runtimes.items():
+    for round_index in range(args.rounds):
+        for precision in precisions:
+            runtime = OnnxSeq2SeqLM(Path(args.directory) / precision, precision=precision)
+            if round_index == 0:
+                logits[precision] = _chunk_logits(runtime, encoder_ids, decoder_ids)
+            for batch in (1, 8):
+                run(runtime, batch)  # warm-up
                 started = time.perf_counter()
                 run(runtime, batch)
                 seconds[(precision, batch)].append(time.perf_counter() - started)
+            del runtime
+            gc.collect()
+    results = {}
+    if "fp32" in logits:
+        # Logit error against fp32 on one prompt (batch 2), the decoder prompt as one chunk.
+        reference = logits["fp32"]
+        scale = float(np.abs(reference).max())
+        for precision, values in logits.items():
+            results[f"{precision}_logit_error"] = float(np.abs(values - reference).max()) / scale
+            results[f"{precision}_argmax_agreement"] = float((values.argmax(-1) == reference.argmax(-1)).mean())
     for (precision, batch), times in seconds.items():
         results[f"{precision}_b{batch}_tokens_per_s"] = batch * args.new_tokens / statistics.median(times)
     _common.print_results(results)
@@ -189,25 +196,34 @@ def main():
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--directory", help="keep the exports in this folder (default: a temporary one)")
+    parser.add_argument("--phases", default="export,load,decode", help="which phases to run (default: all)")
     parser.add_argument("--phase", choices=("export", "load", "decode"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", help=argparse.SUPPRESS)
-    parser.add_argument("--directory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:
         {"export": export_phase, "load": load_phase, "decode": decode_phase}[args.phase](args)
         return
     common = ["--config", args.config, "--new-tokens", args.new_tokens, "--rounds", args.rounds]
     common += ["--precisions", args.precisions]
-    with tempfile.TemporaryDirectory() as directory:
+    phases = args.phases.split(",")
+    with tempfile.TemporaryDirectory() as temporary:
+        directory = args.directory or temporary
         common += ["--directory", directory]
-        export = _common.run_child(__file__, ["--phase", "export", *common], "export")
-        if export is None:
-            sys.exit(1)
-        loads = {
-            p: _common.run_child(__file__, ["--phase", "load", "--precision", p, *common], f"load {p}")
-            for p in args.precisions.split(",")
-        }
-        decode = _common.run_child(__file__, ["--phase", "decode", *common], "decode")
+        results_file = Path(directory) / "export_results.json"
+        if "export" in phases:
+            export = _common.run_child(__file__, ["--phase", "export", *common], "export")
+            if export is None:
+                sys.exit(1)
+            results_file.write_text(json.dumps(export))
+        export = json.loads(results_file.read_text())
+        loads = {}
+        if "load" in phases:
+            for p in args.precisions.split(","):
+                loads[p] = _common.run_child(__file__, ["--phase", "load", "--precision", p, *common], f"load {p}")
+        decode = None
+        if "decode" in phases:
+            decode = _common.run_child(__file__, ["--phase", "decode", *common], "decode")
     print(json.dumps({"export": export, "load": loads, "decode": decode}))
     print(table(export, loads, decode, args))
 
