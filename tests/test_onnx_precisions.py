@@ -127,9 +127,12 @@ def test_q4_graphs_run_4_bit_matmuls_and_are_smaller_than_int8(demo):
         )
         gathers = _ops(decoder, "GatherBlockQuantized")
         assert len(gathers) == 1 and _attribute(gathers[0], "bits") == 4
-        # The table is stored once: the lookup and the logits read the same codes.
+        # The table is stored once, (V, D / 2): the lookup and the logits (through a reshape) read the same codes.
         logits_node = next(n for n in nbits if _attribute(n, "N") == backbone.vocabulary_size)
-        assert logits_node.input[1] == gathers[0].input[0]
+        reshape = next(n for n in decoder.graph.node if n.output[0] == logits_node.input[1])
+        assert reshape.op_type == "Reshape" and reshape.input[0] == gathers[0].input[0]
+        table = next(i for i in decoder.graph.initializer if i.name == gathers[0].input[0])
+        assert list(table.dims) == [backbone.vocabulary_size, backbone.hidden_dim // 2]
         assert settings["precisions"][precision]["block_size"] == 32
     # The tiny model's graphs weigh as much as its weights; the weights files show the storage.
     sizes = {precision: (folder / precision_files(precision)["weights"]).stat().st_size for precision in PRECISIONS}

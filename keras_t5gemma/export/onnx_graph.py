@@ -596,9 +596,11 @@ def embedding_table(g, table, name):
     `(V, D / b, b)` code tensor and `(V, D / b)` scales, read by `Gather` for
     embeddings and by `MatMulNBits` as the output projection (its weight
     layout is `(N, K)`, which is the table's). 4-bit: one packed uint8
-    `(V, D / 32, 16)` code tensor and `(V, D / 32, 1)` scales in the
-    activations' dtype, read by `GatherBlockQuantized` for embeddings and by
-    `MatMulNBits` for the logits: the table is stored once, in 4 bits.
+    `(V, D / 2)` code tensor and `(V, D / 32)` scales in the activations'
+    dtype, in the rank-2 layout every `GatherBlockQuantized` kernel takes
+    (`quantize_axis=1`), read by it for embeddings and, reshaped to
+    `(V, D / 32, 16)` (folded when the session opens), by `MatMulNBits` for
+    the logits: the table is stored once, in 4 bits.
     """
     vocabulary_size, hidden_dim = table.shape
     if g.weight_format == "q4":
@@ -606,8 +608,8 @@ def embedding_table(g, table, name):
             raise ValueError(f"4-bit tables need a width divisible by {Q4_BLOCK_SIZE}; got {hidden_dim}.")
         codes, scales = quantize_q4_rows(np.asarray(table, np.float32))
         return {
-            "q4": g.weight(name + ".q4", codes),
-            "scales": g.weight(name + ".scales", scales[..., None].astype(g.activation)),
+            "q4": g.weight(name + ".q4", codes.reshape(vocabulary_size, hidden_dim // 2)),
+            "scales": g.weight(name + ".scales", scales.astype(g.activation)),
             "shape": table.shape,
         }
     block_size = int8_block_size(hidden_dim) if g.weight_format == "int8" else None
@@ -637,9 +639,9 @@ def token_embedding(g, token_ids, table, eoi_embedding, eoi_token_id, name):
             bits=4,
             block_size=Q4_BLOCK_SIZE,
             gather_axis=0,
-            quantize_axis=2,
-        )  # (B, T, D / 32, 32)
-        rows = g.to_float32(g.reshape(rows, [g.dim(token_ids, 0), g.dim(token_ids, 1), hidden_dim]))
+            quantize_axis=1,
+        )
+        rows = g.to_float32(rows)
     else:
         codes = g.op("Cast", [g.op("Gather", [table["codes"], token_ids], axis=0)], to=TensorProto.FLOAT)
         codes = g.op("Sub", [codes, g.const(float(INT8_ZERO_POINT), "float32")])
@@ -658,8 +660,10 @@ def logits(g, hidden, table, soft_cap=None):
     if "table" in table:
         y = g.op("MatMul", [hidden, g.op("Transpose", [table["table"]], perm=[1, 0])])
     elif "q4" in table:
+        blocks = hidden_dim // Q4_BLOCK_SIZE
+        codes = g.op("Reshape", [table["q4"], g.const([vocabulary_size, blocks, Q4_BLOCK_SIZE // 2])])
         scales = g.op("Reshape", [table["scales"], g.const([-1])])
-        y = matmul_nbits(g, hidden, table["q4"], scales, hidden_dim, vocabulary_size, 4, Q4_BLOCK_SIZE)
+        y = matmul_nbits(g, hidden, codes, scales, hidden_dim, vocabulary_size, 4, Q4_BLOCK_SIZE)
     else:
         scales = g.op("Reshape", [table["scales"], g.const([-1])])
         y = matmul_nbits(g, hidden, table["codes"], scales, hidden_dim, vocabulary_size, 8, table["block_size"])
