@@ -304,7 +304,9 @@ def export_to_transformers(model, path, dtype=None, max_shard_size="2GB", overwr
     """
     backbone, preprocessor, encoder_only = _parts(model)
     _check_not_quantized(backbone)
-    table = (backbone.token_embedding or backbone.encoder_token_embedding).table
+    # A T5Gemma encoder-only backbone has only its encoder's table.
+    embedding = backbone.token_embedding if backbone.token_embedding is not None else backbone.encoder_token_embedding
+    table = embedding.table
     dtype = dtype or keras.backend.standardize_dtype(table.embeddings.dtype)
     if dtype not in _NUMPY_DTYPES:
         raise ValueError(f"`dtype` must be one of {sorted(_NUMPY_DTYPES)}; got {dtype!r}.")
