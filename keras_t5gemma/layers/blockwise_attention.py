@@ -11,7 +11,8 @@ keys at a time, so no `T x S` logits or mask exist:
   keys of the decoder's merged attention) walks the keys in blocks with
   `ops.fori_loop`, each block seen by all query blocks at once.
 
-The result equals the dense softmax within float32 rounding. For training the
+Packed rows (segment ids on the `AttentionMask`) mask each chunk by segment
+too. The result equals the dense softmax within float32 rounding. For training the
 softmax takes two passes (row statistics, then the weighted values; see
 `_BlockSoftmax`) and every loop step is rematerialised (`keras.remat`), so a
 gradient keeps neither a block's probabilities nor a running sum per step.
@@ -116,7 +117,7 @@ class _Band:
 
     per_block = True
 
-    def __init__(self, key, value, key_valid, query_positions, causal, sliding_window, block):
+    def __init__(self, key, value, key_valid, query_positions, causal, sliding_window, block, segments=None):
         count = ops.shape(query_positions)[0]
         before, after = window_reach(causal, sliding_window)
         left, right = math.ceil(before / block), math.ceil(after / block)
@@ -130,12 +131,15 @@ class _Band:
         # Key slots past either end have padding zero, so their positions are
         # never seen.
         positions = neighbourhood(ops.arange(ops.shape(key)[1], dtype="int32"), 0)
+        query_segments, key_segments = (None, None) if segments is None else segments
         self.mask = attention_mask(
             query_positions,
             positions,
             causal=causal,
             sliding_window=sliding_window,
             key_padding_mask=neighbourhood(key_valid, 1),
+            query_segment_ids=query_segments,
+            key_segment_ids=None if segments is None else neighbourhood(key_segments, 1),
         )  # (B, nq, blk, span * blk)
 
 
@@ -144,7 +148,9 @@ class _KeyBlocks:
 
     per_block = False
 
-    def __init__(self, key, value, key_valid, key_positions, query_positions, causal, sliding_window, block):
+    def __init__(
+        self, key, value, key_valid, key_positions, query_positions, causal, sliding_window, block, segments=None
+    ):
         self.key = ops.moveaxis(_blocks(key, 1, block), 1, 0)  # (n, B, block, K, H)
         self.value = ops.moveaxis(_blocks(value, 1, block), 1, 0)
         self.valid = ops.moveaxis(_blocks(key_valid, 1, block), 1, 0)  # (n, B, block)
@@ -153,6 +159,10 @@ class _KeyBlocks:
         self.causal = causal
         self.sliding_window = sliding_window
         self.count = ops.shape(self.key)[0]
+        self.query_segments = self.key_segments = None
+        if segments is not None:
+            self.query_segments = segments[0]  # (B, nq, blk)
+            self.key_segments = ops.moveaxis(_blocks(segments[1], 1, block), 1, 0)  # (n, B, block)
 
     def chunk(self, index):
         """Keys, values `(B, block, K, H)` and mask `(B, nq, blk, block)` of block `index`."""
@@ -162,6 +172,8 @@ class _KeyBlocks:
             causal=self.causal,
             sliding_window=self.sliding_window,
             key_padding_mask=ops.take(self.valid, index, axis=0)[:, None],
+            query_segment_ids=self.query_segments,
+            key_segment_ids=None if self.key_segments is None else ops.take(self.key_segments, index, axis=0)[:, None],
         )
         return ops.take(self.key, index, axis=0), ops.take(self.value, index, axis=0), mask
 
@@ -298,9 +310,28 @@ def blockwise_attention(query, key, value, mask, scale, soft_cap=None, cross_key
 
     key_length = ops.shape(key)[1]
     key_valid = valid(mask.key_padding_mask, key_length)
+    # Packed rows: (query segments in blocks (B, nq, blk), key segments (B, S)).
+    query_segments = None
+    if mask.query_segment_ids is not None:
+        query_segments = _blocks(ops.cast(mask.query_segment_ids, "int32"), 1, block)
+
+    def segments(key_segment_ids):
+        return None if query_segments is None else (query_segments, ops.cast(key_segment_ids, "int32"))
+
     before, after = window_reach(mask.causal, mask.sliding_window)
     if mask.aligned and before is not None and after is not None:
-        sources = [_Band(key, value, key_valid, query_positions, mask.causal, mask.sliding_window, block)]
+        sources = [
+            _Band(
+                key,
+                value,
+                key_valid,
+                query_positions,
+                mask.causal,
+                mask.sliding_window,
+                block,
+                segments(mask.key_segment_ids),
+            )
+        ]
     else:
         sources = [
             _KeyBlocks(
@@ -312,6 +343,7 @@ def blockwise_attention(query, key, value, mask, scale, soft_cap=None, cross_key
                 mask.causal,
                 mask.sliding_window,
                 min(key_block, _padded_length(key_length, block)),
+                segments(mask.key_segment_ids),
             )
         ]
     if cross_key_value is not None:
@@ -327,6 +359,7 @@ def blockwise_attention(query, key, value, mask, scale, soft_cap=None, cross_key
                 causal=False,
                 sliding_window=None,
                 block=min(key_block, _padded_length(cross_length, block)),
+                segments=segments(mask.cross_segment_ids),
             )
         )
     softmax = _BlockSoftmax(query_blocks, scale, soft_cap)

@@ -1,13 +1,21 @@
 """The one place where attention masks are built.
 
 A mask is boolean, `True` where a query may attend to a key. It is always
-derived from positions and padding: `attention_mask` broadcasts over any
+derived from positions, padding and segments (packed rows: several examples
+share a row, each token marked with its example's segment id, 0 for padding,
+and attends only inside its segment): `attention_mask` broadcasts over any
 leading axes, so the same function gives the dense `(B, T, S)` mask of a short
 input and the per-block masks of the blockwise path (`(B, nq, blk, c*blk)`),
-which never materialises `T x S`. `AttentionMask` carries the positions and
-padding of one attention call, so the attention layer can pick either path.
+which never materialises `T x S`. `AttentionMask` carries the positions,
+padding and segments of one attention call, so the attention layer can pick
+either path.
+
+Mask positions are token indices; windows and causality measured on them
+equal those measured inside a segment, since each segment is contiguous.
+RoPE positions restart at each segment instead (`segment_positions`).
 """
 
+import keras
 from keras import ops
 
 SLIDING = "sliding_attention"
@@ -46,8 +54,10 @@ def attention_mask(
     causal,
     sliding_window=None,
     key_padding_mask=None,
+    query_segment_ids=None,
+    key_segment_ids=None,
 ):
-    """Mask from positions, window and padding.
+    """Mask from positions, window, padding and segments.
 
     Shapes broadcast over leading axes `...` (none for a dense mask, the
     query-block axis for the blockwise path).
@@ -59,9 +69,13 @@ def attention_mask(
         sliding_window: int or None.
         key_padding_mask: bool/int `(B, ..., S)`; zero marks keys that may not
             be seen (padding).
+        query_segment_ids: int `(B, ..., T)` or None; with
+            `key_segment_ids` `(B, ..., S)`, a query sees only keys of its
+            own segment.
 
     Returns:
-        bool `(B, ..., T, S)`, or `(1, ..., T, S)` without a padding mask.
+        bool `(B, ..., T, S)`, or `(1, ..., T, S)` without a padding mask
+        or segments.
     """
     before, after = window_reach(causal, sliding_window)
     distance = query_positions[..., :, None] - key_positions[..., None, :]
@@ -73,7 +87,45 @@ def attention_mask(
     allowed = allowed[None]
     if key_padding_mask is not None:
         allowed = ops.logical_and(allowed, ops.cast(key_padding_mask, "bool")[..., None, :])
+    if query_segment_ids is not None:
+        allowed = ops.logical_and(allowed, same_segment(query_segment_ids, key_segment_ids))
     return allowed
+
+
+def same_segment(query_segment_ids, key_segment_ids):
+    """bool `(B, ..., T, S)`: query and key belong to the same segment."""
+    return ops.equal(
+        ops.cast(query_segment_ids, "int32")[..., :, None], ops.cast(key_segment_ids, "int32")[..., None, :]
+    )
+
+
+def segment_positions(segment_ids):
+    """Positions restarting at 0 where each segment starts: int `(B, T)` for segment ids `(B, T)`.
+
+    A segment is a run of equal ids, so `[[1, 1, 1, 2, 2, 0, 0]]` gives
+    `[[0, 1, 2, 0, 1, 0, 1]]` (padding counts as a run of its own and is
+    never seen).
+
+    Example:
+    >>> ops.convert_to_numpy(segment_positions(ops.convert_to_tensor([[1, 1, 2, 0]]))).tolist()
+    [[0, 1, 0, 0]]
+    """
+    segment_ids = ops.cast(segment_ids, "int32")
+    index = ops.broadcast_to(ops.arange(ops.shape(segment_ids)[1], dtype="int32")[None], ops.shape(segment_ids))
+    first = ops.ones_like(segment_ids[:, :1], dtype="bool")
+    starts = ops.concatenate([first, ops.not_equal(segment_ids[:, 1:], segment_ids[:, :-1])], axis=1)
+    # The latest segment start at or before each token.
+    start_indices = ops.where(starts, index, 0)
+    if keras.config.backend() == "jax":
+        # A primitive, so Keras' shape-only trace (symbolic lengths) passes too.
+        import jax
+
+        start = jax.lax.cummax(start_indices, axis=1)
+    else:
+        start = ops.associative_scan(ops.maximum, start_indices, axis=1)
+        # TensorFlow's scan loses the rank of a tensor of unknown length.
+        start = ops.reshape(start, (-1, ops.shape(segment_ids)[1]))
+    return ops.cast(index - start, "int32")
 
 
 class AttentionMask:
@@ -95,6 +147,11 @@ class AttentionMask:
         aligned: bool, query `t` and key `t` are the same token (a full
             sequence pass, not a cached step), so sliding layers can attend
             to neighbouring key blocks only.
+        query_segment_ids: int `(B, T)` or None (no packing).
+        key_segment_ids: int `(B, S)`, with `query_segment_ids`.
+        cross_segment_ids: int `(B, S_cross)`, the encoder keys' segments,
+            with `query_segment_ids`: a decoder token sees the encoder tokens
+            of its own example only.
     """
 
     def __init__(
@@ -107,6 +164,9 @@ class AttentionMask:
         key_padding_mask=None,
         cross_padding_mask=None,
         aligned=False,
+        query_segment_ids=None,
+        key_segment_ids=None,
+        cross_segment_ids=None,
     ):
         self.query_positions = query_positions
         self.key_positions = key_positions
@@ -115,19 +175,26 @@ class AttentionMask:
         self.key_padding_mask = key_padding_mask
         self.cross_padding_mask = cross_padding_mask
         self.aligned = aligned
+        self.query_segment_ids = query_segment_ids
+        self.key_segment_ids = key_segment_ids
+        self.cross_segment_ids = cross_segment_ids
 
     def dense(self):
-        """bool `(B, T, S [+ S_cross])` (batch 1 when nothing is padded)."""
+        """bool `(B, T, S [+ S_cross])` (batch 1 when nothing is padded or packed)."""
         mask = attention_mask(
             self.query_positions,
             self.key_positions,
             causal=self.causal,
             sliding_window=self.sliding_window,
             key_padding_mask=self.key_padding_mask,
+            query_segment_ids=self.query_segment_ids,
+            key_segment_ids=self.key_segment_ids,
         )
         if self.cross_padding_mask is None:
             return mask
         cross = ops.cast(self.cross_padding_mask, "bool")[:, None, :]
+        if self.query_segment_ids is not None:
+            cross = ops.logical_and(cross, same_segment(self.query_segment_ids, self.cross_segment_ids))
         batch = ops.shape(cross)[0]
         length = ops.shape(mask)[1]
         mask = ops.broadcast_to(mask, (batch, length, ops.shape(mask)[2]))

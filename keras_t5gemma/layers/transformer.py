@@ -19,6 +19,7 @@ from keras_t5gemma.layers.attention import Attention
 from keras_t5gemma.layers.feedforward import FeedForward
 from keras_t5gemma.layers.masks import SLIDING
 from keras_t5gemma.layers.masks import AttentionMask
+from keras_t5gemma.layers.masks import segment_positions
 from keras_t5gemma.layers.normalization import RMSNormalization
 from keras_t5gemma.layers.rotary import rotary_cos_sin
 
@@ -202,9 +203,14 @@ class TransformerStack(keras.layers.Layer):
     """The encoder (`causal=False`) or decoder (`causal=True`) text stack.
 
     Runs input dropout, the layers, a final RMSNorm and output dropout. RoPE
-    tables and `AttentionMask`s (positions and padding, from which attention
-    builds a dense mask or per-block masks) are made once per layer type and
-    shared by the layers of that type.
+    tables and `AttentionMask`s (positions, padding and segments, from which
+    attention builds a dense mask or per-block masks) are made once per layer
+    type and shared by the layers of that type.
+
+    Packed rows (several examples in one row) pass `segment_ids`: each token
+    attends only inside its segment (and a decoder token only to its own
+    example's encoder tokens), and RoPE positions restart at each segment, so
+    every example computes what it would alone.
 
     Args:
         layer_types: list of `"sliding_attention"` / `"full_attention"`.
@@ -264,8 +270,13 @@ class TransformerStack(keras.layers.Layer):
         cross_key_values=None,
         encoder_padding_mask=None,
         training=False,
+        segment_ids=None,
+        encoder_segment_ids=None,
     ):
         head_dim = self.layer_kwargs["head_dim"]
+        # Masks measure windows on token indices; RoPE sees positions from
+        # each segment's start.
+        rope_positions = query_positions if segment_ids is None else segment_positions(segment_ids)
         separate = self.layer_kwargs.get("cross_attention_dim") is not None
         cross_attention_mask = None
         if cross_key_values is not None:
@@ -279,11 +290,13 @@ class TransformerStack(keras.layers.Layer):
                     ops.arange(cross_shape[1], dtype="int32"),
                     causal=False,
                     key_padding_mask=encoder_padding_mask,
+                    query_segment_ids=segment_ids,
+                    key_segment_ids=encoder_segment_ids,
                 )
         ropes, masks = {}, {}
         for layer_type in set(self.layer_types):
             wavelength, scaling = self.rope[layer_type]
-            ropes[layer_type] = rotary_cos_sin(query_positions, head_dim, wavelength, scaling, self.compute_dtype)
+            ropes[layer_type] = rotary_cos_sin(rope_positions, head_dim, wavelength, scaling, self.compute_dtype)
             masks[layer_type] = AttentionMask(
                 query_positions,
                 key_positions,
@@ -292,6 +305,9 @@ class TransformerStack(keras.layers.Layer):
                 key_padding_mask=key_padding_mask,
                 cross_padding_mask=None if cross_key_values is None or separate else encoder_padding_mask,
                 aligned=caches is None,
+                query_segment_ids=segment_ids,
+                key_segment_ids=segment_ids,
+                cross_segment_ids=encoder_segment_ids,
             )
 
         x = self.dropout_layer(x, training=training)
@@ -313,13 +329,29 @@ class TransformerStack(keras.layers.Layer):
         x = self.dropout_layer(self.final_norm(x), training=training)
         return x if caches is None else (x, new_caches)
 
-    def call(self, x, padding_mask, encoder_output=None, encoder_padding_mask=None, training=False):
+    def call(
+        self,
+        x,
+        padding_mask,
+        encoder_output=None,
+        encoder_padding_mask=None,
+        training=False,
+        segment_ids=None,
+        encoder_segment_ids=None,
+    ):
         """Full-sequence pass over `x` `(B, T, D)`; returns `(B, T, D)`.
 
-        The decoder needs `encoder_output` `(B, S, D_encoder)` and its padding mask.
+        The decoder needs `encoder_output` `(B, S, D_encoder)` and its padding
+        mask. Packed rows give `segment_ids` `(B, T)` (0 padding, 1..k the
+        examples of a row) and, to a decoder, `encoder_segment_ids` `(B, S)`
+        numbering the same examples.
         """
         if self.causal and encoder_output is None:
             raise ValueError("The decoder stack needs `encoder_output`.")
+        if self.causal and (segment_ids is None) != (encoder_segment_ids is None):
+            raise ValueError(
+                "A packed decoder needs both `segment_ids` (its own) and `encoder_segment_ids`; got only one."
+            )
         positions = ops.arange(ops.shape(x)[1], dtype="int32")
         cross = None if encoder_output is None else self.cross_key_values(encoder_output)
         return self._run(
@@ -330,6 +362,8 @@ class TransformerStack(keras.layers.Layer):
             cross_key_values=cross,
             encoder_padding_mask=encoder_padding_mask,
             training=training,
+            segment_ids=segment_ids,
+            encoder_segment_ids=encoder_segment_ids,
         )
 
     def call_with_cache(self, x, cache_update_index, caches, cross_key_values, encoder_padding_mask):

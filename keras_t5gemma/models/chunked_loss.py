@@ -10,7 +10,9 @@ the table's gradient, and no `(B * T, V)` array is needed unless a metric reads
 the logits (then they are assembled once, as `y_pred`, for the metrics only).
 The arithmetic is the plain path's: the same logits (the embedding's own
 `logits` method, soft-capping included), a float32 log-softmax, and Keras'
-`"sum_over_batch_size"` reduction.
+`"sum_over_batch_size"` reduction, or `"mean_with_sample_weight"` (the mean
+over target tokens, which packed and padded batches of the same examples
+share; see `training/packing.py`).
 """
 
 import keras
@@ -106,7 +108,8 @@ class ChunkedLossMixin:
 
     Applies when the compiled loss is Keras' default
     `SparseCategoricalCrossentropy(from_logits=True)` (`compile()`'s "auto",
-    no `ignore_class`, the default reduction) and the table is not
+    no `ignore_class`, the default reduction or `"mean_with_sample_weight"`)
+    and the table is not
     quantized; anything else (another loss, another backend) runs the plain
     path, which computes the same value. Metrics get the logits as usual.
 
@@ -127,7 +130,7 @@ class ChunkedLossMixin:
             and isinstance(loss, keras.losses.SparseCategoricalCrossentropy)
             and loss.from_logits
             and loss.ignore_class is None
-            and loss.reduction == "sum_over_batch_size"
+            and loss.reduction in ("sum_over_batch_size", "mean_with_sample_weight")
             and self.backbone.token_embedding.table.quantization_mode is None
             and not keras.tree.is_nested(y)
             and len(y.shape) == 2
@@ -175,8 +178,12 @@ class ChunkedLossMixin:
                 ops.reshape(ops.cast(weights, "float32"), (batch * length,)),
                 self.loss_chunk_tokens or default_chunk_tokens(embedding.vocabulary_size),
             )
-            # Keras' "sum_over_batch_size": the weighted sum over every position.
-            loss = weighted_sum / (batch * length)
+            if self.loss.reduction == "mean_with_sample_weight" and sample_weight is not None:
+                # Over the target tokens: the same for packed and padded rows.
+                loss = ops.divide_no_nan(weighted_sum, ops.sum(ops.cast(weights, "float32")))
+            else:
+                # Keras' "sum_over_batch_size": the weighted sum over every position.
+                loss = weighted_sum / (batch * length)
             for extra in self.losses:
                 loss = loss + self._aggregate_additional_loss(extra)
         y_pred = ops.reshape(logits, (batch, length, -1))

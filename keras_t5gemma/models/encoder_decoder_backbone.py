@@ -17,6 +17,9 @@ from keras_t5gemma.layers.masks import LAYER_TYPES
 from keras_t5gemma.models.quantization import quantize_projections
 from keras_t5gemma.utils.preset_utils import PresetMixin
 
+# Optional inputs of a backbone that takes packed rows (see `_build_functional_model`).
+SEGMENT_INPUTS = ("encoder_segment_ids", "decoder_segment_ids")
+
 
 def check_token_ids(inputs, vocabulary_size):
     """Refuses token ids that are not integers or lie outside `[0, vocabulary_size)`.
@@ -130,10 +133,14 @@ class EncoderDecoderBackbone(PresetMixin, Backbone):
     calls `_build_functional_model`. Its own `_check_inputs` may add checks.
     """
 
-    def _build_functional_model(self, encoder_only, image_size=None, dtype=None, **kwargs):
+    def _build_functional_model(self, encoder_only, image_size=None, dtype=None, packed=False, **kwargs):
         """Inputs and outputs of the backbone (see the subclasses' docstrings), then `Backbone.__init__`.
 
         `image_size`: adds an `images` input `(B, N, image_size, image_size, 3)`.
+        `packed`: adds the optional inputs `encoder_segment_ids` and
+        `decoder_segment_ids` (packed rows; `None` or absent for unpacked
+        input, so models and files without them run unchanged); `encode`
+        then takes `segment_ids`.
         """
         encoder_token_ids = keras.Input((None,), dtype="int32", name="encoder_token_ids")
         encoder_padding_mask = keras.Input((None,), dtype="int32", name="encoder_padding_mask")
@@ -142,7 +149,15 @@ class EncoderDecoderBackbone(PresetMixin, Backbone):
         if image_size is not None:
             images = keras.Input((None, image_size, image_size, 3), name="images")
             inputs["images"] = images
-        encoder_output = self.encode(encoder_token_ids, encoder_padding_mask, images)
+        segments = {}
+        if packed:
+            names = SEGMENT_INPUTS[:1] if encoder_only else SEGMENT_INPUTS
+            segments = {name: keras.Input((None,), dtype="int32", name=name, optional=True) for name in names}
+        self._segment_inputs = tuple(segments)
+        encoder_segment_ids = segments.get("encoder_segment_ids")
+        encoder_output = self.encode(
+            encoder_token_ids, encoder_padding_mask, images, **({"segment_ids": encoder_segment_ids} if packed else {})
+        )
         outputs = {"encoder_sequence_output": encoder_output}
         if not encoder_only:
             decoder_token_ids = keras.Input((None,), dtype="int32", name="decoder_token_ids")
@@ -154,15 +169,38 @@ class EncoderDecoderBackbone(PresetMixin, Backbone):
                 decoder_padding_mask,
                 encoder_output,
                 encoder_padding_mask,
+                segment_ids=segments.get("decoder_segment_ids"),
+                encoder_segment_ids=encoder_segment_ids,
             )
+        inputs.update(segments)
         super().__init__(inputs=inputs, outputs=outputs, dtype=dtype, **kwargs)
 
     def with_default_images(self, inputs):
         """`inputs` unchanged; a vision backbone fills in an empty `images` entry here."""
         return inputs
 
+    def with_default_segments(self, inputs):
+        """Backbone (or language model) inputs with `None` for absent segment ids: one example per row."""
+        if not isinstance(inputs, dict) or "encoder_token_ids" not in inputs:
+            return inputs
+        missing = [name for name in getattr(self, "_segment_inputs", ()) if name not in inputs]
+        return {**inputs, **dict.fromkeys(missing)} if missing else inputs
+
     def __call__(self, inputs, *args, **kwargs):
-        return super().__call__(self.with_default_images(inputs), *args, **kwargs)
+        return super().__call__(self.with_default_segments(self.with_default_images(inputs)), *args, **kwargs)
+
+    def compute_output_spec(self, inputs, *args, **kwargs):
+        # Keras' shape inference takes no `None` for an optional input (a
+        # task's graph built without segment ids); the output shapes do not
+        # depend on them, and the padding masks have their shapes.
+        if isinstance(inputs, dict):
+            stand_ins = {
+                name: inputs[name.replace("segment_ids", "padding_mask")]
+                for name in getattr(self, "_segment_inputs", ())
+                if inputs.get(name) is None
+            }
+            inputs = {**inputs, **stand_ins}
+        return super().compute_output_spec(inputs, *args, **kwargs)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Keras `quantize`, by default over the float projections and embedding tables (`quantizable`)."""
@@ -170,7 +208,7 @@ class EncoderDecoderBackbone(PresetMixin, Backbone):
 
     def call(self, inputs, training=None, mask=None):
         # The images are checked with the placeholders, so they are filled in first.
-        inputs = self.with_default_images(inputs)
+        inputs = self.with_default_segments(self.with_default_images(inputs))
         if isinstance(inputs, dict):
             self._check_inputs(inputs)
         return super().call(inputs, training=training, mask=mask)

@@ -128,6 +128,12 @@ class T5Gemma2Backbone(EncoderDecoderBackbone):
             out for text-only input, in which case the vision tower runs on no
             images. (KerasHub also takes `vision_indices`; here the
             placeholders' positions are found from `image_token_index`.)
+        encoder_segment_ids, decoder_segment_ids: optional int `(B, S)` and
+            `(B, T)`, for packed rows (`training.packing.pack_examples`): 0
+            for padding, k for the k-th example of a row in both. Attention
+            stays inside each example, positions restart at its start, so
+            each example's outputs are those it has alone. Leave both out
+            (or `None`) for one example per row.
 
     Outputs (dict):
         encoder_sequence_output: `(B, S, encoder_hidden_dim)`.
@@ -379,7 +385,7 @@ class T5Gemma2Backbone(EncoderDecoderBackbone):
 
         # === Functional model ===
         image_size = None if vision_encoder is None else vision_encoder.image_size
-        self._build_functional_model(encoder_only, image_size=image_size, dtype=dtype, **kwargs)
+        self._build_functional_model(encoder_only, image_size=image_size, dtype=dtype, packed=True, **kwargs)
 
         # === Config ===
         self.vocabulary_size = vocabulary_size
@@ -431,16 +437,17 @@ class T5Gemma2Backbone(EncoderDecoderBackbone):
             self.encoder_global_rope_scaling_factor,
         )[side]
 
-    def encode(self, token_ids, padding_mask, images=None, training=False):
+    def encode(self, token_ids, padding_mask, images=None, training=False, segment_ids=None):
         """Encoder output `(B, S, D)`; images (if any) replace their placeholders.
 
-        With `images=None` the vision tower is skipped.
+        With `images=None` the vision tower is skipped. `segment_ids` `(B, S)`
+        for packed rows (see `TransformerStack`).
         """
         embeddings = self.token_embedding(token_ids)
         if images is not None and self.vision_encoder is not None:
             features = self.vision_encoder(images, training=training)
             embeddings = self.image_merge(embeddings, token_ids, features)
-        return self.encoder(embeddings, padding_mask, training=training)
+        return self.encoder(embeddings, padding_mask, training=training, segment_ids=segment_ids)
 
     def with_default_images(self, inputs):
         """`inputs` with an empty `(B, 0, H, W, 3)` `images` entry if a vision model lacks one.

@@ -68,6 +68,13 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
     def get_config(self):
         return {**super().get_config(), "train_vision_tower": self.train_vision_tower}
 
+    # Inputs without segment ids (one example per row) leave them `None`.
+    def __call__(self, inputs, *args, **kwargs):
+        return super().__call__(self.backbone.with_default_segments(inputs), *args, **kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(self.backbone.with_default_segments(inputs), training=training, mask=mask)
+
     def compile(self, *args, sampler="top_k", **kwargs):
         """KerasHub's `compile`; `sampler="greedy"` takes the argmax of the logits (`ArgmaxSampler`)."""
         super().compile(*args, sampler=ArgmaxSampler() if sampler == "greedy" else sampler, **kwargs)
