@@ -84,6 +84,14 @@ class _TwoRowCall:
         # Keras' `type_check` refuses subclasses; these compute as their base class does.
         super().quantize(mode, type_check=False, config=config)
 
+    def quantized_build(self, kernel_shape, mode, config=None):
+        super().quantized_build(kernel_shape, mode, config)
+        if mode == "gptq" and not hasattr(self, "_kernel"):
+            # Built from a saved GPTQ policy (a reload): no float kernel to calibrate, the values to
+            # come are calibrated ones. Keras marks it calibrated only when they are read, after the
+            # backbone's functional graph has already called it.
+            self.is_gptq_calibrated = True
+
     def quantized_call(self, inputs, *args, **kwargs):
         return self._with_two_rows(super().quantized_call, inputs, *args, **kwargs)
 

@@ -12,6 +12,7 @@ kind of task (`class SequenceClassifierTask(ClassifierTask, TextClassifier)`).
 import keras
 import numpy as np
 
+from keras_t5gemma.models.quantization import gptq_quantize
 from keras_t5gemma.models.quantization import quantize_projections
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import check_config_class
@@ -20,6 +21,13 @@ from keras_t5gemma.utils.keras_hub_compat import load_json
 from keras_t5gemma.utils.keras_hub_compat import tf
 from keras_t5gemma.utils.preset_utils import PresetMixin
 from keras_t5gemma.utils.preset_utils import get_exporter
+
+
+def _rows(samples, rows):
+    """`rows` (a slice) of each list in `samples` (a dict of lists, or a list)."""
+    if isinstance(samples, dict):
+        return {key: value[rows] for key, value in samples.items()}
+    return samples[rows]
 
 
 def is_model_input(x):
@@ -117,6 +125,71 @@ class T5Gemma2Task(PresetMixin):
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Keras `quantize`, by default over the float projections and embedding tables (`quantizable`)."""
         quantize_projections(super().quantize, mode, config=config, filters=filters, **kwargs)
+
+    def gptq_quantize(self, calibration, batch_size=32, group_size=128, max_length=None):
+        """4-bit weights calibrated with GPTQ on `calibration`, then `quantize("int4")` for the rest.
+
+        The text transformer layers' projections (encoder, then decoder) are
+        quantized by GPTQ (`models.quantization.gptq_quantize`: Keras' per-layer
+        algorithm, driven through the whole model because Keras' own driver
+        cannot run an encoder-decoder); the tied embedding table and the
+        vision tower, which GPTQ does not cover (Keras' GPTQ quantizes `Dense`
+        and `EinsumDense` only; the tower sees only images), then get plain
+        int4 (`quantize("int4")`), as does any layer the calibration never
+        reached. Saved and reloaded like any quantized model.
+
+        Args:
+            calibration: samples as `predict` takes them: prompts (strings, or
+                a dict with `"encoder_text"` and `"images"`); a seq2seq model
+                is calibrated on its own greedy float answers to them (it is
+                compiled with `sampler="greedy"` for that) unless the dict
+                holds `"decoder_text"`. About a hundred
+                prompts of the kind the model will see are enough.
+            batch_size: samples per calibration forward pass.
+            group_size: inputs per scale and zero point (Keras' `GPTQConfig`).
+            max_length: the seq2seq answers' `max_length` (default: `generate`'s).
+
+        Returns:
+            The paths of the layers GPTQ calibrated.
+
+        Example:
+        ```python
+        seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
+        calibrated = seq_2_seq_lm.gptq_quantize(["reverse: 1 2 3", "sort: 3 1 2"] * 16)
+        seq_2_seq_lm.generate("reverse: 4 5 6")
+        ```
+        """
+        if isinstance(calibration, str):
+            calibration = [calibration]
+        if hasattr(self, "generate"):
+            calibration = self._with_answers(calibration, batch_size, max_length)
+        count = len(calibration["encoder_text"] if isinstance(calibration, dict) else calibration)
+        if not count:
+            raise ValueError("`gptq_quantize` needs at least one calibration sample.")
+        batches = []
+        for start in range(0, count, batch_size):
+            part = _rows(calibration, slice(start, start + batch_size))
+            features = self.preprocessor(part)
+            features = features[0] if isinstance(features, tuple) else features
+            batches.append(self._with_default_images(features))
+        calibrated = gptq_quantize(self.backbone, batches, group_size=group_size)
+        self.quantize("int4")  # what GPTQ left float: the table, the vision tower, the heads
+        return calibrated
+
+    def _with_answers(self, calibration, batch_size, max_length):
+        """`calibration` as a dict with `"decoder_text"`: the float model's greedy answers unless given."""
+        if not isinstance(calibration, dict):
+            calibration = {"encoder_text": list(calibration)}
+        if "decoder_text" in calibration:
+            return calibration
+        self.compile(sampler="greedy")
+        answers = []
+        count = len(calibration["encoder_text"])
+        for start in range(0, count, batch_size):
+            part = _rows(calibration, slice(start, start + batch_size))
+            kwargs = {} if max_length is None else {"max_length": max_length}
+            answers.extend(self.generate(part, **kwargs))
+        return {**calibration, "decoder_text": answers}
 
     def export_to_transformers(self, path, dtype=None, max_shard_size="2GB", overwrite=False):
         """Writes a Hugging Face `transformers` folder of this task; see `t5gemma2_task.export_to_transformers`.
