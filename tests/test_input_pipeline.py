@@ -339,3 +339,74 @@ def test_batches_preprocessed_in_the_stream_feed_fit_as_model_inputs(tmp_path):
     assert np.array_equal(first[1], y) and np.array_equal(first[2], sample_weight)
     assert first[0]["row"].numpy().tolist() == [0, 1, 2, 3] and rows[0] == 1  # the signature's made-up example
     assert [len(batch[1]) for batch in itertools.islice(stream.batches(), 2)] == [4, 2]
+
+
+TWO_PROCESS_WORKER = """
+import json, os, sys
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from keras_t5gemma.training import input_pipeline
+from keras_t5gemma.training.fine_tune import fine_tune
+
+iterations = []
+batches = input_pipeline.ExampleStream.batches
+
+
+def logged(self, position=input_pipeline.StreamPosition()):
+    handed = []
+    iterations.append(handed)
+    for batch in batches(self, position):
+        handed.append([text.split()[0] for text in batch["encoder_text"]])
+        yield batch
+
+
+input_pipeline.ExampleStream.batches = logged
+data, output, log = sys.argv[1:4]
+result = fine_tune(data, output, stream=True, multi_host=True, epochs=1, batch_size=4, encoder_length=12,
+                   decoder_length=4, checkpoint_every=2, verbose=0, log=None)
+with open(log, "w") as file:
+    json.dump({"trained": iterations[-1][:4], "loss": result.history.history["loss"]}, file)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_on_disjoint_shards(tmp_path):
+    """A streamed `fine_tune` in a two-process JAX job (one CPU device each): every process trains on its own
+    records, together every example of the complete global batches once, and both save the stream's position."""
+    import socket
+    import subprocess
+    import sys
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        "".join(json.dumps({"input": f"q{i} rotate: {i % 10}", "target": f"{i % 10}"}) + "\n" for i in range(18))
+    )
+    worker = tmp_path / "worker.py"
+    worker.write_text(TWO_PROCESS_WORKER)
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, worker, path, tmp_path / "out", tmp_path / f"{process}.json"],
+            env={
+                **os.environ,
+                "KERAS_DISTRIBUTION_JOB_ADDRESSES": f"localhost:{port}",
+                "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+                "KERAS_DISTRIBUTION_PROCESS_ID": str(process),
+            },
+        )
+        for process in range(2)
+    ]
+    assert [process.wait(timeout=900) for process in processes] == [0, 0]
+    logs = [json.loads((tmp_path / f"{process}.json").read_text()) for process in range(2)]
+    # 18 examples, a global batch of 4 (2 a process): 4 steps, the last 2 examples left out.
+    parts = [[name for batch in log["trained"] for name in batch] for log in logs]
+    assert [len(part) for part in parts] == [8, 8] and not set(parts[0]) & set(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(f"q{i}" for i in range(16))
+    assert logs[0]["loss"] == logs[1]["loss"]
+    checkpoints = tmp_path / "out" / "runs" / "run_001" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["2", "2.input.json", "4", "4.input.json"]
+    assert json.loads((checkpoints / "4.input.json").read_text())["shards"] == 2
