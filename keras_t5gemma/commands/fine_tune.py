@@ -94,6 +94,12 @@ def add_parser(commands):
         "one of UL2's seven denoisers (span corruption and prefix LM) per document, as T5Gemma was adapted"
     )
     parser.add_argument("--objective", choices=("prefix-lm", "ul2"), help=objective)
+    pack = (
+        "pack several examples into each row of --encoder-length/--decoder-length tokens (greedy first fit; each "
+        "example attends only to itself) instead of padding each to a row; --batch-size counts rows, the loss is "
+        "averaged over target tokens (in-memory text pairs)"
+    )
+    parser.add_argument("--pack", action="store_true", help=pack)
     parser.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default: 0)")
     quiet = "no progress output (default: a progress bar on a terminal, else a line per epoch)"
     parser.add_argument("--quiet", action="store_true", help=quiet)

@@ -54,6 +54,7 @@ from keras_t5gemma.training import checkpoints as training_checkpoints
 from keras_t5gemma.training import distribution as training_distribution
 from keras_t5gemma.training import input_pipeline
 from keras_t5gemma.training import objectives
+from keras_t5gemma.training import packing
 from keras_t5gemma.utils.safe_files import writer_lock
 
 DEFAULT_PRESET = "t5gemma2_tiny_digits"
@@ -179,6 +180,7 @@ def fine_tune(
     shuffle_buffer=input_pipeline.DEFAULT_SHUFFLE_BUFFER,
     checkpoint_every=None,
     objective=None,
+    pack=False,
 ):
     """Fine-tunes a preset on input/target pairs (or labelled texts) and saves it to `output`.
 
@@ -248,6 +250,12 @@ def fine_tune(
             document per line) or JSONL `{"text": ...}` files (or globs),
             streamed, each document drawn into a pair by the T5Gemma papers'
             denoisers (`training.objectives`).
+        pack: bool, pack several examples into each row of
+            `encoder_length`/`decoder_length` tokens (`training.packing`:
+            greedy first fit, attention and positions kept per example)
+            instead of padding each to its own row, and average the loss
+            over target tokens; `batch_size` then counts rows. Text pairs read
+            in memory, on one process.
 
     Returns:
         A `FineTuneResult`: the model, the history, the run folder.
@@ -327,6 +335,10 @@ def fine_tune(
     )
     if checkpoint_every and not streamed:
         raise ValueError("--checkpoint-every saves a streamed run's position within an epoch: add --stream")
+    if pack and (streamed or parts > 1):
+        raise ValueError(
+            "--pack packs text pairs read in memory on one process: drop --stream/--objective/--multi-host"
+        )
     if streamed:
         examples = data
         if not isinstance(data, input_pipeline.ExampleStream):
@@ -363,6 +375,8 @@ def fine_tune(
         # None for a run read in memory: the settings of runs from before streaming still match.
         "stream_shuffle_buffer": examples.shuffle_buffer if streamed else None,
         "objective": objective,
+        # None unpacked: the settings of runs from before packing still match.
+        "pack": True if pack else None,
     }
     run = _run_to_continue(output, settings) if resume else None
     # Seed before anything builds a tokenizer: seeding clears TF's caches.
@@ -388,8 +402,13 @@ def fine_tune(
         seq_2_seq_lm.train_vision_tower = train_vision_tower
         if lora_rank:
             seq_2_seq_lm.backbone.enable_lora(lora_rank)
+        y = sample_weight = None
+        if pack:
+            x, y, sample_weight = _packed_inputs(seq_2_seq_lm, x, source, log)
         seq_2_seq_lm.compile(
-            optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay), sampler="greedy"
+            optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay),
+            sampler="greedy",
+            **({"loss": packing.token_mean_loss()} if pack else {}),
         )
         seq_2_seq_lm.optimizer.build(seq_2_seq_lm.trainable_variables)
         if run is None:
@@ -436,6 +455,8 @@ def fine_tune(
                 else:
                     history = seq_2_seq_lm.fit(
                         x,
+                        y,
+                        sample_weight=sample_weight,
                         batch_size=batch_size // parts,
                         epochs=epochs,
                         initial_epoch=done,
@@ -463,6 +484,18 @@ def fine_tune(
                 f"command with --resume on one host to write the final model to {output}."
             )
     return FineTuneResult(seq_2_seq_lm, history, run, done, saved)
+
+
+def _packed_inputs(seq_2_seq_lm, x, source, log):
+    """`(x, y, sample_weight)`: the texts preprocessed, then packed into rows (`packing.pack_examples`)."""
+    if "images" in x:
+        raise ValueError(f"{source} has images; --pack packs text pairs only")
+    x, y, sample_weight = seq_2_seq_lm.preprocessor(x)
+    count = len(y)
+    x, y, sample_weight = packing.pack_examples(x, y, sample_weight)
+    padded = packing.padding_fraction(np.concatenate([x["encoder_padding_mask"], x["decoder_padding_mask"]], axis=1))
+    log(f"Packed {count:,} examples into {len(y):,} rows ({padded:.0%} padding).")
+    return x, y, sample_weight
 
 
 def _warn(message):
