@@ -1,10 +1,8 @@
 """KerasHub's own T5Gemma 2 presets in: folders written by KerasHub 0.32's `save_to_preset` (text-only and
 with vision) give the logits and greedy tokens of KerasHub's model on text prompts; the two embedding
-copies; its soft-capping difference; `kaggle://` handles through kagglehub, offline. No network.
-
-Prompts with images are not compared: KerasHub's vision path (its own Gemma 3 vision encoder and
-`vision_indices` interleaving) gave logits up to 1.3 away from ours on the same weights and pixels, and
-ours matches `transformers` (tests/test_vision_parity.py); that difference is not explained yet."""
+copies; its soft-capping difference; `kaggle://` handles through kagglehub, offline. And back out:
+`export_to_keras_hub` of such a model writes KerasHub's weights again, and KerasHub's model from the export
+gives our logits on an image prompt. No network."""
 
 import json
 import logging
@@ -141,6 +139,36 @@ def test_keras_hub_preset_gives_keras_hub_logits_and_greedy_tokens(saved, rng):
     np.testing.assert_array_equal(generated, expected)
     # The preprocessor keeps KerasHub's settings.
     assert not seq_2_seq_lm.preprocessor.add_start_token and seq_2_seq_lm.preprocessor.add_end_token
+
+
+def test_an_export_loads_in_keras_hub_with_the_weights_and_our_logits_on_an_image_prompt(saved, tmp_path, rng):
+    """KerasHub preset -> ours -> `export_to_keras_hub` -> KerasHub: every variable comes back, and the
+    exported model gives our logits (and the original's) with an image in the prompt."""
+    folder, keras_hub_lm = saved
+    seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(folder))
+    seq_2_seq_lm.export_to_keras_hub(tmp_path / "exported")
+    exported = keras_hub.models.T5Gemma2Seq2SeqLM.from_preset(str(tmp_path / "exported"))
+    # Both built the same way, so their variables come in the same order (paths carry per-process counters).
+    assert len(exported.backbone.weights) == len(keras_hub_lm.backbone.weights)
+    for written, original in zip(exported.backbone.weights, keras_hub_lm.backbone.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(written), keras.ops.convert_to_numpy(original))
+    vision = keras_hub_lm.backbone.vision_encoder is not None
+    inputs, keras_hub_inputs = _inputs(rng, vision)
+    if vision:
+        converter = exported.preprocessor.image_converter
+        assert (tuple(converter.image_size), converter.scale, converter.offset) == ((28, 28), 1 / 127.5, -1.0)
+        assert exported.preprocessor.num_vision_tokens_per_image == 4
+        # Four image soft tokens, then the end-of-image token, in each prompt (row 1 is padded from 11).
+        inputs["encoder_token_ids"][:, 5:9] = seq_2_seq_lm.backbone.image_token_index
+        inputs["encoder_token_ids"][:, 9] = EOI
+        inputs["images"] = rng.uniform(-1, 1, (2, 1, 28, 28, 3)).astype("float32")
+        keras_hub_inputs = {**inputs, "vision_indices": np.tile(np.arange(5, 9, dtype="int32"), (2, 1))}
+    ours = keras.ops.convert_to_numpy(seq_2_seq_lm(inputs))
+    assert_matches_reference(ours, _keras_hub_logits(exported, keras_hub_inputs), atol=1e-4, rtol_to_scale=1e-5)
+    assert_matches_reference(ours, _keras_hub_logits(keras_hub_lm, keras_hub_inputs), atol=1e-4, rtol_to_scale=1e-5)
+    if vision:  # the image matters at this scale
+        other = {**keras_hub_inputs, "images": np.zeros_like(inputs["images"])}
+        assert np.abs(_keras_hub_logits(exported, other) - ours).max() > 1e-2
 
 
 def test_embedder_and_text_only_load_from_a_keras_hub_preset(saved, rng):

@@ -7,12 +7,19 @@ ours through the same Hugging Face key (`weight_specs` here,
 `save_to_preset` writes the folder, so `keras_hub.models.T5Gemma2Seq2SeqLM.from_preset`
 reads it as one of its own. Registered as the `"keras-hub"` exporter.
 
-What KerasHub cannot represent, and is refused: a vision tower (not exported
-yet: load the model with `text_only=True`), a full-attention RoPE base other
-than 1,000,000 or a sliding-layer RoPE scaling (KerasHub fixes both), and
-quantized weights. What differs and is said: KerasHub's text-only model has no
-end-of-image vector and embeds that token from the table, so inputs holding
-`eoi_token_index` compute differently there (a warning gives the difference).
+A vision tower becomes KerasHub's `Gemma3VisionEncoder` (its variables
+named by the same keys, `_vision_variables`), the end-of-image vector both of
+KerasHub's copies, and a task's image converter KerasHub's
+`T5Gemma2ImageConverter` with the same size, scale and offset. KerasHub's
+converter crops to the aspect ratio without antialiasing where ours stretches
+with it, so only square images of the model's size preprocess the same.
+
+What KerasHub cannot represent, and is refused: a full-attention RoPE base
+other than 1,000,000 or a sliding-layer RoPE scaling (KerasHub fixes both),
+and quantized weights. What differs and is said: KerasHub's text-only model
+has no end-of-image vector and embeds that token from the table, so inputs
+holding `eoi_token_index` compute differently there (a warning gives the
+difference).
 """
 
 import logging
@@ -20,12 +27,16 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from keras_hub.layers import T5Gemma2ImageConverter as KerasHubT5Gemma2ImageConverter
+from keras_hub.models import Gemma3VisionEncoder as KerasHubGemma3VisionEncoder
 from keras_hub.models import T5Gemma2Backbone as KerasHubT5Gemma2Backbone
 from keras_hub.models import T5Gemma2Seq2SeqLM as KerasHubT5Gemma2Seq2SeqLM
 from keras_hub.models import T5Gemma2Seq2SeqLMPreprocessor as KerasHubT5Gemma2Seq2SeqLMPreprocessor
 from keras_hub.models import T5Gemma2Tokenizer as KerasHubT5Gemma2Tokenizer
 
+from keras_t5gemma.conversion.keras_hub_preset import _IMAGE_PLACEHOLDER_PIECE
 from keras_t5gemma.conversion.keras_hub_preset import _text_layer_variables
+from keras_t5gemma.conversion.keras_hub_preset import _vision_variables
 from keras_t5gemma.conversion.transformers_export import _check_not_quantized
 from keras_t5gemma.conversion.transformers_export import _parts
 from keras_t5gemma.conversion.weights import weight_specs
@@ -45,6 +56,7 @@ _PRESET_ENTRIES = {
     "task.json",
     "task.weights.h5",
     "preprocessor.json",
+    "image_converter.json",
     "tokenizer.json",
     "metadata.json",
     "assets",
@@ -53,11 +65,6 @@ _PRESET_ENTRIES = {
 
 def keras_hub_backbone_config(backbone):
     """KerasHub 0.32 `T5Gemma2Backbone` arguments for `backbone`, or a `ValueError` naming what it cannot hold."""
-    if backbone.vision_encoder is not None:
-        raise ValueError(
-            "This model has a vision tower, which the KerasHub export does not write yet. Load it with "
-            "`text_only=True` to export its text model."
-        )
     if backbone.decoder is None:
         raise ValueError("The backbone has no decoder (`encoder_only=True`); KerasHub's T5Gemma 2 needs one.")
     for side in ("encoder", "decoder"):
@@ -73,11 +80,28 @@ def keras_hub_backbone_config(backbone):
         config[f"{side}_layer_types"] = list(getattr(backbone, f"{side}_layer_types"))
     config.update({name: getattr(backbone, name) for name in SHARED_SCALARS})
     config.update(attention_bias=False, hidden_activation="gelu_approximate", tie_word_embeddings=True)
+    config["eoi_token_index"] = backbone.eoi_token_index
     return config
 
 
+def _keras_hub_vision_encoder(vision_encoder, dtype):
+    """KerasHub's `Gemma3VisionEncoder` of `vision_encoder`'s sizes (its weights still to fill)."""
+    return KerasHubGemma3VisionEncoder(
+        image_size=vision_encoder.image_size,
+        patch_size=vision_encoder.patch_size,
+        num_heads=vision_encoder.num_heads,
+        hidden_dim=vision_encoder.hidden_dim,
+        num_layers=vision_encoder.num_layers,
+        intermediate_dim=vision_encoder.intermediate_dim,
+        output_dim=vision_encoder.output_dim,
+        pool_size=vision_encoder.pool_size,
+        layer_norm_epsilon=vision_encoder.layer_norm_epsilon,
+        dtype=dtype,
+    )
+
+
 def _keras_hub_variables(keras_hub_backbone):
-    """`(Hugging Face key, KerasHub variable)` for every text weight of KerasHub's backbone."""
+    """`(Hugging Face key, KerasHub variable)` for every weight of KerasHub's backbone."""
     for side in ("encoder", "decoder"):
         for i in range(getattr(keras_hub_backbone, f"{side}_num_layers")):
             layer = keras_hub_backbone.get_layer(f"{side}_layer_{i}")
@@ -87,19 +111,30 @@ def _keras_hub_variables(keras_hub_backbone):
     yield "model.decoder.norm.weight", keras_hub_backbone.decoder_norm.scale
     yield "model.encoder.embed_tokens.weight", keras_hub_backbone.token_embedding.embeddings
     yield "model.encoder.embed_tokens.weight", keras_hub_backbone.decoder_token_embedding.embeddings
+    if keras_hub_backbone.vision_encoder is not None:
+        # KerasHub keeps an end-of-image vector (and a table) per side; T5Gemma 2 ties them.
+        yield "model.encoder.embed_tokens.eoi_embedding", keras_hub_backbone.encoder_eoi_embedding
+        yield "model.encoder.embed_tokens.eoi_embedding", keras_hub_backbone.decoder_eoi_embedding
+        yield from _vision_variables(keras_hub_backbone.vision_encoder, "model.encoder")
 
 
 def keras_hub_backbone_from(backbone):
     """A KerasHub `T5Gemma2Backbone` holding `backbone`'s weights (in its dtype)."""
     _check_not_quantized(backbone)
     dtype = keras.backend.standardize_dtype(backbone.token_embedding.table.embeddings.dtype)
-    keras_hub_backbone = KerasHubT5Gemma2Backbone(**keras_hub_backbone_config(backbone), dtype=dtype)
+    vision_encoder = None
+    if backbone.vision_encoder is not None:
+        vision_encoder = _keras_hub_vision_encoder(backbone.vision_encoder, dtype)
+    keras_hub_backbone = KerasHubT5Gemma2Backbone(
+        **keras_hub_backbone_config(backbone), vision_encoder=vision_encoder, dtype=dtype
+    )
     ours = {spec.key: spec for spec in weight_specs(backbone)}
     for key, variable in _keras_hub_variables(keras_hub_backbone):
         # Both are Keras kernels ([in..., out...]); only how the head axes are split may differ.
         value = keras.ops.convert_to_numpy(ours[key].variable)
         variable.assign(np.reshape(value, tuple(variable.shape)))
-    _warn_about_end_of_image(backbone)
+    if vision_encoder is None:
+        _warn_about_end_of_image(backbone)
     return keras_hub_backbone
 
 
@@ -122,10 +157,31 @@ def _warn_about_end_of_image(backbone):
         )
 
 
-def _keras_hub_preprocessor(preprocessor):
+def _keras_hub_preprocessor(preprocessor, backbone):
     tokenizer = preprocessor.tokenizer
+    image_converter = preprocessor.image_converter
+    vision = {}
+    if backbone.vision_encoder is not None and image_converter is not None:
+        # KerasHub's preprocessor finds the image positions by this piece, not by the backbone's id.
+        placeholder = tokenizer.token_to_id(_IMAGE_PLACEHOLDER_PIECE)
+        if placeholder != backbone.image_token_index:
+            raise ValueError(
+                f"KerasHub's preprocessor puts images where the vocabulary's `{_IMAGE_PLACEHOLDER_PIECE}` piece "
+                f"is (id {placeholder} here), but this model's image placeholder is id "
+                f"{backbone.image_token_index}; export the backbone alone, or use a vocabulary where they agree."
+            )
+        size = backbone.vision_encoder.image_size
+        vision = {
+            "image_converter": KerasHubT5Gemma2ImageConverter(
+                image_size=tuple(image_converter.image_size or (size, size)),
+                scale=image_converter.scale,
+                offset=image_converter.offset,
+            ),
+            "num_vision_tokens_per_image": backbone.vision_encoder.mm_tokens_per_image,
+        }
     return KerasHubT5Gemma2Seq2SeqLMPreprocessor(
         tokenizer=KerasHubT5Gemma2Tokenizer(proto=tokenizer.proto),
+        **vision,
         encoder_sequence_length=preprocessor.encoder_sequence_length,
         decoder_sequence_length=preprocessor.decoder_sequence_length,
         add_start_token=preprocessor.add_start_token,
@@ -141,7 +197,7 @@ def export_to_keras_hub(model, path, overwrite=False):
     builds it whole; a backbone gets KerasHub's backbone files.
 
     Args:
-        model: a `T5Gemma2Backbone` or `T5Gemma2Seq2SeqLM`, text-only.
+        model: a `T5Gemma2Backbone` or `T5Gemma2Seq2SeqLM`, with or without a vision tower.
         path: the folder; absent, empty, or (with `overwrite`) an earlier export.
         overwrite: bool, replace what an earlier export wrote there.
 
@@ -163,7 +219,7 @@ def export_to_keras_hub(model, path, overwrite=False):
         else:
             task = KerasHubT5Gemma2Seq2SeqLM(
                 backbone=keras_hub_backbone,
-                preprocessor=None if preprocessor is None else _keras_hub_preprocessor(preprocessor),
+                preprocessor=None if preprocessor is None else _keras_hub_preprocessor(preprocessor, backbone),
             )
             task.save_to_preset(staging)
     return path
