@@ -5,8 +5,9 @@ KerasHub's own presets, straight into int8) is run while each Keras
 variable's initializer is recorded; none of the model's may run, and the
 values must be the checkpoint's, in the dtype asked for. The sharded load runs
 in a child process with 8 virtual CPU devices (as in `test_distribution.py`):
-on a (2, 4) mesh with the layout map, each variable laid out over devices is
-filled from parts of its checkpoint tensor, never the whole one.
+on a (2, 4) mesh with the layout map, each variable laid out over devices (of a
+T5Gemma 2 and of a first-generation T5Gemma checkpoint) is filled from parts
+of its checkpoint tensor, never the whole one.
 """
 
 import contextlib
@@ -180,7 +181,8 @@ def test_a_sharded_load_reads_only_each_devices_part(small_proto, tmp_path):
     if os.environ.get("KERAS_BACKEND", "jax") != "jax":
         pytest.skip("JAX distribution only")
     # A vocabulary the model axis (4) and the data axis (2) divide.
-    write_checkpoint(tmp_path, checkpoint_config(text={"vocab_size": 336}), small_proto, seed=3)
+    write_checkpoint(tmp_path / "t5gemma2", checkpoint_config(text={"vocab_size": 336}), small_proto, seed=3)
+    _write_first_family_checkpoint(tmp_path / "t5gemma")
     flags = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
     environment = {
         **os.environ,
@@ -197,15 +199,50 @@ def test_a_sharded_load_reads_only_each_devices_part(small_proto, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert re.search(r"\b1 passed", result.stdout), result.stdout[-2000:]
+    assert re.search(r"\b2 passed", result.stdout), result.stdout[-2000:]
+
+
+def _write_first_family_checkpoint(folder):
+    """A tiny random T5Gemma (first generation) checkpoint whose split sizes a (2, 4) mesh divides."""
+    import torch
+    from transformers import T5GemmaConfig
+    from transformers import T5GemmaForConditionalGeneration
+
+    encoder = {
+        "vocab_size": 336,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "sliding_window": 3,
+        "query_pre_attn_scalar": 8,
+    }
+    decoder = {**encoder, "hidden_size": 24, "intermediate_size": 40, "num_attention_heads": 2, "head_dim": 12}
+    torch.manual_seed(5)
+    model = T5GemmaForConditionalGeneration(T5GemmaConfig(encoder=encoder, decoder=decoder))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            # Norm scales random too, so that a misplaced part shows.
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    model.save_pretrained(folder)
 
 
 @pytest.mark.skipif(not IN_CHILD, reason="runs in the 8-device child process")
-def test_in_the_child_sharded_parts_only():
+@pytest.mark.parametrize("family", ["t5gemma2", "t5gemma"])
+def test_in_the_child_sharded_parts_only(family):
+    from keras_t5gemma.conversion.t5gemma_config import t5gemma_weight_specs
     from keras_t5gemma.models.layout import layout_map
+    from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
 
-    folder = os.environ[FOLDER]
-    unsharded = T5Gemma2Backbone.from_preset(folder, dtype="bfloat16")
+    backbone_class, specs_of = {
+        "t5gemma2": (T5Gemma2Backbone, weight_specs),
+        "t5gemma": (T5GemmaBackbone, t5gemma_weight_specs),
+    }[family]
+    folder = os.path.join(os.environ[FOLDER], family)
+    unsharded = backbone_class.from_preset(folder, dtype="bfloat16")
     expected = {v.path: keras.ops.convert_to_numpy(v) for v in unsharded.weights}
     del unsharded
     whole, parts = [], {}
@@ -228,11 +265,11 @@ def test_in_the_child_sharded_parts_only():
         mock.patch.object(SafetensorsFile, "read_part", recording_read_part),
         initializers_run() as ran,
     ):
-        backbone = T5Gemma2Backbone.from_preset(folder, dtype="bfloat16")
+        backbone = backbone_class.from_preset(folder, dtype="bfloat16")
     assert not {id(v) for v in backbone.variables} & set(ran)
     assert whole == [], f"whole tensors read: {whole[:5]}"
     split = 0
-    for spec in weight_specs(backbone):
+    for spec in specs_of(backbone):
         variable = spec.variable
         sharding = variable.value.sharding
         assert sharding.spec == variable._layout.backend_layout.spec, variable.path

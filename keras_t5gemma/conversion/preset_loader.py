@@ -5,6 +5,8 @@ so that every class's `from_preset` (see `keras_t5gemma.utils.preset_utils`)
 converts such checkpoints on load.
 """
 
+import inspect
+
 from keras_t5gemma.conversion.checkpoint import HFCheckpoint
 from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
 from keras_t5gemma.conversion.config import backbone_from_hf_config
@@ -100,7 +102,8 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
 
     @staticmethod
     def reads_parts(load):
-        return load is load_weights
+        """Whether `load` takes part reads (`read_part`, `shape_of`), as both families' weight tables do."""
+        return "read_part" in inspect.signature(load).parameters
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):
         image_token_id = self.config.get("image_token_index", 256_001)
