@@ -205,9 +205,6 @@ def test_an_export_loads_in_keras_hub_with_the_same_logits_and_greedy_tokens(exp
 
 def test_export_refuses_what_keras_hub_cannot_hold_and_foreign_folders(exported, tmp_path):
     _, ours, _, folder = exported
-    vision = T5Gemma2Backbone.from_preset("t5gemma2_tiny_digits")
-    with pytest.raises(ValueError, match="vision tower"):
-        vision.export_to_keras_hub(tmp_path / "vision")
     other_rope = T5Gemma2Backbone(**{**ASYMMETRIC, "global_rope_max_wavelength": 500_000.0})
     with pytest.raises(ValueError, match="RoPE"):
         other_rope.export_to_keras_hub(tmp_path / "rope")
@@ -381,8 +378,11 @@ def test_command_line_exports_to_keras_hub(tmp_path, capsys):
     assert ours.generate(prompts, max_length=8, stop_token_ids=None) == theirs.generate(
         prompts, max_length=8, stop_token_ids=None
     )
-    # A preset with a vision tower is refused with what to do; --text-only belongs to this format.
-    assert command_line(["export", str(tmp_path / "vision"), "--format", "keras-hub"]) == 2
-    assert "--text-only" in capsys.readouterr().err
+    # A preset with a vision tower exports with it (its logits: tests/test_keras_hub_presets.py).
+    arguments = ["export", str(tmp_path / "vision"), "--preset", "t5gemma2_tiny_digits", "--format", "keras-hub"]
+    assert command_line(arguments) == 0
+    theirs = keras_hub.models.T5Gemma2Seq2SeqLM.from_preset(str(tmp_path / "vision"))
+    assert theirs.backbone.vision_encoder is not None and theirs.preprocessor.image_converter is not None
+    # --text-only belongs to this format.
     assert command_line(["export", str(tmp_path / "onnx"), "--format", "onnx", "--text-only"]) == 2
     assert "--text-only applies to --format keras-hub" in capsys.readouterr().err

@@ -25,8 +25,8 @@ def add_parser(commands):
         "sharing the tokenizer and settings. --format transformers writes safetensors weights (LoRA merged), "
         "config.json, generation_config.json, the tokenizer and the image processor config, for "
         "T5Gemma2ForConditionalGeneration.from_pretrained and AutoProcessor.from_pretrained. --format keras-hub "
-        "writes a KerasHub 0.32 preset folder for keras_hub.models.T5Gemma2Seq2SeqLM.from_preset (text model "
-        "only: a preset with a vision tower needs --text-only).",
+        "writes a KerasHub 0.32 preset folder for keras_hub.models.T5Gemma2Seq2SeqLM.from_preset (the vision "
+        "tower included; --text-only leaves it out).",
     )
     add_preset(parser)
     parser.add_argument("output", help="folder to write (new, empty, or an earlier ONNX export)")
@@ -46,7 +46,7 @@ def add_parser(commands):
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help=dtype)
     shard = "transformers: largest safetensors file, e.g. 500MB " + DEFAULT
     parser.add_argument("--max-shard-size", default="2GB", help=shard)
-    text_only = "keras-hub: leave out the vision tower, which the KerasHub export does not write yet"
+    text_only = "keras-hub: leave out the vision tower"
     parser.add_argument("--text-only", action="store_true", help=text_only)
     parser.set_defaults(run=run_export)
 
@@ -71,11 +71,6 @@ def run_export(args):
         sizes = ", ".join(f"{name} {entry['bytes'] / 2**20:.1f} MiB" for name, entry in settings["precisions"].items())
         what = f"ONNX opset {settings['opset']}, {sizes}, decoder cache {settings['max_decode_length']} tokens"
     elif args.format == "keras-hub":
-        if getattr(seq_2_seq_lm.backbone, "vision_encoder", None) is not None:
-            raise CommandError(
-                f"{args.preset} has a vision tower, which the KerasHub export does not write yet; pass --text-only "
-                "to export its text model"
-            )
         output = seq_2_seq_lm.export_to_keras_hub(args.output)
         what, then = "for KerasHub", "load it with keras_hub.models.T5Gemma2Seq2SeqLM.from_preset"
     else:
