@@ -174,7 +174,7 @@ def test_lora_fits_on_top_of_int4_weights():
 
 
 @pytest.mark.slow
-def test_gptq_4bit_answers_agree_with_float32_and_reload(tmp_path):
+def test_gptq_4bit_answers_agree_with_float32():
     """GPTQ on the demo's training prompts (answers: the float model's own), then the held-out prompts."""
     examples = demo.make_examples(["reverse", "sort", "color"], 60, seed=21, held_out=True)
     seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset("t5gemma2_tiny_digits")
@@ -190,7 +190,3 @@ def test_gptq_4bit_answers_agree_with_float32_and_reload(tmp_path):
     answers = demo.generate_answers(seq_2_seq_lm, examples)
     agreement = np.mean([a == b for a, b in zip(answers, expected)])
     assert agreement >= 0.97, agreement
-    seq_2_seq_lm.save_to_preset(tmp_path / "gptq")
-    restored = T5Gemma2Seq2SeqLM.from_preset(str(tmp_path / "gptq"))
-    restored.compile(sampler="greedy")
-    assert demo.generate_answers(restored, examples) == answers

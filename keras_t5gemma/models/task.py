@@ -136,7 +136,9 @@ class T5Gemma2Task(PresetMixin):
         vision tower, which GPTQ does not cover (Keras' GPTQ quantizes `Dense`
         and `EinsumDense` only; the tower sees only images), then get plain
         int4 (`quantize("int4")`), as does any layer the calibration never
-        reached. Saved and reloaded like any quantized model.
+        reached. Not yet saved: a preset of a GPTQ model reloads without its
+        GPTQ layers' values (Keras finds no variables for them); quantize again
+        after loading the float preset.
 
         Args:
             calibration: samples as `predict` takes them: prompts (strings, or
