@@ -8,6 +8,7 @@ of `encoder` / `decoder` (the released files) and `rope_parameters`
 import re
 
 from keras_t5gemma.conversion.config import TRANSFORMERS_VERSION
+from keras_t5gemma.conversion.quantized_loading import float_weight
 from keras_t5gemma.conversion.quantized_loading import quantized_layers
 from keras_t5gemma.conversion.weights import LINEAR
 from keras_t5gemma.conversion.weights import WeightSpec
@@ -139,10 +140,10 @@ def backbone_from_t5gemma_config(config, encoder_only=False, dtype=None, cls=T5G
 
 
 def _attention_specs(attention, prefix):
-    yield WeightSpec(attention.query_dense.kernel, f"{prefix}.q_proj.weight", LINEAR)
-    yield WeightSpec(attention.key_dense.kernel, f"{prefix}.k_proj.weight", LINEAR)
-    yield WeightSpec(attention.value_dense.kernel, f"{prefix}.v_proj.weight", LINEAR)
-    yield WeightSpec(attention.output_dense.kernel, f"{prefix}.o_proj.weight", LINEAR, input_axes=2)
+    yield WeightSpec(float_weight(attention.query_dense), f"{prefix}.q_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(attention.key_dense), f"{prefix}.k_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(attention.value_dense), f"{prefix}.v_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(attention.output_dense), f"{prefix}.o_proj.weight", LINEAR, input_axes=2)
 
 
 def _layer_specs(layer, prefix):
@@ -155,16 +156,18 @@ def _layer_specs(layer, prefix):
         yield from _attention_specs(layer.cross_attention, f"{prefix}.cross_attn")
     yield WeightSpec(layer.pre_feedforward_norm.scale, f"{prefix}.pre_feedforward_layernorm.weight")
     yield WeightSpec(layer.post_feedforward_norm.scale, f"{prefix}.post_feedforward_layernorm.weight")
-    yield WeightSpec(layer.feedforward.gate_dense.kernel, f"{prefix}.mlp.gate_proj.weight", LINEAR)
-    yield WeightSpec(layer.feedforward.up_dense.kernel, f"{prefix}.mlp.up_proj.weight", LINEAR)
-    yield WeightSpec(layer.feedforward.down_dense.kernel, f"{prefix}.mlp.down_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(layer.feedforward.gate_dense), f"{prefix}.mlp.gate_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(layer.feedforward.up_dense), f"{prefix}.mlp.up_proj.weight", LINEAR)
+    yield WeightSpec(float_weight(layer.feedforward.down_dense), f"{prefix}.mlp.down_proj.weight", LINEAR)
 
 
 def t5gemma_weight_specs(backbone):
     """Every `T5GemmaBackbone` variable with the checkpoint key that fills it."""
-    yield WeightSpec(backbone.encoder_token_embedding.table.embeddings, "model.encoder.embed_tokens.weight")
+    encoder_table = float_weight(backbone.encoder_token_embedding.table, "embeddings")
+    yield WeightSpec(encoder_table, "model.encoder.embed_tokens.weight")
     if backbone.token_embedding is not None:
-        yield WeightSpec(backbone.token_embedding.table.embeddings, "model.decoder.embed_tokens.weight")
+        decoder_table = float_weight(backbone.token_embedding.table, "embeddings")
+        yield WeightSpec(decoder_table, "model.decoder.embed_tokens.weight")
     for side, stack in (("encoder", backbone.encoder), ("decoder", backbone.decoder)):
         if stack is None:
             continue
