@@ -169,6 +169,10 @@ def test_an_export_loads_in_keras_hub_with_the_weights_and_our_logits_on_an_imag
     if vision:  # the image matters at this scale
         other = {**keras_hub_inputs, "images": np.zeros_like(inputs["images"])}
         assert np.abs(_keras_hub_logits(exported, other) - ours).max() > 1e-2
+        # KerasHub's preprocessor finds images by the `<image_soft_token>` piece (id 6): another id is refused.
+        seq_2_seq_lm.backbone.image_token_index = 7
+        with pytest.raises(ValueError, match=r"piece is \(id 6 here\), but this model.s image placeholder is id 7"):
+            seq_2_seq_lm.export_to_keras_hub(tmp_path / "other_placeholder")
 
 
 def test_embedder_and_text_only_load_from_a_keras_hub_preset(saved, rng):

@@ -16,10 +16,11 @@ with it, so only square images of the model's size preprocess the same.
 
 What KerasHub cannot represent, and is refused: a full-attention RoPE base
 other than 1,000,000 or a sliding-layer RoPE scaling (KerasHub fixes both),
-and quantized weights. What differs and is said: KerasHub's text-only model
-has no end-of-image vector and embeds that token from the table, so inputs
-holding `eoi_token_index` compute differently there (a warning gives the
-difference).
+quantized weights, and a task whose image placeholder is not its vocabulary's
+`<image_soft_token>` piece (where KerasHub's preprocessor puts images). What
+differs and is said: KerasHub's text-only model has no end-of-image vector and
+embeds that token from the table, so inputs holding `eoi_token_index` compute
+differently there (a warning gives the difference).
 """
 
 import logging
