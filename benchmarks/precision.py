@@ -165,8 +165,12 @@ def main():
 
 def report(args, runs, logits, agreement):
     gib = 1 << 30
-    print(f"\nconfig {args.config}, text only, {args.rounds} interleaved rounds, medians; load average {os.getloadavg()}")
-    print("| precision | weights (GiB) | x int8 | peak while loading (GiB) | decode tok/s b1 | b8 | logit error | top-1 |")
+    print(
+        f"\nconfig {args.config}, text only, {args.rounds} interleaved rounds, medians; load average {os.getloadavg()}"
+    )
+    print(
+        "| precision | weights (GiB) | x int8 | peak while loading (GiB) | decode tok/s b1 | b8 | logit error | top-1 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     reference = logits.get("float32")
     median = lambda precision, key: statistics.median(run[key] for run in runs[precision])  # noqa: E731
