@@ -141,11 +141,13 @@ def _forward_and_backward(model, x, y, weights, chunked=False):
             loss = loss_function(y, logits, weights)
         gradients = tape.gradient(loss, variables)
     else:
-        model.zero_grad()
+        for variable in variables:
+            # Gradients accumulate into `.grad`: start each pass from none.
+            variable.value.grad = None
         logits = model(x, training=True)
         loss = loss_function(y, logits, weights)
         loss.backward()
-        gradients = [variable.value.grad for variable in variables]
+        gradients = [variable.value.grad.detach().clone() for variable in variables]
     logits = None if logits is None else np.asarray(ops.convert_to_numpy(logits))
     return logits, float(ops.convert_to_numpy(loss)), [np.asarray(ops.convert_to_numpy(g)) for g in gradients]
 
