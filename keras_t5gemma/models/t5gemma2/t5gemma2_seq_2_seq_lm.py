@@ -10,6 +10,7 @@ from keras import ops
 from keras_hub.models import Seq2SeqLM
 
 from keras_t5gemma.models.chunked_loss import ChunkedLossMixin
+from keras_t5gemma.models.encoder_decoder_backbone import SEGMENT_INPUTS
 from keras_t5gemma.models.encoder_decoder_backbone import check_token_ids
 from keras_t5gemma.models.samplers import ArgmaxSampler
 from keras_t5gemma.models.streaming import stream_generate
@@ -57,7 +58,9 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
         self.preprocessor = preprocessor
 
         # === Functional model ===
-        inputs = backbone.input
+        # The preprocessor's inputs (as KerasHub's tasks take them); packed
+        # rows' segment ids go to the backbone in `call`.
+        inputs = {name: value for name, value in backbone.input.items() if name not in SEGMENT_INPUTS}
         hidden = backbone(inputs)["decoder_sequence_output"]
         logits = backbone.token_embedding.logits(hidden)
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
@@ -68,12 +71,14 @@ class T5Gemma2Seq2SeqLM(ChunkedLossMixin, T5Gemma2Task, Seq2SeqLM):
     def get_config(self):
         return {**super().get_config(), "train_vision_tower": self.train_vision_tower}
 
-    # Inputs without segment ids (one example per row) leave them `None`.
-    def __call__(self, inputs, *args, **kwargs):
-        return super().__call__(self.backbone.with_default_segments(inputs), *args, **kwargs)
-
     def call(self, inputs, training=None, mask=None):
-        return super().call(self.backbone.with_default_segments(inputs), training=training, mask=mask)
+        """Logits `(B, T, V)`; packed rows (`encoder_segment_ids`, `decoder_segment_ids`) run through the backbone."""
+        if isinstance(inputs, dict) and any(inputs.get(name) is not None for name in SEGMENT_INPUTS):
+            hidden = self.backbone(inputs, training=training)["decoder_sequence_output"]
+            return self.backbone.token_embedding.logits(hidden)
+        if isinstance(inputs, dict):
+            inputs = {name: value for name, value in inputs.items() if name not in SEGMENT_INPUTS}
+        return super().call(inputs, training=training, mask=mask)
 
     def compile(self, *args, sampler="top_k", **kwargs):
         """KerasHub's `compile`; `sampler="greedy"` takes the argmax of the logits (`ArgmaxSampler`)."""
