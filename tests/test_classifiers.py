@@ -234,6 +234,21 @@ def test_keras_file_and_preset_round_trips_keep_the_scores(trained, tmp_path):
     np.testing.assert_allclose(loaded.predict(texts, verbose=0), scores, atol=1e-6)
 
 
+def test_a_quantized_classifier_reloads_with_its_quantized_head(trained, tmp_path):
+    texts = ["1 2 3", "9 1 5 2", "0 0 7 8 9"]
+    trained.save_to_preset(tmp_path / "float")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classifier = T5Gemma2TextClassifier.from_preset(str(tmp_path / "float"))
+        classifier.quantize("int8")
+        assert classifier.output_dense.quantization_mode == "int8"
+        scores = classifier.predict(texts, verbose=0)
+        classifier.save_to_preset(tmp_path / "int8")
+        loaded = T5Gemma2TextClassifier.from_preset(str(tmp_path / "int8"))
+    assert loaded.output_dense.quantization_mode == "int8"
+    np.testing.assert_allclose(loaded.predict(texts, verbose=0), scores, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "labels, message",
     [

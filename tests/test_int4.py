@@ -143,8 +143,6 @@ def test_every_task_quantizes_to_int4_and_reloads(cls, tmp_path):
     assert np.abs(outputs - expected).max() > 0
     correlation = np.corrcoef(outputs.ravel(), expected.ravel())[0, 1]
     assert correlation > 0.8, correlation
-    if cls is not T5Gemma2Embedder:
-        return  # not done: a classifier's saved config does not keep its quantized head's policy (int8 too)
     model.save_to_preset(tmp_path / "int4")
     restored = cls.from_preset(str(tmp_path / "int4"))
     np.testing.assert_array_equal(_task_outputs(restored), outputs)

@@ -129,6 +129,10 @@ class ClassifierTask(T5Gemma2Task):
         train_vision_tower: bool, default `False`: `fit` leaves a vision
             tower and the end-of-image embedding frozen (see
             `T5Gemma2Task.train_vision_tower`).
+        head_dtype: the head's dtype policy (serialized); set by
+            `get_config` once `quantize` has converted the head, so that a
+            saved quantized classifier is rebuilt with a quantized head.
+            Default: the backbone's float policy.
     """
 
     per_token = False
@@ -145,8 +149,10 @@ class ClassifierTask(T5Gemma2Task):
         pad_token_id=None,
         activation=None,
         train_vision_tower=False,
+        head_dtype=None,
         **kwargs,
     ):
+        self._head_dtype = head_dtype
         self._configure(backbone, preprocessor, num_classes, dropout, labels, start_token_id, pad_token_id, activation)
 
         # === Functional model ===
@@ -195,6 +201,8 @@ class ClassifierTask(T5Gemma2Task):
         if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
             # A backbone loaded quantized maps its layers' paths to policies; the head gets the float one.
             policy = policy.default_policy
+        if self._head_dtype is not None:
+            policy = keras.dtype_policies.deserialize(self._head_dtype)
         self.output_dense = keras.layers.Dense(
             self.num_classes,
             activation=keras.activations.deserialize(self.activation),
@@ -222,7 +230,10 @@ class ClassifierTask(T5Gemma2Task):
         return super().evaluate(x, y, *args, **kwargs)
 
     def get_config(self):
-        return {**super().get_config(), **{name: getattr(self, name) for name in CLASSIFIER_ARGUMENTS}}
+        config = {**super().get_config(), **{name: getattr(self, name) for name in CLASSIFIER_ARGUMENTS}}
+        if self.output_dense.quantization_mode is not None:
+            config["head_dtype"] = keras.dtype_policies.serialize(self.output_dense.dtype_policy)
+        return config
 
     @classmethod
     def load_preset(cls, loader, load_weights=True, **kwargs):
