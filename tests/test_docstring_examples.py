@@ -71,9 +71,19 @@ def test_doctests_pass(module):
     assert results.failed == 0
 
 
+# Examples that take minutes on CI's 2 cores: run with `-m slow`, like the test that covers them in CI's stead.
+SLOW = {
+    "keras_t5gemma.models.task.T5Gemma2Task.gptq_quantize": "tests/test_int4.py",  # about 200 s: GPTQ, layer by layer
+}
+
+
 @pytest.mark.parametrize(
     "name, code",
-    [example for example in EXAMPLES if example[0] not in EIGHT_DEVICES | set(NEEDS_FILES)],
+    [
+        pytest.param(name, code, marks=[pytest.mark.slow] if name in SLOW else [])
+        for name, code in EXAMPLES
+        if name not in EIGHT_DEVICES | set(NEEDS_FILES)
+    ],
     ids=lambda value: value if "\n" not in value else "",
 )
 def test_fenced_example_runs(name, code):
@@ -85,7 +95,8 @@ def test_fenced_example_runs(name, code):
 
 def test_every_example_is_run_or_accounted_for():
     names = {name for name, _ in EXAMPLES}
-    assert EIGHT_DEVICES | set(NEEDS_FILES) <= names
+    assert EIGHT_DEVICES | set(NEEDS_FILES) | set(SLOW) <= names
+    assert all((PACKAGE.parent / test).exists() for test in SLOW.values())
     for name, code in EXAMPLES:
         if name in NEEDS_FILES:
             assert "open(" in code and (PACKAGE.parent / NEEDS_FILES[name]).exists()
