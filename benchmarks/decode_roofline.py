@@ -193,7 +193,7 @@ def run_ctranslate2(checkpoint, dtype):
 
     folder = Path(checkpoint).parent / f"ctranslate2_{dtype}"
     translator = ctranslate2.Translator(str(folder), device="cpu", compute_type=dtype, intra_threads=os.cpu_count())
-    weight_bytes = sum(path.stat().st_size for path in folder.glob("model.bin"))
+    weight_bytes = (folder / "model.bin").stat().st_size
 
     def make_generate(translator, vocabulary, new_tokens):
         def generate(batch):
