@@ -5,20 +5,23 @@ projections and the embedding table, `models.quantization.quantizable`) a
 quantized dtype policy before they are built, as Keras builds a reloaded
 quantized model: they get their int8 (or packed int4) variables and scales
 and never a float kernel. `quantized_values` then fills them from each float checkpoint tensor
-as it is read, with the arithmetic of Keras' own `layer.quantize` (it runs on
-a throw-away float copy of the layer), so that the model equals one loaded in
-float and quantized afterwards, bit for bit.
+as it is read, with the arithmetic of Keras' own `layer.quantize` (its
+quantizers, on the tensor alone; the abs-max one jitted on JAX), so that the
+model equals one loaded in float and quantized afterwards, bit for bit.
 """
 
-import gc
+import functools
+import math
 import weakref
 
 import keras
+import ml_dtypes
 import numpy as np
 
-from keras_t5gemma.models.quantization import collections_of_new_objects_only
 from keras_t5gemma.models.quantization import quantizable
 from keras_t5gemma.utils.keras_hub_compat import variables_without_values
+from keras_t5gemma.utils.loading import fill_from_values
+from keras_t5gemma.utils.loading import numpy_dtype
 from keras_t5gemma.utils.preset_utils import check_quantize_mode
 
 # Embedding tables above this size are quantized in blocks of rows (Keras
@@ -125,57 +128,145 @@ def _own_policy(layer):
     return policy
 
 
-def _float_copy(layer, **overrides):
-    """A built float layer with `layer`'s config (`overrides` applied) and its source float policy."""
-    policy = _own_policy(layer)
-    config = {**layer.get_config(), **overrides, "dtype": policy.get_config()["source_name"]}
-    copy = type(layer).from_config(config)
-    build_config = layer.get_build_config()
-    if build_config:
-        copy.build_from_config(build_config)
-    else:
-        copy.build()
-    return copy
+# Keras' quantizers' default epsilon (taken when Keras is imported, as their signatures do).
+_EPSILON = keras.quantizers.AbsMaxQuantizer().epsilon
 
 
-def _quantize_copy(layer, variable_name, value, **overrides):
-    """Keras' `quantize` on a float copy of `layer` holding `value`; its new variables' values by name."""
-    with collections_of_new_objects_only():
-        copy = _float_copy(layer, **overrides)
-        [target] = [variable for variable in copy.weights if variable.name == variable_name]
-        target.assign(value)
-        before = {id(variable) for variable in copy.weights}
-        copy.quantize(_own_policy(layer).quantization_mode)
-        values = {v.name: keras.ops.convert_to_numpy(v) for v in copy.weights if id(v) not in before}
-        del copy, target
-        gc.collect()  # the copy (layers hold reference cycles) before it is frozen with the next one
-    return values
+@functools.cache
+def _compiled():
+    """The two jitted halves of Keras' abs-max quantizer (JAX only), compiled once per shape and axes."""
+    import jax
+    import jax.numpy as jnp
+
+    @functools.partial(jax.jit, static_argnames="axis")
+    def abs_max(x, axis):
+        # The largest magnitude is exact in any precision.
+        return jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+
+    @functools.partial(jax.jit, static_argnames=("low", "high"))
+    def rounded(x, scale, low, high):
+        # float32 holds the product of two 16-bit floats exactly; rounding it to the input's precision is
+        # what NumPy's (ml_dtypes') 16-bit multiply does, and `reduce_precision` is kept by XLA.
+        product = x.astype(jnp.float32) * scale.astype(jnp.float32)
+        if x.dtype != jnp.float32:
+            info = jnp.finfo(x.dtype)
+            product = jax.lax.reduce_precision(product, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+        return jnp.clip(jnp.round(product), low, high).astype(jnp.int8)
+
+    return abs_max, rounded
+
+
+def _abs_max_quantize(value, axis, value_range=(-127, 127)):
+    """Keras' `abs_max_quantize(value, axis, value_range, to_numpy=True)`: the int8 values and the scale.
+
+    On JAX, for float32 and bfloat16, as two fused passes (the largest
+    magnitude, then the scaled and rounded values) instead of NumPy's six;
+    the scale itself is computed with NumPy exactly as Keras computes it.
+    Other dtypes and backends call Keras' function.
+    """
+    low, high = value_range
+    if keras.backend.backend() != "jax" or value.dtype not in (np.float32, ml_dtypes.bfloat16):
+        values, scale = keras.quantizers.abs_max_quantize(value, axis, value_range, "int8", _EPSILON, to_numpy=True)
+        return keras.ops.convert_to_numpy(values), keras.ops.convert_to_numpy(scale)
+    abs_max, rounded = _compiled()
+    axis = tuple(a % value.ndim for a in axis)
+    scale = np.divide(high, np.add(np.asarray(abs_max(value, axis)), _EPSILON))
+    return np.asarray(rounded(value, scale, low, high)), scale
+
+
+def _grouped_quantize(value, block_size):
+    """Keras' `abs_max_quantize_grouped_with_zero_point` (4 bits, groups of `block_size` rows) in NumPy."""
+    outputs = keras.quantizers.abs_max_quantize_grouped_with_zero_point(
+        value, block_size=block_size, value_range=(-8, 7), dtype="int8", epsilon=_EPSILON, to_numpy=True
+    )
+    return [keras.ops.convert_to_numpy(output) for output in outputs]
+
+
+def _packed(values):
+    """Two 4-bit values per byte along the last axis, as Keras' `pack_int4` stores them."""
+    return keras.ops.convert_to_numpy(keras.quantizers.pack_int4(values, axis=-1)[0])
+
+
+def _int4_block_size(layer):
+    """The block size of `layer`'s int4 policy, `None` for one scale per channel."""
+    block_size = getattr(_own_policy(layer), "block_size", None)
+    return None if block_size in (None, -1) else block_size
+
+
+def _quantized_kernel(layer, value):
+    """What `quantize` gives a `Dense` or `EinsumDense` layer whose float kernel is `value`."""
+    einsum = isinstance(layer, keras.layers.EinsumDense)
+    reduced = tuple(layer._kernel_reduced_axes) if einsum else (0,)
+    if layer.quantization_mode == "int8":
+        values, scale = _abs_max_quantize(value, reduced)
+        if einsum:
+            scale = keras.ops.convert_to_numpy(layer._adjust_scale_for_quant(scale, "kernel"))
+        else:
+            scale = np.squeeze(scale, axis=0)
+        return {"kernel": values, "kernel_scale": scale}
+    # int4: the kernel as a matrix `[reduced axes, the rest]`, packed along its columns.
+    rows = math.prod(value.shape[axis] for axis in reduced)
+    flat = value.reshape(rows, -1)
+    block_size = _int4_block_size(layer)
+    if block_size is None:
+        values, scale = _abs_max_quantize(flat, (0,), value_range=(-8, 7))
+        return {"kernel": _packed(values), "kernel_scale": np.squeeze(scale, axis=0)}
+    values, scale, zero = _grouped_quantize(flat, block_size)
+    group = np.floor_divide(np.arange(rows, dtype="float32"), block_size)
+    return {"kernel": _packed(values), "kernel_scale": scale, "kernel_zero": zero, "g_idx": group}
+
+
+def _quantized_table(layer, value):
+    """What `quantize` gives an `Embedding` whose `(input_dim, output_dim)` table is `value` (one scale per row)."""
+    if layer.quantization_mode == "int8":
+        values, scale = _abs_max_quantize(value, (-1,))
+        return {"embeddings": values, "embeddings_scale": np.squeeze(scale, axis=-1)}
+    block_size = _int4_block_size(layer)
+    if block_size is None:
+        values, scale = _abs_max_quantize(value, (-1,), value_range=(-8, 7))
+        return {"embeddings": _packed(values), "embeddings_scale": np.squeeze(scale, axis=-1)}
+    # Groups run along each row: Keras quantizes the transposed table.
+    values, scale, zero = (array.T for array in _grouped_quantize(value.T, block_size))
+    return {"embeddings": _packed(values), "embeddings_scale": scale, "embeddings_zero": zero}
 
 
 def quantized_values(layer, variable_name, value):
     """The variables `layer.quantize(mode)` would hold if its float `variable_name` were `value`.
 
     `layer` is built quantized (see `quantized_dtype_policy`); `value` is
-    the float weight in the variable's layout. Embedding tables above
-    `_BLOCK_BYTES` are quantized in blocks of rows, each with the same
-    per-row arithmetic, so that at most one block's temporaries exist.
+    the float weight in the variable's layout and dtype. The arithmetic is
+    Keras' own quantizers' (`abs_max_quantize`, `pack_int4`, ...) with the
+    axes each layer's `quantize` gives them, run on `value` alone: no float
+    copy of the layer is built. Embedding tables above `_BLOCK_BYTES` are
+    quantized in blocks of rows (each row has its own scales), so that at
+    most one block's temporaries exist.
 
     Returns:
         `{name: array}` for the variables that quantization creates (the int8
-        or packed int4 kernel or table and its scale), to assign to `layer`'s variables of
-        the same names.
+        or packed int4 kernel or table, its scales, an int4 layer's zero
+        points and groups), to assign to `layer`'s variables of the same names.
     """
-    value = np.asarray(value)
-    if not isinstance(layer, keras.layers.Embedding) or value.nbytes <= _BLOCK_BYTES:
-        return _quantize_copy(layer, variable_name, value)
+    # Keras quantizes the float variable, in the layer's variable dtype.
+    value = np.asarray(value).astype(numpy_dtype(_own_policy(layer).variable_dtype), copy=False)
+    if isinstance(layer, keras.layers.Embedding):
+        if getattr(layer, "tie_weights", True) is False:
+            raise NotImplementedError(
+                f"`{layer.path}`: quantizing an untied `ReversibleEmbedding` while loading is not supported; "
+                "load it in float and call `quantize`."
+            )
+        if variable_name != "embeddings":
+            raise ValueError(f"`{layer.path}` is filled through its `embeddings`, not `{variable_name}`.")
+    elif variable_name != "kernel":
+        raise ValueError(f"`{layer.path}` is filled through its `kernel`, not `{variable_name}`.")
+    if not isinstance(layer, keras.layers.Embedding):
+        return _quantized_kernel(layer, value)
+    if value.nbytes <= _BLOCK_BYTES:
+        return _quantized_table(layer, value)
     rows = max(1, _BLOCK_BYTES // (value.nbytes // value.shape[0]))
     values = {}
     for start in range(0, value.shape[0], rows):
         block = value[start : start + rows]
-        for name, quantized in _quantize_copy(layer, variable_name, block, input_dim=block.shape[0]).items():
-            if name == "g_idx":  # int4 blocks' group of each column: the same for every row
-                values[name] = quantized
-                continue
+        for name, quantized in _quantized_table(layer, block).items():
             if name not in values:
                 values[name] = np.empty((value.shape[0], *quantized.shape[1:]), quantized.dtype)
             values[name][start : start + block.shape[0]] = quantized
@@ -183,10 +274,10 @@ def quantized_values(layer, variable_name, value):
 
 
 def assign_by_name(layer, values):
-    """Assigns `{name: array}` (from `quantized_values`) to `layer`'s variables of those names."""
+    """Fills `layer`'s variables of the names in `{name: array}` (from `quantized_values`)."""
     by_name = {variable.name: variable for variable in layer.weights}
     for name in list(values):
-        by_name[name].assign(values.pop(name))
+        fill_from_values(by_name[name], values.pop(name))
 
 
 def build_quantized(build, dtype, quantize=None):

@@ -126,10 +126,23 @@ def fill(variable, read, read_part=None):
     if not is_unfilled(variable):
         variable.assign(value)
         return
-    tensor = variable._convert_to_tensor(value, dtype=variable._dtype)
+    tensor = _to_tensor(variable, value)
     del value
     variable._initialize(tensor)
     variable._initializer = None
+
+
+def _to_tensor(variable, value):
+    """`value` (a NumPy array in `variable`'s dtype) as a backend tensor, copied once.
+
+    Keras' conversion of a bfloat16 array on JAX copies it twice
+    (`jnp.asarray(x).astype(dtype)`); `jax.device_put` copies it once.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.device_put(value)
+    return variable._convert_to_tensor(value, dtype=variable._dtype)
 
 
 def fill_from_values(variable, value):
