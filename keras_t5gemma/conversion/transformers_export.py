@@ -144,7 +144,16 @@ def _checkpoint_shape(spec):
 
 
 def _write_safetensors(path, entries, dtype):
-    """Writes `[(key, spec)]` to one safetensors file, one tensor in memory at a time."""
+    """Writes `[(key, spec)]` to one safetensors file, one tensor in memory at a time.
+
+    Written here rather than by `safetensors.numpy.save_file`, which takes
+    all of a file's tensors at once: every tensor of a shard (up to
+    `max_shard_size`, 2 GB by default) converted to the export's layout and
+    dtype would be held beside the model, where this holds one. The format
+    is safetensors' own (an 8-byte little-endian header length, the JSON
+    header padded to 8 bytes, the tensors in header order); the library
+    reads what this writes (the export's tests load it with `transformers`).
+    """
     numpy_dtype = _NUMPY_DTYPES[dtype]
     itemsize = np.dtype(numpy_dtype).itemsize
     header = {"__metadata__": {"format": "pt"}}
