@@ -24,6 +24,7 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
+from prometheus_client import generate_latest
 
 from keras_t5gemma import demo as demo_tasks
 from keras_t5gemma.export import export_onnx
@@ -290,6 +291,61 @@ def _metric(text, name, model):
         if line.startswith(name + "{") and f'model="{model}"' in line:
             return line.rsplit(" ", 1)[1]
     raise AssertionError(f"no {name} for {model} in /metrics")
+
+
+def test_closed_loop_clients_come_back_into_one_batch():
+    """Clients that send their next prompt when answered, a few ms apart (as HTTP answers come back), are
+    decoded in one batch per turn: the worker waits for the last batch's rows rather than starting on the
+    first to return (which split each turn in two). Answers equal `generate`'s."""
+    from keras_t5gemma.serving.batching import Batcher
+    from keras_t5gemma.serving.batching import Row
+    from keras_t5gemma.serving.batching import SamplingSettings
+    from keras_t5gemma.serving.engines import KerasEngine
+    from keras_t5gemma.serving.metrics import ServerMetrics
+
+    engine = KerasEngine(DEMO)
+    metrics = ServerMetrics()
+    # A wait of up to 50 batch times: a loaded CI machine may wake the clients late, never by that much.
+    batcher = Batcher(engine, [1, 4], [32], [MAX_TOKENS + 1], 0, 16, companion_wait=50.0, metrics=metrics)
+    clients, turns = 4, 3
+    prompts = _prompts(clients * turns, seed=13)
+    answers = {}
+
+    def row(which, done):
+        pieces = []
+
+        def emit(event):
+            if event[0] == "delta":
+                pieces.append(event[1])
+            else:
+                answers[which] = "".join(pieces) if event[0] == "done" else event
+                done.set()
+
+        prompt = engine.prepare(prompts[which], [], 32)
+        return Row(prompt, MAX_TOKENS, SamplingSettings(temperature=0), (), emit, time.monotonic() + 120)
+
+    def client(index, first_done):
+        first_done.wait(120)
+        for turn in range(1, turns):
+            time.sleep(0.003 * index)
+            done = threading.Event()
+            batcher.submit([row(turn * clients + index, done)])
+            done.wait(120)
+
+    try:
+        firsts = [threading.Event() for _ in range(clients)]
+        threads = [threading.Thread(target=client, args=(index, firsts[index])) for index in range(clients)]
+        for thread in threads:
+            thread.start()
+        batcher.submit([row(index, firsts[index]) for index in range(clients)])  # the first turn: one batch
+        for thread in threads:
+            thread.join(120)
+    finally:
+        batcher.close()
+    expected = [engine.seq_2_seq_lm.generate(prompt, max_length=MAX_TOKENS + 1) for prompt in prompts]
+    assert [answers.get(which) for which in range(len(prompts))] == expected
+    batches = float(_metric(generate_latest(metrics.registry).decode(), "t5gemma_batch_size_count", "model"))
+    assert batches == turns, f"{clients} clients' {turns} turns took {batches:.0f} batches"
 
 
 def test_overload_is_refused_with_429_and_nothing_else_is_lost(ready, seq_2_seq_lm):

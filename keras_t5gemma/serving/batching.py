@@ -9,6 +9,14 @@ own settings and random generator, and leaves the batch as soon as it stops,
 is cancelled (its client left) or runs out of time; the batch ends when its
 last row does. A bounded queue refuses rows beyond `max_queue` (the server
 answers 429 with `Retry-After`).
+
+Clients in a closed loop (each sends its next request when answered) come
+back together, since a batch answers its rows at the same step; a batch
+started on the first of them would leave the rest queued for a whole batch,
+so batches would alternate between a few rows and the rest. Right after a
+batch of several rows, the worker therefore waits for as many rows as that
+batch had (plus those already queued), for at most `companion_wait` times
+that batch's decode time.
 """
 
 import collections
@@ -158,6 +166,8 @@ class Batcher:
         max_images: image-slot bucket for prompts with images (text-only batches use 0 slots).
         max_queue: rows that may wait; more raise `QueueFull`.
         batch_wait: seconds the worker waits for more rows after the first.
+        companion_wait: right after a batch, the longest wait for its rows'
+            clients to come back, as a fraction of its decode time (0: none).
         metrics: a `ServerMetrics` or None.
         name: the model's name (metric labels).
     """
@@ -171,6 +181,7 @@ class Batcher:
         max_images,
         max_queue,
         batch_wait=0.0,
+        companion_wait=0.1,
         metrics=None,
         name="model",
     ):
@@ -181,12 +192,15 @@ class Batcher:
         self.max_images = max_images
         self.max_queue = max_queue
         self.batch_wait = batch_wait
+        self.companion_wait = companion_wait
         self.metrics = metrics
         self.name = name
         self._queue = collections.deque()
         self._condition = threading.Condition()
         self._closed = False
         self.active_rows = 0
+        # The last batch: when it ended, its decode seconds, and its rows plus those queued then.
+        self._last_end, self._last_seconds, self._expected_rows = 0.0, 0.0, 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -226,7 +240,7 @@ class Batcher:
             self.metrics.queue_depth.labels(self.name).set(len(self._queue))
 
     def _take_batch(self):
-        """Up to the largest batch size of rows, waiting `batch_wait` after the first for more."""
+        """Up to the largest batch size of rows, after `batch_wait` and the wait for companions."""
         largest = self.batch_sizes[-1]
         with self._condition:
             while not self._queue and not self._closed:
@@ -234,10 +248,13 @@ class Batcher:
             if self._closed:
                 return []
             deadline = time.monotonic() + self.batch_wait
+            companions = min(largest, self._expected_rows)
+            companions_deadline = self._last_end + self.companion_wait * self._last_seconds
             while len(self._queue) < largest and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
+                now = time.monotonic()
+                if now >= deadline and (len(self._queue) >= companions or now >= companions_deadline):
                     break
+                left = max(deadline, companions_deadline if len(self._queue) < companions else deadline) - now
                 self._condition.wait(left)
             rows = [self._queue.popleft() for _ in range(min(largest, len(self._queue)))]
             self.active_rows = len(rows)
@@ -249,6 +266,7 @@ class Batcher:
             rows = self._take_batch()
             if not rows:
                 return
+            started = time.monotonic()
             try:
                 self._decode(rows)
             except Exception as error:  # a bug or a backend failure: answer the rows, keep serving
@@ -257,6 +275,9 @@ class Batcher:
             finally:
                 with self._condition:
                     self.active_rows = 0
+                    self._last_end = time.monotonic()
+                    self._last_seconds = self._last_end - started
+                    self._expected_rows = len(rows) + len(self._queue) if len(rows) > 1 else 0
 
     # === Decoding ===
 
