@@ -75,6 +75,47 @@ def built_without_values(build):
     return model
 
 
+def _assign_or_fill(original):
+    def assign(variable, value):
+        if getattr(_filling, "active", False) and is_unfilled(variable) and _same_shape(variable, value):
+            fill(variable, lambda: value)
+            return variable.value
+        return original(variable, value)
+
+    assign.original = original
+    return assign
+
+
+def _same_shape(variable, value):
+    shape = getattr(value, "shape", None)
+    return shape is not None and tuple(shape) == tuple(variable.shape)
+
+
+_filling = threading.local()
+
+
+@contextlib.contextmanager
+def fills_on_assign():
+    """Inside, `assign` to a variable left empty by `built_without_values` is a `fill` (this thread only).
+
+    Keras' `load_weights` assigns each saved value; an empty variable then
+    gets it as `fill` gives it (one copy to the backend, laid out on its
+    devices under a distribution) rather than through Keras' conversion,
+    which copies a bfloat16 array twice. A value of another shape goes to
+    Keras' `assign`, which names the mismatch.
+    """
+    variable_class = keras.Variable
+    with _patch_lock:
+        if not hasattr(variable_class.assign, "original"):
+            variable_class.assign = _assign_or_fill(variable_class.assign)
+    outer = getattr(_filling, "active", False)
+    _filling.active = True
+    try:
+        yield
+    finally:
+        _filling.active = outer
+
+
 def is_unfilled(variable):
     return getattr(variable, "_value", True) is None
 
