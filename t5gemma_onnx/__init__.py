@@ -1,4 +1,4 @@
-"""Serve a T5Gemma 2 ONNX export with numpy, onnxruntime and sentencepiece only.
+"""Serve a T5Gemma ONNX export (T5Gemma 2 or the first family) with numpy, onnxruntime and sentencepiece only.
 
 The export comes from `keras_t5gemma.export.export_onnx` (or `keras-t5gemma
 export OUTPUT --format onnx`). This package imports neither Keras, JAX,

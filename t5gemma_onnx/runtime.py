@@ -1,11 +1,18 @@
-"""Generation and embeddings from a T5Gemma 2 ONNX export, without Keras.
+"""Generation and embeddings from a T5Gemma ONNX export (either family), without Keras.
 
 Reads a folder written by `keras_t5gemma.export.export_onnx` and needs only
 numpy, onnxruntime and sentencepiece (and Pillow for images). It lays out
-prompts as `T5Gemma2Seq2SeqLMPreprocessor` does, and generates as
-`T5Gemma2Seq2SeqLM.generate` does: the encoder graph runs once and gives the
-decoder's cross keys/values, the decoder prompt is prefilled as one chunk, then
-the decoder graph runs one token per step against the static cache.
+prompts as `T5Gemma2Seq2SeqLMPreprocessor` (`T5GemmaSeq2SeqLMPreprocessor`)
+does, and generates as `T5Gemma2Seq2SeqLM.generate` does: the encoder graph
+runs once and gives the decoder's cross keys/values, the decoder prompt is
+prefilled as one chunk, then the decoder graph runs one token per step against
+the static cache.
+
+Both families' exports run here alike: their differences (separate or merged
+cross-attention, soft caps, widths) live in the graphs, and what the runtime
+needs of them in the settings (`family`; `prompt.image_markers`, whether a
+`<start_of_image>` in a prompt is an image's place or plain text; the
+widths).
 
 Example:
 ```python
@@ -41,7 +48,7 @@ _CACHE_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 def _read_settings(folder):
     config_path = Path(folder) / CONFIG_FILE
     if not config_path.is_file():
-        raise ValueError(f"{folder} is not a T5Gemma 2 ONNX export: it has no {CONFIG_FILE}.")
+        raise ValueError(f"{folder} is not a T5Gemma ONNX export (either family): it has no {CONFIG_FILE}.")
     return json.loads(config_path.read_text())
 
 
@@ -136,7 +143,7 @@ def convert_image(image, settings):
 
 
 class OnnxSeq2SeqLM:
-    """T5Gemma 2 generation and embeddings from an ONNX export folder.
+    """T5Gemma 2 or T5Gemma generation and embeddings from an ONNX export folder.
 
     Args:
         folder: a folder written by `keras_t5gemma.export.export_onnx`.
@@ -150,6 +157,7 @@ class OnnxSeq2SeqLM:
 
     Attributes:
         settings: the export's `t5gemma2_onnx.json`.
+        family: `"t5gemma2"` or `"t5gemma"` (the first family).
         precision: the graph set in use.
         max_decode_length: the static cache length: the longest decoder
             sequence (`<bos>` + generated tokens).
@@ -166,6 +174,8 @@ class OnnxSeq2SeqLM:
                 "(export again with `--precision` naming it)."
             )
         self._files = sets[self.precision]["files"]
+        # Exports written before the first family had one are T5Gemma 2's.
+        self.family = self.settings.get("family", "t5gemma2")
         self.max_decode_length = self.settings["max_decode_length"]
         self.num_layers = self.settings["num_decoder_layers"]
         self._providers = providers or ["CPUExecutionProvider"]
@@ -194,9 +204,15 @@ class OnnxSeq2SeqLM:
         if self.tokenizer is None:
             raise ValueError("This export has no tokenizer (it was exported without a preprocessor); pass token ids.")
 
+    def _image_markers(self):
+        """Whether a `<start_of_image>` in a prompt marks an image (T5Gemma 2) or is plain text (the first family)."""
+        return self.settings["prompt"].get("image_markers", True)
+
     def _prompt_ids(self, prompt):
         """A prompt's ids: `<bos>` + tokens, each image marker expanded to its placeholder block."""
-        ids = self.tokenizer.encode(prompt.replace(START_OF_IMAGE_PIECE, IMAGE_BLOCK))
+        if self._image_markers():
+            prompt = prompt.replace(START_OF_IMAGE_PIECE, IMAGE_BLOCK)
+        ids = self.tokenizer.encode(prompt)
         special = self.special_token_ids
         if self.settings["vision"]:
             expanded = []
@@ -267,7 +283,7 @@ class OnnxSeq2SeqLM:
             for index, row in enumerate(rows):
                 if row.count(placeholder) % self.settings["mm_tokens_per_image"]:
                     raise ValueError(f"Prompt {index} was truncated inside an image block; shorten it.")
-        counts = [prompt.count(START_OF_IMAGE_PIECE) for prompt in prompts]
+        counts = [prompt.count(START_OF_IMAGE_PIECE) if self._image_markers() else 0 for prompt in prompts]
         pixels = self._images(images, counts)
         width = max(len(row) for row in rows)
         token_ids = np.full((len(rows), width), self.special_token_ids["pad"], np.int64)
@@ -457,7 +473,10 @@ class OnnxSeq2SeqLM:
     # === Embeddings ===
 
     def embed(self, inputs, batch_size=32):
-        """Embedding vectors `(B, hidden_dim)`, as `T5Gemma2Embedder.predict` gives them.
+        """Embedding vectors `(B, hidden_dim)`, as `T5Gemma2Embedder.predict` (`T5GemmaEmbedder`) gives them.
+
+        `hidden_dim` is the encoder's width (the first family's encoder and
+        decoder widths may differ).
 
         Args:
             inputs: a string, a dict `{"text": ..., "images": ...}` (images

@@ -352,7 +352,7 @@ def test_command_line_exports_and_generates_from_the_export(capsys, tmp_path):
     assert capsys.readouterr().out.strip() == "red"
     for argv, message in (
         (["generate", "--onnx", str(output), "x", "--max-length", "13"], "longer than the exported decoder cache"),
-        (["generate", "--onnx", str(tmp_path / "missing"), "x"], "is not a T5Gemma 2 ONNX export"),
+        (["generate", "--onnx", str(tmp_path / "missing"), "x"], "is not a T5Gemma ONNX export"),
         (["export", str(tmp_path), "--format", "onnx"], "non-empty folder"),
     ):
         assert main(argv) == 2

@@ -18,7 +18,8 @@ def add_parser(commands):
     parser = commands.add_parser(
         "export",
         help="export a preset for serving without Keras (ONNX), for transformers or for KerasHub",
-        description="--format onnx writes encoder.onnx (encoder output and cross keys/values), decoder.onnx (one "
+        description="--format onnx (either family: T5Gemma 2 or the first T5Gemma) writes encoder.onnx (encoder "
+        "output and cross keys/values), decoder.onnx (one "
         "step or a prompt chunk against a static self-attention cache), embedder.onnx, the tokenizer and "
         "t5gemma2_onnx.json to OUTPUT; the `t5gemma_onnx` package generates from it with numpy, onnxruntime "
         "and sentencepiece only; --precision fp32,q4 writes one graph set per precision (encoder_q4.onnx, ...) "

@@ -1,4 +1,10 @@
-"""Export a `T5Gemma2Seq2SeqLM` to ONNX graphs that generate with a static cache.
+"""Export a `T5Gemma2Seq2SeqLM` or a `T5GemmaSeq2SeqLM` to ONNX graphs that generate with a static cache.
+
+Both families write the same graphs, inputs and outputs; `t5gemma2_onnx.json`
+says which (`family`), and the graphs carry the difference: the first
+family's decoder layers attend to the cross keys/values in blocks of their
+own (T5Gemma 2's inside their self-attention), with soft-capped attention
+logits and final logits, and its encoder reads a table of its own.
 
 The folder written by `export_onnx`:
 
@@ -16,11 +22,11 @@ The folder written by `export_onnx`:
   `present_value_{i}` (the caches with the chunk written) out.
 - `embedder.onnx`: the encoder inputs in; `embedding` `(B, D)`, the pooled
   (and, if `normalize`, L2-normalised) encoder output as `T5Gemma2Embedder`
-  gives it, and for a vision model `image_embedding` `(B, D)`, the mean of
+  (`T5GemmaEmbedder`) gives it, and for a vision model `image_embedding` `(B, D)`, the mean of
   the image soft tokens of all of a sample's image slots (the embedder's
   image-only vector).
 - `weights.data`: the graphs' weights (ONNX external data), each stored once
-  though several graphs read it (the tied embedding table, the encoder).
+  though several graphs read it (the embedding tables, the encoder).
 - `tokenizer.spm` (SentencePiece) and `t5gemma2_onnx.json`: special ids,
   prompt layout, image-converter settings, shapes, opset, file names.
 
@@ -116,8 +122,8 @@ def _check_not_quantized(layer):
     mode = getattr(layer, "quantization_mode", None)
     if mode is not None:
         raise ValueError(
-            f"Layer `{layer.path}` is quantized ({mode}) in Keras. Export the float model and pass "
-            "`quantize='int8'` to `export_onnx` for int8 graphs."
+            f"Layer `{layer.path}` is quantized ({mode}) in Keras; the ONNX export reads float weights. Export "
+            "the float model and pick the graphs' precision with `precision=` ('int8', 'q4', 'q4f16', 'fp16')."
         )
 
 
@@ -127,29 +133,42 @@ def _kernel(layer, shape):
     return _array(layer.kernel).reshape(shape)
 
 
+def _attention_weights(attention, hidden):
+    """Numpy weights of an `Attention` whose queries read width `hidden` (its keys/values may read another)."""
+    key_value_width = attention.key_value_dim or hidden
+    weights = {
+        "query": _kernel(attention.query_dense, (hidden, -1)),
+        "key": _kernel(attention.key_dense, (key_value_width, -1)),
+        "value": _kernel(attention.value_dense, (key_value_width, -1)),
+        "output": _kernel(attention.output_dense, (-1, hidden)),
+    }
+    if attention.use_query_key_norm:
+        weights["query_norm"] = _array(attention.query_norm.scale)
+        weights["key_norm"] = _array(attention.key_norm.scale)
+    return weights
+
+
 def text_layer_weights(layer):
-    """Numpy weights of a `TransformerLayer`."""
+    """Numpy weights of a `TransformerLayer` (with its cross-attention block when it has one)."""
     attention, feedforward = layer.attention, layer.feedforward
-    hidden = attention.query_dense.kernel.shape[0]
-    return {
+    hidden = layer.pre_attention_norm.scale.shape[0]
+    weights = {
         "pre_attention_norm": _array(layer.pre_attention_norm.scale),
         "post_attention_norm": _array(layer.post_attention_norm.scale),
         "pre_feedforward_norm": _array(layer.pre_feedforward_norm.scale),
         "post_feedforward_norm": _array(layer.post_feedforward_norm.scale),
-        "attention": {
-            "query": _kernel(attention.query_dense, (hidden, -1)),
-            "key": _kernel(attention.key_dense, (hidden, -1)),
-            "value": _kernel(attention.value_dense, (hidden, -1)),
-            "output": _kernel(attention.output_dense, (-1, hidden)),
-            "query_norm": _array(attention.query_norm.scale),
-            "key_norm": _array(attention.key_norm.scale),
-        },
+        "attention": _attention_weights(attention, hidden),
         "feedforward": {
             "gate": _kernel(feedforward.gate_dense, (hidden, -1)),
             "up": _kernel(feedforward.up_dense, (hidden, -1)),
             "down": _kernel(feedforward.down_dense, (-1, hidden)),
         },
     }
+    if layer.cross_attention is not None:
+        weights["pre_cross_attention_norm"] = _array(layer.pre_cross_attention_norm.scale)
+        weights["post_cross_attention_norm"] = _array(layer.post_cross_attention_norm.scale)
+        weights["cross_attention"] = _attention_weights(layer.cross_attention, hidden)
+    return weights
 
 
 def vision_weights(vision_encoder):
@@ -200,48 +219,60 @@ def vision_weights(vision_encoder):
     }
 
 
-def _stack_config(backbone, side):
-    """What differs between the encoder's and the decoder's graphs (KerasHub's `encoder_*`/`decoder_*`)."""
+def _stack_config(stack, hidden_dim):
+    """One stack's settings, read from its `TransformerStack` (what may differ between stacks and families)."""
+    layer = stack.layer_kwargs
     return {
-        "num_heads": getattr(backbone, f"{side}_num_attention_heads"),
-        "num_key_value_heads": getattr(backbone, f"{side}_num_key_value_heads"),
-        "head_dim": getattr(backbone, f"{side}_head_dim"),
-        "rope": backbone.stack_rope(side),
+        "hidden_dim": hidden_dim,
+        "num_heads": layer["num_heads"],
+        "num_key_value_heads": layer["num_key_value_heads"],
+        "head_dim": layer["head_dim"],
+        "query_scale": float(layer["query_scale"]),
+        "layer_norm_epsilon": layer["layer_norm_epsilon"],
+        "attention_soft_cap": layer["attention_soft_cap"],
+        "use_query_key_norm": layer.get("use_query_key_norm", True),
+        # In the stack's convention (`masks.window_reach`): the encoder's
+        # bidirectional split of it is the graphs' too.
+        "sliding_window": stack.sliding_window,
+        "rope": {layer_type: list(rope) for layer_type, rope in stack.rope.items()},
     }
 
 
 def stack_config(config, side):
-    """`config` with the `"encoder"` or `"decoder"` stack's sizes at the top, as the layer graphs read them."""
+    """`config` with the `"encoder"` or `"decoder"` stack's settings at the top, as the layer graphs read them."""
     return {**config, **config[side]}
 
 
 def model_config(backbone):
-    """The hyperparameters the graphs need, from a `T5Gemma2Backbone`.
+    """The hyperparameters the graphs need, from a `T5Gemma2Backbone` or a `T5GemmaBackbone`.
 
-    Sizes that may differ between the stacks sit under `"encoder"` and
-    `"decoder"` (see `stack_config`); the top level repeats the decoder's,
-    which the runtime's caches follow.
+    What belongs to one stack (sizes, window, RoPE, norms, soft cap) sits
+    under `"encoder"` and `"decoder"` (see `stack_config`); the top level
+    repeats the decoder's, which the runtime's caches follow. The families
+    differ by data: `family`, `cross_attention` (`"merged"`: T5Gemma 2's
+    encoder keys inside the self-attention softmax; `"separate"`: the first
+    family's own cross-attention block), the encoder's table (shared or its
+    own, `model_weights`) and `eoi_token_id` (None without an end-of-image
+    vector).
     """
-    if not backbone.use_query_key_norm:
-        raise ValueError("The ONNX graphs apply query/key RMSNorm; this model has none (`use_query_key_norm=False`).")
-    decoder = _stack_config(backbone, "decoder")
+    decoder_layers = backbone.decoder.transformer_layers
+    separate = decoder_layers[0].cross_attention is not None
+    decoder_embedding = backbone.token_embedding
+    decoder = _stack_config(backbone.decoder, backbone.decoder_hidden_dim)
     config = {
+        "family": "t5gemma" if separate else "t5gemma2",
+        "cross_attention": "separate" if separate else "merged",
         "vocabulary_size": backbone.vocabulary_size,
-        "hidden_dim": backbone.hidden_dim,
         **decoder,
-        "encoder": _stack_config(backbone, "encoder"),
+        "encoder": _stack_config(backbone.encoder, backbone.encoder_hidden_dim),
         "decoder": decoder,
-        "num_encoder_layers": backbone.encoder_num_layers,
-        "num_decoder_layers": backbone.decoder_num_layers,
-        "encoder_layer_types": list(backbone.encoder_layer_types),
-        "decoder_layer_types": list(backbone.decoder_layer_types),
-        "sliding_window": backbone.sliding_window or 1,
-        "query_scale": float(backbone.query_pre_attn_scalar) ** -0.5,
-        "layer_norm_epsilon": backbone.rms_norm_eps,
-        "attention_soft_cap": backbone.attn_logit_softcapping,
-        "final_logit_soft_cap": backbone.final_logit_softcapping,
-        "eoi_token_id": backbone.eoi_token_index,
-        "image_token_id": backbone.image_token_index,
+        "num_encoder_layers": len(backbone.encoder.transformer_layers),
+        "num_decoder_layers": len(decoder_layers),
+        "encoder_layer_types": list(backbone.encoder.layer_types),
+        "decoder_layer_types": list(backbone.decoder.layer_types),
+        "final_logit_soft_cap": decoder_embedding.logit_soft_cap,
+        "eoi_token_id": decoder_embedding.eoi_token_id,
+        "image_token_id": getattr(backbone, "image_token_index", None),
         "vision": None,
     }
     vision = backbone.vision_encoder
@@ -259,22 +290,42 @@ def model_config(backbone):
     return config
 
 
-def model_weights(backbone):
-    """All numpy weights the graphs read, float32 (LoRA merged)."""
-    embedding = backbone.token_embedding
+def _table(embedding, name):
     _check_not_quantized(embedding.table)
+    return {"name": name, "table": _array(embedding.table.embeddings)}
+
+
+def model_weights(backbone):
+    """All numpy weights the graphs read, float32 (LoRA merged).
+
+    `tables`: the encoder's and the decoder's embedding tables, each with
+    the name its graphs store it under; T5Gemma 2 ties one table to both (one
+    name, stored once), the first family gives the encoder its own.
+    """
+    decoder_table = _table(backbone.token_embedding, "token_embedding.table")
+    encoder_embedding = getattr(backbone, "encoder_token_embedding", None)
+    encoder_table = decoder_table
+    if encoder_embedding is not None:
+        encoder_table = _table(encoder_embedding, "encoder_token_embedding.table")
+    eoi_embedding = None
+    if backbone.token_embedding.eoi_token_id is not None:
+        eoi_embedding = _array(backbone.token_embedding.eoi_embedding)
     weights = {
-        "table": _array(embedding.table.embeddings),
-        "eoi_embedding": _array(embedding.eoi_embedding),
+        "tables": {"encoder": encoder_table, "decoder": decoder_table},
+        "eoi_embedding": eoi_embedding,
         "encoder": [text_layer_weights(layer) for layer in backbone.encoder.transformer_layers],
         "encoder_final_norm": _array(backbone.encoder.final_norm.scale),
+        "decoder": [text_layer_weights(layer) for layer in backbone.decoder.transformer_layers],
+        "decoder_final_norm": _array(backbone.decoder.final_norm.scale),
     }
-    if backbone.decoder is not None:
-        weights["decoder"] = [text_layer_weights(layer) for layer in backbone.decoder.transformer_layers]
-        weights["decoder_final_norm"] = _array(backbone.decoder.final_norm.scale)
     if backbone.vision_encoder is not None:
         weights["vision"] = vision_weights(backbone.vision_encoder)
     return weights
+
+
+def _embedding_table(g, weights, side):
+    table = weights["tables"][side]
+    return graph.embedding_table(g, table["table"], table["name"])
 
 
 # === Graphs ===
@@ -291,7 +342,7 @@ def _encoder_inputs(g, config):
 
 
 def _image_features(g, images, weights, config):
-    """`(B, N, H, W, 3)` images to float32 `(B, N * mm_tokens, D)` soft tokens."""
+    """`(B, N, H, W, 3)` images to float32 `(B, N * mm_tokens, D)` soft tokens (`config`: the encoder's)."""
     vision = config["vision"]
     size = vision["image_size"]
     batch, slots = g.dim(images, 0), g.dim(images, 1)
@@ -301,15 +352,16 @@ def _image_features(g, images, weights, config):
     return g.to_float32(g.reshape(features, [batch, tokens, config["hidden_dim"]]))
 
 
-def _encode(g, weights, config, table, token_ids, padding_mask, images):
+def _encode(g, weights, config, token_ids, padding_mask, images):
     """The encoder output `(B, S, D)`, and the image features when there are images."""
+    config = stack_config(config, "encoder")
+    table = _embedding_table(g, weights, "encoder")
     x = graph.token_embedding(g, token_ids, table, weights["eoi_embedding"], config["eoi_token_id"], "token_embedding")
     features = None
     if images is not None:
         features = _image_features(g, images, weights, config)
         x = graph.image_merge(g, x, token_ids, features, config["image_token_id"])
     positions = g.arange(g.dim(token_ids, 1))
-    config = stack_config(config, "encoder")
     masks, ropes = graph.stack_masks_and_ropes(
         g,
         config,
@@ -327,16 +379,23 @@ def _encode(g, weights, config, table, token_ids, padding_mask, images):
 
 
 def encoder_graph(weights, config, precision=None):
-    """Encoder output and the decoder's per-layer cross keys/values (a `GraphBuilder`)."""
-    g = GraphBuilder("t5gemma2_encoder", precision)
-    table = graph.embedding_table(g, weights["table"], "token_embedding.table")
+    """Encoder output and the decoder's per-layer cross keys/values (a `GraphBuilder`).
+
+    The cross keys/values project the encoder output with each decoder
+    layer's attention (T5Gemma 2) or its cross-attention block (the first
+    family), whose key/value kernels read the encoder's width.
+    """
+    g = GraphBuilder(f"{config['family']}_encoder", precision)
     token_ids, padding_mask, images = _encoder_inputs(g, config)
-    encoder_output, _ = _encode(g, weights, config, table, token_ids, padding_mask, images)
-    g.output("encoder_output", encoder_output, "float32", ["batch", "encoder_length", config["hidden_dim"]])
+    encoder_output, _ = _encode(g, weights, config, token_ids, padding_mask, images)
+    width = config["encoder"]["hidden_dim"]
+    g.output("encoder_output", encoder_output, "float32", ["batch", "encoder_length", width])
     config = stack_config(config, "decoder")
     kv_shape = ["batch", "encoder_length", config["num_key_value_heads"], config["head_dim"]]
     for index, layer in enumerate(weights["decoder"]):
-        key, value = graph.key_value(g, encoder_output, layer["attention"], f"decoder.layer_{index}.attention", config)
+        block = "cross_attention" if "cross_attention" in layer else "attention"
+        name = f"decoder.layer_{index}.{block}"
+        key, value = graph.key_value(g, encoder_output, layer[block], name, config)
         g.output(f"cross_key_{index}", key, g.activation, kv_shape)
         g.output(f"cross_value_{index}", value, g.activation, kv_shape)
     return g
@@ -344,9 +403,9 @@ def encoder_graph(weights, config, precision=None):
 
 def decoder_graph(weights, config, max_decode_length, precision=None):
     """A chunk of decoder tokens against the static self-attention cache (in the activations' dtype)."""
-    g = GraphBuilder("t5gemma2_decoder", precision, {"max_decode_length": max_decode_length})
+    g = GraphBuilder(f"{config['family']}_decoder", precision, {"max_decode_length": max_decode_length})
     config = stack_config(config, "decoder")
-    table = graph.embedding_table(g, weights["table"], "token_embedding.table")
+    table = _embedding_table(g, weights, "decoder")
     kv_heads, head_dim = config["num_key_value_heads"], config["head_dim"]
     token_ids = g.input("decoder_token_ids", "int64", ["batch", "decoder_length"])
     start = g.input("cache_position", "int64", [1])
@@ -375,17 +434,19 @@ def decoder_graph(weights, config, max_decode_length, precision=None):
     masks, ropes = graph.stack_masks_and_ropes(
         g, config, config["decoder_layer_types"], query_positions, key_positions, causal=True
     )
-    # Merged attention: the causal self mask, then the encoder padding mask.
     cross_mask = graph.padding_mask_for_keys(g, encoder_padding_mask)  # (B, 1, S)
-    batch_and_length = g.op("Concat", [g.dim(token_ids, 0), g.dim(token_ids, 1)], axis=0)
-    cross_mask = g.op(
-        "Expand", [cross_mask, g.op("Concat", [batch_and_length, g.dim(encoder_padding_mask, 1)], axis=0)]
-    )
-    for layer_type in masks:
-        self_mask = g.op(
-            "Expand", [masks[layer_type], g.op("Concat", [batch_and_length, g.const([max_decode_length])], axis=0)]
+    if config["cross_attention"] == "merged":
+        # One softmax: the causal self mask, then the encoder padding mask.
+        batch_and_length = g.op("Concat", [g.dim(token_ids, 0), g.dim(token_ids, 1)], axis=0)
+        cross_mask = g.op(
+            "Expand", [cross_mask, g.op("Concat", [batch_and_length, g.dim(encoder_padding_mask, 1)], axis=0)]
         )
-        masks[layer_type] = g.op("Concat", [self_mask, cross_mask], axis=-1)
+        for layer_type in masks:
+            self_mask = g.op(
+                "Expand",
+                [masks[layer_type], g.op("Concat", [batch_and_length, g.const([max_decode_length])], axis=0)],
+            )
+            masks[layer_type] = g.op("Concat", [self_mask, cross_mask], axis=-1)
 
     for index, (layer, layer_type) in enumerate(zip(weights["decoder"], config["decoder_layer_types"])):
         x, (key_cache, value_cache) = graph.transformer_layer(
@@ -398,6 +459,7 @@ def decoder_graph(weights, config, max_decode_length, precision=None):
             ropes[layer_type],
             cache=(*caches[index], start),
             cross_key_value=cross[index],
+            cross_mask=cross_mask,
         )
         g.output(f"present_key_{index}", key_cache, g.activation, cache_shape)
         g.output(f"present_value_{index}", value_cache, g.activation, cache_shape)
@@ -415,13 +477,12 @@ def _l2_normalize(g, x):
 
 
 def embedder_graph(weights, config, pooling="mean", normalize=True, precision=None):
-    """Pooled encoder output (and image-only vectors), as `T5Gemma2Embedder`; float32 out."""
+    """Pooled encoder output (and image-only vectors), as `T5Gemma2Embedder` / `T5GemmaEmbedder`; float32 out."""
     if pooling not in POOLING_MODES:
         raise ValueError(f"`pooling` must be one of {POOLING_MODES}; got {pooling!r}.")
-    g = GraphBuilder("t5gemma2_embedder", precision, {"pooling": pooling, "normalize": normalize})
-    table = graph.embedding_table(g, weights["table"], "token_embedding.table")
+    g = GraphBuilder(f"{config['family']}_embedder", precision, {"pooling": pooling, "normalize": normalize})
     token_ids, padding_mask, images = _encoder_inputs(g, config)
-    hidden, image_features = _encode(g, weights, config, table, token_ids, padding_mask, images)
+    hidden, image_features = _encode(g, weights, config, token_ids, padding_mask, images)
     mask = g.op("Cast", [padding_mask], to=graph.TensorProto.FLOAT)
     if pooling == "mean":
         weight = g.op("Unsqueeze", [mask, g.const([-1])])
@@ -446,13 +507,14 @@ def embedder_graph(weights, config, pooling="mean", normalize=True, precision=No
         pooled = g.op("Squeeze", [g.op("GatherElements", [hidden, index], axis=1), g.const([1])])
     if normalize:
         pooled = _l2_normalize(g, pooled)
-    g.output("embedding", pooled, "float32", ["batch", config["hidden_dim"]])
+    width = config["encoder"]["hidden_dim"]
+    g.output("embedding", pooled, "float32", ["batch", width])
     if images is not None:
         # Every image has as many tokens, so this is also the mean of the images' means.
         image_vector = g.op("ReduceMean", [image_features], axes=[1], keepdims=0)
         if normalize:
             image_vector = _l2_normalize(g, image_vector)
-        g.output("image_embedding", image_vector, "float32", ["batch", config["hidden_dim"]])
+        g.output("image_embedding", image_vector, "float32", ["batch", width])
     return g
 
 
@@ -460,13 +522,14 @@ def embedder_graph(weights, config, pooling="mean", normalize=True, precision=No
 
 
 def _special_token_ids(tokenizer):
+    """The ids the runtime needs; the image pieces are None where the vocabulary has none (the first family)."""
     return {
         "pad": tokenizer.pad_token_id,
         "bos": tokenizer.start_token_id,
         "eos": tokenizer.end_token_id,
-        "start_of_image": tokenizer.start_of_image_token_id,
-        "end_of_image": tokenizer.end_of_image_token_id,
-        "image_placeholder": tokenizer.image_placeholder_token_id,
+        "start_of_image": getattr(tokenizer, "start_of_image_token_id", None),
+        "end_of_image": getattr(tokenizer, "end_of_image_token_id", None),
+        "image_placeholder": getattr(tokenizer, "image_placeholder_token_id", None),
     }
 
 
@@ -501,8 +564,13 @@ def export_onnx(
 ):
     """Writes `seq_2_seq_lm` as ONNX graphs, tokenizer and settings to the folder `output`.
 
-    Any `T5Gemma2Seq2SeqLM` exports: a preset, a fine-tuned model, a model
-    with LoRA adapters (merged into the weights). Weights are read in float32
+    Any `T5Gemma2Seq2SeqLM` or `T5GemmaSeq2SeqLM` (the first family:
+    separate cross-attention blocks, soft-capped attention and final logits,
+    the encoder's own table, encoder and decoder widths that may differ)
+    exports: a preset, a fine-tuned model, a model with LoRA adapters
+    (merged into the weights). The settings' `family` says which. Weights
+    that Keras has quantized (`quantize("int8")`, `"int4"`) are refused:
+    export the float model at the precision wanted. Weights are read in float32
     whatever the Keras dtype, then stored at each precision asked for.
 
     Precisions (one graph set each, sharing the tokenizer and settings):
@@ -528,7 +596,7 @@ def export_onnx(
     float16 matmuls are slower than float32.
 
     Args:
-        seq_2_seq_lm: a `T5Gemma2Seq2SeqLM`. Without a preprocessor only the
+        seq_2_seq_lm: a `T5Gemma2Seq2SeqLM` or `T5GemmaSeq2SeqLM`. Without a preprocessor only the
             graphs and settings are written (no tokenizer); the runtime then
             takes token ids.
         output: folder to write; created if missing. A non-empty folder is
@@ -553,7 +621,9 @@ def export_onnx(
     started = time.perf_counter()
     backbone = seq_2_seq_lm.backbone
     if backbone.decoder is None:
-        raise ValueError("The backbone has no decoder (`encoder_only=True`); export a T5Gemma2Seq2SeqLM.")
+        raise ValueError(
+            "The backbone has no decoder (`encoder_only=True`); export a T5Gemma2Seq2SeqLM or T5GemmaSeq2SeqLM."
+        )
     preprocessor = seq_2_seq_lm.preprocessor
     if max_decode_length is None:
         if preprocessor is None:
@@ -619,8 +689,12 @@ def _write_export(seq_2_seq_lm, output, max_decode_length, precisions, pooling, 
         "quantization": {"fp32": None}.get(default, default),
         "files": dict(sets[default]["files"]),
         "max_decode_length": max_decode_length,
+        "family": config["family"],
+        "cross_attention": config["cross_attention"],
         "vocabulary_size": config["vocabulary_size"],
-        "hidden_dim": config["hidden_dim"],
+        # The encoder's width: the encoder output's and the embeddings'.
+        "hidden_dim": config["encoder"]["hidden_dim"],
+        "decoder_hidden_dim": config["decoder"]["hidden_dim"],
         "num_decoder_layers": config["num_decoder_layers"],
         "num_key_value_heads": config["num_key_value_heads"],
         "head_dim": config["head_dim"],
@@ -643,6 +717,9 @@ def _write_export(seq_2_seq_lm, output, max_decode_length, precisions, pooling, 
             "add_start_token": preprocessor.add_start_token,
             "add_end_token": preprocessor.add_end_token,
             "encoder_sequence_length": preprocessor.encoder_sequence_length,
+            # T5Gemma 2's preprocessor turns each `<start_of_image>` into an image block; the first
+            # family's reads it as plain text.
+            "image_markers": config["family"] == "t5gemma2",
         }
         converter = preprocessor.image_converter
         if converter is not None and config["vision"] is not None:

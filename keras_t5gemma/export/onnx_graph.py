@@ -1,10 +1,12 @@
-"""A small ONNX graph builder and the T5Gemma 2 computations written with it.
+"""A small ONNX graph builder and the T5Gemma computations (both families) written with it.
 
 One function per concept, mirroring `keras_t5gemma/layers`: `rms_norm`,
 `rotary`, `attention_mask`, `grouped_attention`, `feedforward`,
 `transformer_layer`, `token_embedding`, `vision_tower`, `image_merge`. The
 encoder, decoder and embedder graphs (`keras_t5gemma/export/onnx.py`) are
-assembled from them with different masks and inputs.
+assembled from them with different masks and inputs; the two families differ
+by data (query/key norms or none, merged or separate cross-attention, one
+tied table or the encoder's own, an end-of-image vector or none).
 
 The builder imports only numpy and onnx; weights come in as numpy arrays.
 Each graph is built at one precision (`PRECISIONS`): how matmul weights and
@@ -489,12 +491,42 @@ def heads(g, x, count, head_dim):
 
 
 def key_value(g, x, weights, name, config):
-    """Keys `(B, S, K, H)` (k-normed, no RoPE) and values of `x`, as `Attention.key_value`."""
+    """Keys `(B, S, K, H)` (k-normed when the model norms them, no RoPE) and values of `x`, as `Attention.key_value`.
+
+    `x` may be wider or narrower than the queries' stream (the first
+    family's cross-attention projects from the encoder's width).
+    """
     kv_heads, head_dim = config["num_key_value_heads"], config["head_dim"]
     key = heads(g, linear(g, x, weights["key"], name + ".key"), kv_heads, head_dim)
-    key = rms_norm(g, key, weights["key_norm"], name + ".key_norm", config["layer_norm_epsilon"])
+    if config["use_query_key_norm"]:
+        key = rms_norm(g, key, weights["key_norm"], name + ".key_norm", config["layer_norm_epsilon"])
     value = heads(g, linear(g, x, weights["value"], name + ".value"), kv_heads, head_dim)
     return key, value
+
+
+def query_heads(g, x, weights, name, config):
+    """Queries `(B, T, N, H)` of `x` (q-normed when the model norms them, no RoPE)."""
+    query = heads(g, linear(g, x, weights["query"], name + ".query"), config["num_heads"], config["head_dim"])
+    if config["use_query_key_norm"]:
+        query = rms_norm(g, query, weights["query_norm"], name + ".query_norm", config["layer_norm_epsilon"])
+    return query
+
+
+def attention_output(g, query, key, value, mask, weights, name, config):
+    """Grouped attention of `query` over `key`/`value` with the model's scale and soft cap, then the output matmul."""
+    attended = grouped_attention(
+        g,
+        query,
+        key,
+        value,
+        mask,
+        config["num_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+        config["query_scale"],
+        config["attention_soft_cap"],
+    )
+    return linear(g, attended, weights["output"], name + ".output")
 
 
 def feedforward(g, x, weights, name):
@@ -512,28 +544,36 @@ def gelu_tanh(g, x):
     return g.op("Mul", [half, g.op("Add", [g.op("Tanh", [inner]), g.activation_const(1.0)])])
 
 
-def transformer_layer(g, x, weights, name, config, mask, rope, cache=None, cross_key_value=None):
-    """One Gemma 3 layer, as `keras_t5gemma.layers.transformer.TransformerLayer`.
+def transformer_layer(g, x, weights, name, config, mask, rope, cache=None, cross_key_value=None, cross_mask=None):
+    """One Gemma 2 or Gemma 3 layer, as `keras_t5gemma.layers.transformer.TransformerLayer`.
+
+    A decoder layer attends to the encoder's `cross_key_value` in one of two
+    ways, as its weights say: T5Gemma 2 appends them after its self keys
+    (merged self+cross attention, one softmax, `mask` covering both); the
+    first family's layers have a `"cross_attention"` block of their own
+    (queries from its pre-norm, its own softmax under `cross_mask`, its
+    post-norm) between self-attention and the MLP.
 
     Args:
-        mask: bool over the self keys (then the cross keys, if any).
+        mask: bool over the self keys (then, merged, the cross keys).
         rope: `(cos, sin)` for the positions of `x`.
         cache: optional `(key_cache, value_cache, start)`: `(B, L, K, H)`
             caches and the int64 `(1,)` position of `x`'s first token; the new
             keys/values are written there.
-        cross_key_value: optional encoder `(key, value)` appended after the
-            self keys (merged self+cross attention, one softmax).
+        cross_key_value: optional encoder `(key, value)`, `(B, S, K, H)`.
+        cross_mask: bool over the encoder keys, for a separate
+            cross-attention block.
 
     Returns:
         `x` (the residual stream, float32) and, with a cache, the updated
         `(key_cache, value_cache)` (the activations' dtype).
     """
     epsilon = config["layer_norm_epsilon"]
-    num_heads, kv_heads, head_dim = config["num_heads"], config["num_key_value_heads"], config["head_dim"]
+    head_dim = config["head_dim"]
     attention = weights["attention"]
+    separate = "cross_attention" in weights
     normed = rms_norm(g, x, weights["pre_attention_norm"], name + ".pre_attention_norm", epsilon)
-    query = heads(g, linear(g, normed, attention["query"], name + ".attention.query"), num_heads, head_dim)
-    query = rms_norm(g, query, attention["query_norm"], name + ".attention.query_norm", epsilon)
+    query = query_heads(g, normed, attention, name + ".attention", config)
     key, value = key_value(g, normed, attention, name + ".attention", config)
     query, key = rotary(g, query, *rope, head_dim), rotary(g, key, *rope, head_dim)
     new_cache = None
@@ -549,24 +589,19 @@ def transformer_layer(g, x, weights, name, config, mask, rope, cache=None, cross
 
         key, value = write(key_cache, key), write(value_cache, value)
         new_cache = (key, value)
-    if cross_key_value is not None:
+    if cross_key_value is not None and not separate:
         key = g.op("Concat", [key, cross_key_value[0]], axis=1)
         value = g.op("Concat", [value, cross_key_value[1]], axis=1)
-    attended = grouped_attention(
-        g,
-        query,
-        key,
-        value,
-        mask,
-        num_heads,
-        kv_heads,
-        head_dim,
-        config["query_scale"],
-        config["attention_soft_cap"],
-    )
-    attended = linear(g, attended, attention["output"], name + ".attention.output")
+    attended = attention_output(g, query, key, value, mask, attention, name + ".attention", config)
     post = rms_norm(g, attended, weights["post_attention_norm"], name + ".post_attention_norm", epsilon, True)
     x = g.op("Add", [x, post])
+    if separate:
+        cross = weights["cross_attention"]
+        normed = rms_norm(g, x, weights["pre_cross_attention_norm"], name + ".pre_cross_attention_norm", epsilon)
+        query = query_heads(g, normed, cross, name + ".cross_attention", config)
+        attended = attention_output(g, query, *cross_key_value, cross_mask, cross, name + ".cross_attention", config)
+        post_norm = weights["post_cross_attention_norm"]
+        x = g.op("Add", [x, rms_norm(g, attended, post_norm, name + ".post_cross_attention_norm", epsilon, True)])
     normed = rms_norm(g, x, weights["pre_feedforward_norm"], name + ".pre_feedforward_norm", epsilon)
     fed = feedforward(g, normed, weights["feedforward"], name + ".feedforward")
     post = rms_norm(g, fed, weights["post_feedforward_norm"], name + ".post_feedforward_norm", epsilon, True)
@@ -626,7 +661,10 @@ def embedding_table(g, table, name):
 
 
 def token_embedding(g, token_ids, table, eoi_embedding, eoi_token_id, name):
-    """`(B, T)` ids to `(B, T, D)`: rows times sqrt(D); end-of-image rows replaced by `eoi_embedding`."""
+    """`(B, T)` ids to `(B, T, D)`: rows times sqrt(D); end-of-image rows replaced by `eoi_embedding`.
+
+    `eoi_embedding` None (the first family): no row is replaced.
+    """
     vocabulary_size, hidden_dim = table["shape"]
     if "table" in table:
         rows = g.to_float32(g.op("Gather", [table["table"], token_ids], axis=0))
@@ -649,6 +687,8 @@ def token_embedding(g, token_ids, table, eoi_embedding, eoi_token_id, name):
         rows = g.reshape(g.op("Mul", [codes, scales]), [g.dim(token_ids, 0), g.dim(token_ids, 1), hidden_dim])
     # The scale is rounded to float32 first, as the Keras layer does.
     rows = g.op("Mul", [rows, g.const(np.float32(np.sqrt(hidden_dim)), "float32")])
+    if eoi_embedding is None:
+        return rows
     is_eoi = g.op("Unsqueeze", [g.op("Equal", [token_ids, g.const(eoi_token_id)]), g.const([-1])])
     return g.op("Where", [is_eoi, g.weight(name + ".eoi_embedding", eoi_embedding.astype(np.float32)), rows])
 
