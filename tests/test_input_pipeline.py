@@ -410,3 +410,138 @@ def test_two_processes_fine_tune_on_disjoint_shards(tmp_path):
     checkpoints = tmp_path / "out" / "runs" / "run_001" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["2", "2.input.json", "4", "4.input.json"]
     assert json.loads((checkpoints / "4.input.json").read_text())["shards"] == 2
+
+
+class LengthsPreprocessor:
+    """Stands for a Seq2SeqLM preprocessor: example `q<i>` gets `1 + i % 7` encoder and `1 + i % 3` decoder tokens,
+    all `i + 1`."""
+
+    def __call__(self, texts):
+        ids = [int(text.split()[0][1:]) if text[1:2].isdigit() else 0 for text in texts["encoder_text"]]
+        ids = np.array(ids)[:, None]
+        encoder = (np.arange(8)[None] < 1 + ids % 7).astype("int32")
+        decoder = (np.arange(4)[None] < 1 + ids % 3).astype("int32")
+        x = {
+            "encoder_token_ids": encoder * (ids + 1),
+            "encoder_padding_mask": encoder,
+            "decoder_token_ids": decoder * (ids + 1),
+            "decoder_padding_mask": decoder,
+        }
+        return x, decoder * (ids + 1), decoder.astype("float32")
+
+
+def packed_names(x):
+    """The examples (`q<i>`) of a packed batch, in the order of their tokens."""
+    names = []
+    for row, segments in zip(np.asarray(x["encoder_token_ids"]), np.asarray(x["encoder_segment_ids"])):
+        for segment in range(1, segments.max() + 1):
+            names.append(f"q{row[segments == segment][0] - 1}")
+    return names
+
+
+def test_a_packed_stream_resumes_with_the_next_unseen_example(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", 0, 40)
+    stream = input_pipeline.PackedStream(
+        ExampleStream(path, batch_size=3, shuffle_buffer=16, seed=4), LengthsPreprocessor(), chunk=5
+    )
+    assert stream.signature[0]["encoder_segment_ids"] == ((None, 8), "int32")
+    epochs = []
+    for epoch in range(2):
+        batches = list(stream.batches(StreamPosition(epoch, 0)))
+        ends = stream.iterations[-1]
+        assert len(ends) == len(batches) and ends[-1] == (StreamPosition(epoch, 40), True)
+        assert {len(y) for _, y, _ in batches} == {3}  # every step one shape
+        names = [packed_names(x) for x, _, _ in batches]
+        seen = [name for batch in names for name in batch]
+        assert sorted(seen) == sorted(f"q{i}" for i in range(40))
+        # Resumed from the position after any batch (as saved and read back): the rest of the epoch, packed the same.
+        for done, (position, _) in enumerate(ends[:-1]):
+            state = json.loads(json.dumps(stream.state(position, step=done + 1)))
+            assert state["step"] == done + 1 and position.example == len(
+                [name for batch in names[: done + 1] for name in batch]
+            )
+            rest = [packed_names(x) for x, _, _ in stream.batches(stream.position_of(state))]
+            assert rest == names[done + 1 :], done
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]
+    with pytest.raises(ValueError, match="packed rows 3 -> 4"):
+        input_pipeline.PackedStream(ExampleStream(path, batch_size=4, seed=4), LengthsPreprocessor()).position_of(state)
+    with pytest.raises(ValueError, match="packing a stream takes one process"):
+        input_pipeline.PackedStream(ExampleStream(path, batch_size=4, shard_count=2), LengthsPreprocessor())
+
+
+class LoggedPackedStream(input_pipeline.PackedStream):
+    """A `PackedStream` that notes, for each iteration of its batches, where it started and the examples of every
+    batch handed over."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log = []
+
+    def batches(self, position=StreamPosition()):
+        handed = []
+        self.log.append((position, handed))
+        for batch in super().batches(position):
+            handed.append(packed_names(batch[0]))
+            yield batch
+
+    def trained(self):
+        """The batches of each `fit`'s iteration (Keras may first read one to see the data's structure), in order."""
+        last = {}
+        for position, handed in self.log:
+            last[position] = handed
+        return [batch for handed in last.values() for batch in handed]
+
+
+def test_packed_training_resumed_after_an_interrupt_sees_every_example_once_per_epoch(tmp_path):
+    """`fit_stream` on a `PackedStream` (a tiny model, real checkpoints every 2 steps): stopped after a step that
+    has no checkpoint, restored and resumed, the batches trained into the model hold every example once per epoch."""
+    from keras_t5gemma.training.checkpoints import TrainingCheckpoints
+    from keras_t5gemma.training.packing import token_mean_loss
+
+    def tiny_model():
+        keras.utils.set_random_seed(0)
+        names = [f"{side}_{kind}" for side in ("encoder", "decoder") for kind in ("token_ids", "padding_mask")]
+        names += ["encoder_segment_ids", "decoder_segment_ids"]
+        inputs = {name: keras.Input((None,), dtype="int32", name=name) for name in names}
+        model = keras.Model(inputs, keras.layers.Embedding(32, 32, name="table")(inputs["decoder_token_ids"]))
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=token_mean_loss())
+        model.optimizer.build(model.trainable_variables)
+        return model
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", 0, 24)
+
+    def stream():
+        return LoggedPackedStream(
+            ExampleStream(path, batch_size=3, shuffle_buffer=10, seed=1), LengthsPreprocessor(), chunk=4
+        )
+
+    first_epoch = len(list(stream().batches(StreamPosition(0, 0))))
+    stop_after = first_epoch + 3 + (first_epoch % 2 == 1)  # odd: the last checkpoint is the step before
+
+    class Interrupt(keras.callbacks.Callback):
+        steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            Interrupt.steps += 1
+            if Interrupt.steps == stop_after:
+                raise KeyboardInterrupt
+
+    checkpoints = TrainingCheckpoints(tmp_path / "checkpoints", keep=2)
+    options = dict(epochs=2, checkpoints=checkpoints, checkpoint_every=2, verbose=0)
+    first = stream()
+    with pytest.raises(KeyboardInterrupt):
+        input_pipeline.fit_stream(tiny_model(), first, callbacks=[Interrupt()], **options)
+    model = tiny_model()
+    step = checkpoints.restore(model)
+    assert step == stop_after - 1
+    second = stream()
+    position = second.position_of(checkpoints.input_position(step))
+    assert position.epoch == 1 and position.example > 0
+    history = input_pipeline.fit_stream(model, second, start=position, start_step=step, **options)
+    assert len(history.history["loss"]) == 1
+    trained = first.trained()[:step] + second.trained()
+    for batches in (trained[:first_epoch], trained[first_epoch:]):
+        counts = collections.Counter(name for batch in batches for name in batch)
+        assert sorted(counts) == sorted(f"q{i}" for i in range(24)) and set(counts.values()) == {1}, counts
+    assert checkpoints.latest_step() == len(trained)

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 import re
 
 import numpy as np
@@ -90,6 +91,7 @@ def test_examples_are_deterministic_by_seed_epoch_and_place(tmp_path):
 
 
 def test_continued_pretraining_on_the_demo_preset_lowers_the_loss(tmp_path):
+    """Packed, as continued pretraining is run (`PackedStream`: each batch the next draws that fit its rows)."""
     from keras_t5gemma.training.fine_tune import fine_tune
 
     rng = np.random.default_rng(0)
@@ -102,6 +104,7 @@ def test_continued_pretraining_on_the_demo_preset_lowers_the_loss(tmp_path):
         str(corpus),
         tmp_path / "out",
         objective="ul2",
+        pack=True,
         epochs=3,
         batch_size=8,
         learning_rate=3e-3,
@@ -112,3 +115,8 @@ def test_continued_pretraining_on_the_demo_preset_lowers_the_loss(tmp_path):
     )
     losses = result.history.history["loss"]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses
+    checkpoints = os.path.join(result.run, "checkpoints")
+    steps = max(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+    position = json.loads(open(os.path.join(checkpoints, f"{steps}.input.json")).read())
+    # The last checkpoint: the end of the third epoch, numbered by the packed steps trained.
+    assert (position["epoch"], position["example"], position["step"], position["pack_rows"]) == (3, 0, steps, 8)

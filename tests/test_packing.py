@@ -18,6 +18,7 @@ from keras_t5gemma.layers.masks import segment_positions
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
 from keras_t5gemma.training.packing import first_fit
+from keras_t5gemma.training.packing import pack_batches
 from keras_t5gemma.training.packing import pack_examples
 from keras_t5gemma.training.packing import token_mean_loss
 
@@ -79,7 +80,16 @@ def examples():
 
 
 def _packed(examples):
-    return pack_examples(*examples, encoder_length=16, decoder_length=10)
+    """The examples packed as a stream packs them: one batch of a fixed number of rows, the last one left empty
+    (all padding, zero weights), which must change nothing."""
+    rows = len(pack_examples(*examples, encoder_length=16, decoder_length=10)[1]) + 1
+    x, y, weights = examples
+    widths = {"encoder": 16, "decoder": 10}
+    x = {key: np.pad(value, [(0, 0), (0, widths[key.split("_")[0]] - value.shape[1])]) for key, value in x.items()}
+    y, weights = (np.pad(value, [(0, 0), (0, 10 - value.shape[1])]) for value in (y, weights))
+    (batch,) = pack_batches([(x, y, weights)], rows)
+    assert batch[3] == len(y) and not batch[0]["encoder_padding_mask"][-1].any()
+    return batch[:3]
 
 
 def _where(packed_x, count):
@@ -295,3 +305,56 @@ def test_a_packed_decoder_needs_both_segment_inputs(seq_2_seq_lm):
     mask = np.ones((1, 3), "int32")
     with pytest.raises(ValueError, match="needs both `segment_ids`"):
         seq_2_seq_lm.backbone.decoder(hidden, mask, hidden, mask, segment_ids=mask)
+
+
+def _lengths_chunk(encoder_lengths, decoder_lengths, first_id=0, encoder_width=16, decoder_width=8):
+    """Preprocessed-like examples of the given lengths; example `k`'s tokens are all `first_id + k + 1`."""
+    count = len(encoder_lengths)
+    ids = np.arange(first_id + 1, first_id + count + 1, dtype="int32")[:, None]
+    encoder_mask = (np.arange(encoder_width)[None] < np.asarray(encoder_lengths)[:, None]).astype("int32")
+    decoder_mask = (np.arange(decoder_width)[None] < np.asarray(decoder_lengths)[:, None]).astype("int32")
+    x = {
+        "encoder_token_ids": encoder_mask * ids,
+        "encoder_padding_mask": encoder_mask,
+        "decoder_token_ids": decoder_mask * ids,
+        "decoder_padding_mask": decoder_mask,
+    }
+    return x, decoder_mask * ids, decoder_mask.astype("float32")
+
+
+def test_pack_batches_fill_a_fixed_number_of_rows_with_the_next_examples_in_order():
+    rng = np.random.default_rng(1)
+    encoder_lengths = np.minimum(rng.lognormal(np.log(4), 0.8, 120).astype(int) + 1, 16)
+    decoder_lengths = np.minimum(rng.lognormal(np.log(2), 0.8, 120).astype(int) + 1, 8)
+    rows = 3
+    whole = list(pack_batches([_lengths_chunk(encoder_lengths, decoder_lengths)], rows))
+    # Chunks of any size give the same batches.
+    chunks = [
+        _lengths_chunk(encoder_lengths[start : start + 7], decoder_lengths[start : start + 7], first_id=start)
+        for start in range(0, 120, 7)
+    ]
+    again = list(pack_batches(chunks, rows))
+    assert len(again) == len(whole)
+    for a, b in zip(whole, again):
+        assert a[3] == b[3] and all(np.array_equal(a[0][key], b[0][key]) for key in a[0])
+    start = 0
+    for x, y, weights, consumed in whole:
+        assert {len(value) for value in (*x.values(), y, weights)} == {rows}
+        # The batch holds examples start..consumed, in order, as greedy first fit places them.
+        ids = [
+            int(t) for row, segments in zip(x["encoder_token_ids"], x["encoder_segment_ids"]) for t in row[segments > 0]
+        ]
+        assert sorted(set(ids)) == list(range(start + 1, consumed + 1))
+        placed = _first_fit_by_hand(encoder_lengths[start:consumed], decoder_lengths[start:consumed], 16, 8)
+        for k, (row, encoder_start, _) in enumerate(placed):
+            length = encoder_lengths[start + k]
+            assert (x["encoder_token_ids"][row, encoder_start : encoder_start + length] == start + k + 1).all()
+        # A batch ends only where the next example fits none of its rows.
+        if consumed < 120:
+            more = _first_fit_by_hand(
+                encoder_lengths[start : consumed + 1], decoder_lengths[start : consumed + 1], 16, 8
+            )
+            assert more[-1][0] == rows
+        assert weights.sum() == decoder_lengths[start:consumed].sum()
+        start = consumed
+    assert start == 120

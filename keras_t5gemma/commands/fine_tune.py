@@ -97,7 +97,8 @@ def add_parser(commands):
     pack = (
         "pack several examples into each row of --encoder-length/--decoder-length tokens (greedy first fit; each "
         "example attends only to itself) instead of padding each to a row; --batch-size counts rows, the loss is "
-        "averaged over target tokens (in-memory text pairs)"
+        "averaged over target tokens (text pairs; streamed or --objective examples are packed as they come, each "
+        "batch the next ones that fit, and --resume still sees each once per epoch; one process)"
     )
     parser.add_argument("--pack", action="store_true", help=pack)
     parser.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default: 0)")

@@ -254,8 +254,11 @@ def fine_tune(
             `encoder_length`/`decoder_length` tokens (`training.packing`:
             greedy first fit, attention and positions kept per example)
             instead of padding each to its own row, and average the loss
-            over target tokens; `batch_size` then counts rows. Text pairs read
-            in memory, on one process.
+            over target tokens; `batch_size` then counts rows. On one
+            process. Streamed pairs and `objective` draws are packed as
+            they come, each batch the next examples that fit its rows
+            (`input_pipeline.PackedStream`), so that a resumed run sees
+            every example once per epoch.
 
     Returns:
         A `FineTuneResult`: the model, the history, the run folder.
@@ -335,9 +338,9 @@ def fine_tune(
     )
     if checkpoint_every and not streamed:
         raise ValueError("--checkpoint-every saves a streamed run's position within an epoch: add --stream")
-    if pack and (streamed or parts > 1):
+    if pack and parts > 1:
         raise ValueError(
-            "--pack packs text pairs read in memory on one process: drop --stream/--objective/--multi-host"
+            "--pack packs on one process (each would pack into its own number of steps): drop --multi-host"
         )
     if streamed:
         examples = data
@@ -347,7 +350,8 @@ def fine_tune(
                 batch_size=batch_size,
                 seed=seed,
                 shuffle_buffer=shuffle_buffer,
-                drop_remainder=distribution is not None,
+                # Packed batches always have `batch_size` rows.
+                drop_remainder=distribution is not None and not pack,
                 shard_index=shard,
                 shard_count=parts,
                 encoding=encoding,
@@ -403,7 +407,9 @@ def fine_tune(
         if lora_rank:
             seq_2_seq_lm.backbone.enable_lora(lora_rank)
         y = sample_weight = None
-        if pack:
+        if pack and streamed:
+            examples = input_pipeline.PackedStream(examples, seq_2_seq_lm.preprocessor)
+        elif pack:
             x, y, sample_weight = _packed_inputs(seq_2_seq_lm, x, source, log)
         seq_2_seq_lm.compile(
             optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay),
@@ -414,7 +420,7 @@ def fine_tune(
         if run is None:
             run = training_checkpoints.start_run(output, settings)
         checkpoints = training_checkpoints.TrainingCheckpoints(os.path.join(run, "checkpoints"), keep=keep_checkpoints)
-        done = checkpoints.restore(seq_2_seq_lm, warn=_warn) if checkpoints.latest_step() else 0
+        done = restored = checkpoints.restore(seq_2_seq_lm, warn=_warn) if checkpoints.latest_step() else 0
         position = input_pipeline.StreamPosition()
         if streamed and done:
             state = checkpoints.input_position(done)
@@ -432,6 +438,7 @@ def fine_tune(
             f"{trainable:,} trainable parameters"
             + (f" (LoRA rank {lora_rank})" if lora_rank else "")
             + (f"; streamed in shuffle windows of {examples.shuffle_buffer:,}" if streamed else "")
+            + (f", packed into batches of {batch_size} rows" if pack and streamed else "")
             + (f"; resuming {run} after epoch {done}" if done and not position.example else "")
             + (f"; resuming {run} at example {position.example:,} of epoch {done + 1}" if position.example else "")
             + ("" if done or position.example else f"; checkpoints in {run}")
@@ -451,6 +458,7 @@ def fine_tune(
                         checkpoint_every=checkpoint_every,
                         callbacks=[report],
                         verbose=fit_verbosity(verbose),
+                        start_step=restored,
                     )
                 else:
                     history = seq_2_seq_lm.fit(
@@ -466,8 +474,12 @@ def fine_tune(
                     )
         except KeyboardInterrupt:
             last = checkpoints.latest_step()
-            # A streamed run numbers its checkpoints by step.
-            epoch = last // examples.steps_per_epoch if streamed and last else last
+            # A streamed run numbers its checkpoints by step (a packed one's epochs vary: its position says).
+            if streamed and last:
+                steps = examples.steps_per_epoch
+                epoch = last // steps if steps else checkpoints.input_position(last)["epoch"]
+            else:
+                epoch = last
             raise FineTuneInterrupted(run, checkpoints.path(last) if last else None, epoch, epochs) from None
         losses = ", ".join(f"{loss:.4f}" for loss in history.history.get("loss", []))
         log(

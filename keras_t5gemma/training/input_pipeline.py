@@ -55,6 +55,7 @@ import glob
 import hashlib
 import math
 import os
+import warnings
 from pathlib import Path
 
 import keras
@@ -66,6 +67,7 @@ from keras_t5gemma.data import count_records
 from keras_t5gemma.data import pair_of_record
 from keras_t5gemma.data import stream_records
 from keras_t5gemma.training import checkpoints as training_checkpoints
+from keras_t5gemma.training import packing
 
 # Records held and permuted at once (per process): the bound on the stream's memory.
 DEFAULT_SHUFFLE_BUFFER = 10_000
@@ -361,6 +363,109 @@ def preprocessed(preprocessor, texts=None, then=None):
     return {"collate": collate, "signature": signature}
 
 
+class PackedStream:
+    """An `ExampleStream`'s examples preprocessed and packed into batches of `stream.batch_size` rows.
+
+    The examples come in the stream's order (shuffled windows, resumable
+    positions) in chunks of `chunk`; each chunk goes through
+    `preprocessor` (`stream.collate` first makes texts of it: pairs, or an
+    objective's draws) and `packing.pack_batches` fills batches of a fixed
+    number of rows with the next examples that fit (greedy first fit), the
+    first that fits none starting the next batch. A batch thus holds a run
+    of the stream's order, and a position still counts the examples
+    consumed: resumed there, the stream packs the batches the run would have
+    trained on, so that every example is trained on once per epoch. How
+    many batches an epoch packs into depends on the lengths
+    (`steps_per_epoch` is None): `fit_stream` trains an epoch at a time
+    until its examples run out, and numbers checkpoints by the steps
+    trained (`state` saves that count too).
+
+    One process only: each shard would pack into its own number of steps,
+    and the processes of a job must take the same ones.
+
+    Args:
+        stream: an `ExampleStream` (its `batch_size` counts rows here).
+        preprocessor: a `Seq2SeqLM` preprocessor: its sequence lengths are
+            the rows' lengths.
+        chunk: int, examples preprocessed at a time (default: 4 batches'
+            rows); it does not change the batches.
+        max_segments: optional int, at most this many examples per row.
+    """
+
+    def __init__(self, stream, preprocessor, chunk=None, max_segments=None):
+        if stream.shard_count > 1:
+            raise ValueError(
+                "packing a stream takes one process: each of the "
+                f"{stream.shard_count} shards would pack into its own number of steps"
+            )
+        self.stream, self.preprocessor, self.max_segments = stream, preprocessor, max_segments
+        self.rows = stream.batch_size
+        self.chunk = chunk or 4 * self.rows
+        self.steps_per_epoch = None
+        # Each iteration of `batches` notes the position after each batch it hands over.
+        self.iterations = []
+        sample = next(self._packed(self._preprocessed([("a", "a", None)], [(0, 0)], pairs=True)))[:3]
+        self.signature = keras.tree.map_structure(
+            lambda array: ((None, *np.shape(array)[1:]), np.asarray(array).dtype.name), sample
+        )
+
+    source = property(lambda self: self.stream.source)
+    total = property(lambda self: self.stream.total)
+    shuffle_buffer = property(lambda self: self.stream.shuffle_buffer)
+    examples_per_epoch = property(lambda self: self.stream.examples_per_epoch)
+
+    def fingerprint(self):
+        return self.stream.fingerprint()
+
+    def _preprocessed(self, examples, keys, pairs=False):
+        texts = pair_texts(examples) if pairs else self.stream.collate(examples, keys)
+        outputs = keras.utils.unpack_x_y_sample_weight(self.preprocessor(texts))
+        return [keras.tree.map_structure(np.asarray, tuple(outputs))]
+
+    def _packed(self, chunks):
+        return packing.pack_batches(chunks, self.rows, self.max_segments)
+
+    def _chunks(self, epoch, start):
+        examples, keys = [], []
+        for index, example in self.stream.examples(epoch, start):
+            examples.append(example)
+            keys.append((epoch, index))
+            if len(examples) == self.chunk:
+                yield from self._preprocessed(examples, keys)
+                examples, keys = [], []
+        if examples:
+            yield from self._preprocessed(examples, keys)
+
+    def batches(self, position=StreamPosition()):
+        """Epoch `position.epoch`'s packed batches `(x, y, sample_weight)`, from its `position.example`-th example
+        to the epoch's end.
+
+        Each batch's end, `(StreamPosition after it, whether it is the
+        epoch's last)`, is appended to a list of this iteration's own,
+        `iterations[-1]`, before the batch is handed over.
+        """
+        ends = []
+        self.iterations = [*self.iterations[-1:], ends]
+        batches = self._packed(self._chunks(position.epoch, position.example))
+        for x, y, sample_weight, consumed in batches:
+            example = position.example + consumed
+            ends.append((StreamPosition(position.epoch, example), example == self.examples_per_epoch))
+            yield x, y, sample_weight
+
+    def state(self, position, step):
+        """`ExampleStream.state` of `position`, with the packing and `step`, the steps trained to it."""
+        return {**self.stream.state(position), "pack_rows": self.rows, "step": step}
+
+    def position_of(self, state):
+        """The `StreamPosition` of a `state` written by a packed stream with the same settings."""
+        if state.get("pack_rows") != self.rows:
+            raise ValueError(
+                f"the saved input position was written for other settings (packed rows {state.get('pack_rows')!r}"
+                f" -> {self.rows!r}); resume with the same --pack and --batch-size"
+            )
+        return self.stream.position_of(state)
+
+
 def _pair_example(record, where, path):
     return pair_of_record(record, where, os.path.dirname(os.path.abspath(path)))
 
@@ -389,6 +494,7 @@ def fit_stream(
     checkpoint_every=None,
     callbacks=(),
     verbose="auto",
+    start_step=0,
 ):
     """Trains `model` on `stream` from `start` to the end of epoch `epochs`; returns a `keras.callbacks.History`.
 
@@ -396,8 +502,13 @@ def fit_stream(
     stream's position are saved as global step `epoch * steps_per_epoch +
     step` every `checkpoint_every` steps (if given) and after each epoch. A
     start inside an epoch trains the rest of that epoch first (its history
-    row averages only those steps), then the following epochs.
+    row averages only those steps), then the following epochs. A
+    `PackedStream` trains an epoch per `fit`, until its batches run out;
+    its steps are counted from `start_step`, the steps trained before
+    `start` (the step of the checkpoint resumed).
     """
+    if isinstance(stream, PackedStream):
+        return _fit_packed(model, stream, epochs, start, checkpoints, checkpoint_every, callbacks, verbose, start_step)
     steps = stream.steps_per_epoch
     saver = _StreamCheckpoint(checkpoints, stream, checkpoint_every) if checkpoints is not None else None
     history = keras.callbacks.History()
@@ -445,3 +556,54 @@ class _StreamCheckpoint(keras.callbacks.Callback):
     def _save(self, position):
         step = position.epoch * self.stream.steps_per_epoch + position.example // self.stream.process_batch_size
         self.checkpoints.save(self.model, step, input_position=self.stream.state(position))
+
+
+def _fit_packed(model, stream, epochs, start, checkpoints, every, callbacks, verbose, step):
+    """`fit_stream` for a `PackedStream`: one `fit` per epoch, on a dataset that ends with the epoch."""
+    saver = _PackedCheckpoint(checkpoints, stream, every, step) if checkpoints is not None else None
+    history = keras.callbacks.History()
+    history.history, history.epoch = {}, []
+    epoch, example = start.epoch, start.example
+    while epoch < epochs:
+        with warnings.catch_warnings():
+            # Keras' word for an epoch whose length it was not told, which is how a packed epoch ends.
+            warnings.filterwarnings("ignore", "Your input ran out of data", UserWarning)
+            part = model.fit(
+                dataset(stream, StreamPosition(epoch, example)),
+                epochs=epoch + 1,
+                initial_epoch=epoch,
+                shuffle=False,  # the stream's order
+                callbacks=[*([saver] if saver else []), *callbacks],
+                verbose=verbose,
+            )
+        history.epoch += part.epoch
+        for name, values in part.history.items():
+            history.history.setdefault(name, []).extend(values)
+        epoch, example = epoch + 1, 0
+    return history
+
+
+class _PackedCheckpoint(keras.callbacks.Callback):
+    """Saves the training state with a `PackedStream`'s position every `every` steps and after each epoch.
+
+    The position after a step is the one the batch trained on noted
+    (`PackedStream.iterations`: Keras may read a first iteration of the data
+    to see its structure; the one trained on is the last).
+    """
+
+    def __init__(self, checkpoints, stream, every, step):
+        super().__init__()
+        self.checkpoints, self.stream, self.every, self.step = checkpoints, stream, every, step
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        position, last = self.stream.iterations[-1][batch]
+        # An epoch's last step is saved by `on_epoch_end`, as the next epoch's start.
+        if self.every and not last and self.step % self.every == 0:
+            self._save(position)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save(StreamPosition(epoch + 1, 0))
+
+    def _save(self, position):
+        self.checkpoints.save(self.model, self.step, input_position=self.stream.state(position, self.step))

@@ -216,3 +216,89 @@ def padding_fraction(padding_mask):
     """The fraction of positions that are padding, for `(N, L)` masks."""
     mask = np.asarray(padding_mask).astype(bool)
     return 1.0 - mask.mean() if mask.size else 0.0
+
+
+def pack_batches(chunks, rows, max_segments=None):
+    """Batches of exactly `rows` packed rows from a stream of preprocessed examples, in the stream's order.
+
+    Each batch takes the next examples in order, greedy first fit into its
+    `rows` rows; the first example that fits none of them starts the next
+    batch. A batch thus holds a run of consecutive examples, and the count
+    of examples that the batches so far hold says where the next batch
+    starts: a stream resumed at that count packs the same batches again.
+    Rows a batch leaves empty are all padding with zero weights (the last
+    batch's, mostly), so that every step has one shape.
+
+    Args:
+        chunks: iterable of `(x, y, sample_weight)`, each some examples one
+            per row as `pack_examples` takes them, all of the same widths
+            (the packed rows' lengths).
+        rows: int, rows per batch.
+        max_segments: optional int, at most this many examples per row.
+
+    Yields:
+        `(x, y, sample_weight, consumed)`: a batch as `pack_examples` gives
+        it, padded to `rows` rows, and how many examples of `chunks` the
+        batches so far hold.
+
+    Example:
+    >>> def chunk(encoder_lengths):
+    ...     mask = (np.arange(4)[None] < np.array(encoder_lengths)[:, None]).astype("int32")
+    ...     x = {"encoder_token_ids": mask * 5, "encoder_padding_mask": mask,
+    ...          "decoder_token_ids": mask[:, :2] * 7, "decoder_padding_mask": mask[:, :2]}
+    ...     return x, mask[:, :2] * 8, mask[:, :2].astype("float32")
+    >>> [(x["encoder_segment_ids"].tolist(), consumed) for x, _, _, consumed in pack_batches([chunk([1, 1, 3])], 1)]
+    [([[1, 2, 0, 0]], 2), ([[1, 1, 1, 0]], 3)]
+    """
+    if rows < 1:
+        raise ValueError(f"a batch needs at least one row; got rows={rows}")
+    limit = max_segments or np.iinfo(np.int64).max
+    pending, consumed = [], 0
+    encoder_room = decoder_room = segments = None
+    widths = None
+
+    def batch():
+        stacked = [np.concatenate(parts) for parts in zip(*pending)]
+        x = dict(zip(ENCODER_KEYS + DECODER_KEYS, stacked[:4]))
+        packed, y, weights = pack_examples(x, stacked[4], stacked[5], widths[0], widths[1], max_segments)
+        padded = [np.pad(a, [(0, rows - len(a)), (0, 0)]) for a in (*packed.values(), y, weights)]
+        return dict(zip(packed, padded[:-2])), padded[-2], padded[-1]
+
+    for x, y, sample_weight in chunks:
+        arrays = [np.asarray(keras.ops.convert_to_numpy(x[key])) for key in ENCODER_KEYS + DECODER_KEYS]
+        y = np.asarray(keras.ops.convert_to_numpy(y))
+        weights = np.ones(y.shape, "float32") if sample_weight is None else keras.ops.convert_to_numpy(sample_weight)
+        if widths is None:
+            widths = (arrays[0].shape[1], arrays[2].shape[1])
+        elif widths != (arrays[0].shape[1], arrays[2].shape[1]):
+            raise ValueError(
+                f"every chunk must have the widths {widths}; got {(arrays[0].shape[1], arrays[2].shape[1])}"
+            )
+        encoder_lengths = _lengths(arrays[1], "encoder_padding_mask")
+        decoder_lengths = _lengths(arrays[3], "decoder_padding_mask")
+        for i in range(len(y)):
+            fits = np.zeros(0, bool)
+            if pending:
+                fits = (encoder_room >= encoder_lengths[i]) & (decoder_room >= decoder_lengths[i])
+                fits &= segments < limit
+            if pending and not fits.any() and len(encoder_room) == rows:
+                consumed += len(pending)
+                yield (*batch(), consumed)
+                pending = []
+            if not pending:
+                encoder_room, decoder_room, segments = (np.zeros(0, np.int64) for _ in range(3))
+                fits = np.zeros(0, bool)
+            if fits.any():
+                r = int(np.flatnonzero(fits)[0])
+            else:
+                r = len(encoder_room)
+                encoder_room = np.append(encoder_room, widths[0])
+                decoder_room = np.append(decoder_room, widths[1])
+                segments = np.append(segments, 0)
+            encoder_room[r] -= encoder_lengths[i]
+            decoder_room[r] -= decoder_lengths[i]
+            segments[r] += 1
+            pending.append([a[i : i + 1] for a in arrays] + [y[i : i + 1], weights[i : i + 1]])
+    if pending:
+        consumed += len(pending)
+        yield (*batch(), consumed)
