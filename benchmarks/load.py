@@ -313,6 +313,28 @@ def main():
         print("| " + " | ".join(str(cell) for cell in row) + " |")
 
 
+def memory_for(case, checkpoint_bytes, wait=120):
+    """Whether the memory a case needs is available now (the machine is shared): waits up to `wait` s, else skips.
+
+    A load peaks near the weights plus about 1 GiB (`keras_hub`: twice the
+    weights); the sharded case runs 4 processes of about a quarter of them
+    plus 1 GiB each.
+    """
+    need = {"keras_hub": 3 * checkpoint_bytes, "ours_sharded": checkpoint_bytes + 4 * GIB}.get(case, checkpoint_bytes)
+    need += GIB
+    deadline = time.monotonic() + wait
+    while _available_memory() < need:
+        if time.monotonic() > deadline:
+            print(
+                f"  {case}: skipped, it needs about {need / GIB:.1f} GiB and "
+                f"{_available_memory() / GIB:.1f} GiB is available",
+                flush=True,
+            )
+            return False
+        time.sleep(5)
+    return True
+
+
 def measure(size, args, folder):
     from keras_t5gemma.models.t5gemma2.t5gemma2_presets import backbone_presets
 
@@ -342,6 +364,8 @@ def measure(size, args, folder):
     runs = {case: [] for case in args.cases}
     for round_number in range(args.rounds):
         for case in args.cases:
+            if not memory_for(case, total):
+                continue
             result = run_case(case, folders[case], args.timeout)
             if result is not None:
                 runs[case].append(result)
