@@ -23,6 +23,7 @@ from test_t5gemma import t5gemma_config
 
 from keras_t5gemma.cli import main
 from keras_t5gemma.export import export_onnx
+from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
 from keras_t5gemma.models.t5gemma.t5gemma_embedder import T5GemmaEmbedder
 from keras_t5gemma.models.t5gemma.t5gemma_embedder_preprocessor import T5GemmaEmbedderPreprocessor
 from keras_t5gemma.models.t5gemma.t5gemma_seq_2_seq_lm import T5GemmaSeq2SeqLM
@@ -131,12 +132,26 @@ def test_command_line_exports_a_checkpoint_folder_and_generates_from_it(exported
     assert capsys.readouterr().out.strip() == expected.strip()
 
 
-def test_what_cannot_export_is_refused_by_name(exported, tmp_path):
-    _, seq_2_seq_lm, _, _, _ = exported
-    quantized = T5GemmaSeq2SeqLM.from_config(seq_2_seq_lm.get_config())
+def test_a_model_quantized_in_keras_is_refused_by_name(tmp_path):
+    backbone = T5GemmaBackbone(
+        vocabulary_size=40,
+        encoder_hidden_dim=16,
+        encoder_intermediate_dim=16,
+        encoder_num_layers=1,
+        encoder_num_heads=2,
+        encoder_num_key_value_heads=1,
+        encoder_head_dim=8,
+        decoder_hidden_dim=8,
+        decoder_intermediate_dim=16,
+        decoder_num_layers=1,
+        decoder_num_heads=1,
+        decoder_num_key_value_heads=1,
+        decoder_head_dim=8,
+        sliding_window=2,
+    )
     # One 4-bit layer (what `quantize("int4")` makes of every kernel) is enough to refuse the model.
-    layer = quantized.backbone.decoder.transformer_layers[0].cross_attention.key_dense
+    layer = backbone.decoder.transformer_layers[0].cross_attention.key_dense
     layer.quantize("int4")
     with pytest.raises(ValueError, match=f"`{layer.path}` is quantized \\(int4\\) in Keras.*precision="):
-        export_onnx(quantized, tmp_path / "quantized", max_decode_length=4)
+        export_onnx(T5GemmaSeq2SeqLM(backbone), tmp_path / "quantized", max_decode_length=4)
     assert not (tmp_path / "quantized").exists()
