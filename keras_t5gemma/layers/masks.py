@@ -122,9 +122,15 @@ def segment_positions(segment_ids):
 
         start = jax.lax.cummax(start_indices, axis=1)
     else:
-        start = ops.associative_scan(ops.maximum, start_indices, axis=1)
-        # TensorFlow's scan loses the rank of a tensor of unknown length.
-        start = ops.reshape(start, (-1, ops.shape(segment_ids)[1]))
+        # Each segment's start index, summed over its tokens (only its first is not 0) and read back per
+        # token: linear in the length. (Keras' `associative_scan` nests one TensorFlow `cond` per level and
+        # step; a backbone took minutes to build on TensorFlow.) Every row starts a segment, so the
+        # running count of starts over the flattened rows numbers the segments in order.
+        segment = ops.cumsum(ops.reshape(ops.cast(starts, "int32"), (-1,))) - 1
+        # At most one segment per token; a count known when tracing, as XLA needs.
+        count = ops.shape(segment)[0]
+        segment_start = ops.segment_sum(ops.reshape(start_indices, (-1,)), segment, num_segments=count)
+        start = ops.reshape(ops.take(segment_start, segment), ops.shape(segment_ids))
     return ops.cast(index - start, "int32")
 
 
