@@ -1,4 +1,5 @@
-"""Tiny T5Gemma 2 checkpoints written the way Hugging Face ships them."""
+"""Tiny T5Gemma 2 checkpoints written the way Hugging Face ships them, and the first T5Gemma family's tiny
+config (`tests/test_t5gemma.py`, `tests/test_t5gemma_classifiers.py`)."""
 
 import json
 from pathlib import Path
@@ -25,6 +26,31 @@ IMAGE_PROCESSOR = {
     "do_pan_and_scan": False,
 }
 
+# The first family's tiny stacks: unbalanced (the encoder wider, deeper, with more heads than the decoder, as
+# 9b-2b), soft-capping on at values the random logits reach, odd windows.
+T5GEMMA_ENCODER = {
+    "vocab_size": VOCABULARY_SIZE,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "sliding_window": 3,
+    "query_pre_attn_scalar": 8,
+    "attn_logit_softcapping": 5.0,
+    "final_logit_softcapping": 3.0,
+}
+T5GEMMA_DECODER = {
+    **T5GEMMA_ENCODER,
+    "hidden_size": 24,
+    "intermediate_size": 40,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 12,
+}
+
 
 def checkpoint_config(**overrides):
     text = {"vocab_size": VOCABULARY_SIZE, **overrides.pop("text", {})}
@@ -45,6 +71,18 @@ def write_checkpoint(directory, config, tokenizer_proto, seed=0, max_shard_size=
     (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "add_eos_token": False}))
     (directory / "preprocessor_config.json").write_text(json.dumps(IMAGE_PROCESSOR))
     return model
+
+
+def randomised(model, seed):
+    """A `transformers` model with every parameter random (norms and heads included), in eval mode."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            std = 0.3 if parameter.ndim == 1 else 0.15
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return model.eval()
 
 
 def to_earlier_layout(directory):

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_matches_reference
+from hf_checkpoints import T5GEMMA_DECODER
+from hf_checkpoints import T5GEMMA_ENCODER
+from hf_checkpoints import randomised
 from transformers import T5GemmaConfig
 from transformers import T5GemmaEncoderModel
 from transformers import T5GemmaForConditionalGeneration
@@ -33,37 +36,11 @@ from keras_t5gemma.training.fine_tune import load_seq_2_seq_lm
 DATA = Path(__file__).parent / "data"
 NEW_TOKENS = 8
 
-# Unbalanced (the encoder wider, deeper, with more heads than the decoder, as
-# 9b-2b), soft-capping on at values the random logits reach, odd windows.
-ENCODER = {
-    # The small test vocabulary's size (`tests/vocabularies.py`).
-    "vocab_size": 330,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "sliding_window": 3,
-    "query_pre_attn_scalar": 8,
-    "attn_logit_softcapping": 5.0,
-    "final_logit_softcapping": 3.0,
-}
-DECODER = {
-    **ENCODER,
-    "hidden_size": 24,
-    "intermediate_size": 40,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 12,
-}
-
 
 def t5gemma_config(encoder=None, decoder=None, **top):
     """A `config.json`-style dict (the `rope_theta` spelling of the released files)."""
-    encoder = {**ENCODER, "rope_theta": 10_000.0, **(encoder or {})}
-    decoder = {**DECODER, "rope_theta": 10_000.0, **(decoder or {})}
+    encoder = {**T5GEMMA_ENCODER, "rope_theta": 10_000.0, **(encoder or {})}
+    decoder = {**T5GEMMA_DECODER, "rope_theta": 10_000.0, **(decoder or {})}
     return {"model_type": "t5gemma", "encoder": encoder, "decoder": decoder, **top}
 
 
@@ -72,13 +49,7 @@ def reference_model(config, seed=0):
     torch.manual_seed(seed)
     hf_config = T5GemmaConfig(**{k: v for k, v in config.items() if k != "model_type"})
     hf_config._attn_implementation = "eager"
-    model = T5GemmaForConditionalGeneration(hf_config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            std = 0.3 if parameter.ndim == 1 else 0.15
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-    return model
+    return randomised(T5GemmaForConditionalGeneration(hf_config), seed)
 
 
 def converted(model, config, **kwargs):
@@ -187,7 +158,7 @@ def test_both_rope_spellings_give_the_same_arguments():
     assert backbone_kwargs_from_t5gemma_config(released) == backbone_kwargs_from_t5gemma_config(current)
     assert backbone_kwargs_from_t5gemma_config(current)["rope_wavelength"] == 1234.0
     # What `transformers` itself writes parses too.
-    written = json.loads(T5GemmaConfig(encoder=ENCODER, decoder=DECODER).to_json_string())
+    written = json.loads(T5GemmaConfig(encoder=T5GEMMA_ENCODER, decoder=T5GEMMA_DECODER).to_json_string())
     assert backbone_kwargs_from_t5gemma_config(written)["decoder_hidden_dim"] == 24
 
 
@@ -407,7 +378,7 @@ def test_embedder_matches_reference_mean_pooled_encoder(pair, small_proto, tmp_p
             input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
         ).last_hidden_state.numpy()
     reference = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-    assert vectors.shape == (2, ENCODER["hidden_size"])
+    assert vectors.shape == (2, T5GEMMA_ENCODER["hidden_size"])
     assert_matches_reference(vectors, reference)
 
 

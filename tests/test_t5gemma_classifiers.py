@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_matches_reference
+from hf_checkpoints import T5GEMMA_DECODER
+from hf_checkpoints import T5GEMMA_ENCODER
+from hf_checkpoints import randomised
 from safetensors.numpy import load_file
 from transformers import T5GemmaConfig
 from transformers import T5GemmaEncoderModel
@@ -36,45 +39,18 @@ HEADS = {
     "sequence": (T5GemmaForSequenceClassification, T5GemmaTextClassifier),
     "token": (T5GemmaForTokenClassification, T5GemmaTokenClassifier),
 }
-MODULE = {
-    # The small test vocabulary's size (`tests/vocabularies.py`).
-    "vocab_size": 330,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 8,
-    "sliding_window": 3,
-    "query_pre_attn_scalar": 8,
-    "attn_logit_softcapping": 5.0,
-    "final_logit_softcapping": 3.0,
-    "pad_token_id": PAD,
-}
-# The decoder narrower and shallower than the encoder (as 9b-2b), with head sizes of its own.
-DECODER = {**MODULE, "hidden_size": 24, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def reference_config(encoder_decoder=True, **top):
     return T5GemmaConfig(
-        encoder=dict(MODULE),
-        decoder=dict(DECODER),
+        encoder={**T5GEMMA_ENCODER, "pad_token_id": PAD},
+        decoder={**T5GEMMA_DECODER, "pad_token_id": PAD},
         is_encoder_decoder=encoder_decoder,
         num_labels=3,
         id2label=dict(enumerate(LABELS)),
         label2id={label: i for i, label in enumerate(LABELS)},
         **top,
     )
-
-
-def randomised(model, seed):
-    """`model` with every parameter random (norms and the head included), in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            std = 0.3 if parameter.ndim == 1 else 0.15
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=[(kind, form) for kind in HEADS for form in ("encoder_decoder", "encoder")])
@@ -100,7 +76,7 @@ def padded(rng, lengths, length, left=False):
     mask = np.zeros_like(ids)
     for row, n in enumerate(lengths):
         span = slice(length - n, length) if left else slice(0, n)
-        ids[row, span] = rng.integers(6, MODULE["vocab_size"], n)
+        ids[row, span] = rng.integers(6, T5GEMMA_ENCODER["vocab_size"], n)
         ids[row, span.start] = 2  # <bos>
         mask[row, span] = 1
     return ids, mask
