@@ -9,6 +9,7 @@ multiples of 32 so that the 4-bit tables export too.
 """
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -23,6 +24,8 @@ from test_t5gemma import t5gemma_config
 
 from keras_t5gemma.cli import main
 from keras_t5gemma.export import export_onnx
+from keras_t5gemma.export import onnx as onnx_export
+from keras_t5gemma.export import onnx_graph
 from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
 from keras_t5gemma.models.t5gemma.t5gemma_embedder import T5GemmaEmbedder
 from keras_t5gemma.models.t5gemma.t5gemma_embedder_preprocessor import T5GemmaEmbedderPreprocessor
@@ -37,6 +40,9 @@ PRECISIONS = ("fp32", "fp16", "int8", "q4", "q4f16")
 # fp16 2.7e-3, int8 0.06, q4 and q4f16 0.74: random weights, whose 4-bit error is large, as in BENCHMARKS'
 # int4 rows; the logits are soft-capped at 3, so a graph computing something else differs by up to 2).
 LOGIT_TOLERANCE = {"fp16": 1e-2, "int8": 0.15, "q4": 1.0, "q4f16": 1.0}
+# The q4 graphs against float32 graphs of the weights their codes stand for (measured: q4 0.058, q4f16 0.057;
+# int8 activations inside `MatMulNBits`, as int8's 0.06 above).
+Q4_ACTIVATION_TOLERANCE = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +94,44 @@ def test_logits_match_keras_and_transformers_soft_capped_unbalanced_padded(expor
         error = np.abs(logits - float32).max() / scale
         print(f"{precision}: largest logit difference {error:.2g} of the largest logit")
         assert error < LOGIT_TOLERANCE[precision], (precision, error)
+
+
+def _as_stored_in_4_bits(weights, key=None):
+    """`model_weights` with every matmul kernel and table replaced by what its 4-bit codes stand for."""
+    if isinstance(weights, dict):
+        return {name: _as_stored_in_4_bits(value, name) for name, value in weights.items()}
+    if isinstance(weights, list):
+        return [_as_stored_in_4_bits(value) for value in weights]
+    if not isinstance(weights, np.ndarray) or weights.ndim != 2:
+        return weights
+    # Tables are quantized along their rows `(V, D)`, kernels `(K, N)` along K.
+    rows = weights if key == "table" else weights.T
+    rounded = onnx_graph.dequantize_q4_rows(*onnx_graph.quantize_q4_rows(rows), rows.shape[1])
+    return rounded if key == "table" else rounded.T
+
+
+def test_4_bit_graphs_compute_what_float32_graphs_of_their_4_bit_weights_compute(exported, rng, tmp_path):
+    """The q4 graphs against float32 graphs built from the weights their codes stand for: only `MatMulNBits`'
+    int8 activations (`Q4_ACCURACY_LEVEL`) differ, so the 4-bit layout of every first-family weight (the
+    cross-attention's encoder-wide kernels, both tables) is checked, where random weights' own 4-bit error
+    is too large to tell."""
+    _, seq_2_seq_lm, folder, _, runtimes = exported
+    config = onnx_export.model_config(seq_2_seq_lm.backbone)
+    weights = _as_stored_in_4_bits(onnx_export.model_weights(seq_2_seq_lm.backbone))
+    with onnx_graph.WeightsFile(tmp_path / "weights.data") as weights_file:
+        onnx_export.encoder_graph(weights, config).save(tmp_path / "encoder.onnx", weights_file)
+        onnx_export.decoder_graph(weights, config, MAX_LENGTH).save(tmp_path / "decoder.onnx", weights_file)
+    for name in (onnx_export.CONFIG_FILE, "tokenizer.spm"):
+        shutil.copy(folder / name, tmp_path)
+    encoder_ids, encoder_mask = (array.astype("int64") for array in right_padded(rng, [11, 6], 11))
+    decoder_ids = _decoder_ids(rng, 2, 9)
+    _, expected = _decoder_logits(OnnxSeq2SeqLM(tmp_path), encoder_ids, encoder_mask, None, decoder_ids, False)
+    scale = np.abs(expected).max()
+    for precision in ("q4", "q4f16"):
+        _, logits = _decoder_logits(runtimes[precision], encoder_ids, encoder_mask, None, decoder_ids, False)
+        error = np.abs(logits - expected).max() / scale
+        print(f"{precision}: largest logit difference {error:.2g} from float32 graphs of its 4-bit weights")
+        assert error < Q4_ACTIVATION_TOLERANCE, (precision, error)
 
 
 def test_greedy_tokens_match_generate(exported):
