@@ -1,8 +1,8 @@
 """Loading a checkpoint straight into int8 or int4: no float copy of the model is ever held.
 
-`quantized_dtype_policy` gives the layers that `quantize` converts (the
+`layers_built_quantized` gives the layers that `quantize` converts (the
 projections and the embedding table, `models.quantization.quantizable`) a
-quantized dtype policy before they are built, as Keras builds a reloaded
+quantized dtype policy as they are built, as Keras builds a reloaded
 quantized model: they get their int8 (or packed int4) variables and scales
 and never a float kernel. `quantized_values` then fills them from each float checkpoint tensor
 as it is read, with the arithmetic of Keras' own `layer.quantize` (its
@@ -10,8 +10,10 @@ quantizers, on the tensor alone; the abs-max one jitted on JAX), so that the
 model equals one loaded in float and quantized afterwards, bit for bit.
 """
 
+import contextlib
 import functools
 import math
+import threading
 import weakref
 
 import keras
@@ -19,7 +21,6 @@ import ml_dtypes
 import numpy as np
 
 from keras_t5gemma.models.quantization import quantizable
-from keras_t5gemma.utils.keras_hub_compat import variables_without_values
 from keras_t5gemma.utils.loading import fill_from_values
 from keras_t5gemma.utils.loading import numpy_dtype
 from keras_t5gemma.utils.preset_utils import check_quantize_mode
@@ -41,30 +42,47 @@ def _policy_mode(mode):
     return mode
 
 
-def quantized_dtype_policy(build, dtype, mode):
-    """The dtype policy that builds `build`'s model with its quantizable layers already quantized.
+_building = threading.local()
+_patch_lock = threading.Lock()
 
-    Args:
-        build: callable `dtype -> model`, the model to load (a backbone).
-        dtype: the float dtype policy (`None`, `"float32"`, `"bfloat16"`, ...)
-            of the other layers, and the source of the quantized ones.
-        mode: the quantization mode, `"int8"` or `"int4"` (Keras' default
-            config for it).
 
-    Returns:
-        A `keras.dtype_policies.DTypePolicyMap`: `mode` from `dtype` for each
-        layer `model.quantize(mode)` would convert, `dtype` for the rest.
-        Finding those layers builds the model once without allocating its
-        variables.
+def _quantized_when_built(build):
+    """Keras' `build` of a layer class, giving the layer its quantized policy first where `quantize` would."""
+
+    @functools.wraps(build)  # Keras passes `build` the arguments its signature names
+    def build_quantized_first(layer, *args, **kwargs):
+        mode = getattr(_building, "mode", None)
+        if mode is not None and _converted_by_quantize(layer):
+            # As `layer.quantize(mode)` names it; a layer not built yet only takes the policy.
+            layer.dtype_policy = f"{_policy_mode(mode)}_from_{layer.dtype_policy.name}"
+        return build(layer, *args, **kwargs)
+
+    build_quantized_first.original = build
+    return build_quantized_first
+
+
+@contextlib.contextmanager
+def layers_built_quantized(mode):
+    """Inside, each layer `quantize(mode)` would convert is built quantized (this thread only).
+
+    Keras builds a layer whose dtype policy is quantized (as a reloaded
+    quantized model does) with its int8 (or packed int4) variables and
+    scales and no float kernel. Each `Dense`, `EinsumDense` and `Embedding`
+    leaf that `Model.quantize` converts with the default filter gets that
+    policy (`"int8_from_bfloat16"`, ...) just before its `build`, when its
+    place in the model is known; the model is built once.
     """
     check_quantize_mode(mode)
-    policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
-    with variables_without_values():
-        outline = build(policy)
-        paths = [layer.path for layer in outline._flatten_layers() if _converted_by_quantize(layer)]
-    del outline
-    quantized = keras.dtype_policies.get(f"{_policy_mode(mode)}_from_{policy.name}")
-    return keras.dtype_policies.DTypePolicyMap(default_policy=policy, policy_map=dict.fromkeys(paths, quantized))
+    with _patch_lock:
+        for cls in (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding):
+            if not hasattr(cls.__dict__["build"], "original"):
+                cls.build = _quantized_when_built(cls.__dict__["build"])
+    outer = getattr(_building, "mode", None)
+    _building.mode = mode
+    try:
+        yield
+    finally:
+        _building.mode = outer
 
 
 def _converted_by_quantize(layer):
@@ -282,6 +300,7 @@ def assign_by_name(layer, values):
 
 def build_quantized(build, dtype, quantize=None):
     """`build(dtype)`, with the layers `quantize` converts built quantized when `quantize` is a mode."""
-    if quantize is not None:
-        dtype = quantized_dtype_policy(build, dtype, quantize)
-    return build(dtype)
+    if quantize is None:
+        return build(dtype)
+    with layers_built_quantized(quantize):
+        return build(dtype)
