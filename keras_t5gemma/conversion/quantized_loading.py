@@ -251,7 +251,7 @@ def _quantized_table(layer, value):
 def quantized_values(layer, variable_name, value):
     """The variables `layer.quantize(mode)` would hold if its float `variable_name` were `value`.
 
-    `layer` is built quantized (see `quantized_dtype_policy`); `value` is
+    `layer` is built quantized (see `layers_built_quantized`); `value` is
     the float weight in the variable's layout and dtype. The arithmetic is
     Keras' own quantizers' (`abs_max_quantize`, `pack_int4`, ...) with the
     axes each layer's `quantize` gives them, run on `value` alone: no float
