@@ -282,3 +282,27 @@ def test_in_the_child_sharded_parts_only(family):
             for shard in variable.value.addressable_shards:
                 assert shard.data.size < size
     assert split >= 10, split
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+def test_an_assign_to_an_empty_variable_fills_it_and_a_wrong_shape_is_refused():
+    from keras_t5gemma.utils.loading import built_without_values
+    from keras_t5gemma.utils.loading import fills_on_assign
+    from keras_t5gemma.utils.loading import is_unfilled
+
+    def build():
+        layer = keras.layers.Dense(3, dtype="bfloat16")
+        layer.build((None, 4))
+        return layer
+
+    with initializers_run() as ran:
+        layer = built_without_values(build)
+        kernel = np.arange(12, dtype="float32").reshape(4, 3)
+        with fills_on_assign():
+            layer.kernel.assign(kernel)
+            with pytest.raises(ValueError, match="shape"):
+                layer.bias.assign(np.zeros((4,), "float32"))
+    assert ran == []
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.kernel).astype("float32"), kernel)
+    assert keras.backend.standardize_dtype(layer.kernel.dtype) == "bfloat16"
+    assert is_unfilled(layer.bias)

@@ -15,6 +15,7 @@ from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma import T5Gemma2TextClassifier
 from keras_t5gemma import T5Gemma2Tokenizer
 from keras_t5gemma.conversion import quantized_loading
+from keras_t5gemma.utils.loading import numpy_dtype
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,23 @@ def test_backbone_options_reach_the_layers_from_every_loader(hf_folder, cls):
         model = cls.from_preset(preset, remat=True, dtype="bfloat16", **extra)
         assert _remat_flags(model) == {True}, preset
         assert getattr(model, "backbone", model).dtype_policy.name == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_jitted_quantizer_gives_keras_numpy_values(dtype):
+    # Keras' own `abs_max_quantize` in NumPy is the reference; its 16-bit arithmetic rounds each
+    # product, so ties and near-ties are where a float32-only computation would differ.
+    rng = np.random.default_rng(3)
+    value = (rng.normal(size=(96, 40)) * 0.02).astype(numpy_dtype(dtype))
+    value[:, 0] = 0  # a zero column: the scale is 127 / epsilon
+    value[:, 1] = np.linspace(-300, 300, 96)  # large magnitudes
+    value[:, 2] = np.arange(96) - 48  # exact multiples that scale onto .5 steps
+    for axis, value_range in (((0,), (-127, 127)), ((-1,), (-127, 127)), ((0,), (-8, 7))):
+        values, scale = quantized_loading._abs_max_quantize(value, axis, value_range)
+        expected, expected_scale = keras.quantizers.abs_max_quantize(
+            value, axis, value_range, "int8", quantized_loading._EPSILON, to_numpy=True
+        )
+        assert values.dtype == np.int8
+        np.testing.assert_array_equal(values, keras.ops.convert_to_numpy(expected))
+        np.testing.assert_array_equal(scale, keras.ops.convert_to_numpy(expected_scale))
+        assert len(np.unique(values)) > 10  # not vacuous
