@@ -404,7 +404,8 @@ class PackedStream:
         self.steps_per_epoch = None
         # Each iteration of `batches` notes the position after each batch it hands over.
         self.iterations = []
-        sample = next(self._packed(self._preprocessed([("a", "a", None)], [(0, 0)], pairs=True)))[:3]
+        # The batches' structure, from one made-up pair.
+        sample = next(self._packed([self._preprocessed(pair_texts([("a", "a", None)]))]))[:3]
         self.signature = keras.tree.map_structure(
             lambda array: ((None, *np.shape(array)[1:]), np.asarray(array).dtype.name), sample
         )
@@ -417,10 +418,10 @@ class PackedStream:
     def fingerprint(self):
         return self.stream.fingerprint()
 
-    def _preprocessed(self, examples, keys, pairs=False):
-        texts = pair_texts(examples) if pairs else self.stream.collate(examples, keys)
+    def _preprocessed(self, texts):
+        """`(x, y, sample_weight)` NumPy arrays of a batch of texts, one example per row."""
         outputs = keras.utils.unpack_x_y_sample_weight(self.preprocessor(texts))
-        return [keras.tree.map_structure(np.asarray, tuple(outputs))]
+        return keras.tree.map_structure(np.asarray, tuple(outputs))
 
     def _packed(self, chunks):
         return packing.pack_batches(chunks, self.rows, self.max_segments)
@@ -431,10 +432,10 @@ class PackedStream:
             examples.append(example)
             keys.append((epoch, index))
             if len(examples) == self.chunk:
-                yield from self._preprocessed(examples, keys)
+                yield self._preprocessed(self.stream.collate(examples, keys))
                 examples, keys = [], []
         if examples:
-            yield from self._preprocessed(examples, keys)
+            yield self._preprocessed(self.stream.collate(examples, keys))
 
     def batches(self, position=StreamPosition()):
         """Epoch `position.epoch`'s packed batches `(x, y, sample_weight)`, from its `position.example`-th example

@@ -253,8 +253,9 @@ def pack_batches(chunks, rows, max_segments=None):
     if rows < 1:
         raise ValueError(f"a batch needs at least one row; got rows={rows}")
     limit = max_segments or np.iinfo(np.int64).max
+    # The examples of the batch being filled, and the room left in each of its rows opened so far.
     pending, consumed = [], 0
-    encoder_room = decoder_room = segments = None
+    encoder_room, decoder_room, segments = (np.zeros(0, np.int64) for _ in range(3))
     widths = None
 
     def batch():
@@ -277,17 +278,13 @@ def pack_batches(chunks, rows, max_segments=None):
         encoder_lengths = _lengths(arrays[1], "encoder_padding_mask")
         decoder_lengths = _lengths(arrays[3], "decoder_padding_mask")
         for i in range(len(y)):
-            fits = np.zeros(0, bool)
-            if pending:
-                fits = (encoder_room >= encoder_lengths[i]) & (decoder_room >= decoder_lengths[i])
-                fits &= segments < limit
-            if pending and not fits.any() and len(encoder_room) == rows:
+            fits = (encoder_room >= encoder_lengths[i]) & (decoder_room >= decoder_lengths[i]) & (segments < limit)
+            if not fits.any() and len(encoder_room) == rows:
                 consumed += len(pending)
                 yield (*batch(), consumed)
                 pending = []
-            if not pending:
                 encoder_room, decoder_room, segments = (np.zeros(0, np.int64) for _ in range(3))
-                fits = np.zeros(0, bool)
+                fits = fits[:0]
             if fits.any():
                 r = int(np.flatnonzero(fits)[0])
             else:
