@@ -126,12 +126,17 @@ def write_checkpoint(size, folder):
 
 
 def keras_hub_copy(source, folder):
-    """The checkpoint as KerasHub 0.32 reads it: vision tower one level deeper, `factor` given, no vision config."""
+    """The checkpoint as KerasHub 0.32 reads it: the released keys, `factor` given, no vision config."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True)
-    rename = lambda key: key.replace("vision_tower.", "vision_tower.vision_model.")  # noqa: E731
+
+    # The tensors are written under the module paths of `state_dict()` (`encoder.text_model.`); KerasHub looks
+    # for the released files' keys (`encoder.embed_tokens.weight`: a suffix match).
+    def rename(key):
+        return key.replace("encoder.text_model.", "encoder.").replace("vision_tower.", "vision_tower.vision_model.")
+
     for path in sorted(source.glob("*.safetensors")):
         with safe_open(path, framework="numpy") as file:
             save_file({rename(k): file.get_tensor(k) for k in file.keys()}, folder / path.name, {"format": "pt"})
