@@ -106,11 +106,17 @@ def _keras_hub_logits(model, inputs):
 
 
 def _keras_hub_greedy(model, inputs, steps):
-    """KerasHub's greedy tokens, one full forward pass per step."""
-    tokens = inputs["decoder_token_ids"][:, :1]
-    for _ in range(steps):
-        step = {**inputs, "decoder_token_ids": tokens, "decoder_padding_mask": np.ones_like(tokens)}
-        tokens = np.concatenate([tokens, _keras_hub_logits(model, step)[:, -1:].argmax(-1).astype("int32")], axis=1)
+    """KerasHub's greedy tokens, one full forward pass per step.
+
+    Every pass has the final length (each eager pass of a new shape compiles every op again): the tokens
+    not generated yet sit after the step's position, masked out, and the decoder is causal.
+    """
+    tokens = np.zeros((len(inputs["decoder_token_ids"]), steps + 1), "int32")
+    tokens[:, 0] = inputs["decoder_token_ids"][:, 0]
+    for step in range(steps):
+        mask = (np.arange(steps + 1) <= step).astype("int32")[None].repeat(len(tokens), 0)
+        logits = _keras_hub_logits(model, {**inputs, "decoder_token_ids": tokens, "decoder_padding_mask": mask})
+        tokens[:, step + 1] = logits[:, step].argmax(-1)
     return tokens
 
 
