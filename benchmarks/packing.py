@@ -14,6 +14,16 @@ own (its peak memory is its own), padded and packed alternating each round.
 
 Prints a table: rows, padding fraction, seconds per epoch (median of the
 rounds), non-padding tokens per second and peak resident memory growth.
+
+`--exact-match` measures the issue's "same loss curve" instead: the demo's
+fine-tuning (`keras-t5gemma demo`: teach the demo preset `rotate`, the known
+`reverse` and `sort` replayed; no `color`, whose images are not packed) run
+through `fine_tune` padded and packed on the same examples, then greedy
+held-out exact match on new `rotate` prompts and on the known operations.
+Packed runs take `--batch` rows and half as many (about the examples of a
+padded step, two demo pairs fitting a row of 32 / 16 tokens):
+
+    python benchmarks/packing.py --exact-match --examples 16000 --batch 32 --seeds 0 1
 """
 
 import argparse
@@ -123,8 +133,95 @@ def child(model, mode, count, batch):
     )
 
 
+def exact_match_child(mode, count, batch, seed):
+    """Fine-tunes the demo preset on the demo's pairs (`mode`: padded, or packed into `batch` rows a step), then
+    scores greedy answers to held-out prompts."""
+    import tempfile
+
+    import keras
+
+    from keras_t5gemma.demo import exact_match
+    from keras_t5gemma.demo import generate_answers
+    from keras_t5gemma.demo import make_examples
+    from keras_t5gemma.training.fine_tune import fine_tune
+    from keras_t5gemma.training.packing import token_mean_loss
+
+    train = make_examples(["rotate", "rotate", "reverse", "sort"], count, seed=seed + 12)
+    new = make_examples(["rotate"], 200, seed=seed + 10, held_out=True)
+    known = make_examples(["reverse", "sort"], 200, seed=seed + 11, held_out=True)
+    lines = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as output:
+        result = fine_tune(
+            [(example.prompt, example.target) for example in train],
+            output,
+            pack=mode != "padded",
+            epochs=1,
+            batch_size=batch,
+            learning_rate=2e-3,
+            encoder_length=32,
+            decoder_length=16,
+            seed=seed,
+            verbose=0,
+            log=lines.append,
+        )
+    seconds = time.perf_counter() - started
+    seq_2_seq_lm = result.model
+    packed = [line for line in lines if line.startswith("Packed")]
+    # One held-out loss for both (the padded run's `fit` loss also counts padding positions): over target tokens.
+    held_out = new + known
+    x, y, weights = keras.utils.unpack_x_y_sample_weight(
+        seq_2_seq_lm.preprocessor(
+            {"encoder_text": [e.prompt for e in held_out], "decoder_text": [e.target for e in held_out]}
+        )
+    )
+    held_out_loss = float(token_mean_loss()(y, seq_2_seq_lm(x), weights))
+    _common.print_results(
+        {
+            "seconds": seconds,
+            "loss": held_out_loss,
+            "rows": int(packed[0].split(" into ")[1].split()[0].replace(",", "")) if packed else count,
+            "rotate": exact_match(generate_answers(seq_2_seq_lm, new), new),
+            "known": exact_match(generate_answers(seq_2_seq_lm, known), known),
+        }
+    )
+
+
+def exact_match_main(args):
+    runs = {"padded": [], f"packed {args.batch // 2} rows": [], f"packed {args.batch} rows": []}
+    batches = {"padded": args.batch, f"packed {args.batch // 2} rows": args.batch // 2}
+    batches[f"packed {args.batch} rows"] = args.batch
+    for seed in args.seeds:
+        modes = list(runs) if seed % 2 == 0 else list(runs)[::-1]
+        for mode in modes:
+            arguments = ["--exact-match-child", mode.split()[0], batches[mode], seed, "--examples", args.examples]
+            result = _common.run_child(__file__, arguments, f"{mode} seed {seed}", timeout=args.timeout)
+            if result:
+                runs[mode].append(result)
+    print(f"demo fine-tuning: {args.examples} examples, 1 epoch, seeds {args.seeds} (means over seeds)")
+    print("| training | rows | steps | held-out loss | held-out rotate | held-out reverse/sort | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, results in runs.items():
+        if not results:
+            print(f"| {mode} | failed | | | | | |")
+            continue
+        rows = results[0]["rows"]
+        steps = -(-rows // batches[mode])
+
+        def mean(key, results=results):
+            return statistics.mean(result[key] for result in results)
+
+        print(
+            f"| {mode} | {rows} | {steps} | {mean('loss'):.4f} | {mean('rotate'):.1%} | {mean('known'):.1%} | "
+            f"{mean('seconds'):.0f} |"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exact-match", action="store_true", help="the demo's held-out exact match, packed or not")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="with --exact-match")
+    parser.add_argument("--exact-match-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=("demo", "270m"), default="demo")
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8, help="rows per step")
@@ -132,6 +229,11 @@ def main():
     parser.add_argument("--timeout", type=int, default=1200)
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.exact_match_child:
+        mode, batch, seed = args.exact_match_child
+        return exact_match_child(mode, args.examples, int(batch), int(seed))
+    if args.exact_match:
+        return exact_match_main(args)
     if args.child:
         return child(*args.child, args.examples, args.batch)
     results = {"padded": [], "packed": []}
