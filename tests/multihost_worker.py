@@ -11,11 +11,14 @@ onto the same mesh. Writes what it saw to OUTPUT/pod_PROCESS_ID.npz.
 
 ROLE `single`: one process with 8 devices: the same step on the same mesh
 shape, then restores the pod's checkpoint onto a (2, 2) mesh of 4 devices.
+It starts with the pod and waits for the pod's checkpoint only before the
+restore (OUTPUT/pod_N.closed, written once process N closed its checkpoint).
 Writes OUTPUT/single.npz.
 """
 
 import os
 import sys
+import time
 
 ROLE, OUTPUT = sys.argv[1], sys.argv[2]
 POD_PROCESSES = 2
@@ -156,6 +159,8 @@ def main():
         # One momentum slot per trainable weight, laid out like it.
         results["slot_bytes_estimate"] = bytes_per_device(seq_2_seq_lm.trainable_weights, layouts)
 
+    if ROLE == "single":
+        wait_for_the_pod_checkpoint()
     checkpoints = TrainingCheckpoints(os.path.join(OUTPUT, "checkpoints"))
     if ROLE == "pod":
         checkpoints.save(seq_2_seq_lm, step=1)
@@ -182,6 +187,8 @@ def main():
             **{"s:" + k: v for k, v in restored_slots.items()},
         )
     checkpoints.close()
+    if ROLE == "pod":
+        open(os.path.join(OUTPUT, f"{name}.closed"), "w").close()
     np.savez(
         os.path.join(OUTPUT, f"{name}.npz"),
         **{f"initial:{k}": v for k, v in initial.items()},
@@ -190,6 +197,16 @@ def main():
         **results,
     )
     print(f"{name}: done", flush=True)
+
+
+def wait_for_the_pod_checkpoint(timeout=420):
+    """Returns once every pod process has closed its checkpoint; raises after `timeout` seconds."""
+    markers = [os.path.join(OUTPUT, f"pod_{process}.closed") for process in range(POD_PROCESSES)]
+    deadline = time.monotonic() + timeout
+    while not all(os.path.exists(marker) for marker in markers):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no pod checkpoint after {timeout} s: {[m for m in markers if not os.path.exists(m)]}")
+        time.sleep(0.2)
 
 
 def max_difference(ours, reference):

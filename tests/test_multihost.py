@@ -78,9 +78,9 @@ def run_workers(commands, folder, environments=None):
 def results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("multihost")
     coordinator = f"127.0.0.1:{free_port()}"
-    run_workers([["pod", str(folder), coordinator, str(process)] for process in range(2)], folder)
-    # The single process also reads the pod's checkpoint, so it runs after.
-    run_workers([["single", str(folder)]], folder)
+    # The single process starts with the pod; it waits for the pod's checkpoint only to restore it.
+    pod = [["pod", str(folder), coordinator, str(process)] for process in range(2)]
+    run_workers([*pod, ["single", str(folder)]], folder)
     return {name: dict(np.load(folder / f"{name}.npz")) for name in ("pod_0", "pod_1", "single", "restored_4")}
 
 
