@@ -19,6 +19,9 @@ from keras_t5gemma import T5Gemma2Seq2SeqLM
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 EOI = 5  # the small vocabulary's <end_of_image>
+# Greedy steps; every decoder input has their length plus the start token (one shape: eager passes compile
+# each op per shape).
+STEPS = 8
 
 
 def keras_hub_model(proto, vision, seed, **overrides):
@@ -84,7 +87,7 @@ def _inputs(rng, keras_hub_vision):
     ids[0, 3] = EOI  # the end-of-image token's embedding is used even without an image
     mask = np.ones_like(ids)
     ids[1, 11:], mask[1, 11:] = 0, 0
-    decoder_ids = rng.integers(7, 330, (2, 6)).astype("int32")
+    decoder_ids = rng.integers(7, 330, (2, STEPS + 1)).astype("int32")
     decoder_ids[:, 0] = 2
     inputs = {
         "encoder_token_ids": ids,
@@ -132,11 +135,10 @@ def test_keras_hub_preset_gives_keras_hub_logits_and_greedy_tokens(saved, rng):
     logits = keras.ops.convert_to_numpy(seq_2_seq_lm(inputs))
     assert_matches_reference(logits, _keras_hub_logits(keras_hub_lm, keras_hub_inputs), atol=1e-4, rtol_to_scale=1e-5)
 
-    steps = 8
-    expected = _keras_hub_greedy(keras_hub_lm, keras_hub_inputs, steps)
+    expected = _keras_hub_greedy(keras_hub_lm, keras_hub_inputs, STEPS)
     on_ids = T5Gemma2Seq2SeqLM(seq_2_seq_lm.backbone)
     on_ids.compile(sampler="greedy")
-    decoder_ids = np.zeros((2, steps + 1), "int32")
+    decoder_ids = np.zeros((2, STEPS + 1), "int32")
     decoder_ids[:, 0] = 2
     generated = on_ids.generate(
         {**inputs, "decoder_token_ids": decoder_ids, "decoder_padding_mask": (decoder_ids > 0).astype("int32")},
