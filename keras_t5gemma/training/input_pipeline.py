@@ -384,7 +384,8 @@ class PackedStream:
     and the processes of a job must take the same ones.
 
     Args:
-        stream: an `ExampleStream` (its `batch_size` counts rows here).
+        stream: an `ExampleStream` whose `collate` gives texts (the default
+            pairs, or an objective's draws); its `batch_size` counts rows.
         preprocessor: a `Seq2SeqLM` preprocessor: its sequence lengths are
             the rows' lengths.
         chunk: int, examples preprocessed at a time (default: 4 batches'
