@@ -21,6 +21,7 @@ from keras_t5gemma.layers import attention as attention_module
 from keras_t5gemma.layers.attention import grouped_attention
 from keras_t5gemma.layers.blockwise_attention import blockwise_attention
 from keras_t5gemma.layers.blockwise_attention import blockwise_settings
+from keras_t5gemma.layers.feedforward import FeedForward
 from keras_t5gemma.layers.masks import AttentionMask
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
 from keras_t5gemma.models.t5gemma2.t5gemma2_seq_2_seq_lm import T5Gemma2Seq2SeqLM
@@ -290,3 +291,41 @@ def test_generate_after_a_blockwise_encoding_matches_dense(tiny_pair, rng, count
     assert count_blockwise  # traced through the blockwise path
     np.testing.assert_array_equal(tokens, expected)
     assert len(np.unique(expected)) > 4
+
+
+def test_feedforward_chunks_equal_one_piece(rng):
+    """The feed-forward block on 21 tokens in 7 chunks of 3 against its formula on all tokens at once."""
+    feedforward = FeedForward(32)
+    x = rng.normal(size=(3, 7, 8)).astype("float32")
+    feedforward.build(x.shape)
+    layers = (feedforward.gate_dense, feedforward.up_dense, feedforward.down_dense)
+    gate, up, down = (keras.ops.convert_to_numpy(layer.kernel) for layer in layers)
+
+    def gelu(h):
+        return 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+
+    expected = (gelu(x @ gate) * (x @ up)) @ down
+    with blockwise_settings(feedforward_tokens=3):
+        chunked = keras.ops.convert_to_numpy(feedforward(x))
+    np.testing.assert_allclose(chunked, expected, atol=1e-5 * np.abs(expected).max())
+
+
+def test_feedforward_chunks_in_the_backbone_match_reference(rng, tiny_pair, monkeypatch):
+    """Encoder and decoder with feed-forward chunks of 16 tokens (46 and 22 per batch) against `transformers`."""
+    model, backbone = tiny_pair
+    pieces = []
+    feed = FeedForward._feed
+
+    def counted(self, x, training):
+        pieces.append(x.shape[0])
+        return feed(self, x, training)
+
+    monkeypatch.setattr(FeedForward, "_feed", counted)
+    batch = random_batch(rng, 2, [23, 14], [11, 6], encoder_length=23, decoder_length=11)
+    reference_encoder, reference_logits = reference_outputs(model, *batch)
+    with blockwise_settings(feedforward_tokens=16):
+        encoder, logits = _run(backbone, *batch)
+    assert 16 in pieces and 14 in pieces  # the encoder's 46 tokens in chunks of 16, 16, 14
+    encoder_mask, decoder_mask = batch[1], batch[3]
+    assert_matches_reference(encoder, reference_encoder, encoder_mask[..., None].repeat(encoder.shape[-1], -1))
+    assert_matches_reference(logits, reference_logits, decoder_mask[..., None].repeat(logits.shape[-1], -1))

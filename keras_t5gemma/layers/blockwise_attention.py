@@ -39,11 +39,14 @@ _SETTINGS = {
     # Elements of one loop step's logits `(B, nq, K, G, blk, key_block)`; sets
     # the key block of full layers (at least `block_size`).
     "step_logits": 2**25,
+    # Feed-forward inputs of more tokens (batch x length) run in chunks of
+    # this many.
+    "feedforward_tokens": 4096,
 }
 
 
 @contextlib.contextmanager
-def blockwise_settings(min_logits=None, block_size=None, step_logits=None):
+def blockwise_settings(min_logits=None, block_size=None, step_logits=None, feedforward_tokens=None):
     """Changes when and how the blockwise path runs, inside a `with` block.
 
     Settings are read when a model function is traced, so set them before the
@@ -55,12 +58,19 @@ def blockwise_settings(min_logits=None, block_size=None, step_logits=None):
             blockwise. Default 2048 * 2048.
         block_size: int, query block (and sliding-layer key block). Default 128.
         step_logits: int, logits per loop step of full layers. Default 2**25.
+        feedforward_tokens: int, feed-forward inputs of more tokens than this
+            (batch x length) run in chunks of this many. Default 4096.
 
     Example:
     >>> with blockwise_settings(min_logits=0, block_size=4):
     ...     pass
     """
-    new = {"min_logits": min_logits, "block_size": block_size, "step_logits": step_logits}
+    new = {
+        "min_logits": min_logits,
+        "block_size": block_size,
+        "step_logits": step_logits,
+        "feedforward_tokens": feedforward_tokens,
+    }
     for name, value in new.items():
         smallest = 0 if name == "min_logits" else 1
         if value is not None and (not isinstance(value, int) or value < smallest):
@@ -82,6 +92,12 @@ def use_blockwise(query_length, key_length):
     if not isinstance(query_length, int) or not isinstance(key_length, int):
         return False
     return query_length * key_length >= _SETTINGS["min_logits"]
+
+
+def feedforward_chunk(tokens):
+    """Tokens per feed-forward chunk for an input of `tokens` (batch x length), or None for one piece."""
+    chunk = _SETTINGS["feedforward_tokens"]
+    return chunk if isinstance(tokens, int) and tokens > chunk else None
 
 
 def _pad_axis(x, axis, before, after):

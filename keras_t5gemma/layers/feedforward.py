@@ -1,7 +1,11 @@
 """Feed-forward blocks: gated GeLU for the text stacks, plain MLP for SigLIP."""
 
-import keras
+import math
 
+import keras
+from keras import ops
+
+from keras_t5gemma.layers.blockwise_attention import feedforward_chunk
 from keras_t5gemma.layers.projections import Dense
 
 
@@ -11,6 +15,12 @@ def gelu_tanh(x):
 
 class FeedForward(keras.layers.Layer):
     """`down(gelu(gate(x)) * up(x))` when gated, else `down(gelu(up(x)))`.
+
+    Inputs of many tokens (more than `blockwise_settings`'
+    `feedforward_tokens`, batch x length) run in chunks of that many tokens,
+    one after another, so only a chunk's `(tokens, intermediate_dim)`
+    activations are live (on JAX's CPU backend XLA also materialises the
+    GeLU's constants at that shape); every token's result is the same.
 
     Args:
         intermediate_dim: int, width of the hidden layer.
@@ -52,6 +62,19 @@ class FeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, x, training=False):
+        shape = tuple(x.shape)
+        static = all(isinstance(size, int) for size in shape)
+        chunk = feedforward_chunk(math.prod(shape[:-1])) if static else None
+        # Chunks would draw other dropout masks than one piece does.
+        if chunk is None or (training and self.dropout):
+            return self._feed(x, training)
+        tokens = math.prod(shape[:-1])
+        rows = ops.reshape(x, (tokens, shape[-1]))
+        # Unrolled: XLA runs one chunk after another (a loop op kept more live).
+        fed = [self._feed(rows[start : start + chunk], training) for start in range(0, tokens, chunk)]
+        return ops.reshape(ops.concatenate(fed, axis=0), shape)
+
+    def _feed(self, x, training):
         if self.gated:
             hidden = gelu_tanh(self.gate_dense(x)) * self.up_dense(x)
         else:
