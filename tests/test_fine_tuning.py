@@ -218,6 +218,38 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(text_batch):
             np.testing.assert_allclose(gradient, plain, rtol=1e-5, atol=1e-6 * scale, err_msg=variable.path)
 
 
+@pytest.mark.parametrize("top_k", [False, True])
+def test_chunked_loss_gives_the_accuracy_metric_predicted_ids_and_the_plain_values(text_batch, top_k):
+    """`evaluate`'s loss and metrics on the chunked path equal the plain path's; the accuracy alone reads ids."""
+    keras.utils.set_random_seed(0)
+    model = T5Gemma2Seq2SeqLM(_vision_backbone())
+    x, _ = text_batch
+    # Two targets in three are the model's own argmax: an accuracy well away from 0 and 1.
+    predicted = np.argmax(keras.ops.convert_to_numpy(model(model.backbone.with_default_images(x))), axis=-1)
+    y = np.where(np.arange(predicted.size).reshape(predicted.shape) % 3, predicted, (predicted + 1) % VOCABULARY)
+    weights = ((np.random.default_rng(2).uniform(size=y.shape) > 0.3) * np.linspace(0.5, 2.0, y.shape[1])).astype(
+        "float32"
+    )
+    metrics = ["sparse_categorical_accuracy"] + [keras.metrics.SparseTopKCategoricalAccuracy(k=2)] * top_k
+    results = {}
+    for chunked in (False, True):
+        # `compile` drops the compiled test function, so each path is traced.
+        model.compile(optimizer=keras.optimizers.AdamW(1e-3), weighted_metrics=metrics)
+        model.chunked_loss = chunked
+        results[chunked] = model.evaluate(x, y, sample_weight=weights, batch_size=4, verbose=0, return_dict=True)
+    assert results[False].keys() == results[True].keys() and 0.2 < results[True]["sparse_categorical_accuracy"] < 0.8
+    for name, value in results[True].items():
+        np.testing.assert_allclose(value, results[False][name], rtol=1e-6, err_msg=name)
+
+    def y_pred(trainable):
+        state = [[v.value for v in variables] for variables in (model.non_trainable_variables, model.metrics_variables)]
+        return model.compute_loss_and_updates(trainable, *state, x, y, weights)[1][1]
+
+    # [batch, decoder_length] ids for the accuracy alone; logits when another metric reads them.
+    shape = jax.eval_shape(y_pred, [v.value for v in model.trainable_variables]).shape
+    assert shape == (y.shape + (VOCABULARY,) if top_k else y.shape)
+
+
 def test_fit_compiles_one_train_step_donates_the_state_and_reports_accuracy(text_batch):
     keras.utils.set_random_seed(0)
     model = T5Gemma2Seq2SeqLM(_vision_backbone())

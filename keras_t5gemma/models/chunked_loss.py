@@ -6,13 +6,20 @@ plain path keeps that and the softmax of it for the backward pass. Here the
 tied head runs on chunks of decoder states; each chunk's cross-entropy and
 its gradients (to the states and to the table) are computed together in the
 forward pass, so the backward pass keeps only `(B * T, D)` state gradients and
-the table's gradient, and no `(B * T, V)` array is needed unless a metric reads
-the logits (then they are assembled once, as `y_pred`, for the metrics only).
+the table's gradient. No `(B * T, V)` array is kept: the accuracy metric reads
+each token's argmax, taken in the chunk loop; only a metric that reads the
+logits themselves has them assembled once, as `y_pred`.
 The arithmetic is the plain path's: the same logits (the embedding's own
 `logits` method, soft-capping included), a float32 log-softmax, and Keras'
 `"sum_over_batch_size"` reduction, or `"mean_with_sample_weight"` (the mean
 over target tokens, which packed and padded batches of the same examples
 share; see `training/packing.py`).
+
+The table's gradient, `(V, D)` (671 MB at 270m), is written as few times as
+the chunks need: the first chunk's product starts the sum (no zeroed buffer),
+each later chunk adds its product in place, and the reduction's normalisation
+rides in the per-token weights, so no scaling pass follows the loop (the
+loss's cotangent is 1 in `fit`, and XLA drops the multiplication by it).
 """
 
 import keras
@@ -27,7 +34,7 @@ def default_chunk_tokens(vocabulary_size):
     return max(1, CHUNK_ELEMENTS // vocabulary_size)
 
 
-def chunked_cross_entropy(token_embedding, table_values, hidden, labels, weights, chunk_tokens):
+def chunked_cross_entropy(token_embedding, table_values, hidden, labels, weights, chunk_tokens, predictions="logits"):
     """Sparse cross-entropy of `token_embedding.logits(hidden)`, chunk by chunk (JAX only).
 
     Args:
@@ -37,17 +44,25 @@ def chunked_cross_entropy(token_embedding, table_values, hidden, labels, weights
             differentiable inputs the table's gradient goes to).
         hidden: `(N, D)` decoder states.
         labels: int `(N,)`.
-        weights: float `(N,)` per-token weights.
+        weights: float `(N,)` per-token weights, the reduction's
+            normalisation included (`1 / N` each for a mean over `N` tokens):
+            the gradients are then those of the reduced loss, with no pass
+            over them after the loop.
         chunk_tokens: rows per chunk.
+        predictions: `"logits"` for the `(N, V)` logits, or `"ids"` for each
+            row's argmax `(N,)` (what an accuracy metric reads), taken chunk
+            by chunk so that no `(N, V)` array is kept.
 
     Returns:
-        `(weighted_sum, logits)`: the float32 sum over tokens of
-        `weight * cross_entropy`, and the `(N, V)` logits (not differentiated;
+        `(loss, predictions)`: the float32 sum over tokens of
+        `weight * cross_entropy`, and the predictions (not differentiated;
         for metrics).
     """
     import jax
     import jax.numpy as jnp
 
+    if predictions not in ("logits", "ids"):
+        raise ValueError(f'`predictions` must be "logits" or "ids", got {predictions!r}')
     variables = list(token_embedding.table.variables)
     rows = hidden.shape[0]
     chunk_tokens = min(chunk_tokens, rows)
@@ -64,8 +79,7 @@ def chunked_cross_entropy(token_embedding, table_values, hidden, labels, weights
             return token_embedding.logits(states)
 
     def forward_and_gradients(hidden, values):
-        def chunk(table_gradients, inputs):
-            states, chunk_labels, chunk_weights = inputs
+        def chunk(states, chunk_labels, chunk_weights):
             logits, pullback = jax.vjp(logits_of, states, values)
             log_probabilities = jax.nn.log_softmax(logits.astype("float32"), axis=-1)
             label_log_probability = jnp.take_along_axis(log_probabilities, chunk_labels[:, None], axis=-1)[:, 0]
@@ -75,15 +89,22 @@ def chunked_cross_entropy(token_embedding, table_values, hidden, labels, weights
             logits_gradient = logits_gradient.at[jnp.arange(chunk_tokens), chunk_labels].add(-1.0)
             logits_gradient = (logits_gradient * chunk_weights[:, None]).astype(logits.dtype)
             states_gradient, values_gradient = pullback(logits_gradient)
-            table_gradients = jax.tree.map(jnp.add, table_gradients, values_gradient)
-            return table_gradients, (loss, states_gradient, logits)
+            # Keras' argmax, as the accuracy metric takes it from the logits.
+            prediction = logits if predictions == "logits" else ops.argmax(logits, axis=-1)
+            return values_gradient, (loss, states_gradient, prediction)
 
-        zeros = jax.tree.map(jnp.zeros_like, values)
+        def add_chunk(table_gradients, inputs):
+            values_gradient, outputs = chunk(*inputs)
+            return jax.tree.map(jnp.add, table_gradients, values_gradient), outputs
+
         inputs = (as_chunks(hidden), as_chunks(labels), as_chunks(weights))
-        table_gradients, (losses, states_gradients, logits) = jax.lax.scan(chunk, zeros, inputs)
+        # The first chunk's gradient starts the sum: the table-sized carry needs no zeroed buffer.
+        table_gradients, first = chunk(*(array[0] for array in inputs))
+        table_gradients, rest = jax.lax.scan(add_chunk, table_gradients, tuple(array[1:] for array in inputs))
+        losses, states_gradients, outputs = (jnp.concatenate([a[None], b]) for a, b in zip(first, rest))
         states_gradients = states_gradients.reshape(-1, hidden.shape[-1])[:rows]
-        logits = logits.reshape(-1, logits.shape[-1])[:rows]
-        return (jnp.sum(losses), logits), (states_gradients, table_gradients)
+        outputs = outputs.reshape(rows + padding, *outputs.shape[2:])[:rows]
+        return (jnp.sum(losses), outputs), (states_gradients, table_gradients)
 
     @jax.custom_vjp
     def weighted_cross_entropy(hidden, values):
@@ -91,7 +112,9 @@ def chunked_cross_entropy(token_embedding, table_values, hidden, labels, weights
 
     def backward(gradients, cotangents):
         states_gradients, table_gradients = gradients
-        # Only the loss is differentiated; the logits are for metrics.
+        # Only the loss is differentiated; the predictions are for metrics.
+        # With the normalisation in the weights the cotangent is 1 in `fit`,
+        # and XLA drops the multiplication (no pass over the table's gradient).
         scale = cotangents[0]
         return (
             (states_gradients * scale).astype(hidden.dtype),
@@ -99,8 +122,8 @@ def chunked_cross_entropy(token_embedding, table_values, hidden, labels, weights
         )
 
     weighted_cross_entropy.defvjp(forward_and_gradients, backward)
-    loss, logits = weighted_cross_entropy(hidden, list(table_values))
-    return loss, jax.lax.stop_gradient(logits)
+    loss, outputs = weighted_cross_entropy(hidden, list(table_values))
+    return loss, jax.lax.stop_gradient(outputs)
 
 
 class ChunkedLossMixin:
@@ -111,7 +134,10 @@ class ChunkedLossMixin:
     no `ignore_class`, the default reduction or `"mean_with_sample_weight"`)
     and the table is not
     quantized; anything else (another loss, another backend) runs the plain
-    path, which computes the same value. Metrics get the logits as usual.
+    path, which computes the same value. When every compiled metric is a
+    `SparseCategoricalAccuracy` (the default), the chunk loop gives the
+    predicted ids instead of the logits and `compute_metrics` turns them into
+    the same accuracy; other metrics get the logits as usual.
 
     Attributes:
         chunked_loss: bool, default `True`; `False` runs the plain path.
@@ -136,6 +162,27 @@ class ChunkedLossMixin:
             and len(y.shape) == 2
             and (sample_weight is None or tuple(sample_weight.shape) == tuple(y.shape))
         )
+
+    def _metrics_read_only_predicted_ids(self):
+        """Whether every compiled metric reads only each token's argmax (`SparseCategoricalAccuracy`).
+
+        Known once Keras has built the compiled metrics, which `fit` and
+        `evaluate` do before their first step; before that, the logits.
+        """
+        metrics = self._compile_metrics
+        return metrics is None or (
+            metrics.built and all(type(metric) is keras.metrics.SparseCategoricalAccuracy for metric in metrics.metrics)
+        )
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Keras' metrics; predicted ids from the chunk loop count as the accuracy their logits give."""
+        if self._runs_chunked_loss(y, sample_weight) and len(y_pred.shape) == len(y.shape):
+            # [batch, decoder_length] predicted ids: each token as a two-class
+            # prediction (label predicted or not) against the class "predicted"
+            # gives the metric the same matches, so the same accuracy.
+            predicted = ops.cast(ops.equal(ops.cast(y_pred, "int32"), ops.cast(y, "int32")), "int32")
+            y, y_pred = ops.ones_like(predicted), ops.one_hot(predicted, 2)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def compute_loss_and_updates(
         self,
@@ -170,23 +217,27 @@ class ChunkedLossMixin:
             hidden = outputs["decoder_sequence_output"]
             batch, length, dim = ops.shape(hidden)
             weights = ops.ones((batch, length), "float32") if sample_weight is None else sample_weight
-            weighted_sum, logits = chunked_cross_entropy(
+            weights = ops.cast(weights, "float32")
+            if self.loss.reduction == "mean_with_sample_weight" and sample_weight is not None:
+                # Over the target tokens: the same for packed and padded rows.
+                weights = ops.divide_no_nan(weights, ops.sum(weights))
+            else:
+                # Keras' "sum_over_batch_size": the weighted sum over every position.
+                weights = weights / (batch * length)
+            predictions = "ids" if self._metrics_read_only_predicted_ids() else "logits"
+            loss, y_pred = chunked_cross_entropy(
                 embedding,
                 [values[id(variable)] for variable in embedding.table.variables],
                 ops.reshape(hidden, (batch * length, dim)),
                 ops.reshape(ops.cast(y, "int32"), (batch * length,)),
-                ops.reshape(ops.cast(weights, "float32"), (batch * length,)),
+                ops.reshape(weights, (batch * length,)),
                 self.loss_chunk_tokens or default_chunk_tokens(embedding.vocabulary_size),
+                predictions,
             )
-            if self.loss.reduction == "mean_with_sample_weight" and sample_weight is not None:
-                # Over the target tokens: the same for packed and padded rows.
-                loss = ops.divide_no_nan(weighted_sum, ops.sum(ops.cast(weights, "float32")))
-            else:
-                # Keras' "sum_over_batch_size": the weighted sum over every position.
-                loss = weighted_sum / (batch * length)
             for extra in self.losses:
                 loss = loss + self._aggregate_additional_loss(extra)
-        y_pred = ops.reshape(logits, (batch, length, -1))
+        # [batch, decoder_length, vocabulary] logits or [batch, decoder_length] ids
+        y_pred = ops.reshape(y_pred, (batch, length, *y_pred.shape[1:]))
         non_trainable_variables = [
             scope.get_current_value(variable) if scope.get_current_value(variable) is not None else value
             for variable, value in zip(self.non_trainable_variables, non_trainable_variables)
