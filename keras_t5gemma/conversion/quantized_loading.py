@@ -152,44 +152,92 @@ _EPSILON = keras.quantizers.AbsMaxQuantizer().epsilon
 
 @functools.cache
 def _compiled():
-    """The two jitted halves of Keras' abs-max quantizer (JAX only), compiled once per shape and axes."""
+    """Keras' abs-max quantizer as one jitted function (JAX only), compiled once per shape, dtypes and axes."""
     import jax
     import jax.numpy as jnp
 
-    @functools.partial(jax.jit, static_argnames="axis")
-    def abs_max(x, axis):
-        # The largest magnitude is exact in any precision.
-        return jnp.max(jnp.abs(x), axis=axis, keepdims=True)
-
-    @functools.partial(jax.jit, static_argnames=("low", "high"))
-    def rounded(x, scale, low, high):
-        # float32 holds the product of two 16-bit floats exactly; rounding it to the input's precision is
-        # what NumPy's (ml_dtypes') 16-bit multiply does, and `reduce_precision` is kept by XLA.
-        product = x.astype(jnp.float32) * scale.astype(jnp.float32)
-        if x.dtype != jnp.float32:
+    @functools.partial(jax.jit, static_argnames=("dtype", "axis", "low", "high"))
+    def quantize(x, dtype, axis, low, high):
+        # In the variable's dtype, as Keras quantizes it (the conversion is fused with the passes below).
+        x = x.astype(dtype)
+        if x.dtype == jnp.float32:
+            rounded = lambda v: v  # noqa: E731  (float32 arithmetic is NumPy's own)
+        else:
+            # NumPy's (ml_dtypes') 16-bit arithmetic is float32's, rounded to 16 bits after each operation:
+            # float32 holds the sum and the product of two 16-bit floats exactly, and XLA keeps
+            # `reduce_precision`. The quotient is float32's correctly rounded one, rounded once more,
+            # as ml_dtypes does.
             info = jnp.finfo(x.dtype)
-            product = jax.lax.reduce_precision(product, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-        return jnp.clip(jnp.round(product), low, high).astype(jnp.int8)
+            rounded = functools.partial(jax.lax.reduce_precision, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+        # The largest magnitude is exact in any precision; NumPy adds the epsilon in the input's dtype.
+        largest = jnp.max(jnp.abs(x), axis=axis, keepdims=True).astype(jnp.float32)
+        epsilon = jnp.asarray(_EPSILON, x.dtype).astype(jnp.float32)
+        scale = rounded(jnp.float32(high) / rounded(largest + epsilon))
+        product = rounded(x.astype(jnp.float32) * scale)
+        return jnp.clip(jnp.round(product), low, high).astype(jnp.int8), scale.astype(x.dtype)
 
-    return abs_max, rounded
+    return quantize
 
 
-def _abs_max_quantize(value, axis, value_range=(-127, 127)):
-    """Keras' `abs_max_quantize(value, axis, value_range, to_numpy=True)`: the int8 values and the scale.
+_in_flight = threading.local()
 
-    On JAX, for float32 and bfloat16, as two fused passes (the largest
-    magnitude, then the scaled and rounded values) instead of NumPy's six;
-    the scale itself is computed with NumPy exactly as Keras computes it.
-    Other dtypes and backends call Keras' function.
+
+def _one_in_flight(result):
+    """Waits for the quantization dispatched before `result`'s: the next read overlaps one, and no more queue up."""
+    import jax
+
+    previous, _in_flight.result = getattr(_in_flight, "result", None), result
+    if previous is not None:
+        jax.block_until_ready(previous)
+
+
+def _staged(value):
+    """`value` copied where JAX's CPU backend reads it in place: one of two buffers, 64-byte aligned, reused in turn.
+
+    JAX copies any other array into fresh memory (a page fault every 4 KiB,
+    slower than the quantizing itself); an aligned one it reads without a
+    copy. A buffer is written again two tensors later, when the quantization
+    that read it has finished (`_one_in_flight` waited for it). Other
+    backends copy the value to their device anyway: it is returned as it is.
+    """
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return value
+    buffers = getattr(_in_flight, "buffers", None) or [np.empty(0, np.uint8), np.empty(0, np.uint8)]
+    buffer = buffers.pop(0)
+    if buffer.nbytes < value.nbytes + 64:
+        buffer = np.empty(value.nbytes + 64, np.uint8)
+    _in_flight.buffers = [*buffers, buffer]
+    start = -buffer.ctypes.data % 64
+    staged = buffer[start : start + value.nbytes].view(value.dtype).reshape(value.shape)
+    # As unsigned integers of the same size: a plain copy (NumPy's bfloat16 copies are slower).
+    bits = np.dtype(f"u{value.itemsize}")
+    np.copyto(staged.view(bits), value.view(bits))
+    return staged
+
+
+def _abs_max_quantize(value, axis, value_range=(-127, 127), dtype=None):
+    """Keras' `abs_max_quantize(value.astype(dtype), axis, value_range, to_numpy=True)`: int8 values and scale.
+
+    On JAX, for float32 and bfloat16, one jitted function (two fused passes,
+    the largest magnitude then the scaled and rounded values, instead of
+    NumPy's six) with NumPy's arithmetic bit for bit, `dtype` (the variable's,
+    by default `value`'s) taken inside it. Its results are JAX arrays,
+    computed while the next tensor is read (one at a time). Other dtypes and
+    backends call Keras' function (NumPy results).
     """
     low, high = value_range
-    if keras.backend.backend() != "jax" or value.dtype not in (np.float32, ml_dtypes.bfloat16):
+    dtype = value.dtype if dtype is None else np.dtype(dtype)
+    floats = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16))
+    if keras.backend.backend() != "jax" or value.dtype not in floats or dtype not in floats:
+        value = value.astype(dtype, copy=False)
         values, scale = keras.quantizers.abs_max_quantize(value, axis, value_range, "int8", _EPSILON, to_numpy=True)
         return keras.ops.convert_to_numpy(values), keras.ops.convert_to_numpy(scale)
-    abs_max, rounded = _compiled()
     axis = tuple(a % value.ndim for a in axis)
-    scale = np.divide(high, np.add(np.asarray(abs_max(value, axis)), _EPSILON))
-    return np.asarray(rounded(value, scale, low, high)), scale
+    result = _compiled()(_staged(value), dtype.name, axis, low, high)
+    _one_in_flight(result)
+    return result
 
 
 def _grouped_quantize(value, block_size):
@@ -211,14 +259,14 @@ def _int4_block_size(layer):
     return None if block_size in (None, -1) else block_size
 
 
-def _quantized_kernel(layer, value):
-    """What `quantize` gives a `Dense` or `EinsumDense` layer whose float kernel is `value`."""
+def _quantized_kernel(layer, value, dtype):
+    """What `quantize` gives a `Dense` or `EinsumDense` layer whose float kernel is `value` (in `dtype`)."""
     einsum = isinstance(layer, keras.layers.EinsumDense)
     reduced = tuple(layer._kernel_reduced_axes) if einsum else (0,)
     if layer.quantization_mode == "int8":
-        values, scale = _abs_max_quantize(value, reduced)
+        values, scale = _abs_max_quantize(value, reduced, dtype=dtype)
         if einsum:
-            scale = keras.ops.convert_to_numpy(layer._adjust_scale_for_quant(scale, "kernel"))
+            scale = layer._adjust_scale_for_quant(scale, "kernel")
         else:
             scale = np.squeeze(scale, axis=0)
         return {"kernel": values, "kernel_scale": scale}
@@ -227,24 +275,24 @@ def _quantized_kernel(layer, value):
     flat = value.reshape(rows, -1)
     block_size = _int4_block_size(layer)
     if block_size is None:
-        values, scale = _abs_max_quantize(flat, (0,), value_range=(-8, 7))
+        values, scale = _abs_max_quantize(flat, (0,), value_range=(-8, 7), dtype=dtype)
         return {"kernel": _packed(values), "kernel_scale": np.squeeze(scale, axis=0)}
-    values, scale, zero = _grouped_quantize(flat, block_size)
+    values, scale, zero = _grouped_quantize(flat.astype(dtype, copy=False), block_size)
     group = np.floor_divide(np.arange(rows, dtype="float32"), block_size)
     return {"kernel": _packed(values), "kernel_scale": scale, "kernel_zero": zero, "g_idx": group}
 
 
-def _quantized_table(layer, value):
-    """What `quantize` gives an `Embedding` whose `(input_dim, output_dim)` table is `value` (one scale per row)."""
+def _quantized_table(layer, value, dtype):
+    """What `quantize` gives an `Embedding` whose `(input_dim, output_dim)` table is `value` (in `dtype`)."""
     if layer.quantization_mode == "int8":
-        values, scale = _abs_max_quantize(value, (-1,))
+        values, scale = _abs_max_quantize(value, (-1,), dtype=dtype)
         return {"embeddings": values, "embeddings_scale": np.squeeze(scale, axis=-1)}
     block_size = _int4_block_size(layer)
     if block_size is None:
-        values, scale = _abs_max_quantize(value, (-1,), value_range=(-8, 7))
+        values, scale = _abs_max_quantize(value, (-1,), value_range=(-8, 7), dtype=dtype)
         return {"embeddings": _packed(values), "embeddings_scale": np.squeeze(scale, axis=-1)}
-    # Groups run along each row: Keras quantizes the transposed table.
-    values, scale, zero = (array.T for array in _grouped_quantize(value.T, block_size))
+    # Groups run along each row (one scale each): Keras quantizes the transposed table.
+    values, scale, zero = (array.T for array in _grouped_quantize(value.T.astype(dtype, copy=False), block_size))
     return {"embeddings": _packed(values), "embeddings_scale": scale, "embeddings_zero": zero}
 
 
@@ -264,8 +312,8 @@ def quantized_values(layer, variable_name, value):
         or packed int4 kernel or table, its scales, an int4 layer's zero
         points and groups), to assign to `layer`'s variables of the same names.
     """
-    # Keras quantizes the float variable, in the layer's variable dtype.
-    value = np.asarray(value).astype(numpy_dtype(_own_policy(layer).variable_dtype), copy=False)
+    # Keras quantizes the float variable, in the layer's variable dtype (taken by the quantizers).
+    value, dtype = np.asarray(value), numpy_dtype(_own_policy(layer).variable_dtype)
     if isinstance(layer, keras.layers.Embedding):
         if getattr(layer, "tie_weights", True) is False:
             raise NotImplementedError(
@@ -277,14 +325,15 @@ def quantized_values(layer, variable_name, value):
     elif variable_name != "kernel":
         raise ValueError(f"`{layer.path}` is filled through its `kernel`, not `{variable_name}`.")
     if not isinstance(layer, keras.layers.Embedding):
-        return _quantized_kernel(layer, value)
-    if value.nbytes <= _BLOCK_BYTES:
-        return _quantized_table(layer, value)
-    rows = max(1, _BLOCK_BYTES // (value.nbytes // value.shape[0]))
+        return _quantized_kernel(layer, value, dtype)
+    row_bytes = value.shape[1] * dtype.itemsize
+    if value.shape[0] * row_bytes <= _BLOCK_BYTES:
+        return _quantized_table(layer, value, dtype)
+    rows = max(1, _BLOCK_BYTES // row_bytes)
     values = {}
     for start in range(0, value.shape[0], rows):
         block = value[start : start + rows]
-        for name, quantized in _quantized_table(layer, block).items():
+        for name, quantized in _quantized_table(layer, block, dtype).items():
             if name not in values:
                 values[name] = np.empty((value.shape[0], *quantized.shape[1:]), quantized.dtype)
             values[name][start : start + block.shape[0]] = quantized

@@ -162,7 +162,9 @@ def fill(variable, read, read_part=None):
         variable._value = jax.make_array_from_callback(tuple(variable.shape), sharding, part)
         variable._initializer = None
         return
-    value = np.asarray(read())
+    value = read()
+    if not _is_jax_array(value):  # a JAX array (the int8 values quantize-on-load computes) stays where it is
+        value = np.asarray(value)
     value = value.astype(dtype, copy=False)
     if not is_unfilled(variable):
         variable.assign(value)
@@ -171,6 +173,10 @@ def fill(variable, read, read_part=None):
     del value
     variable._initialize(tensor)
     variable._initializer = None
+
+
+def _is_jax_array(value):
+    return "jax" in sys.modules and isinstance(value, sys.modules["jax"].Array)
 
 
 def _to_tensor(variable, value):
