@@ -76,11 +76,13 @@ def _table_sized_ops(compiled_text):
     return sorted(opcodes)
 
 
-@pytest.mark.parametrize("chunk_tokens, expected", [(5, ["dot", "dot", "fusion wrapped_add"]), (ROWS, ["dot"])])
-def test_table_gradient_is_written_by_the_products_and_their_sum_only(head, chunk_tokens, expected):
-    # No zeroed buffer before the chunk loop and no scaling pass after it:
-    # one product per chunk (the first outside the loop, the rest in its
-    # body) and one in-place sum in the body.
+@pytest.mark.parametrize(
+    "chunk_tokens, expected", [(5, ["dot", "fusion wrapped_add", "fusion wrapped_broadcast"]), (ROWS, ["dot"])]
+)
+def test_table_gradient_has_no_scaling_pass(head, chunk_tokens, expected):
+    # The carry's zeroing, the loop body's product and its in-place sum (one
+    # chunk: the product alone), and no pass after the loop (the
+    # normalisation is in the weights).
     embedding, hidden, labels, weights, values = head
 
     def loss(states, values):

@@ -15,11 +15,11 @@ The arithmetic is the plain path's: the same logits (the embedding's own
 over target tokens, which packed and padded batches of the same examples
 share; see `training/packing.py`).
 
-The table's gradient, `(V, D)` (671 MB at 270m), is written as few times as
-the chunks need: the first chunk's product starts the sum (no zeroed buffer),
-each later chunk adds its product in place, and the reduction's normalisation
-rides in the per-token weights, so no scaling pass follows the loop (the
-loss's cotangent is 1 in `fit`, and XLA drops the multiplication by it).
+The table's gradient, `(V, D)` (671 MB at 270m), is the loop's carry: each
+chunk's product goes into one slot that XLA reuses across chunks and is added
+in place, and the reduction's normalisation rides in the per-token weights, so
+no scaling pass follows the loop (the loss's cotangent is 1 in `fit`, and XLA
+drops the multiplication by it).
 """
 
 import keras
@@ -98,10 +98,11 @@ def chunked_cross_entropy(token_embedding, table_values, hidden, labels, weights
             return jax.tree.map(jnp.add, table_gradients, values_gradient), outputs
 
         inputs = (as_chunks(hidden), as_chunks(labels), as_chunks(weights))
-        # The first chunk's gradient starts the sum: the table-sized carry needs no zeroed buffer.
-        table_gradients, first = chunk(*(array[0] for array in inputs))
-        table_gradients, rest = jax.lax.scan(add_chunk, table_gradients, tuple(array[1:] for array in inputs))
-        losses, states_gradients, outputs = (jnp.concatenate([a[None], b]) for a, b in zip(first, rest))
+        # A zeroed carry: starting the sum from the first chunk's product
+        # instead gave that product a buffer of its own beside the loop's
+        # product slot (+511 MiB in XLA's plan of the train step, BENCHMARKS.md).
+        zeros = jax.tree.map(jnp.zeros_like, values)
+        table_gradients, (losses, states_gradients, outputs) = jax.lax.scan(add_chunk, zeros, inputs)
         states_gradients = states_gradients.reshape(-1, hidden.shape[-1])[:rows]
         outputs = outputs.reshape(rows + padding, *outputs.shape[2:])[:rows]
         return (jnp.sum(losses), outputs), (states_gradients, table_gradients)
