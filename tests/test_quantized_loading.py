@@ -136,7 +136,7 @@ def test_the_jitted_quantizer_gives_keras_numpy_values(stored, dtype):
     value[:, 1] = np.linspace(-300, 300, 96)  # large magnitudes
     value[:, 2] = np.arange(96) - 48  # exact multiples that scale onto .5 steps
     cases = (((0,), (-127, 127)), ((-1,), (-127, 127)), ((0,), (-8, 7)), ((0,), (-127, 127)))
-    # All dispatched before any is read: each runs while the next is staged in the reused buffers.
+    # All dispatched before any is read (each runs while the next is dispatched).
     results = []
     for number, (axis, value_range) in enumerate(cases):
         results.append(quantized_loading._abs_max_quantize(value * (number + 1), axis, value_range, numpy_dtype(dtype)))

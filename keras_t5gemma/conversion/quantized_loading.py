@@ -191,32 +191,6 @@ def _one_in_flight(result):
         jax.block_until_ready(previous)
 
 
-def _staged(value):
-    """`value` copied where JAX's CPU backend reads it in place: one of two buffers, 64-byte aligned, reused in turn.
-
-    JAX copies any other array into fresh memory (a page fault every 4 KiB,
-    slower than the quantizing itself); an aligned one it reads without a
-    copy. A buffer is written again two tensors later, when the quantization
-    that read it has finished (`_one_in_flight` waited for it). Other
-    backends copy the value to their device anyway: it is returned as it is.
-    """
-    import jax
-
-    if jax.default_backend() != "cpu":
-        return value
-    buffers = getattr(_in_flight, "buffers", None) or [np.empty(0, np.uint8), np.empty(0, np.uint8)]
-    buffer = buffers.pop(0)
-    if buffer.nbytes < value.nbytes + 64:
-        buffer = np.empty(value.nbytes + 64, np.uint8)
-    _in_flight.buffers = [*buffers, buffer]
-    start = -buffer.ctypes.data % 64
-    staged = buffer[start : start + value.nbytes].view(value.dtype).reshape(value.shape)
-    # As unsigned integers of the same size: a plain copy (NumPy's bfloat16 copies are slower).
-    bits = np.dtype(f"u{value.itemsize}")
-    np.copyto(staged.view(bits), value.view(bits))
-    return staged
-
-
 def _abs_max_quantize(value, axis, value_range=(-127, 127), dtype=None):
     """Keras' `abs_max_quantize(value.astype(dtype), axis, value_range, to_numpy=True)`: int8 values and scale.
 
@@ -235,7 +209,7 @@ def _abs_max_quantize(value, axis, value_range=(-127, 127), dtype=None):
         values, scale = keras.quantizers.abs_max_quantize(value, axis, value_range, "int8", _EPSILON, to_numpy=True)
         return keras.ops.convert_to_numpy(values), keras.ops.convert_to_numpy(scale)
     axis = tuple(a % value.ndim for a in axis)
-    result = _compiled()(_staged(value), dtype.name, axis, low, high)
+    result = _compiled()(value, dtype.name, axis, low, high)
     _one_in_flight(result)
     return result
 
