@@ -309,9 +309,36 @@ def quantized_values(layer, variable_name, value):
         block = value[start : start + rows]
         for name, quantized in _quantized_table(layer, block, dtype).items():
             if name not in values:
-                values[name] = np.empty((value.shape[0], *quantized.shape[1:]), quantized.dtype)
-            values[name][start : start + block.shape[0]] = quantized
+                values[name] = _empty_like_rows(quantized, value.shape[0])
+            values[name] = _placed(values[name], quantized, start)
     return values
+
+
+def _empty_like_rows(part, rows):
+    """An array for `rows` rows of `part`'s: NumPy, or JAX where `part` is a JAX array (the jitted quantizer's)."""
+    if isinstance(part, np.ndarray):
+        return np.empty((rows, *part.shape[1:]), part.dtype)
+    import jax.numpy as jnp
+
+    return jnp.empty((rows, *part.shape[1:]), part.dtype)
+
+
+def _placed(whole, part, start):
+    """`whole` with `part` written at row `start`: in place, and in JAX without waiting for `part`."""
+    if isinstance(whole, np.ndarray):
+        whole[start : start + part.shape[0]] = part
+        return whole
+    return _compiled_placement()(whole, part, start)
+
+
+@functools.cache
+def _compiled_placement():
+    import jax
+
+    # `whole` is donated: its buffer is written in place, not copied.
+    return jax.jit(
+        lambda whole, part, start: jax.lax.dynamic_update_slice_in_dim(whole, part, start, 0), donate_argnums=0
+    )
 
 
 def assign_by_name(layer, values):
