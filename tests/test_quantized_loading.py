@@ -153,3 +153,17 @@ def test_the_jitted_quantizer_gives_keras_numpy_values(stored, dtype):
         np.testing.assert_array_equal(np.asarray(values), keras.ops.convert_to_numpy(expected))
         np.testing.assert_array_equal(np.asarray(scale), keras.ops.convert_to_numpy(expected_scale))
         assert len(np.unique(np.asarray(values))) > 10  # not vacuous
+
+
+@pytest.mark.parametrize("value_range", [(-127, 127), (-8, 7)])
+def test_the_jitted_scale_is_numpy_s_for_every_bfloat16_magnitude(value_range):
+    # Column j's largest magnitude is the j-th finite non-negative bfloat16: the scale's two rounded
+    # operations (the epsilon's addition, the division) against NumPy's for all of them.
+    magnitudes = np.arange(0x7F80, dtype=np.uint16).view(numpy_dtype("bfloat16"))
+    value = np.stack([magnitudes, -magnitudes, magnitudes / 3]).astype(numpy_dtype("bfloat16"))
+    values, scale = quantized_loading._abs_max_quantize(value, (0,), value_range)
+    expected, expected_scale = keras.quantizers.abs_max_quantize(
+        value, (0,), value_range, "int8", quantized_loading._EPSILON, to_numpy=True
+    )
+    np.testing.assert_array_equal(np.asarray(scale), keras.ops.convert_to_numpy(expected_scale))
+    np.testing.assert_array_equal(np.asarray(values), keras.ops.convert_to_numpy(expected))
