@@ -252,6 +252,12 @@ class TransformerStack(keras.layers.Layer):
         self.final_norm.build(input_shape)
         self.built = True
 
+    def compute_output_shape(self, input_shape):
+        # Given, so that building a backbone's functional graph does not trace
+        # every layer's `call` (about 3 s of a 1b-1b load): `build` above has
+        # made every variable, and the output has the input's shape.
+        return tuple(input_shape)
+
     def cross_key_values(self, encoder_output):
         """Per-layer `(key, value)` of the encoder output, `(B, S, K, H)` each; computed once per generation."""
         return [layer.cross_key_value(encoder_output) for layer in self.transformer_layers]
