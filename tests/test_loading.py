@@ -306,3 +306,47 @@ def test_an_assign_to_an_empty_variable_fills_it_and_a_wrong_shape_is_refused():
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.kernel).astype("float32"), kernel)
     assert keras.backend.standardize_dtype(layer.kernel.dtype) == "bfloat16"
     assert is_unfilled(layer.bias)
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+def test_a_tensor_is_read_as_a_view_of_the_file_and_unmapped_when_freed(tmp_path):
+    import gc
+    import mmap
+
+    import ml_dtypes
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    path = str(tmp_path / "model.safetensors")
+    rng = np.random.default_rng(0)
+    tensors = {
+        "bfloat16": rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16),
+        "float32": rng.standard_normal((7,)).astype("float32"),
+        "float16": rng.standard_normal((2, 2, 3)).astype("float16"),
+        "int64": np.arange(5, dtype="int64"),
+        "empty": np.zeros((0, 4), "float32"),
+        "uint32": np.arange(4, dtype="uint32"),  # read by the library
+    }
+    save_file(tensors, path)
+    checkpoint = SafetensorsFile(path)
+    with safe_open(path, framework="numpy") as file:
+        for name in tensors:
+            array = checkpoint.read(name)
+            expected = file.get_tensor(name)
+            assert array.dtype == expected.dtype and array.shape == expected.shape, name
+            np.testing.assert_array_equal(array.astype("float32"), expected.astype("float32"), err_msg=name)
+
+    def mapped():
+        with open("/proc/self/maps") as maps:
+            return sum(path in line for line in maps)
+
+    array = checkpoint.read("bfloat16")
+    base = array
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.obj if isinstance(base, memoryview) else base.base
+    assert isinstance(base, mmap.mmap), "the tensor was copied out of the file"
+    assert not array.flags.writeable
+    assert mapped() == 1
+    del array, base
+    gc.collect()
+    assert mapped() == 0, "the file stays mapped after its tensor is freed"

@@ -1,15 +1,23 @@
 """Reading Hugging Face T5Gemma 2 checkpoints: files, config and tensors.
 
-Tensors are read with the `safetensors` library, one at a time (or one
-device's part of one), each into its own array. The file is opened for each
-read, so that its memory map, and the pages a read touched, are released at
-once: a map held open for the whole load would keep every page read resident
-in the process beside the model.
+The `safetensors` library opens each file (checking its header, offsets and
+size) and reads a device's part of a tensor. A whole tensor is an array
+viewing the file's own pages, mapped for that tensor alone: the library can
+only copy a tensor into a fresh array, and that copy, besides the one into
+the model's buffer, cost 2.3 s of a 10 s 1b-1b load. Each map is released
+with its array, so the pages a read touched never stay resident beside the
+model (a map held open for the whole load would keep them all).
 """
 
 import contextlib
+import json
+import math
+import mmap
 import os
+import struct
 
+import ml_dtypes
+import numpy as np
 from safetensors import SafetensorError
 from safetensors import safe_open
 
@@ -23,6 +31,18 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Bytes per element of each safetensors dtype.
 _ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2}
+# The NumPy dtypes of the safetensors dtypes read as mapped views (others are read by the library).
+_NUMPY_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+}
 
 
 def return_freed_memory_to_the_system():
@@ -63,6 +83,18 @@ class SafetensorsFile:
             for name in file.keys():
                 tensor = file.get_slice(name)
                 self._entries[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
+        self._offsets = self._data_offsets()
+
+    def _data_offsets(self):
+        """`{name: (start, stop)}`, each tensor's bytes in the file (the library checked the header)."""
+        with open(self.path, "rb") as file:
+            (header_bytes,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(header_bytes))
+        start = 8 + header_bytes
+        return {
+            name: (start + header[name]["data_offsets"][0], start + header[name]["data_offsets"][1])
+            for name in self._entries
+        }
 
     @contextlib.contextmanager
     def _open(self):
@@ -87,9 +119,24 @@ class SafetensorsFile:
         return count * _ITEM_BYTES.get(dtype, 1)
 
     def read(self, name):
-        """The tensor `name` as a NumPy array (bfloat16 via `ml_dtypes`)."""
-        with self._open() as file:
-            return self._checked(name, lambda: file.get_tensor(name))
+        """The tensor `name` as a read-only NumPy array viewing the file (bfloat16 via `ml_dtypes`).
+
+        The tensor's pages are mapped (and read ahead) for this array alone
+        and unmapped when it is freed.
+        """
+        shape, dtype = self._entries[name]
+        start, stop = self._offsets[name]
+        numpy_dtype = _NUMPY_DTYPES.get(dtype)
+        if numpy_dtype is None or stop == start:
+            with self._open() as file:
+                return self._checked(name, lambda: file.get_tensor(name))
+        # A map starts on a page boundary; the view skips to the tensor's first byte.
+        first_page = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        with open(self.path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), stop - first_page, flags=flags, prot=mmap.PROT_READ, offset=first_page)
+        count = math.prod(shape)
+        return np.frombuffer(mapped, numpy_dtype, count=count, offset=start - first_page).reshape(shape)
 
     def read_part(self, name, index):
         """The part `index` (a tuple of slices, one per axis) of tensor `name`; only those bytes are read."""
