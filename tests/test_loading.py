@@ -109,13 +109,36 @@ def test_our_preset_reloads_without_initializers(hf_folder, tmp_path, max_shard_
 
 @pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
 def test_the_bundled_preset_written_before_loads_without_initializers():
-    """`model.weights.h5` saved before this loader; values as Keras' own `load_weights` gives them."""
-    backbone, initialized = _loaded(lambda: T5Gemma2Backbone.from_preset("t5gemma2_tiny_digits"))
+    """`model.weights.h5` saved before this loader; values as Keras' own `load_weights` gives them.
+
+    Each value is read as a view of the file's pages (no copy before the one into the model).
+    """
+    from keras_t5gemma.utils import loading
+
+    fill, kinds = loading.fill, []
+
+    def recording_fill(variable, read, read_part=None):
+        kinds.append(type(_buffer_owner(read())).__name__)
+        return fill(variable, read, read_part)
+
+    with mock.patch.object(loading, "fill", recording_fill):
+        backbone, initialized = _loaded(lambda: T5Gemma2Backbone.from_preset("t5gemma2_tiny_digits"))
     assert initialized == []
+    assert len(kinds) == len(backbone.weights) and set(kinds) == {"mmap"}, sorted(set(kinds))
     reference = T5Gemma2Backbone.from_config(backbone.get_config())
     reference.load_weights(str(_bundled_weights()))
     for ours, theirs in zip(backbone.weights, reference.weights, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+
+
+def _buffer_owner(array):
+    """The object whose memory `array` views (itself when it owns its data)."""
+    while isinstance(array, (np.ndarray, memoryview)):
+        base = array.obj if isinstance(array, memoryview) else array.base
+        if base is None:
+            return array
+        array = base
+    return array
 
 
 def _bundled_weights():
@@ -341,9 +364,7 @@ def test_a_tensor_is_read_as_a_view_of_the_file_and_unmapped_when_freed(tmp_path
             return sum(path in line for line in maps)
 
     array = checkpoint.read("bfloat16")
-    base = array
-    while isinstance(base, (np.ndarray, memoryview)):
-        base = base.obj if isinstance(base, memoryview) else base.base
+    base = _buffer_owner(array)
     assert isinstance(base, mmap.mmap), "the tensor was copied out of the file"
     assert not array.flags.writeable
     assert mapped() == 1

@@ -11,8 +11,6 @@ model (a map held open for the whole load would keep them all).
 
 import contextlib
 import json
-import math
-import mmap
 import os
 import struct
 
@@ -24,6 +22,7 @@ from safetensors import safe_open
 from keras_t5gemma.conversion.config import check_t5gemma2_config
 from keras_t5gemma.utils.hub import fetch_file
 from keras_t5gemma.utils.hub import read_json_file
+from keras_t5gemma.utils.loading import mapped_array
 
 # Allocations above this size get their own memory mapping (see below).
 _MMAP_THRESHOLD = 1 << 20
@@ -121,8 +120,8 @@ class SafetensorsFile:
     def read(self, name):
         """The tensor `name` as a read-only NumPy array viewing the file (bfloat16 via `ml_dtypes`).
 
-        The tensor's pages are mapped (and read ahead) for this array alone
-        and unmapped when it is freed.
+        The tensor's pages are mapped for this array alone and unmapped when
+        it is freed (`utils.loading.mapped_array`).
         """
         shape, dtype = self._entries[name]
         start, stop = self._offsets[name]
@@ -130,13 +129,7 @@ class SafetensorsFile:
         if numpy_dtype is None or stop == start:
             with self._open() as file:
                 return self._checked(name, lambda: file.get_tensor(name))
-        # A map starts on a page boundary; the view skips to the tensor's first byte.
-        first_page = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        with open(self.path, "rb") as file:
-            mapped = mmap.mmap(file.fileno(), stop - first_page, flags=flags, prot=mmap.PROT_READ, offset=first_page)
-        count = math.prod(shape)
-        return np.frombuffer(mapped, numpy_dtype, count=count, offset=start - first_page).reshape(shape)
+        return mapped_array(self.path, start, stop, numpy_dtype, shape)
 
     def read_part(self, name, index):
         """The part `index` (a tuple of slices, one per axis) of tensor `name`; only those bytes are read."""
