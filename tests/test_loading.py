@@ -358,6 +358,10 @@ def test_a_tensor_is_read_as_a_view_of_the_file_and_unmapped_when_freed(tmp_path
             expected = file.get_tensor(name)
             assert array.dtype == expected.dtype and array.shape == expected.shape, name
             np.testing.assert_array_equal(array.astype("float32"), expected.astype("float32"), err_msg=name)
+            if expected.ndim and expected.shape[0] > 1:
+                index = (slice(1, expected.shape[0]),) + (slice(None),) * (expected.ndim - 1)
+                part = checkpoint.read_part(name, index)
+                np.testing.assert_array_equal(part.astype("float32"), expected[index].astype("float32"), err_msg=name)
 
     def mapped():
         with open("/proc/self/maps") as maps:
@@ -366,6 +370,7 @@ def test_a_tensor_is_read_as_a_view_of_the_file_and_unmapped_when_freed(tmp_path
     array = checkpoint.read("bfloat16")
     base = _buffer_owner(array)
     assert isinstance(base, mmap.mmap), "the tensor was copied out of the file"
+    assert isinstance(_buffer_owner(checkpoint.read_part("bfloat16", (slice(0, 1), slice(1, 3)))), mmap.mmap)
     assert not array.flags.writeable
     assert mapped() == 1
     del array, base

@@ -123,18 +123,31 @@ class SafetensorsFile:
         The tensor's pages are mapped for this array alone and unmapped when
         it is freed (`utils.loading.mapped_array`).
         """
+        mapped = self._mapped(name, whole=True)
+        if mapped is not None:
+            return mapped
+        with self._open() as file:
+            return self._checked(name, lambda: file.get_tensor(name))
+
+    def read_part(self, name, index):
+        """The part `index` (a tuple of slices, one per axis) of tensor `name`; only those bytes are read.
+
+        A view of the file where `read` gives one: only the pages holding the part are read in.
+        """
+        mapped = self._mapped(name, whole=False)
+        if mapped is not None:
+            return mapped[tuple(index)]
+        with self._open() as file:
+            return self._checked(name, lambda: file.get_slice(name)[tuple(index)])
+
+    def _mapped(self, name, whole):
+        """`mapped_array` of tensor `name`, or `None` for a dtype (or an empty tensor) the library reads."""
         shape, dtype = self._entries[name]
         start, stop = self._offsets[name]
         numpy_dtype = _NUMPY_DTYPES.get(dtype)
         if numpy_dtype is None or stop == start:
-            with self._open() as file:
-                return self._checked(name, lambda: file.get_tensor(name))
-        return mapped_array(self.path, start, stop, numpy_dtype, shape)
-
-    def read_part(self, name, index):
-        """The part `index` (a tuple of slices, one per axis) of tensor `name`; only those bytes are read."""
-        with self._open() as file:
-            return self._checked(name, lambda: file.get_slice(name)[tuple(index)])
+            return None
+        return mapped_array(self.path, start, stop, numpy_dtype, shape, whole=whole)
 
     def _checked(self, name, read):
         try:

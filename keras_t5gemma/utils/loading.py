@@ -77,18 +77,20 @@ def built_without_values(build):
     return model
 
 
-def mapped_array(path, start, stop, dtype, shape):
-    """The bytes `[start, stop)` of file `path` as a read-only array, mapped (and read ahead) for it alone.
+def mapped_array(path, start, stop, dtype, shape, whole=True):
+    """The bytes `[start, stop)` of file `path` as a read-only array, mapped for it alone.
 
     No copy: the array views the file's pages (from the page cache), and the
     map is released when the array is freed, so that the pages one tensor
     touched do not stay resident beside the model. Loading copies it once,
     into the model's buffer; reading into an array of its own first made a
-    second copy, about a fifth of a 1b-1b load.
+    second copy, about a fifth of a 1b-1b load. `whole`: every page is read
+    in at once (the whole tensor is wanted); otherwise only the pages a
+    slice of the array touches are read.
     """
     # A map starts on a page boundary; the view skips to the first byte.
     first_page = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if whole else 0)
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         if stop > size:
