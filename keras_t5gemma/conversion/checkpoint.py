@@ -1,12 +1,13 @@
 """Reading Hugging Face T5Gemma 2 checkpoints: files, config and tensors.
 
-The `safetensors` library opens each file (checking its header, offsets and
-size) and reads a device's part of a tensor. A whole tensor is an array
-viewing the file's own pages, mapped for that tensor alone: the library can
-only copy a tensor into a fresh array, and that copy, besides the one into
-the model's buffer, cost 2.3 s of a 10 s 1b-1b load. Each map is released
-with its array, so the pages a read touched never stay resident beside the
-model (a map held open for the whole load would keep them all).
+The `safetensors` library opens and checks each file (its header, offsets and
+size) and reads the dtypes NumPy has no view for. Every other tensor, or a
+device's part of one, is an array viewing the file's own pages, mapped for
+that tensor alone (`utils.loading.mapped_array`): the library can only copy a
+tensor into a fresh array, and that copy, besides the one into the model's
+buffer, cost 2.3 s of a 10 s 1b-1b load. Each map is released with its array,
+so the pages a read touched never stay resident beside the model (a map held
+open for the whole load would keep them all).
 """
 
 import contextlib
@@ -28,8 +29,6 @@ from keras_t5gemma.utils.loading import mapped_array
 _MMAP_THRESHOLD = 1 << 20
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-# Bytes per element of each safetensors dtype.
-_ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16": 2, "F16": 2, "I16": 2, "U16": 2}
 # The NumPy dtypes of the safetensors dtypes read as mapped views (others are read by the library).
 _NUMPY_DTYPES = {
     "F64": np.dtype("<f8"),
@@ -77,22 +76,22 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = path
-        self._entries = {}
-        with self._open() as file:
-            for name in file.keys():
-                tensor = file.get_slice(name)
-                self._entries[name] = (tuple(tensor.get_shape()), tensor.get_dtype())
-        self._offsets = self._data_offsets()
-
-    def _data_offsets(self):
-        """`{name: (start, stop)}`, each tensor's bytes in the file (the library checked the header)."""
+        with self._open():  # the library checks the header against the file
+            pass
         with open(self.path, "rb") as file:
             (header_bytes,) = struct.unpack("<Q", file.read(8))
             header = json.loads(file.read(header_bytes))
         start = 8 + header_bytes
-        return {
-            name: (start + header[name]["data_offsets"][0], start + header[name]["data_offsets"][1])
-            for name in self._entries
+        # name -> (shape, safetensors dtype, first byte, end byte in the file)
+        self._entries = {
+            name: (
+                tuple(entry["shape"]),
+                entry["dtype"],
+                start + entry["data_offsets"][0],
+                start + entry["data_offsets"][1],
+            )
+            for name, entry in sorted(header.items())  # sorted, as the library lists them
+            if name != "__metadata__"
         }
 
     @contextlib.contextmanager
@@ -111,11 +110,8 @@ class SafetensorsFile:
         return self._entries[name][0]
 
     def nbytes(self, name):
-        shape, dtype = self._entries[name]
-        count = 1
-        for size in shape:
-            count *= size
-        return count * _ITEM_BYTES.get(dtype, 1)
+        _, _, start, stop = self._entries[name]
+        return stop - start
 
     def read(self, name):
         """The tensor `name` as a read-only NumPy array viewing the file (bfloat16 via `ml_dtypes`).
@@ -142,8 +138,7 @@ class SafetensorsFile:
 
     def _mapped(self, name, whole):
         """`mapped_array` of tensor `name`, or `None` for a dtype (or an empty tensor) the library reads."""
-        shape, dtype = self._entries[name]
-        start, stop = self._offsets[name]
+        shape, dtype, start, stop = self._entries[name]
         numpy_dtype = _NUMPY_DTYPES.get(dtype)
         if numpy_dtype is None or stop == start:
             return None
