@@ -3,6 +3,9 @@ import os
 # JAX is the default backend; the torch and tensorflow runs set KERAS_BACKEND.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite's models are tiny: XLA's compile time, not the speed of the code it makes, is most of the run
+# (a third less with these flags). Child processes inherit them; those that set XLA_FLAGS pass the same two.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
