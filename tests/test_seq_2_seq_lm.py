@@ -186,9 +186,12 @@ def test_encoder_and_cross_key_values_run_once_per_call(pair, rng, monkeypatch):
     monkeypatch.setattr(TransformerStack, "cross_key_values", counting("cross", TransformerStack.cross_key_values))
     monkeypatch.setattr(TransformerStack, "call_with_cache", counting("steps", TransformerStack.call_with_cache))
     encoder_ids, encoder_mask = _encoder_batch(rng, [6, 4])
+    inputs = _inputs(encoder_ids, encoder_mask, 2)
+    steps = 4  # enough to tell once per call from once per step; each step runs op by op
+    inputs["decoder_token_ids"], inputs["decoder_padding_mask"] = _decoder_prompt(2, steps + 1)
     with jax.disable_jit():
-        seq_2_seq_lm.generate_step(_inputs(encoder_ids, encoder_mask, 2), stop_token_ids=None)
-    assert calls == {"encode": 1, "cross": 1, "steps": NEW_TOKENS}
+        seq_2_seq_lm.generate_step(inputs, stop_token_ids=None)
+    assert calls == {"encode": 1, "cross": 1, "steps": steps}
 
 
 @pytest.mark.backend_smoke
@@ -240,8 +243,8 @@ def test_top_k_samples_only_among_the_k_most_likely_tokens(pair, rng):
     encoder_ids, encoder_mask = _encoder_batch(rng, [6, 3])
     inputs = _inputs(encoder_ids, encoder_mask, 2)
     output = _generate_with(seq_2_seq_lm.backbone, samplers.TopKSampler(k=k, seed=3), inputs)
-    logits = keras.ops.convert_to_numpy(
-        seq_2_seq_lm({**inputs, "decoder_token_ids": output, "decoder_padding_mask": np.ones_like(output)})
+    logits = seq_2_seq_lm.predict_on_batch(
+        {**inputs, "decoder_token_ids": output, "decoder_padding_mask": np.ones_like(output)}
     )
     chosen = np.take_along_axis(logits[:, :-1], output[:, 1:, None], axis=-1)
     ranks = (logits[:, :-1] > chosen).sum(axis=-1)
@@ -366,9 +369,7 @@ def test_keras_file_round_trip_is_exact(pair, rng, tmp_path):
     assert restored.get_compile_config() == seq_2_seq_lm.get_compile_config()
     encoder_ids, encoder_mask = _encoder_batch(rng, [6, 4], images_per_sample=[1, 0])
     inputs = _inputs(encoder_ids, encoder_mask, 2, rng.normal(size=(2, 1, 28, 28, 3)).astype("float32"))
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(seq_2_seq_lm(inputs)), keras.ops.convert_to_numpy(restored(inputs))
-    )
+    np.testing.assert_array_equal(seq_2_seq_lm.predict_on_batch(inputs), restored.predict_on_batch(inputs))
 
 
 @pytest.mark.backend_smoke
