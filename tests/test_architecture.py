@@ -239,3 +239,46 @@ def test_presets_and_keras_files_saved_before_the_move_still_load(tmp_path):
     assert len(reloaded.backbone.weights) == len(backbone.weights)
     for ours, theirs in zip(reloaded.backbone.weights, backbone.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+
+
+def _with_gate_and_up_saved_apart(source, target):
+    """A Keras weights file as versions before the fused `gate_up` kernel saved it: `gate_dense` and `up_dense`."""
+    import shutil
+
+    import h5py
+
+    shutil.copyfile(source, target)
+    with h5py.File(target, "r+") as file:
+        fused = []
+        file.visit(lambda name: fused.append(name) if name.endswith("feedforward/gate_up_dense") else None)
+        for name in fused:
+            parent = name.rsplit("/", 1)[0]
+            variables = file[f"{name}/vars"]
+            for i, part in enumerate(("gate_dense", "up_dense")):
+                group = file.create_group(f"{parent}/{part}/vars")
+                for key in variables:
+                    value = variables[key][()]
+                    # The kernel `(D, 2, I)` and an int8 scale `(1, 1, 2, I)`, as Dense layers held them.
+                    group[key] = value[:, i] if value.ndim == 3 else value.reshape(2, -1)[i]
+            del file[name]
+    return fused
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_weights_saved_with_gate_and_up_apart_load_into_the_fused_kernel(tmp_path, quantized):
+    import keras
+
+    from keras_t5gemma import T5Gemma2Backbone
+
+    backbone = T5Gemma2Backbone.from_preset("t5gemma2_tiny_digits")
+    if quantized:
+        backbone.quantize("int8")
+    backbone.save_weights(tmp_path / "new.weights.h5")
+    fused = _with_gate_and_up_saved_apart(tmp_path / "new.weights.h5", tmp_path / "old.weights.h5")
+    assert len(fused) == 4  # 2 encoder and 2 decoder layers
+    reloaded = T5Gemma2Backbone.from_config(backbone.get_config())
+    if quantized:
+        reloaded.quantize("int8")
+    reloaded.load_weights(tmp_path / "old.weights.h5")
+    for ours, theirs in zip(reloaded.weights, backbone.weights, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))

@@ -298,8 +298,8 @@ def test_feedforward_chunks_equal_one_piece(rng):
     feedforward = FeedForward(32)
     x = rng.normal(size=(3, 7, 8)).astype("float32")
     feedforward.build(x.shape)
-    layers = (feedforward.gate_dense, feedforward.up_dense, feedforward.down_dense)
-    gate, up, down = (keras.ops.convert_to_numpy(layer.kernel) for layer in layers)
+    gate_up = keras.ops.convert_to_numpy(feedforward.gate_up_dense.kernel)
+    gate, up, down = gate_up[:, 0], gate_up[:, 1], keras.ops.convert_to_numpy(feedforward.down_dense.kernel)
 
     def gelu(h):
         return 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
@@ -317,7 +317,7 @@ def test_feedforward_chunks_in_the_backbone_match_reference(rng, tiny_pair, monk
     feed = FeedForward._feed
 
     def counted(self, x, training):
-        pieces.append(x.shape[0])
+        pieces.append(x.shape[0] * x.shape[1])  # `(1, chunk, D)` per chunk
         return feed(self, x, training)
 
     monkeypatch.setattr(FeedForward, "_feed", counted)

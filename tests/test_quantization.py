@@ -35,7 +35,7 @@ def test_int8_answers_equal_float32_answers_on_held_out_prompts(examples):
         warnings.simplefilter("always")
         seq_2_seq_lm.quantize("int8")
     assert not [w for w in caught if "quantize" in str(w.message)]  # no per-layer noise
-    kernel = seq_2_seq_lm.backbone.decoder.transformer_layers[0].feedforward.up_dense._kernel
+    kernel = seq_2_seq_lm.backbone.decoder.transformer_layers[0].feedforward.gate_up_dense._kernel
     assert keras.backend.standardize_dtype(kernel.dtype) == "int8"
     table = seq_2_seq_lm.backbone.token_embedding.table
     assert table.quantization_mode == "int8"

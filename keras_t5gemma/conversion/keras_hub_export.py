@@ -132,7 +132,7 @@ def keras_hub_backbone_from(backbone):
     ours = {spec.key: spec for spec in weight_specs(backbone)}
     for key, variable in _keras_hub_variables(keras_hub_backbone):
         # Both are Keras kernels ([in..., out...]); only how the head axes are split may differ.
-        value = keras.ops.convert_to_numpy(ours[key].variable)
+        value = ours[key].value()
         variable.assign(np.reshape(value, tuple(variable.shape)))
     if vision_encoder is None:
         _warn_about_end_of_image(backbone)

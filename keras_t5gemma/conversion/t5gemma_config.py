@@ -13,6 +13,7 @@ from keras_t5gemma.conversion.quantized_loading import quantized_layers
 from keras_t5gemma.conversion.weights import LINEAR
 from keras_t5gemma.conversion.weights import WeightSpec
 from keras_t5gemma.conversion.weights import assign_weights
+from keras_t5gemma.conversion.weights import gate_up_specs
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import SLIDING
 from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
@@ -156,8 +157,7 @@ def _layer_specs(layer, prefix):
         yield from _attention_specs(layer.cross_attention, f"{prefix}.cross_attn")
     yield WeightSpec(layer.pre_feedforward_norm.scale, f"{prefix}.pre_feedforward_layernorm.weight")
     yield WeightSpec(layer.post_feedforward_norm.scale, f"{prefix}.post_feedforward_layernorm.weight")
-    yield WeightSpec(float_weight(layer.feedforward.gate_dense), f"{prefix}.mlp.gate_proj.weight", LINEAR)
-    yield WeightSpec(float_weight(layer.feedforward.up_dense), f"{prefix}.mlp.up_proj.weight", LINEAR)
+    yield from gate_up_specs(layer.feedforward, f"{prefix}.mlp")
     yield WeightSpec(float_weight(layer.feedforward.down_dense), f"{prefix}.mlp.down_proj.weight", LINEAR)
 
 

@@ -139,7 +139,7 @@ def _classifier_config(classifier):
 
 def _checkpoint_shape(spec):
     # A zero-strided stand-in gives the shape without reading or copying the weight.
-    stand_in = np.broadcast_to(np.zeros((), np.int8), tuple(spec.variable.shape))
+    stand_in = np.broadcast_to(np.zeros((), np.int8), spec.shape)
     return tuple(spec.to_checkpoint(stand_in).shape)
 
 
@@ -173,7 +173,7 @@ def _write_safetensors(path, entries, dtype):
         file.write(struct.pack("<Q", len(header_bytes)))
         file.write(header_bytes)
         for key, spec in entries:
-            array = spec.to_checkpoint(keras.ops.convert_to_numpy(spec.variable))
+            array = spec.to_checkpoint(spec.value())
             file.write(np.ascontiguousarray(array.astype(numpy_dtype, copy=False)).tobytes())
 
 
@@ -182,7 +182,7 @@ def _write_weights(folder, tensors, dtype, max_shard_size):
     itemsize = np.dtype(_NUMPY_DTYPES[dtype]).itemsize
     shards, current, current_size, total_size = [], [], 0, 0
     for key, spec in tensors:
-        size = int(np.prod(spec.variable.shape)) * itemsize
+        size = int(np.prod(spec.shape)) * itemsize
         if current and current_size + size > max_shard_size:
             shards.append(current)
             current, current_size = [], 0

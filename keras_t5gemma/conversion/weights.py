@@ -9,6 +9,7 @@ import dataclasses
 import math
 import re
 
+import keras
 import numpy as np
 
 from keras_t5gemma.conversion.quantized_loading import assign_by_name
@@ -44,16 +45,45 @@ class WeightSpec:
     `input_axes` says how many leading axes of a `LINEAR` kernel make the
     torch `in` dimension (2 for the attention output kernel `(N, H, D)`), so
     that `to_checkpoint` can rebuild the checkpoint's `[out, in]` matrix.
+
+    `part`, `(axis, start, stop)`, says that the tensor fills only
+    `variable[..., start:stop, ...]` along `axis` (a fused kernel holding
+    several checkpoint tensors, such as the MLP's gate and up projections);
+    every shape below is then the part's.
     """
 
     variable: object
     key: str
     permutation: tuple = None
     input_axes: int = 1
+    part: tuple = None
+
+    @property
+    def shape(self):
+        """The shape this tensor fills: the variable's, or its part's."""
+        shape = tuple(self.variable.shape)
+        if self.part is None:
+            return shape
+        axis, start, stop = self.part
+        return (*shape[:axis], stop - start, *shape[axis + 1 :])
+
+    @property
+    def index(self):
+        """The variable's slices this tensor fills."""
+        if self.part is None:
+            return (slice(None),) * len(self.variable.shape)
+        axis, start, stop = self.part
+        return (*(slice(None),) * axis, slice(start, stop))
+
+    def value(self):
+        """The variable's value this tensor holds (its part of it), as a NumPy array in the variable's layout."""
+        return np.asarray(keras.ops.convert_to_numpy(self.variable))[self.index]
 
     def to_checkpoint(self, array):
-        """The inverse of `convert`: a variable's value in the checkpoint's layout."""
+        """The inverse of `convert`: a value of `shape` (or one holding as many elements) in the checkpoint's layout."""
         array = np.asarray(array)
+        if array.shape != self.shape and array.size == math.prod(self.shape):
+            array = array.reshape(self.shape)
         if self.permutation == LINEAR and array.ndim > 2:
             # Merge the head axes; a 2-D kernel (KerasHub's vision projections) is already `[in, out]`.
             split = self.input_axes
@@ -72,7 +102,7 @@ class WeightSpec:
         `LINEAR` weights as `(inputs, outputs)`, a rank-1 tensor for a
         multi-axis variable (a bias `(heads, head_dim)`) as one axis.
         """
-        target = tuple(self.variable.shape)
+        target = self.shape
         if self.permutation == LINEAR and len(target) > 2:
             return (math.prod(target[: self.input_axes]), math.prod(target[self.input_axes :]))
         if rank == 1 and len(target) > 1 and self.permutation is None:
@@ -86,16 +116,23 @@ class WeightSpec:
             if len(shape) != len(self.permutation):
                 raise ValueError(
                     f"Checkpoint tensor `{self.key}` has shape {shape}; expected {len(self.permutation)} "
-                    f"axes for variable `{self.variable.path}` of shape {tuple(self.variable.shape)}."
+                    f"axes for variable `{self.variable.path}` of shape {self._described_shape()}."
                 )
             shape = tuple(shape[axis] for axis in self.permutation)
         expected = self.expected_shape(len(shape))
         if shape != expected:
             raise ValueError(
                 f"Checkpoint tensor `{self.key}` has shape {self._stored(shape)}, which does not fit "
-                f"variable `{self.variable.path}` of shape {tuple(self.variable.shape)} (it needs "
+                f"variable `{self.variable.path}` of shape {self._described_shape()} (it needs "
                 f"{self._stored(expected)}). Does the config match the weights (or is the tensor transposed)?"
             )
+
+    def _described_shape(self):
+        shape = tuple(self.variable.shape)
+        if self.part is None:
+            return shape
+        axis, start, stop = self.part
+        return f"{shape}, of which it fills {start}:{stop} along axis {axis}"
 
     def convert(self, array):
         """`array` in the variable's layout; refuses any other shape, and integer tensors.
@@ -108,7 +145,7 @@ class WeightSpec:
         self.check_shape(array.shape)
         if self.permutation is not None:
             array = np.transpose(array, self.permutation)
-        return array.reshape(tuple(self.variable.shape))
+        return array.reshape(self.shape)
 
     def _check_float(self, array):
         if array.dtype.kind in "iub":
@@ -124,7 +161,8 @@ class WeightSpec:
             read_part: callable `(stored_index) -> array`, a part of the
                 checkpoint tensor in its stored layout.
             stored_shape: the checkpoint tensor's shape.
-            index: the part of the variable, one slice per axis.
+            index: the part of the variable, one slice per axis (of
+                `shape`: within this tensor's `part`).
 
         A variable axis made by merging checkpoint axes (heads and head size
         stored as one torch axis) is cut out of the checkpoint where it is the
@@ -133,18 +171,20 @@ class WeightSpec:
         layout map's splits).
         """
         self.check_shape(stored_shape)
-        target = tuple(self.variable.shape)
+        target = self.shape
         permutation = self.permutation or tuple(range(len(stored_shape)))
         permuted = tuple(stored_shape[axis] for axis in permutation)
         ranges = [index[axis].indices(size)[:2] for axis, size in enumerate(target)]
         stored_parts, read_shape, rest = [], [], []
         for axes in _merged_axes(permuted, target):
-            first, inner = axes[0], axes[1:]
-            if all(ranges[axis] == (0, target[axis]) for axis in inner):
+            # Axes of size 1 (a part's place in a fused kernel) change no offsets.
+            sized = [axis for axis in axes if target[axis] != 1] or [axes[0]]
+            first, inner = sized[0], sized[1:]
+            if all(ranges[axis] == (0, target[axis]) for axis in axes if axis != first):
                 start, stop = ranges[first]
                 inner_size = math.prod(target[axis] for axis in inner)
                 stored_parts.append(slice(start * inner_size, stop * inner_size))
-                read_shape.extend([stop - start, *(target[axis] for axis in inner)])
+                read_shape.extend(stop - start if axis == first else target[axis] for axis in axes)
                 rest.extend(slice(None) for _ in axes)
             else:
                 stored_parts.append(slice(None))
@@ -190,9 +230,15 @@ def _text_layer_specs(layer, prefix):
     yield WeightSpec(float_weight(attention.output_dense), f"{prefix}.self_attn.o_proj.weight", LINEAR, input_axes=2)
     yield WeightSpec(attention.query_norm.scale, f"{prefix}.self_attn.q_norm.weight")
     yield WeightSpec(attention.key_norm.scale, f"{prefix}.self_attn.k_norm.weight")
-    yield WeightSpec(float_weight(layer.feedforward.gate_dense), f"{prefix}.mlp.gate_proj.weight", LINEAR)
-    yield WeightSpec(float_weight(layer.feedforward.up_dense), f"{prefix}.mlp.up_proj.weight", LINEAR)
+    yield from gate_up_specs(layer.feedforward, f"{prefix}.mlp")
     yield WeightSpec(float_weight(layer.feedforward.down_dense), f"{prefix}.mlp.down_proj.weight", LINEAR)
+
+
+def gate_up_specs(feedforward, prefix):
+    """The gate and up projections' tensors, each filling its part of the fused `gate_up` kernel `(D, 2, I)`."""
+    kernel = float_weight(feedforward.gate_up_dense)
+    for i, name in enumerate(("gate_proj", "up_proj")):
+        yield WeightSpec(kernel, f"{prefix}.{name}.weight", LINEAR, part=(1, i, i + 1))
 
 
 def _dense_specs(layer, prefix, permutation=LINEAR, input_axes=1):
@@ -335,23 +381,77 @@ def assign_weights(
             f"e.g. {unexpected[:5]}. Does the config match the weights?"
         )
     quantized = quantized or {}
-    for spec in specs:
-        key = by_canonical[spec.key]
-        layer = quantized.get(id(spec.variable))
+    for group in _by_variable(specs):
+        variable = group[0].variable
+        keys = [by_canonical[spec.key] for spec in group]
+        layer = quantized.get(id(variable))
         if layer is not None:
             # The float tensor is never named here, so it is freed before the int8 values are assigned.
-            assign_by_name(layer, quantized_values(layer, spec.variable.name, spec.convert(get_tensor(key))))
+            assign_by_name(layer, quantized_values(layer, variable.name, _whole(group, keys, get_tensor)))
         else:
-            fill(spec.variable, lambda: spec.convert(get_tensor(key)), _part_reader(spec, key, read_part, shape_of))
+            fill(variable, lambda: _whole(group, keys, get_tensor), _part_reader(group, keys, read_part, shape_of))
         if progress is not None:
-            progress(1)
+            progress(len(group))
 
 
-def _part_reader(spec, key, read_part, shape_of):
-    """`index -> the variable's part`, reading only that part of tensor `key`; `None` without `read_part`."""
+def _by_variable(specs):
+    """`specs` in groups filling one variable each (a fused kernel's parts together), in table order."""
+    groups = {}
+    for spec in specs:
+        groups.setdefault(id(spec.variable), []).append(spec)
+    return list(groups.values())
+
+
+def _whole(group, keys, get_tensor):
+    """The variable's value from its tensors: the one tensor, or each part placed where it belongs."""
+    if len(group) == 1 and group[0].part is None:
+        return group[0].convert(get_tensor(keys[0]))
+    whole = None
+    for spec, key in zip(group, keys):
+        value = spec.convert(get_tensor(key))
+        if whole is None:
+            whole = np.empty(tuple(spec.variable.shape), value.dtype)
+        whole[spec.index] = value
+    return whole
+
+
+def _part_reader(group, keys, read_part, shape_of):
+    """`index -> the variable's part`, reading only what the tensors hold of it; `None` without `read_part`."""
     if read_part is None:
         return None
-    return lambda index: spec.convert_part(lambda stored: read_part(key, stored), shape_of(key), index)
+
+    def read(index):
+        pieces = []
+        for spec, key in zip(group, keys):
+            within = _within(spec, index)
+            if within is not None:
+                stored_shape = shape_of(key)
+                piece = spec.convert_part(lambda stored, key=key: read_part(key, stored), stored_shape, within)
+                pieces.append((spec, piece))
+        if len(pieces) == 1 and pieces[0][0].part is None:
+            return pieces[0][1]
+        shape = tuple(len(range(*part.indices(size))) for part, size in zip(index, group[0].variable.shape))
+        result = np.empty(shape, pieces[0][1].dtype)
+        for spec, piece in pieces:
+            axis, start, _ = spec.part
+            first = index[axis].indices(spec.variable.shape[axis])[0]
+            offset = max(first, start) - first
+            result[(*(slice(None),) * axis, slice(offset, offset + piece.shape[axis]))] = piece
+        return result
+
+    return read
+
+
+def _within(spec, index):
+    """`index` (of the variable) in `spec`'s part's coordinates; `None` if it holds none of the part."""
+    if spec.part is None:
+        return index
+    axis, start, stop = spec.part
+    low, high = index[axis].indices(spec.variable.shape[axis])[:2]
+    low, high = max(low, start), min(high, stop)
+    if low >= high:
+        return None
+    return (*index[:axis], slice(low - start, high - start), *index[axis + 1 :])
 
 
 def classifier_head_specs(classifier):

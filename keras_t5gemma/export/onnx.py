@@ -159,8 +159,9 @@ def text_layer_weights(layer):
         "post_feedforward_norm": _array(layer.post_feedforward_norm.scale),
         "attention": _attention_weights(attention, hidden),
         "feedforward": {
-            "gate": _kernel(feedforward.gate_dense, (hidden, -1)),
-            "up": _kernel(feedforward.up_dense, (hidden, -1)),
+            # The fused `(D, 2, I)` kernel's two parts: the graphs keep a product each.
+            "gate": _kernel(feedforward.gate_up_dense, (hidden, 2, -1))[:, 0],
+            "up": _kernel(feedforward.gate_up_dense, (hidden, 2, -1))[:, 1],
             "down": _kernel(feedforward.down_dense, (-1, hidden)),
         },
     }

@@ -7,6 +7,7 @@ from keras import ops
 
 from keras_t5gemma.layers.blockwise_attention import feedforward_chunk
 from keras_t5gemma.layers.projections import Dense
+from keras_t5gemma.layers.projections import FusedEinsumDense
 
 
 def gelu_tanh(x):
@@ -15,6 +16,12 @@ def gelu_tanh(x):
 
 class FeedForward(keras.layers.Layer):
     """`down(gelu(gate(x)) * up(x))` when gated, else `down(gelu(up(x)))`.
+
+    The gate and up projections are one product (`gate_up`, kernel
+    `(D, 2, I)`: the gate's `(D, I)` then the up projection's along axis 1),
+    so a step runs one product where it ran two; each part is still a
+    checkpoint tensor of its own to the converters (`WeightSpec.part`), and
+    weights saved with the two separate layers load into it.
 
     Inputs of many tokens (more than `blockwise_settings`'
     `feedforward_tokens`, batch x length) run in chunks of that many tokens,
@@ -52,12 +59,23 @@ class FeedForward(keras.layers.Layer):
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
-        self.gate_dense = self._dense("gate", self.intermediate_dim) if self.gated else None
-        self.up_dense = self._dense("up", self.intermediate_dim)
-        self.down_dense = self._dense("down", hidden_dim)
         if self.gated:
-            self.gate_dense.build(input_shape)
-        self.up_dense.build(input_shape)
+            if self.use_bias:
+                raise ValueError("A gated `FeedForward` has no biases (Gemma's MLP); `use_bias` is for the plain one.")
+            # Saved before the fusion as two layers, `gate_dense` and `up_dense`: they load as its two parts.
+            self.gate_up_dense = FusedEinsumDense(
+                "btd,dci->btci",
+                output_shape=(None, 2, self.intermediate_dim),
+                parts=("gate_dense", "up_dense"),
+                kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
+                dtype=self.dtype_policy,
+                name="gate_up",
+            )
+            self.gate_up_dense.build((None, None, hidden_dim))
+        else:
+            self.up_dense = self._dense("up", self.intermediate_dim)
+            self.up_dense.build(input_shape)
+        self.down_dense = self._dense("down", hidden_dim)
         self.down_dense.build((*input_shape[:-1], self.intermediate_dim))
         self.built = True
 
@@ -69,14 +87,16 @@ class FeedForward(keras.layers.Layer):
         if chunk is None or (training and self.dropout):
             return self._feed(x, training)
         tokens = math.prod(shape[:-1])
-        rows = ops.reshape(x, (tokens, shape[-1]))
+        rows = ops.reshape(x, (1, tokens, shape[-1]))
         # Unrolled: XLA runs one chunk after another (a loop op kept more live).
-        fed = [self._feed(rows[start : start + chunk], training) for start in range(0, tokens, chunk)]
-        return ops.reshape(ops.concatenate(fed, axis=0), shape)
+        fed = [self._feed(rows[:, start : start + chunk], training) for start in range(0, tokens, chunk)]
+        return ops.reshape(ops.concatenate(fed, axis=1), shape)
 
     def _feed(self, x, training):
+        """The block on `x` `(B, T, D)`."""
         if self.gated:
-            hidden = gelu_tanh(self.gate_dense(x)) * self.up_dense(x)
+            gate_up = self.gate_up_dense(x)
+            hidden = gelu_tanh(gate_up[:, :, 0]) * gate_up[:, :, 1]
         else:
             hidden = gelu_tanh(self.up_dense(x))
         hidden = self.dropout_layer(hidden, training=training)

@@ -17,6 +17,7 @@ own: these are subclasses that only wrap `call`.
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -198,3 +199,75 @@ class ReversibleEmbedding(_TwoRowCall, keras.layers.ReversibleEmbedding):
         if self.logit_soft_cap is None:
             return logits
         return ops.multiply(ops.tanh(ops.divide(logits, self.logit_soft_cap)), self.logit_soft_cap)
+
+
+class FusedEinsumDense(EinsumDense):
+    """An `EinsumDense` whose kernel holds several projections of one input, side by side along `part_axis`.
+
+    One product in place of several (a decoding step's fixed cost is per
+    product). `parts` names the layers it replaces, as earlier versions
+    saved them (their attribute names): weights saved that way load into it,
+    each part's variables placed along the part axis.
+
+    Args:
+        equation, output_shape, ...: as `EinsumDense`.
+        parts: tuple of str, the attribute names of the replaced layers, in
+            their order along the part axis (each one part wide).
+        part_axis: int, the kernel axis that holds the parts.
+
+    Example:
+    >>> layer = FusedEinsumDense("btd,dci->btci", (None, 2, 3), parts=("a", "b"))
+    >>> layer(keras.ops.ones((1, 1, 4))).shape
+    (1, 1, 2, 3)
+    """
+
+    def __init__(self, equation, output_shape, parts, part_axis=1, **kwargs):
+        super().__init__(equation, output_shape, **kwargs)
+        self.parts = tuple(parts)
+        self.part_axis = part_axis
+
+    def load_own_variables(self, store):
+        if self.built and len(store.keys()) == 0:
+            saved_apart = self._parts_saved_apart(store)
+            if saved_apart is not None:
+                store = saved_apart
+        super().load_own_variables(store)
+
+    def _parts_saved_apart(self, store):
+        """`{"0": kernel, ...}` put together from the replaced layers' saved variables; `None` if absent."""
+        # Keras' weights stores (`.h5`, sharded `.h5`) name the entry being read `_h5_entry_path`.
+        path = getattr(store, "_h5_entry_path", None)
+        if path is None or not hasattr(store, "get"):
+            return None
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        saved = []
+        for part in self.parts:
+            store.get(f"{parent}/{part}" if parent else part)
+            saved.append([np.asarray(store[key]) for key in sorted(store.keys(), key=int)])
+        if not all(saved):
+            return None
+        if self.quantization_mode not in (None, "int8"):
+            raise ValueError(
+                f"`{self.path}` was saved as {len(self.parts)} separate layers {self.parts}, which load into "
+                f"its fused kernel in float or int8, not {self.quantization_mode}: load that model unquantized "
+                "and quantize it after."
+            )
+        variables = [
+            variable for variable in self.weights if not variable.path.endswith(("lora_kernel_a", "lora_kernel_b"))
+        ]
+        if any(len(values) != len(variables) for values in saved):
+            return None
+        return {
+            str(i): self._placed_side_by_side(variable, [values[i] for values in saved])
+            for i, variable in enumerate(variables)
+        }
+
+    def _placed_side_by_side(self, variable, values):
+        shape = tuple(variable.shape)
+        # The kernel's parts lie along `part_axis`; a scale's along its first axis as long as the parts.
+        axis = self.part_axis if variable.name == "kernel" else shape.index(len(self.parts))
+        part_shape = (*shape[:axis], shape[axis] // len(self.parts), *shape[axis + 1 :])
+        return np.concatenate([np.reshape(value, part_shape) for value in values], axis=axis)
+
+    def get_config(self):
+        return {**super().get_config(), "parts": self.parts, "part_axis": self.part_axis}

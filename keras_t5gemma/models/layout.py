@@ -78,11 +78,14 @@ def layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_n
     layouts[".*attention/(query|key|value)/bias"] = (None, None)
     layouts[".*attention/attention_output/bias"] = (None,)
 
-    # MLP `gate`/`up` `(D, I)` and `down` `(I, D)`: the intermediate width
-    # over the model axis (Megatron-style: one all-reduce after `down`).
-    kernel(".*feedforward/(gate|up)", (data, model))
+    # MLP `gate_up` `(D, 2, I)` (the two products fused), SigLIP's `up`
+    # `(D, I)` and `down` `(I, D)`: the intermediate width over the model
+    # axis (Megatron-style: each device holds the gate and up columns of the
+    # same units, one all-reduce after `down`).
+    kernel(".*feedforward/gate_up", (data, None, model))
+    kernel(".*feedforward/up", (data, model))
     kernel(".*feedforward/down", (model, data))
-    layouts[".*feedforward/(gate|up|down)/bias"] = (None,)
+    layouts[".*feedforward/(up|down)/bias"] = (None,)
 
     # RMSNorm scales (layer, q/k, final, projector) and SigLIP LayerNorms.
     layouts[".*_norm/scale"] = (None,)
