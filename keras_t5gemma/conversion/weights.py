@@ -384,12 +384,17 @@ def assign_weights(
     for group in _by_variable(specs):
         variable = group[0].variable
         keys = [by_canonical[spec.key] for spec in group]
+        whole = (slice(None),) * len(variable.shape)
+
+        def read(group=group, keys=keys, whole=whole):
+            return _assembled(group, keys, whole, lambda spec, key, _: spec.convert(get_tensor(key)))
+
         layer = quantized.get(id(variable))
         if layer is not None:
             # The float tensor is never named here, so it is freed before the int8 values are assigned.
-            assign_by_name(layer, quantized_values(layer, variable.name, _whole(group, keys, get_tensor)))
+            assign_by_name(layer, quantized_values(layer, variable.name, read()))
         else:
-            fill(variable, lambda: _whole(group, keys, get_tensor), _part_reader(group, keys, read_part, shape_of))
+            fill(variable, read, _part_reader(group, keys, read_part, shape_of))
         if progress is not None:
             progress(len(group))
 
@@ -402,17 +407,29 @@ def _by_variable(specs):
     return list(groups.values())
 
 
-def _whole(group, keys, get_tensor):
-    """The variable's value from its tensors: the one tensor, or each part placed where it belongs."""
-    if len(group) == 1 and group[0].part is None:
-        return group[0].convert(get_tensor(keys[0]))
-    whole = None
+def _assembled(group, keys, index, read):
+    """The slices `index` of the variable `group` fills, from each tensor's share.
+
+    `read(spec, key, within)` gives tensor `key`'s share (`within`: `index`
+    in its part's coordinates). A variable filled by one whole tensor is that
+    share as read; parts are placed one at a time into one array.
+    """
+    shape = tuple(len(range(*s.indices(size))) for s, size in zip(index, group[0].variable.shape))
+    result = None
     for spec, key in zip(group, keys):
-        value = spec.convert(get_tensor(key))
-        if whole is None:
-            whole = np.empty(tuple(spec.variable.shape), value.dtype)
-        whole[spec.index] = value
-    return whole
+        within = _within(spec, index)
+        if within is None:
+            continue
+        piece = read(spec, key, within)
+        if spec.part is None:
+            return piece
+        if result is None:
+            result = np.empty(shape, piece.dtype)
+        axis, start, _ = spec.part
+        first = index[axis].indices(spec.variable.shape[axis])[0]
+        offset = max(first, start) - first
+        result[(*(slice(None),) * axis, slice(offset, offset + piece.shape[axis]))] = piece
+    return result
 
 
 def _part_reader(group, keys, read_part, shape_of):
@@ -420,26 +437,10 @@ def _part_reader(group, keys, read_part, shape_of):
     if read_part is None:
         return None
 
-    def read(index):
-        pieces = []
-        for spec, key in zip(group, keys):
-            within = _within(spec, index)
-            if within is not None:
-                stored_shape = shape_of(key)
-                piece = spec.convert_part(lambda stored, key=key: read_part(key, stored), stored_shape, within)
-                pieces.append((spec, piece))
-        if len(pieces) == 1 and pieces[0][0].part is None:
-            return pieces[0][1]
-        shape = tuple(len(range(*part.indices(size))) for part, size in zip(index, group[0].variable.shape))
-        result = np.empty(shape, pieces[0][1].dtype)
-        for spec, piece in pieces:
-            axis, start, _ = spec.part
-            first = index[axis].indices(spec.variable.shape[axis])[0]
-            offset = max(first, start) - first
-            result[(*(slice(None),) * axis, slice(offset, offset + piece.shape[axis]))] = piece
-        return result
+    def read(spec, key, within):
+        return spec.convert_part(lambda stored: read_part(key, stored), shape_of(key), within)
 
-    return read
+    return lambda index: _assembled(group, keys, index, read)
 
 
 def _within(spec, index):
