@@ -152,6 +152,8 @@ def text_layer_weights(layer):
     """Numpy weights of a `TransformerLayer` (with its cross-attention block when it has one)."""
     attention, feedforward = layer.attention, layer.feedforward
     hidden = layer.pre_attention_norm.scale.shape[0]
+    # The fused `(D, 2, I)` kernel's two parts: the graphs keep a product each.
+    gate_up = _kernel(feedforward.gate_up_dense, (hidden, 2, -1))
     weights = {
         "pre_attention_norm": _array(layer.pre_attention_norm.scale),
         "post_attention_norm": _array(layer.post_attention_norm.scale),
@@ -159,9 +161,8 @@ def text_layer_weights(layer):
         "post_feedforward_norm": _array(layer.post_feedforward_norm.scale),
         "attention": _attention_weights(attention, hidden),
         "feedforward": {
-            # The fused `(D, 2, I)` kernel's two parts: the graphs keep a product each.
-            "gate": _kernel(feedforward.gate_up_dense, (hidden, 2, -1))[:, 0],
-            "up": _kernel(feedforward.gate_up_dense, (hidden, 2, -1))[:, 1],
+            "gate": gate_up[:, 0],
+            "up": gate_up[:, 1],
             "down": _kernel(feedforward.down_dense, (-1, hidden)),
         },
     }
