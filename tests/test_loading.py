@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -27,6 +28,7 @@ from hf_checkpoints import write_checkpoint
 from keras_t5gemma import T5Gemma2Backbone
 from keras_t5gemma import T5Gemma2Seq2SeqLM
 from keras_t5gemma.conversion.checkpoint import HFCheckpoint
+from keras_t5gemma.conversion.checkpoint import ReadAhead
 from keras_t5gemma.conversion.checkpoint import SafetensorsFile
 from keras_t5gemma.conversion.weights import weight_specs
 from keras_t5gemma.utils.loading import LoadProgress
@@ -150,6 +152,68 @@ def _bundled_weights():
 
 
 @pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+def test_each_tensor_is_asked_of_the_disk_before_it_is_read(hf_folder):
+    """A load asks the kernel for every tensor after the first before reading it, in the order it reads them."""
+    advised, reads = [], []
+    ready = threading.Condition()
+    advise, read = SafetensorsFile.advise, SafetensorsFile.read
+
+    def recording_advise(self, name):
+        advise(self, name)
+        with ready:
+            advised.append(name)
+            ready.notify_all()
+
+    def waiting_read(self, name):
+        if reads:  # each read waits (a while at most) for its tensor's read-ahead, so that none is outrun
+            with ready:
+                ready.wait_for(lambda: name in advised, timeout=10)
+        reads.append(name)
+        return read(self, name)
+
+    with (
+        mock.patch.object(SafetensorsFile, "advise", recording_advise),
+        mock.patch.object(SafetensorsFile, "read", waiting_read),
+    ):
+        backbone = T5Gemma2Backbone.from_preset(hf_folder, dtype="bfloat16")
+    assert len(reads) == len({spec.key for spec in weight_specs(backbone)})
+    assert advised == reads[1:]
+
+
+def test_read_ahead_stays_within_its_bytes_and_goes_at_least_one_tensor_ahead():
+    class Checkpoint:
+        sizes = {"a": 10, "b": 10, "c": 30, "d": 10, "e": 10}
+
+        def __init__(self):
+            self.advised, self.ready = [], threading.Condition()
+
+        def nbytes(self, key):
+            return self.sizes[key]
+
+        def advise(self, key):
+            with self.ready:
+                self.advised.append(key)
+                self.ready.notify_all()
+
+        def wait_for(self, count):
+            with self.ready:
+                assert self.ready.wait_for(lambda: len(self.advised) >= count, timeout=10), self.advised
+            return list(self.advised)
+
+    checkpoint = Checkpoint()
+    with ReadAhead(checkpoint, ahead_bytes=15) as ahead:
+        ahead.plan(["a", "b", "c", "d", "e"])
+        ahead.passed("unplanned")
+        ahead.passed("a")  # b (10 bytes) and c, which crosses the 15
+        assert checkpoint.wait_for(2) == ["b", "c"]
+        ahead.passed("b")  # c (30) is already ahead: nothing more
+        ahead.passed("c")  # d, then e, which crosses the 15
+        assert checkpoint.wait_for(4) == ["b", "c", "d", "e"]
+        ahead.passed("e")
+    assert checkpoint.advised == ["b", "c", "d", "e"]
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
 def test_the_progress_bar_shows_bytes_per_second_and_a_closing_line(hf_folder, capsys):
     T5Gemma2Backbone.from_preset(hf_folder, text_only=True)
     assert capsys.readouterr().err == ""  # off under pytest by default
@@ -270,7 +334,7 @@ def test_in_the_child_sharded_parts_only(family):
     unsharded = backbone_class.from_preset(folder, dtype="bfloat16")
     expected = {v.path: keras.ops.convert_to_numpy(v) for v in unsharded.weights}
     del unsharded
-    whole, parts = [], {}
+    whole, parts, advised = [], {}, []
     read, read_part = SafetensorsFile.read, SafetensorsFile.read_part
 
     def recording_read(self, name):
@@ -288,11 +352,13 @@ def test_in_the_child_sharded_parts_only(family):
         distribution.scope(),
         mock.patch.object(SafetensorsFile, "read", recording_read),
         mock.patch.object(SafetensorsFile, "read_part", recording_read_part),
+        mock.patch.object(SafetensorsFile, "advise", lambda self, name: advised.append(name)),
         initializers_run() as ran,
     ):
         backbone = backbone_class.from_preset(folder, dtype="bfloat16")
     assert not {id(v) for v in backbone.variables} & set(ran)
     assert whole == [], f"whole tensors read: {whole[:5]}"
+    assert advised == [], f"whole tensors asked of the disk ahead: {advised[:5]}"
     split = 0
     for spec in specs_of(backbone):
         variable = spec.variable

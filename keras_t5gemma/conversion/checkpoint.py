@@ -10,6 +10,7 @@ so the pages a read touched never stay resident beside the model (a map held
 open for the whole load would keep them all).
 """
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -136,6 +137,21 @@ class SafetensorsFile:
         with self._open() as file:
             return self._checked(name, lambda: file.get_slice(name)[tuple(index)])
 
+    def advise(self, name):
+        """Asks the kernel to start reading tensor `name` into the page cache; returns once the reads are queued.
+
+        Nothing is mapped into this process, so its memory does not grow. Does
+        nothing where `posix_fadvise` is missing (not Linux).
+        """
+        _, _, start, stop = self._entries[name]
+        if not hasattr(os, "posix_fadvise") or stop == start:
+            return
+        descriptor = os.open(self.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, start, stop - start, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(descriptor)
+
     def _mapped(self, name, whole):
         """`mapped_array` of tensor `name`, or `None` for a dtype (or an empty tensor) the library reads."""
         shape, dtype, start, stop = self._entries[name]
@@ -232,8 +248,67 @@ class HFCheckpoint:
         """The part `index` (a tuple of slices) of tensor `key`."""
         return self._file(self._index()[key]).read_part(key, index)
 
+    def advise(self, key):
+        """`SafetensorsFile.advise`: the kernel starts reading tensor `key` into the page cache."""
+        self._file(self._index()[key]).advise(key)
+
     def shape(self, key):
         return self._file(self._index()[key]).shape(key)
 
     def nbytes(self, key):
         return self._file(self._index()[key]).nbytes(key)
+
+
+class ReadAhead:
+    """Fetches the tensors a load reads next from the disk while it converts the one in hand.
+
+    A load reads one tensor, then copies it into the model (transposing
+    torch's `[out, in]` linear weights); read from a disk rather than the page
+    cache, the two took turns. `plan(keys)` gives the order of the reads;
+    each `passed(key)` then asks the kernel (`advise(key)`, in one background
+    thread, since a large request waits for the disk's queue) to read the
+    tensors after `key`, up to `ahead_bytes` beyond it (at least one), into
+    the page cache. Only the page cache grows, not this process.
+
+    Example:
+    >>> with ReadAhead(checkpoint) as ahead:  # doctest: +SKIP
+    ...     ahead.plan(keys)
+    ...     for key in keys:
+    ...         ahead.passed(key)
+    ...         convert(checkpoint.read(key))
+    """
+
+    def __init__(self, checkpoint, ahead_bytes=512 << 20):
+        self.checkpoint = checkpoint
+        self.ahead_bytes = ahead_bytes
+        self._order, self._position, self._next = [], {}, 0
+        self._worker = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
+
+    def plan(self, keys):
+        """`keys` will be read in this order (each whole)."""
+        self._order = list(keys)
+        self._position = {key: index for index, key in enumerate(self._order)}
+        self._next = 0
+
+    def passed(self, key):
+        """`key` is being read: asks for the planned tensors after it, up to `ahead_bytes`."""
+        index = self._position.get(key)
+        if index is None:
+            return
+        self._next = max(self._next, index + 1)
+        ahead = sum(self.checkpoint.nbytes(k) for k in self._order[index + 1 : self._next])
+        while self._next < len(self._order) and (self._next == index + 1 or ahead < self.ahead_bytes):
+            upcoming = self._order[self._next]
+            ahead += self.checkpoint.nbytes(upcoming)
+            if self._worker is None:
+                self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+            self._worker.submit(self.checkpoint.advise, upcoming)
+            self._next += 1

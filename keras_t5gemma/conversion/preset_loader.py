@@ -8,6 +8,7 @@ converts such checkpoints on load.
 import inspect
 
 from keras_t5gemma.conversion.checkpoint import HFCheckpoint
+from keras_t5gemma.conversion.checkpoint import ReadAhead
 from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
 from keras_t5gemma.conversion.config import backbone_from_hf_config
 from keras_t5gemma.conversion.config import check_t5gemma2_config
@@ -71,9 +72,10 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
     def build_and_fill(self, build, dtype, quantize, load_weights_, progress, load):
         """`build_quantized(build, ...)` with no initializer run, each variable filled from the checkpoint.
 
-        `load(backbone, keys, read, read_part=..., shape_of=...)` assigns the
-        weights (`weights.load_weights`); a variable laid out over devices gets
-        only its devices' parts read. `progress` is the backbone option (see
+        `load(backbone, keys, read, read_part=..., shape_of=..., read_ahead=...)`
+        assigns the weights (`weights.load_weights`); a variable laid out over
+        devices gets only its devices' parts read, and the tensors read whole
+        are fetched from the disk one ahead of their conversion (`ReadAhead`). `progress` is the backbone option (see
         `utils.loading.LoadProgress`).
         """
         if not load_weights_:
@@ -84,25 +86,29 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
         keys = checkpoint.keys()
         bar = LoadProgress(sum(checkpoint.nbytes(key) for key in keys), f"`{self.preset}`", progress)
 
-        def read(key):
-            array = checkpoint.read(key)
-            bar.advance(array.nbytes)
-            return array
+        with ReadAhead(checkpoint) as ahead:
 
-        def read_part(key, index):
-            array = checkpoint.read_part(key, index)
-            bar.advance(array.nbytes)
-            return array
+            def read(key):
+                ahead.passed(key)
+                array = checkpoint.read(key)
+                bar.advance(array.nbytes)
+                return array
 
-        kwargs = {"read_part": read_part, "shape_of": checkpoint.shape} if self.reads_parts(load) else {}
-        load(backbone, keys, read, **kwargs)
+            def read_part(key, index):
+                array = checkpoint.read_part(key, index)
+                bar.advance(array.nbytes)
+                return array
+
+            kwargs = {"read_part": read_part, "shape_of": checkpoint.shape, "read_ahead": ahead.plan}
+            load(backbone, keys, read, **(kwargs if self.reads_parts(load) else {}))
         initialize_unfilled(backbone)
         bar.done(model_bytes(backbone))
         return backbone
 
     @staticmethod
     def reads_parts(load):
-        """Whether `load` takes part reads (`read_part`, `shape_of`), as both families' weight tables do."""
+        """Whether `load` takes part reads and read-ahead (`read_part`, `shape_of`, `read_ahead`), as both
+        families' weight tables do."""
         return "read_part" in inspect.signature(load).parameters
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):

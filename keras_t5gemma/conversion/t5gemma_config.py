@@ -183,13 +183,14 @@ _DECODER = re.compile(r"^model\.decoder\.")
 _TOP_LEVEL_ENCODER = "encoder."
 
 
-def load_t5gemma_weights(backbone, keys, get_tensor, progress=None, read_part=None, shape_of=None):
+def load_t5gemma_weights(backbone, keys, get_tensor, progress=None, read_part=None, shape_of=None, read_ahead=None):
     """Assigns every `T5GemmaBackbone` variable from a checkpoint (see `weights.assign_weights`).
 
     An encoder-only backbone reads only the encoder's tensors, from a full
     checkpoint or an encoder-only one (`T5GemmaEncoderModel` keys included).
     With `read_part` and `shape_of` (as for `weights.load_weights`), a
-    variable laid out over devices gets only each device's part read.
+    variable laid out over devices gets only each device's part read;
+    `read_ahead` is told the order of the whole reads.
     """
     left_out = [_TIED] if backbone.decoder is not None else [_TIED, _DECODER]
     stored = {f"model.{key}" if key.startswith(_TOP_LEVEL_ENCODER) else key: key for key in keys}
@@ -198,11 +199,11 @@ def load_t5gemma_weights(backbone, keys, get_tensor, progress=None, read_part=No
         return stored.get(key, key)
 
     parts = {}
+    if read_ahead is not None:
+        parts["read_ahead"] = lambda keys: read_ahead([on_disk(key) for key in keys])
     if read_part is not None:
-        parts = {
-            "read_part": lambda key, index: read_part(on_disk(key), index),
-            "shape_of": lambda key: shape_of(on_disk(key)),
-        }
+        parts["read_part"] = lambda key, index: read_part(on_disk(key), index)
+        parts["shape_of"] = lambda key: shape_of(on_disk(key))
     assign_weights(
         list(t5gemma_weight_specs(backbone)),
         stored,

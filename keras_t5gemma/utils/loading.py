@@ -207,6 +207,11 @@ def _sharding(variable):
     return getattr(layout, "backend_layout", layout)
 
 
+def read_in_parts(variable):
+    """Whether `fill` reads `variable` one device's part at a time (given `read_part`): empty and laid out."""
+    return is_unfilled(variable) and _sharding(variable) is not None
+
+
 def fill(variable, read, read_part=None):
     """Gives `variable` its value from a checkpoint, cast to its dtype, without running its initializer.
 
@@ -219,8 +224,7 @@ def fill(variable, read, read_part=None):
             laid out over devices gets each device's part read on its own.
     """
     dtype = numpy_dtype(variable._dtype)
-    sharding = _sharding(variable) if is_unfilled(variable) else None
-    if sharding is not None and read_part is not None:
+    if read_part is not None and read_in_parts(variable):
         import jax
 
         parts = {}
@@ -232,7 +236,7 @@ def fill(variable, read, read_part=None):
                 parts[key] = np.asarray(read_part(index)).astype(dtype, copy=False)
             return parts[key]
 
-        variable._value = jax.make_array_from_callback(tuple(variable.shape), sharding, part)
+        variable._value = jax.make_array_from_callback(tuple(variable.shape), _sharding(variable), part)
         variable._initializer = None
         return
     value = read()
