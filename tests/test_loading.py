@@ -154,9 +154,9 @@ def _bundled_weights():
 @pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
 def test_each_tensor_is_asked_of_the_disk_before_it_is_read(hf_folder):
     """A load asks the kernel for every tensor after the first before reading it, in the order it reads them."""
-    advised, reads = [], []
+    advised, reads, stacked = [], [], []
     ready = threading.Condition()
-    advise, read = SafetensorsFile.advise, SafetensorsFile.read
+    advise, read, read_stacked = SafetensorsFile.advise, SafetensorsFile.read, SafetensorsFile.read_stacked
 
     def recording_advise(self, name):
         advise(self, name)
@@ -164,20 +164,33 @@ def test_each_tensor_is_asked_of_the_disk_before_it_is_read(hf_folder):
             advised.append(name)
             ready.notify_all()
 
-    def waiting_read(self, name):
+    def waited_for(name):
         if reads:  # each read waits (a while at most) for its tensor's read-ahead, so that none is outrun
             with ready:
                 ready.wait_for(lambda: name in advised, timeout=10)
         reads.append(name)
+
+    def waiting_read(self, name):
+        waited_for(name)
         return read(self, name)
+
+    def waiting_read_stacked(self, names):
+        for name in names:
+            waited_for(name)
+        stacked.append(names)
+        return read_stacked(self, names)
 
     with (
         mock.patch.object(SafetensorsFile, "advise", recording_advise),
         mock.patch.object(SafetensorsFile, "read", waiting_read),
+        mock.patch.object(SafetensorsFile, "read_stacked", waiting_read_stacked),
     ):
         backbone = T5Gemma2Backbone.from_preset(hf_folder, dtype="bfloat16")
     assert len(reads) == len({spec.key for spec in weight_specs(backbone)})
     assert advised == reads[1:]
+    # Each layer's gate and up projections, written next to each other, are read as one array.
+    layers = len(backbone.encoder.transformer_layers) + len(backbone.decoder.transformer_layers)
+    assert len(stacked) == layers and all(names[0].endswith("gate_proj.weight") for names in stacked)
 
 
 def test_read_ahead_stays_within_its_bytes_and_goes_at_least_one_tensor_ahead():
@@ -447,3 +460,40 @@ def test_a_tensor_is_read_as_a_view_of_the_file_and_unmapped_when_freed(tmp_path
     del array, base
     gc.collect()
     assert mapped() == 0, "the file stays mapped after its tensor is freed"
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+def test_copies_in_parallel_fill_every_variable_on_leaving_and_none_after_an_error():
+    from keras_t5gemma.utils.loading import built_without_values
+    from keras_t5gemma.utils.loading import copies_in_parallel
+    from keras_t5gemma.utils.loading import fill_from_values
+    from keras_t5gemma.utils.loading import is_unfilled
+
+    if keras.backend.backend() != "jax":
+        pytest.skip("the copies run in threads on JAX only")
+
+    def build():
+        layers = [keras.layers.Dense(3, dtype="bfloat16") for _ in range(5)]
+        for layer in layers:
+            layer.build((None, 4))
+        return layers
+
+    rng = np.random.default_rng(0)
+    layers = built_without_values(build)
+    values = {id(v): rng.standard_normal(v.shape).astype("float32") for layer in layers for v in layer.weights}
+    with copies_in_parallel(ahead_bytes=1):
+        for layer in layers:
+            for variable in layer.weights:
+                fill_from_values(variable, values[id(variable)].T.T)  # a view, as a transposed tensor is
+    for layer in layers:
+        for variable in layer.weights:
+            assert keras.backend.standardize_dtype(variable.dtype) == "bfloat16"
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(variable).astype("float32"),
+                values[id(variable)].astype(keras.ops.convert_to_numpy(variable).dtype).astype("float32"),
+            )
+    layers = built_without_values(build)
+    with pytest.raises(RuntimeError, match="stopped"), copies_in_parallel():
+        fill_from_values(layers[0].kernel, np.ones((4, 3), "float32"))
+        raise RuntimeError("stopped")
+    assert all(is_unfilled(variable) for layer in layers for variable in layer.weights)

@@ -137,6 +137,22 @@ class SafetensorsFile:
         with self._open() as file:
             return self._checked(name, lambda: file.get_slice(name)[tuple(index)])
 
+    def read_stacked(self, names):
+        """Tensors `names` stored back to back in this order, of one shape and dtype, as one array; else `None`.
+
+        The array, `(len(names), *shape)`, views the file as `read` does: a
+        fused kernel's tensors (the MLP's gate and up, adjacent in a file
+        written in name order) need no copy to be placed side by side.
+        """
+        entries = [self._entries[name] for name in names]
+        shape, dtype, start, _ = entries[0]
+        numpy_dtype = _NUMPY_DTYPES.get(dtype)
+        if numpy_dtype is None or entries[0][2] == entries[0][3] or any(e[:2] != (shape, dtype) for e in entries):
+            return None
+        if any(before[3] != after[2] for before, after in zip(entries, entries[1:])):
+            return None
+        return mapped_array(self.path, start, entries[-1][3], numpy_dtype, (len(names), *shape))
+
     def advise(self, name):
         """Asks the kernel to start reading tensor `name` into the page cache; returns once the reads are queued.
 
@@ -247,6 +263,13 @@ class HFCheckpoint:
     def read_part(self, key, index):
         """The part `index` (a tuple of slices) of tensor `key`."""
         return self._file(self._index()[key]).read_part(key, index)
+
+    def read_stacked(self, keys):
+        """`SafetensorsFile.read_stacked` of tensors `keys`; `None` when they are not back to back in one file."""
+        files = {self._index()[key] for key in keys}
+        if len(files) != 1:
+            return None
+        return self._file(files.pop()).read_stacked(keys)
 
     def advise(self, key):
         """`SafetensorsFile.advise`: the kernel starts reading tensor `key` into the page cache."""

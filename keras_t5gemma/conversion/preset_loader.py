@@ -22,6 +22,7 @@ from keras_t5gemma.models.t5gemma2.t5gemma2_classification import T5Gemma2Classi
 from keras_t5gemma.utils.keras_hub_compat import PresetLoader
 from keras_t5gemma.utils.loading import LoadProgress
 from keras_t5gemma.utils.loading import built_without_values
+from keras_t5gemma.utils.loading import copies_in_parallel
 from keras_t5gemma.utils.loading import initialize_unfilled
 from keras_t5gemma.utils.loading import model_bytes
 from keras_t5gemma.utils.preset_utils import RoutedOptionsLoader
@@ -72,10 +73,12 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
     def build_and_fill(self, build, dtype, quantize, load_weights_, progress, load):
         """`build_quantized(build, ...)` with no initializer run, each variable filled from the checkpoint.
 
-        `load(backbone, keys, read, read_part=..., shape_of=..., read_ahead=...)`
-        assigns the weights (`weights.load_weights`); a variable laid out over
-        devices gets only its devices' parts read, and the tensors read whole
-        are fetched from the disk one ahead of their conversion (`ReadAhead`). `progress` is the backbone option (see
+        `load(backbone, keys, read, read_part=..., shape_of=..., read_ahead=...,
+        read_stacked=...)` assigns the weights (`weights.load_weights`); a
+        variable laid out over devices gets only its devices' parts read, the
+        tensors read whole are fetched from the disk ahead of their conversion
+        (`ReadAhead`), a fused kernel's tensors stored back to back are read as
+        one array, and the copies into JAX run in two threads. `progress` is the backbone option (see
         `utils.loading.LoadProgress`).
         """
         if not load_weights_:
@@ -86,7 +89,7 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
         keys = checkpoint.keys()
         bar = LoadProgress(sum(checkpoint.nbytes(key) for key in keys), f"`{self.preset}`", progress)
 
-        with ReadAhead(checkpoint) as ahead:
+        with ReadAhead(checkpoint) as ahead, copies_in_parallel():
 
             def read(key):
                 ahead.passed(key)
@@ -94,12 +97,26 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
                 bar.advance(array.nbytes)
                 return array
 
+            def read_stacked(keys):
+                for key in keys:
+                    ahead.passed(key)
+                array = checkpoint.read_stacked(keys)
+                if array is not None:
+                    for key in keys:
+                        bar.advance(checkpoint.nbytes(key))
+                return array
+
             def read_part(key, index):
                 array = checkpoint.read_part(key, index)
                 bar.advance(array.nbytes)
                 return array
 
-            kwargs = {"read_part": read_part, "shape_of": checkpoint.shape, "read_ahead": ahead.plan}
+            kwargs = {
+                "read_part": read_part,
+                "shape_of": checkpoint.shape,
+                "read_ahead": ahead.plan,
+                "read_stacked": read_stacked,
+            }
             load(backbone, keys, read, **(kwargs if self.reads_parts(load) else {}))
         initialize_unfilled(backbone)
         bar.done(model_bytes(backbone))
@@ -107,8 +124,8 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
 
     @staticmethod
     def reads_parts(load):
-        """Whether `load` takes part reads and read-ahead (`read_part`, `shape_of`, `read_ahead`), as both
-        families' weight tables do."""
+        """Whether `load` takes the reader's options (`read_part`, `shape_of`, `read_ahead`, `read_stacked`),
+        as both families' weight tables do."""
         return "read_part" in inspect.signature(load).parameters
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):

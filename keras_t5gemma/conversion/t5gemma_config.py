@@ -183,14 +183,17 @@ _DECODER = re.compile(r"^model\.decoder\.")
 _TOP_LEVEL_ENCODER = "encoder."
 
 
-def load_t5gemma_weights(backbone, keys, get_tensor, progress=None, read_part=None, shape_of=None, read_ahead=None):
+def load_t5gemma_weights(
+    backbone, keys, get_tensor, progress=None, read_part=None, shape_of=None, read_ahead=None, read_stacked=None
+):
     """Assigns every `T5GemmaBackbone` variable from a checkpoint (see `weights.assign_weights`).
 
     An encoder-only backbone reads only the encoder's tensors, from a full
     checkpoint or an encoder-only one (`T5GemmaEncoderModel` keys included).
     With `read_part` and `shape_of` (as for `weights.load_weights`), a
     variable laid out over devices gets only each device's part read;
-    `read_ahead` is told the order of the whole reads.
+    `read_ahead` is told the order of the whole reads, and `read_stacked`
+    reads tensors stored back to back as one.
     """
     left_out = [_TIED] if backbone.decoder is not None else [_TIED, _DECODER]
     stored = {f"model.{key}" if key.startswith(_TOP_LEVEL_ENCODER) else key: key for key in keys}
@@ -201,6 +204,8 @@ def load_t5gemma_weights(backbone, keys, get_tensor, progress=None, read_part=No
     parts = {}
     if read_ahead is not None:
         parts["read_ahead"] = lambda keys: read_ahead([on_disk(key) for key in keys])
+    if read_stacked is not None:
+        parts["read_stacked"] = lambda keys: read_stacked([on_disk(key) for key in keys])
     if read_part is not None:
         parts["read_part"] = lambda key, index: read_part(on_disk(key), index)
         parts["shape_of"] = lambda key: shape_of(on_disk(key))

@@ -304,7 +304,9 @@ _VISION = re.compile(r"^model\.encoder\.(vision_tower|multi_modal_projector)\.")
 _DECODER = re.compile(r"^model\.decoder\.")
 
 
-def load_weights(backbone, keys, get_tensor, progress=None, read_part=None, shape_of=None, read_ahead=None):
+def load_weights(
+    backbone, keys, get_tensor, progress=None, read_part=None, shape_of=None, read_ahead=None, read_stacked=None
+):
     """Assigns every `T5Gemma2Backbone` variable from a checkpoint.
 
     Args:
@@ -312,8 +314,8 @@ def load_weights(backbone, keys, get_tensor, progress=None, read_part=None, shap
         keys: iterable of the checkpoint's keys, in any supported spelling.
         get_tensor: callable key -> array (a key as spelled in `keys`).
         progress: optional callable advanced by one per assigned tensor.
-        read_part, shape_of, read_ahead: optional part reads and read-ahead
-            (see `assign_weights`).
+        read_part, shape_of, read_ahead, read_stacked: optional part reads,
+            read-ahead and stacked reads (see `assign_weights`).
 
     Raises:
         ValueError: naming missing or unexpected tensors, or a shape mismatch.
@@ -335,6 +337,7 @@ def load_weights(backbone, keys, get_tensor, progress=None, read_part=None, shap
         read_part=read_part,
         shape_of=shape_of,
         read_ahead=read_ahead,
+        read_stacked=read_stacked,
     )
 
 
@@ -349,6 +352,7 @@ def assign_weights(
     read_part=None,
     shape_of=None,
     read_ahead=None,
+    read_stacked=None,
 ):
     """Assigns each `WeightSpec`'s variable from the checkpoint tensor it names.
 
@@ -371,6 +375,9 @@ def assign_weights(
             `get_tensor` will be asked for, in that order (those read whole),
             so that the reader can fetch each while the one before is
             converted (`checkpoint.ReadAhead`).
+        read_stacked: optional callable `keys -> array or None`: the tensors
+            `keys`, of one shape, as one array `(len(keys), *shape)` where the
+            reader holds them so (back to back in a file), else `None`.
 
     Raises:
         ValueError: naming missing or unexpected tensors, or a shape mismatch.
@@ -405,7 +412,7 @@ def assign_weights(
         whole = (slice(None),) * len(variable.shape)
 
         def read(group=group, keys=keys, whole=whole):
-            stacked = _stacked_as_stored(group, keys, get_tensor)
+            stacked = _stacked_as_stored(group, keys, get_tensor, read_stacked)
             if stacked is not None:
                 return stacked
             return _assembled(group, keys, whole, lambda spec, key, _: spec.convert(get_tensor(key)))
@@ -453,7 +460,7 @@ def _assembled(group, keys, index, read):
     return result
 
 
-def _stacked_as_stored(group, keys, get_tensor):
+def _stacked_as_stored(group, keys, get_tensor, read_stacked=None):
     """A fused variable whose tensors each fill one index of its part axis, or `None` for any other.
 
     The tensors are copied side by side as stored (plain copies), and the
@@ -461,6 +468,8 @@ def _stacked_as_stored(group, keys, get_tensor):
     transposition is left to the copy into the model (`utils.loading.fill`,
     which JAX does blockwise), instead of placing each tensor transposed
     with NumPy (the fused gate/up kernel of a 4b-4b load: 16 s of 40 s).
+    Tensors `read_stacked` gives as one array (stored back to back) are not
+    copied at all before that.
     """
     if len(group) < 2 or any(spec.part is None or spec.part[2] - spec.part[1] != 1 for spec in group):
         return None
@@ -476,7 +485,16 @@ def _stacked_as_stored(group, keys, get_tensor):
             or converted[:axis] + (1,) + converted[axis:] != spec.shape
         ):
             return None
-    stacked = None
+    order = [1 + stored for stored in permutation]
+    order = order[:axis] + [0] + order[axis:]
+    in_place = sorted(zip(group, keys), key=lambda pair: pair[0].part[1])
+    stacked = read_stacked([key for _, key in in_place]) if read_stacked is not None else None
+    if stacked is not None:
+        stacked = np.asarray(stacked)
+        for spec, _ in in_place:
+            spec._check_float(stacked)
+            spec.check_shape(stacked.shape[1:])
+        return stacked.transpose(order)
     for spec, key in zip(group, keys):
         array = np.asarray(get_tensor(key))
         spec._check_float(array)
@@ -487,8 +505,7 @@ def _stacked_as_stored(group, keys, get_tensor):
             stacked = stacked.astype(np.result_type(stacked, array))  # tensors stored in different precisions
         stacked[spec.part[1]] = array
         del array
-    order = [1 + stored for stored in permutation]
-    return stacked.transpose(order[:axis] + [0] + order[axis:])
+    return stacked.transpose(order)
 
 
 def _part_reader(group, keys, read_part, shape_of):
