@@ -40,16 +40,31 @@ FOLDER = "T5GEMMA2_LOADING_FOLDER"
 
 @contextlib.contextmanager
 def initializers_run():
-    """The ids of the variables whose initializer runs inside the block."""
+    """The ids of the variables whose initializer runs inside the block.
+
+    Also those read while still empty, which gives the initializer's values
+    (Keras' placeholder for tracing) instead of the checkpoint's.
+    """
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
     ran = []
     original = keras.Variable._initialize_with_initializer
     original = getattr(original, "original", original)
+    value = keras.Variable.value
 
     def recording(variable, initializer):
         ran.append(id(variable))
         return original(variable, initializer)
 
-    with mock.patch.object(keras.Variable, "_initialize_with_initializer", recording):
+    def recording_value(variable):
+        if variable._value is None and not in_stateless_scope():
+            ran.append(id(variable))
+        return value.fget(variable)
+
+    with (
+        mock.patch.object(keras.Variable, "_initialize_with_initializer", recording),
+        mock.patch.object(keras.Variable, "value", property(recording_value)),
+    ):
         yield ran
 
 

@@ -145,7 +145,8 @@ def _assign_or_fill(original):
     def assign(variable, value):
         if getattr(_filling, "active", False) and is_unfilled(variable) and _same_shape(variable, value):
             fill(variable, lambda: value)
-            return variable.value
+            # Not `variable.value`: while its copy is pending (`copies_in_parallel`) that runs the initializer.
+            return value
         return original(variable, value)
 
     assign.original = original

@@ -35,7 +35,6 @@ from keras_t5gemma.utils.hub import read_json_file
 from keras_t5gemma.utils.keras_hub_compat import KerasPresetLoader
 from keras_t5gemma.utils.keras_hub_compat import classproperty
 from keras_t5gemma.utils.loading import built_without_values
-from keras_t5gemma.utils.loading import copies_in_parallel
 from keras_t5gemma.utils.loading import fills_on_assign
 from keras_t5gemma.utils.loading import initialize_unfilled
 from keras_t5gemma.utils.safe_files import atomic_folder
@@ -332,7 +331,7 @@ class KerasPresetFolderLoader(RoutedOptionsLoader, KerasPresetLoader):
     def _filled(self, load, load_weights=True):
         outer, self._without_values = self._without_values, load_weights
         try:
-            with fills_on_assign(), copies_in_parallel():
+            with fills_on_assign():
                 model = load()
         finally:
             self._without_values = outer
