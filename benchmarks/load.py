@@ -392,6 +392,10 @@ def measure(size, args, folder):
                     len(results),
                 )
             )
+    if runs.get("ours_sharded") and runs.get("ours_hf"):
+        sharded = statistics.median(r["peak"] for r in runs["ours_sharded"])
+        whole = statistics.median(r["peak"] for r in runs["ours_hf"])
+        print(f"{size}: a 4-way process peaks at {sharded / whole:.2%} of the unsharded load's peak", flush=True)
     shutil.rmtree(folder, ignore_errors=True)
     return rows
 
