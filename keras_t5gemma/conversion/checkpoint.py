@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import struct
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -199,6 +200,7 @@ class HFCheckpoint:
         self.config = config if config is not None else self.json("config.json")
         check_config(self.config)
         self._files = {}
+        self._opening = threading.Lock()
         self._weight_map = None
 
     def path(self, name):
@@ -250,9 +252,10 @@ class HFCheckpoint:
         return weight_map
 
     def _file(self, name):
-        if name not in self._files:
-            self._files[name] = SafetensorsFile(self.path(name))
-        return self._files[name]
+        with self._opening:  # `ReadAhead`'s thread may open a file first
+            if name not in self._files:
+                self._files[name] = SafetensorsFile(self.path(name))
+            return self._files[name]
 
     def keys(self):
         return list(self._index())
