@@ -74,11 +74,12 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
         """`build_quantized(build, ...)` with no initializer run, each variable filled from the checkpoint.
 
         `load(backbone, keys, read, read_part=..., shape_of=..., read_ahead=...,
-        read_stacked=...)` assigns the weights (`weights.load_weights`); a
+        read_stacked=...)` assigns the weights (`weights.load_weights`): a
         variable laid out over devices gets only its devices' parts read, the
         tensors read whole are fetched from the disk ahead of their conversion
         (`ReadAhead`), a fused kernel's tensors stored back to back are read as
-        one array, and the copies into JAX run in two threads. `progress` is the backbone option (see
+        one array, and the copies into JAX run in two threads
+        (`copies_in_parallel`). `progress` is the backbone option (see
         `utils.loading.LoadProgress`).
         """
         if not load_weights_:
@@ -124,8 +125,7 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
 
     @staticmethod
     def reads_parts(load):
-        """Whether `load` takes the reader's options (`read_part`, `shape_of`, `read_ahead`, `read_stacked`),
-        as both families' weight tables do."""
+        """Whether `load` takes the reader's options (`read_part` and the rest), as both families' tables do."""
         return "read_part" in inspect.signature(load).parameters
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):

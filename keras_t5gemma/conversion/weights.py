@@ -141,12 +141,17 @@ class WeightSpec:
         Every variable is filled from float weights: an int8 variable of a
         quantized layer too (`assign_weights` quantizes them).
         """
-        array = np.asarray(array)
-        self._check_float(array)
-        self.check_shape(array.shape)
+        array = self.checked(array)
         if self.permutation is not None:
             array = np.transpose(array, self.permutation)
         return array.reshape(self.shape)
+
+    def checked(self, array, leading=0):
+        """`array` as stored, refused if it is not a float tensor of this spec's stored shape (after `leading` axes)."""
+        array = np.asarray(array)
+        self._check_float(array)
+        self.check_shape(array.shape[leading:])
+        return array
 
     def _check_float(self, array):
         if array.dtype.kind in "iub":
@@ -490,15 +495,11 @@ def _stacked_as_stored(group, keys, get_tensor, read_stacked=None):
     in_place = sorted(zip(group, keys), key=lambda pair: pair[0].part[1])
     stacked = read_stacked([key for _, key in in_place]) if read_stacked is not None else None
     if stacked is not None:
-        stacked = np.asarray(stacked)
         for spec, _ in in_place:
-            spec._check_float(stacked)
-            spec.check_shape(stacked.shape[1:])
+            stacked = spec.checked(stacked, leading=1)
         return stacked.transpose(order)
     for spec, key in zip(group, keys):
-        array = np.asarray(get_tensor(key))
-        spec._check_float(array)
-        spec.check_shape(array.shape)
+        array = spec.checked(get_tensor(key))
         if stacked is None:
             stacked = np.empty((len(group), *array.shape), array.dtype)
         elif np.result_type(stacked, array) != stacked.dtype:

@@ -242,12 +242,12 @@ def fill(variable, read, read_part=None):
         variable._initializer = None
         return
     value = read()
-    copies = getattr(_copying, "active", None)
-    if copies is not None and is_unfilled(variable) and not _is_jax_array(value):
-        copies.submit(variable, np.asarray(value), dtype)
-        return
     if not _is_jax_array(value):  # a JAX array (the int8 values quantize-on-load computes) stays where it is
         value = np.asarray(value)
+        copies = getattr(_copying, "active", None)
+        if copies is not None and is_unfilled(variable):
+            copies.submit(variable, lambda: _to_tensor(variable, value.astype(dtype, copy=False)), value.nbytes)
+            return
     value = value.astype(dtype, copy=False)
     if not is_unfilled(variable):
         variable.assign(value)
@@ -301,11 +301,10 @@ class _ParallelCopies:
         self.workers = workers
         self.ahead_bytes = ahead_bytes
 
-    def submit(self, variable, value, dtype):
-        future = self._pool.submit(_device_copy, value, dtype)
-        self._pending.append((variable, future, value.nbytes))
-        self._bytes += value.nbytes
-        del value
+    def submit(self, variable, copy, nbytes):
+        """Runs `copy()` (the backend tensor of a value of `nbytes`) on a worker; `variable` gets it later."""
+        self._pending.append((variable, self._pool.submit(copy), nbytes))
+        self._bytes += nbytes
         while len(self._pending) > self.workers or (len(self._pending) > 1 and self._bytes > self.ahead_bytes):
             self._finish_oldest()
 
@@ -325,12 +324,6 @@ class _ParallelCopies:
         """Waits for the copies running, drops the rest; their variables stay empty."""
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _device_copy(value, dtype):
-    import jax
-
-    return jax.device_put(value.astype(dtype, copy=False))
 
 
 def _is_jax_array(value):
