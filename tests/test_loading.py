@@ -98,6 +98,7 @@ def test_a_hugging_face_load_runs_no_initializer(hf_folder, dtype):
     backbone, initialized = _loaded(lambda: T5Gemma2Backbone.from_preset(hf_folder, dtype=dtype))
     assert initialized == []
     _assert_holds_the_checkpoint(backbone, hf_folder, dtype)
+    assert _holding_pages_of(backbone, hf_folder) == []
 
 
 @pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
@@ -148,6 +149,42 @@ def test_the_bundled_preset_written_before_loads_without_initializers():
     reference.load_weights(str(_bundled_weights()))
     for ours, theirs in zip(backbone.weights, reference.weights, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+
+
+def _holding_pages_of(model, folder):
+    """The paths of `model`'s variables whose memory (any device's shard) is mapped from a file under `folder`."""
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) > 5 and fields[5].startswith(str(folder)):
+                start, stop = (int(address, 16) for address in fields[0].split("-"))
+                spans.append((start, stop))
+    return [
+        variable.path
+        for variable in model.weights
+        for shard in variable.value.addressable_shards
+        if any(start <= shard.data.unsafe_buffer_pointer() < stop for start, stop in spans)
+    ]
+
+
+@pytest.mark.skipif(IN_CHILD, reason="runs in the parent process")
+def test_a_loaded_model_holds_no_page_of_its_files_and_survives_their_rewriting(tmp_path):
+    """Each value is copied out of the mapped file, even where JAX could keep the file's (aligned) memory.
+
+    A model holding the file's pages changed with the file, and died of
+    SIGBUS when Keras' `save_weights` truncated it in place to write it anew.
+    """
+    import shutil
+
+    folder = tmp_path / "preset"
+    shutil.copytree(_bundled_weights().parent, folder)
+    backbone = T5Gemma2Backbone.from_preset(str(folder))
+    assert _holding_pages_of(backbone, folder) == []
+    values = [keras.ops.convert_to_numpy(variable).copy() for variable in backbone.weights]
+    backbone.save_weights(str(folder / "model.weights.h5"))  # truncates the file first
+    for variable, value in zip(backbone.weights, values, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), value, err_msg=variable.path)
 
 
 def _buffer_owner(array):
@@ -385,6 +422,7 @@ def test_in_the_child_sharded_parts_only(family):
     ):
         backbone = backbone_class.from_preset(folder, dtype="bfloat16")
     assert not {id(v) for v in backbone.variables} & set(ran)
+    assert _holding_pages_of(backbone, folder) == []
     assert whole == [], f"whole tensors read: {whole[:5]}"
     assert advised == [], f"whole tensors asked of the disk ahead: {advised[:5]}"
     split = 0

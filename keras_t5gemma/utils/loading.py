@@ -238,7 +238,11 @@ def fill(variable, read, read_part=None):
                 parts[key] = np.asarray(read_part(index)).astype(dtype, copy=False)
             return parts[key]
 
-        variable._value = jax.make_array_from_callback(tuple(variable.shape), _sharding(variable), part)
+        sharding = _sharding(variable)
+        indices = sharding.addressable_devices_indices_map(tuple(variable.shape))
+        # Each device's buffer a copy of its own, never the file's pages (see `_to_tensor`).
+        shards = [_device_copy(part(index), device) for device, index in indices.items()]
+        variable._value = jax.make_array_from_single_device_arrays(tuple(variable.shape), sharding, shards)
         variable._initializer = None
         return
     value = read()
@@ -248,11 +252,11 @@ def fill(variable, read, read_part=None):
         if copies is not None and is_unfilled(variable):
             copies.submit(variable, lambda: _to_tensor(variable, value.astype(dtype, copy=False)), value.nbytes)
             return
-    value = value.astype(dtype, copy=False)
+    value = _to_tensor(variable, value.astype(dtype, copy=False))
     if not is_unfilled(variable):
         variable.assign(value)
         return
-    _initialize(variable, _to_tensor(variable, value))
+    _initialize(variable, value)
 
 
 def _initialize(variable, tensor):
@@ -331,16 +335,41 @@ def _is_jax_array(value):
 
 
 def _to_tensor(variable, value):
-    """`value` (a NumPy array in `variable`'s dtype) as a backend tensor, copied once.
+    """`value` (a NumPy array in `variable`'s dtype, or a JAX array) as a backend tensor, copied once.
 
     Keras' conversion of a bfloat16 array on JAX copies it twice
-    (`jnp.asarray(x).astype(dtype)`); `jax.device_put` copies it once.
+    (`jnp.asarray(x).astype(dtype)`); `jax.device_put` copies it once. The
+    copy is never skipped for a view of a mapped file (`mapped_array`): on
+    CPU, JAX (and torch) would keep an aligned array's memory as the
+    variable's, so the model would hold the file's pages, and a file
+    rewritten in place (`save_weights` over it truncates it first) would
+    kill the process with SIGBUS on the next read of that variable.
     """
     if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.device_put(value)
+        return value if _is_jax_array(value) else _device_copy(value)
+    if isinstance(value, np.ndarray) and views_a_mapped_file(value):
+        value = np.array(value)
     return variable._convert_to_tensor(value, dtype=variable._dtype)
+
+
+def _device_copy(array, device=None):
+    """NumPy `array` as a JAX array of its own memory on `device`, copied once."""
+    import jax
+
+    tensor = jax.device_put(array, device)
+    # JAX's CPU client keeps an aligned array's memory (`may_alias=False` does not stop it for NumPy input).
+    if tensor.unsafe_buffer_pointer() == array.ctypes.data:
+        # Waited for, so that the file's pages are let go of now, not beside the next tensors' copies.
+        tensor = tensor.copy().block_until_ready()
+    return tensor
+
+
+def views_a_mapped_file(array):
+    """Whether NumPy `array` views the pages of a mapped file (`mapped_array`, `np.memmap`)."""
+    base = array
+    while isinstance(base, (np.ndarray, memoryview)) and not isinstance(base, np.memmap):
+        base = base.obj if isinstance(base, memoryview) else base.base
+    return isinstance(base, (mmap.mmap, np.memmap))
 
 
 def fill_from_values(variable, value):
