@@ -5,8 +5,6 @@ so that every class's `from_preset` (see `keras_t5gemma.utils.preset_utils`)
 converts such checkpoints on load.
 """
 
-import inspect
-
 from keras_t5gemma.conversion.checkpoint import HFCheckpoint
 from keras_t5gemma.conversion.checkpoint import ReadAhead
 from keras_t5gemma.conversion.checkpoint import return_freed_memory_to_the_system
@@ -15,6 +13,7 @@ from keras_t5gemma.conversion.config import check_t5gemma2_config
 from keras_t5gemma.conversion.image_processor import image_converter_kwargs_from_hf
 from keras_t5gemma.conversion.quantized_loading import build_quantized
 from keras_t5gemma.conversion.weights import CLASSIFIER_HEAD_KEY
+from keras_t5gemma.conversion.weights import TensorReader
 from keras_t5gemma.conversion.weights import load_classifier_head
 from keras_t5gemma.conversion.weights import load_weights
 from keras_t5gemma.models.t5gemma2.t5gemma2_backbone import T5Gemma2Backbone
@@ -26,6 +25,42 @@ from keras_t5gemma.utils.loading import copies_in_parallel
 from keras_t5gemma.utils.loading import initialize_unfilled
 from keras_t5gemma.utils.loading import model_bytes
 from keras_t5gemma.utils.preset_utils import RoutedOptionsLoader
+
+
+class _LoadingReader(TensorReader):
+    """A checkpoint as a load reads it: each whole read passed to its `ReadAhead`, every byte counted on the bar."""
+
+    reads_parts = True
+
+    def __init__(self, checkpoint, ahead, bar):
+        super().__init__()
+        self._checkpoint, self._ahead, self._bar = checkpoint, ahead, bar
+
+    def read(self, key):
+        self._ahead.passed(key)
+        array = self._checkpoint.read(key)
+        self._bar.advance(array.nbytes)
+        return array
+
+    def read_stacked(self, keys):
+        for key in keys:
+            self._ahead.passed(key)
+        array = self._checkpoint.read_stacked(keys)
+        if array is not None:
+            for key in keys:  # one step per tensor for a `progress` callable
+                self._bar.advance(self._checkpoint.nbytes(key))
+        return array
+
+    def read_part(self, key, index):
+        array = self._checkpoint.read_part(key, index)
+        self._bar.advance(array.nbytes)
+        return array
+
+    def shape(self, key):
+        return self._checkpoint.shape(key)
+
+    def plan(self, keys):
+        self._ahead.plan(keys)
 
 
 class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
@@ -73,14 +108,13 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
     def build_and_fill(self, build, dtype, quantize, load_weights_, progress, load):
         """`build_quantized(build, ...)` with no initializer run, each variable filled from the checkpoint.
 
-        `load(backbone, keys, read, read_part=..., shape_of=..., read_ahead=...,
-        read_stacked=...)` assigns the weights (`weights.load_weights`): a
-        variable laid out over devices gets only its devices' parts read, the
-        tensors read whole are fetched from the disk ahead of their conversion
-        (`ReadAhead`), a fused kernel's tensors stored back to back are read as
-        one array, and the copies into JAX run in two threads
-        (`copies_in_parallel`). `progress` is the backbone option (see
-        `utils.loading.LoadProgress`).
+        `load(backbone, keys, reader)` assigns the weights
+        (`weights.load_weights`) from a `_LoadingReader`: a variable laid out
+        over devices gets only its devices' parts read, the tensors read whole
+        are fetched from the disk ahead of their conversion (`ReadAhead`), a
+        fused kernel's tensors stored back to back are read as one array, and
+        the copies into JAX run in two threads (`copies_in_parallel`).
+        `progress` is the backbone option (see `utils.loading.LoadProgress`).
         """
         if not load_weights_:
             return build_quantized(build, dtype, quantize)
@@ -89,44 +123,11 @@ class T5Gemma2CheckpointLoader(RoutedOptionsLoader, PresetLoader):
         checkpoint = self.checkpoint
         keys = checkpoint.keys()
         bar = LoadProgress(sum(checkpoint.nbytes(key) for key in keys), f"`{self.preset}`", progress)
-
         with ReadAhead(checkpoint) as ahead, copies_in_parallel():
-
-            def read(key):
-                ahead.passed(key)
-                array = checkpoint.read(key)
-                bar.advance(array.nbytes)
-                return array
-
-            def read_stacked(keys):
-                for key in keys:
-                    ahead.passed(key)
-                array = checkpoint.read_stacked(keys)
-                if array is not None:
-                    for key in keys:
-                        bar.advance(checkpoint.nbytes(key))
-                return array
-
-            def read_part(key, index):
-                array = checkpoint.read_part(key, index)
-                bar.advance(array.nbytes)
-                return array
-
-            kwargs = {
-                "read_part": read_part,
-                "shape_of": checkpoint.shape,
-                "read_ahead": ahead.plan,
-                "read_stacked": read_stacked,
-            }
-            load(backbone, keys, read, **(kwargs if self.reads_parts(load) else {}))
+            load(backbone, keys, _LoadingReader(checkpoint, ahead, bar))
         initialize_unfilled(backbone)
         bar.done(model_bytes(backbone))
         return backbone
-
-    @staticmethod
-    def reads_parts(load):
-        """Whether `load` takes the reader's options (`read_part` and the rest), as both families' tables do."""
-        return "read_part" in inspect.signature(load).parameters
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):
         image_token_id = self.config.get("image_token_index", 256_001)

@@ -14,6 +14,7 @@ from keras_t5gemma.conversion.weights import LINEAR
 from keras_t5gemma.conversion.weights import WeightSpec
 from keras_t5gemma.conversion.weights import assign_weights
 from keras_t5gemma.conversion.weights import gate_up_specs
+from keras_t5gemma.conversion.weights import tensor_reader
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import SLIDING
 from keras_t5gemma.models.t5gemma.t5gemma_backbone import T5GemmaBackbone
@@ -183,41 +184,23 @@ _DECODER = re.compile(r"^model\.decoder\.")
 _TOP_LEVEL_ENCODER = "encoder."
 
 
-def load_t5gemma_weights(
-    backbone, keys, get_tensor, progress=None, read_part=None, shape_of=None, read_ahead=None, read_stacked=None
-):
+def load_t5gemma_weights(backbone, keys, reader, progress=None):
     """Assigns every `T5GemmaBackbone` variable from a checkpoint (see `weights.assign_weights`).
 
     An encoder-only backbone reads only the encoder's tensors, from a full
     checkpoint or an encoder-only one (`T5GemmaEncoderModel` keys included).
-    With `read_part` and `shape_of` (as for `weights.load_weights`), a
-    variable laid out over devices gets only each device's part read;
-    `read_ahead` is told the order of the whole reads, and `read_stacked`
-    reads tensors stored back to back as one.
+    `reader` is a `weights.TensorReader` or a callable key -> array.
     """
     left_out = [_TIED] if backbone.decoder is not None else [_TIED, _DECODER]
     stored = {f"model.{key}" if key.startswith(_TOP_LEVEL_ENCODER) else key: key for key in keys}
-
-    def on_disk(key):
-        return stored.get(key, key)
-
-    parts = {}
-    if read_ahead is not None:
-        parts["read_ahead"] = lambda keys: read_ahead([on_disk(key) for key in keys])
-    if read_stacked is not None:
-        parts["read_stacked"] = lambda keys: read_stacked([on_disk(key) for key in keys])
-    if read_part is not None:
-        parts["read_part"] = lambda key, index: read_part(on_disk(key), index)
-        parts["shape_of"] = lambda key: shape_of(on_disk(key))
     assign_weights(
         list(t5gemma_weight_specs(backbone)),
         stored,
-        lambda key: get_tensor(on_disk(key)),
+        tensor_reader(reader).renamed(lambda key: stored.get(key, key)),
         left_out,
         progress=progress,
         model_name="a T5Gemma checkpoint matching its config",
         quantized=quantized_layers(backbone),
-        **parts,
     )
 
 

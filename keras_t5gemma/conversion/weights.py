@@ -309,18 +309,15 @@ _VISION = re.compile(r"^model\.encoder\.(vision_tower|multi_modal_projector)\.")
 _DECODER = re.compile(r"^model\.decoder\.")
 
 
-def load_weights(
-    backbone, keys, get_tensor, progress=None, read_part=None, shape_of=None, read_ahead=None, read_stacked=None
-):
+def load_weights(backbone, keys, reader, progress=None):
     """Assigns every `T5Gemma2Backbone` variable from a checkpoint.
 
     Args:
         backbone: a `T5Gemma2Backbone`.
         keys: iterable of the checkpoint's keys, in any supported spelling.
-        get_tensor: callable key -> array (a key as spelled in `keys`).
+        reader: a `TensorReader`, or a callable key -> array (a key as
+            spelled in `keys`).
         progress: optional callable advanced by one per assigned tensor.
-        read_part, shape_of, read_ahead, read_stacked: optional part reads,
-            read-ahead and stacked reads (see `assign_weights`).
 
     Raises:
         ValueError: naming missing or unexpected tensors, or a shape mismatch.
@@ -333,38 +330,93 @@ def load_weights(
     assign_weights(
         list(weight_specs(backbone)),
         keys,
-        get_tensor,
+        reader,
         left_out,
         progress=progress,
         model_name="a T5Gemma 2 checkpoint matching its config (and does it include the vision tower, if the "
         "config has one)",
         quantized=quantized_layers(backbone),
-        read_part=read_part,
-        shape_of=shape_of,
-        read_ahead=read_ahead,
-        read_stacked=read_stacked,
     )
 
 
+class TensorReader:
+    """The checkpoint a weights table reads: whole tensors by key, and whatever more its source can do.
+
+    Made from `get_tensor` (key -> array), it reads whole tensors only. A
+    reader of files (`preset_loader`) overrides the rest: `read_part(key,
+    index)` (`index` in the stored layout) and `shape(key)` when
+    `reads_parts`, so that a variable laid out over devices gets only its
+    devices' parts read (`utils.loading.fill`); `plan(keys)`, told before
+    the first read the keys `read` will be asked for, in that order, to fetch
+    each while the one before is converted (`checkpoint.ReadAhead`); and
+    `read_stacked(keys)`, tensors of one shape stored back to back as one
+    array `(len(keys), *shape)`.
+    """
+
+    reads_parts = False
+
+    def __init__(self, get_tensor=None):
+        self._get_tensor = get_tensor
+
+    def read(self, key):
+        return self._get_tensor(key)
+
+    def read_part(self, key, index):
+        raise NotImplementedError(f"{type(self).__name__} reads whole tensors only.")
+
+    def shape(self, key):
+        raise NotImplementedError(f"{type(self).__name__} reads whole tensors only.")
+
+    def plan(self, keys):
+        """Told the keys `read` will be asked for, in that order (nothing to do here)."""
+
+    def read_stacked(self, keys):
+        """The tensors `keys` as one array where the source holds them so, else `None` (here always)."""
+        return None
+
+    def renamed(self, on_disk):
+        """This reader with every key passed through `on_disk` first."""
+        return _RenamedReader(self, on_disk)
+
+
+class _RenamedReader(TensorReader):
+    def __init__(self, reader, on_disk):
+        super().__init__()
+        self._reader, self._on_disk = reader, on_disk
+        self.reads_parts = reader.reads_parts
+
+    def read(self, key):
+        return self._reader.read(self._on_disk(key))
+
+    def read_part(self, key, index):
+        return self._reader.read_part(self._on_disk(key), index)
+
+    def shape(self, key):
+        return self._reader.shape(self._on_disk(key))
+
+    def plan(self, keys):
+        self._reader.plan([self._on_disk(key) for key in keys])
+
+    def read_stacked(self, keys):
+        return self._reader.read_stacked([self._on_disk(key) for key in keys])
+
+
+def tensor_reader(reader):
+    """`reader` as a `TensorReader`: itself, or a callable key -> array made one."""
+    return reader if isinstance(reader, TensorReader) else TensorReader(reader)
+
+
 def assign_weights(
-    specs,
-    keys,
-    get_tensor,
-    left_out,
-    progress=None,
-    model_name="a checkpoint matching its config",
-    quantized=None,
-    read_part=None,
-    shape_of=None,
-    read_ahead=None,
-    read_stacked=None,
+    specs, keys, reader, left_out, progress=None, model_name="a checkpoint matching its config", quantized=None
 ):
     """Assigns each `WeightSpec`'s variable from the checkpoint tensor it names.
 
     Args:
         specs: list of `WeightSpec`.
         keys: iterable of the checkpoint's keys, in any supported spelling.
-        get_tensor: callable key -> array (a key as spelled in `keys`).
+        reader: a `TensorReader` (parts, read-ahead and stacked reads where
+            it has them), or a callable key -> array (a key as spelled in
+            `keys`).
         left_out: compiled patterns of checkpoint keys the model has no place
             for on purpose (tied copies, parts not built).
         progress: optional callable advanced by one per assigned tensor.
@@ -372,17 +424,6 @@ def assign_weights(
         quantized: `{id(variable): layer}` of the model's quantized variables
             (`quantized_loading.quantized_layers`); each is filled with its
             float tensor quantized as `layer.quantize` would.
-        read_part: optional callable `(key, index) -> array`, a part of a
-            checkpoint tensor (`index` in its stored layout), with `shape_of`
-            (`key -> stored shape`): a variable laid out over devices then
-            gets only each device's part read (`utils.loading.fill`).
-        read_ahead: optional callable given, before the first read, the keys
-            `get_tensor` will be asked for, in that order (those read whole),
-            so that the reader can fetch each while the one before is
-            converted (`checkpoint.ReadAhead`).
-        read_stacked: optional callable `keys -> array or None`: the tensors
-            `keys`, of one shape, as one array `(len(keys), *shape)` where the
-            reader holds them so (back to back in a file), else `None`.
 
     Raises:
         ValueError: naming missing or unexpected tensors, or a shape mismatch.
@@ -400,34 +441,34 @@ def assign_weights(
             f"The checkpoint has {len(unexpected)} tensors this model has no place for, "
             f"e.g. {unexpected[:5]}. Does the config match the weights?"
         )
+    reader = tensor_reader(reader)
     quantized = quantized or {}
     groups = _by_variable(specs)
-    if read_ahead is not None:
-        read_ahead(
-            [
-                by_canonical[spec.key]
-                for group in groups
-                if read_part is None or id(group[0].variable) in quantized or not read_in_parts(group[0].variable)
-                for spec in group
-            ]
-        )
+    reader.plan(
+        [
+            by_canonical[spec.key]
+            for group in groups
+            if not reader.reads_parts or id(group[0].variable) in quantized or not read_in_parts(group[0].variable)
+            for spec in group
+        ]
+    )
     for group in groups:
         variable = group[0].variable
         keys = [by_canonical[spec.key] for spec in group]
         whole = (slice(None),) * len(variable.shape)
 
         def read(group=group, keys=keys, whole=whole):
-            stacked = _stacked_as_stored(group, keys, get_tensor, read_stacked)
+            stacked = _stacked_as_stored(group, keys, reader)
             if stacked is not None:
                 return stacked
-            return _assembled(group, keys, whole, lambda spec, key, _: spec.convert(get_tensor(key)))
+            return _assembled(group, keys, whole, lambda spec, key, _: spec.convert(reader.read(key)))
 
         layer = quantized.get(id(variable))
         if layer is not None:
             # The float tensor is never named here, so it is freed before the int8 values are assigned.
             assign_by_name(layer, quantized_values(layer, variable.name, read()))
         else:
-            fill(variable, read, _part_reader(group, keys, read_part, shape_of))
+            fill(variable, read, _part_reader(group, keys, reader))
         if progress is not None:
             progress(len(group))
 
@@ -465,7 +506,7 @@ def _assembled(group, keys, index, read):
     return result
 
 
-def _stacked_as_stored(group, keys, get_tensor, read_stacked=None):
+def _stacked_as_stored(group, keys, reader):
     """A fused variable whose tensors each fill one index of its part axis, or `None` for any other.
 
     The tensors are copied side by side as stored (plain copies), and the
@@ -473,8 +514,8 @@ def _stacked_as_stored(group, keys, get_tensor, read_stacked=None):
     transposition is left to the copy into the model (`utils.loading.fill`,
     which JAX does blockwise), instead of placing each tensor transposed
     with NumPy (the fused gate/up kernel of a 4b-4b load: 16 s of 40 s).
-    Tensors `read_stacked` gives as one array (stored back to back) are not
-    copied at all before that.
+    Tensors the reader's `read_stacked` gives as one array (stored back to
+    back) are not copied at all before that.
     """
     if len(group) < 2 or any(spec.part is None or spec.part[2] - spec.part[1] != 1 for spec in group):
         return None
@@ -493,13 +534,13 @@ def _stacked_as_stored(group, keys, get_tensor, read_stacked=None):
     order = [1 + stored for stored in permutation]
     order = order[:axis] + [0] + order[axis:]
     in_place = sorted(zip(group, keys), key=lambda pair: pair[0].part[1])
-    stacked = read_stacked([key for _, key in in_place]) if read_stacked is not None else None
+    stacked = reader.read_stacked([key for _, key in in_place])
     if stacked is not None:
         for spec, _ in in_place:
             stacked = spec.checked(stacked, leading=1)
         return stacked.transpose(order)
     for spec, key in zip(group, keys):
-        array = spec.checked(get_tensor(key))
+        array = spec.checked(reader.read(key))
         if stacked is None:
             stacked = np.empty((len(group), *array.shape), array.dtype)
         elif np.result_type(stacked, array) != stacked.dtype:
@@ -509,13 +550,13 @@ def _stacked_as_stored(group, keys, get_tensor, read_stacked=None):
     return stacked.transpose(order)
 
 
-def _part_reader(group, keys, read_part, shape_of):
-    """`index -> the variable's part`, reading only what the tensors hold of it; `None` without `read_part`."""
-    if read_part is None:
+def _part_reader(group, keys, reader):
+    """`index -> the variable's part`, reading only what the tensors hold of it; `None` if `reader` reads no parts."""
+    if not reader.reads_parts:
         return None
 
     def read(spec, key, within):
-        return spec.convert_part(lambda stored: read_part(key, stored), shape_of(key), within)
+        return spec.convert_part(lambda stored: reader.read_part(key, stored), reader.shape(key), within)
 
     return lambda index: _assembled(group, keys, index, read)
 
