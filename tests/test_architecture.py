@@ -241,8 +241,14 @@ def test_presets_and_keras_files_saved_before_the_move_still_load(tmp_path):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
 
 
-def _with_gate_and_up_saved_apart(source, target):
-    """A Keras weights file as versions before the fused `gate_up` kernel saved it: `gate_dense` and `up_dense`."""
+def _with_fused_kernels_saved_apart(source, target, text_heads):
+    """A Keras weights file as versions before the fused kernels saved it.
+
+    The MLP's `gate_up_dense` as `gate_dense` and `up_dense` (Dense layers),
+    the attention's `query_key_value_dense` as `query_dense`, `key_dense`
+    and `value_dense` (`text_heads`: the text stacks' query and key/value head
+    counts; the vision tower's are equal).
+    """
     import shutil
 
     import h5py
@@ -250,22 +256,37 @@ def _with_gate_and_up_saved_apart(source, target):
     shutil.copyfile(source, target)
     with h5py.File(target, "r+") as file:
         fused = []
-        file.visit(lambda name: fused.append(name) if name.endswith("feedforward/gate_up_dense") else None)
+        file.visit(
+            lambda name: fused.append(name) if name.endswith(("/gate_up_dense", "/query_key_value_dense")) else None
+        )
         for name in fused:
             parent = name.rsplit("/", 1)[0]
             variables = file[f"{name}/vars"]
-            for i, part in enumerate(("gate_dense", "up_dense")):
+            if name.endswith("/gate_up_dense"):
+                # The kernel `(D, 2, I)` and an int8 scale `(1, 1, 2, I)`, as Dense layers held them.
+                parts = [
+                    (part, lambda value, i=i: value[:, i] if value.ndim == 3 else value.reshape(2, -1)[i])
+                    for i, part in enumerate(("gate_dense", "up_dense"))
+                ]
+            else:
+                heads = variables["0"].shape[1]
+                query, key_value = text_heads if "vision" not in name else (heads // 3, heads // 3)
+                spans = [(0, query), (query, query + key_value), (query + key_value, heads)]
+                # The kernel `(D, N + 2K, H)`, a bias `(N + 2K, H)`, an int8 scale `(1, 1, N + 2K, H)`.
+                parts = [
+                    (part, lambda value, a=a, b=b: value[..., a:b, :])
+                    for part, (a, b) in zip(("query_dense", "key_dense", "value_dense"), spans, strict=True)
+                ]
+            for part, take in parts:
                 group = file.create_group(f"{parent}/{part}/vars")
                 for key in variables:
-                    value = variables[key][()]
-                    # The kernel `(D, 2, I)` and an int8 scale `(1, 1, 2, I)`, as Dense layers held them.
-                    group[key] = value[:, i] if value.ndim == 3 else value.reshape(2, -1)[i]
+                    group[key] = take(variables[key][()])
             del file[name]
     return fused
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
-def test_weights_saved_with_gate_and_up_apart_load_into_the_fused_kernel(tmp_path, quantized):
+def test_weights_saved_with_the_fused_projections_apart_load_into_the_fused_kernels(tmp_path, quantized):
     import keras
 
     from keras_t5gemma import T5Gemma2Backbone
@@ -274,8 +295,11 @@ def test_weights_saved_with_gate_and_up_apart_load_into_the_fused_kernel(tmp_pat
     if quantized:
         backbone.quantize("int8")
     backbone.save_weights(tmp_path / "new.weights.h5")
-    fused = _with_gate_and_up_saved_apart(tmp_path / "new.weights.h5", tmp_path / "old.weights.h5")
-    assert len(fused) == 4  # 2 encoder and 2 decoder layers
+    attention = backbone.encoder.transformer_layers[0].attention
+    text_heads = (attention.num_heads, attention.num_key_value_heads)
+    fused = _with_fused_kernels_saved_apart(tmp_path / "new.weights.h5", tmp_path / "old.weights.h5", text_heads)
+    # 2 encoder and 2 decoder layers (gate/up and query/key/value each), 1 vision layer (query/key/value).
+    assert len(fused) == 9
     reloaded = T5Gemma2Backbone.from_config(backbone.get_config())
     if quantized:
         reloaded.quantize("int8")

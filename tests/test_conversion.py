@@ -182,7 +182,7 @@ def test_config_not_matching_the_weights_is_reported(checkpoints, tmp_path):
 def test_bfloat16_conversion(checkpoints, rng):
     folder, model = checkpoints["single"]
     seq_2_seq_lm = T5Gemma2Seq2SeqLM.from_preset(str(folder), dtype="bfloat16")
-    kernel = seq_2_seq_lm.backbone.encoder.transformer_layers[0].attention.query_dense.kernel
+    kernel = seq_2_seq_lm.backbone.encoder.transformer_layers[0].attention.query_key_value_dense.kernel
     assert keras.backend.standardize_dtype(kernel.dtype) == "bfloat16"
     # bf16 weights and compute, against transformers in bf16 on the same weights rounded to bf16.
     reference = copy.deepcopy(model).to(torch.bfloat16)

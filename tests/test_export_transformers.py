@@ -205,10 +205,12 @@ def test_after_fit_transformers_computes_what_we_compute(checkpoint, tmp_path, r
     seq_2_seq_lm.preprocessor.decoder_sequence_length = 8
     seq_2_seq_lm.compile(optimizer=keras.optimizers.Adam(0.05))
     before = keras.ops.convert_to_numpy(
-        seq_2_seq_lm.backbone.decoder.transformer_layers[0].attention.query_dense.kernel
+        seq_2_seq_lm.backbone.decoder.transformer_layers[0].attention.query_key_value_dense.kernel
     )
     seq_2_seq_lm.fit({"encoder_text": ["fox jumped", "a b"], "decoder_text": ["dog", "c"]}, batch_size=2, verbose=0)
-    after = keras.ops.convert_to_numpy(seq_2_seq_lm.backbone.decoder.transformer_layers[0].attention.query_dense.kernel)
+    after = keras.ops.convert_to_numpy(
+        seq_2_seq_lm.backbone.decoder.transformer_layers[0].attention.query_key_value_dense.kernel
+    )
     assert np.abs(after - before).max() > 1e-3  # the step (or the adapter) moved the weights
     _compare_with_transformers(seq_2_seq_lm, seq_2_seq_lm.export_to_transformers(tmp_path / "exported"), rng)
 

@@ -105,7 +105,7 @@ def test_a_hugging_face_load_runs_no_initializer(hf_folder, dtype):
 def test_a_quantized_load_runs_none_of_the_models_initializers(hf_folder):
     backbone, initialized = _loaded(lambda: T5Gemma2Backbone.from_preset(hf_folder, quantize="int8", text_only=True))
     assert initialized == []
-    kernel = backbone.encoder.transformer_layers[0].attention.query_dense._kernel
+    kernel = backbone.encoder.transformer_layers[0].attention.query_key_value_dense._kernel
     assert keras.backend.standardize_dtype(kernel.dtype) == "int8"
 
 

@@ -68,3 +68,33 @@ def test_one_row_of_int8_runs_as_two_rows_on_jax_cpu():
     layer.quantize("int8")
     compiled = jax.jit(lambda x: layer(x)).lower(np.ones((1, 1, 16), "float32")).compile().as_text()
     assert "s8[2,1,16]" in compiled.replace(" ", "") or "s8[2,16]" in compiled.replace(" ", ""), compiled
+
+
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "lora", "int8"])
+def test_some_parts_of_a_fused_projection_compute_as_the_whole_does(mode):
+    """`call_parts` (the decoder's keys and values of the encoder output) against the whole product's slice."""
+    from keras_t5gemma.layers.projections import FusedEinsumDense
+
+    layer = FusedEinsumDense(
+        "btd,dnh->btnh",
+        (None, 7, 3),
+        parts=("query_dense", "key_dense", "value_dense"),
+        part_sizes=(3, 2, 2),
+        bias_axes="nh",
+        bias_initializer="random_normal",
+        dtype="bfloat16" if mode == "bfloat16" else "float32",
+    )
+    inputs = np.random.default_rng(0).standard_normal((2, 5, 8)).astype("float32")
+    layer.build(inputs.shape)
+    if mode == "lora":
+        layer.enable_lora(2)
+        layer.lora_kernel_b.assign(np.ones(layer.lora_kernel_b.shape, "float32"))  # the adapter changes the kernel
+    if mode == "int8":
+        layer.quantize("int8")
+    assert layer.part_span(1, 2) == (3, 7) and layer.part_span(0) == (0, 3)
+    whole = keras.ops.convert_to_numpy(keras.ops.cast(layer(inputs), "float32"))
+    for first, last in [(0, 0), (1, 2), (2, 2)]:
+        start, stop = layer.part_span(first, last)
+        parts = keras.ops.convert_to_numpy(keras.ops.cast(layer.call_parts(inputs, first, last), "float32"))
+        tolerance = 1e-2 if mode == "bfloat16" else 1e-6
+        np.testing.assert_allclose(parts, whole[:, :, start:stop], rtol=tolerance, atol=tolerance)

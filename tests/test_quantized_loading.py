@@ -101,7 +101,7 @@ def test_a_quantized_backbone_with_a_vision_tower_rebuilds_from_its_config():
     # What `save_to_preset` / `.keras` reloads build: every quantized layer, the vision tower's too.
     restored = T5Gemma2Backbone.from_config(backbone.get_config())
     assert restored.vision_encoder.projection.quantization_mode == "int8"
-    assert restored.vision_encoder.vision_layers[0].attention.query_dense.quantization_mode == "int8"
+    assert restored.vision_encoder.vision_layers[0].attention.query_key_value_dense.quantization_mode == "int8"
     restored.set_weights(backbone.get_weights())
     assert _dtype(restored.vision_encoder.projection._kernel) == "int8"
 

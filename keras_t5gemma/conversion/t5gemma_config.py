@@ -14,6 +14,7 @@ from keras_t5gemma.conversion.weights import LINEAR
 from keras_t5gemma.conversion.weights import WeightSpec
 from keras_t5gemma.conversion.weights import assign_weights
 from keras_t5gemma.conversion.weights import gate_up_specs
+from keras_t5gemma.conversion.weights import query_key_value_specs
 from keras_t5gemma.conversion.weights import tensor_reader
 from keras_t5gemma.layers.masks import FULL
 from keras_t5gemma.layers.masks import SLIDING
@@ -142,9 +143,12 @@ def backbone_from_t5gemma_config(config, encoder_only=False, dtype=None, cls=T5G
 
 
 def _attention_specs(attention, prefix):
-    yield WeightSpec(float_weight(attention.query_dense), f"{prefix}.q_proj.weight", LINEAR)
-    yield WeightSpec(float_weight(attention.key_dense), f"{prefix}.k_proj.weight", LINEAR)
-    yield WeightSpec(float_weight(attention.value_dense), f"{prefix}.v_proj.weight", LINEAR)
+    if attention.fused:
+        yield from query_key_value_specs(attention, prefix)
+    else:  # a cross-attention block
+        yield WeightSpec(float_weight(attention.query_dense), f"{prefix}.q_proj.weight", LINEAR)
+        yield WeightSpec(float_weight(attention.key_dense), f"{prefix}.k_proj.weight", LINEAR)
+        yield WeightSpec(float_weight(attention.value_dense), f"{prefix}.v_proj.weight", LINEAR)
     yield WeightSpec(float_weight(attention.output_dense), f"{prefix}.o_proj.weight", LINEAR, input_axes=2)
 
 

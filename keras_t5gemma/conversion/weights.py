@@ -230,14 +230,27 @@ def _text_layer_specs(layer, prefix):
     yield WeightSpec(layer.post_attention_norm.scale, f"{prefix}.post_self_attn_layernorm.weight")
     yield WeightSpec(layer.pre_feedforward_norm.scale, f"{prefix}.pre_feedforward_layernorm.weight")
     yield WeightSpec(layer.post_feedforward_norm.scale, f"{prefix}.post_feedforward_layernorm.weight")
-    yield WeightSpec(float_weight(attention.query_dense), f"{prefix}.self_attn.q_proj.weight", LINEAR)
-    yield WeightSpec(float_weight(attention.key_dense), f"{prefix}.self_attn.k_proj.weight", LINEAR)
-    yield WeightSpec(float_weight(attention.value_dense), f"{prefix}.self_attn.v_proj.weight", LINEAR)
+    yield from query_key_value_specs(attention, f"{prefix}.self_attn")
     yield WeightSpec(float_weight(attention.output_dense), f"{prefix}.self_attn.o_proj.weight", LINEAR, input_axes=2)
     yield WeightSpec(attention.query_norm.scale, f"{prefix}.self_attn.q_norm.weight")
     yield WeightSpec(attention.key_norm.scale, f"{prefix}.self_attn.k_norm.weight")
     yield from gate_up_specs(layer.feedforward, f"{prefix}.mlp")
     yield WeightSpec(float_weight(layer.feedforward.down_dense), f"{prefix}.mlp.down_proj.weight", LINEAR)
+
+
+def query_key_value_specs(attention, prefix, bias=False):
+    """`q_proj`, `k_proj` and `v_proj` (and their biases), each filling its part of `query_key_value`.
+
+    The fused kernel is `(D, N + 2K, H)`: the query heads, then the key
+    heads, then the value heads along axis 1 (a bias `(N + 2K, H)`: axis 0).
+    """
+    dense = attention.query_key_value_dense
+    kernel = float_weight(dense)
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        start, stop = dense.part_span(i)
+        yield WeightSpec(kernel, f"{prefix}.{name}.weight", LINEAR, part=(1, start, stop))
+        if bias:
+            yield WeightSpec(dense.bias, f"{prefix}.{name}.bias", part=(0, start, stop))
 
 
 def gate_up_specs(feedforward, prefix):
@@ -264,9 +277,7 @@ def _vision_specs(vision, prefix):
         layer_prefix = f"{prefix}.vision_tower.encoder.layers.{i}"
         attention = layer.attention
         yield from _layer_norm_specs(layer.attention_norm, f"{layer_prefix}.layer_norm1")
-        yield from _dense_specs(attention.query_dense, f"{layer_prefix}.self_attn.q_proj")
-        yield from _dense_specs(attention.key_dense, f"{layer_prefix}.self_attn.k_proj")
-        yield from _dense_specs(attention.value_dense, f"{layer_prefix}.self_attn.v_proj")
+        yield from query_key_value_specs(attention, f"{layer_prefix}.self_attn", bias=True)
         yield from _dense_specs(attention.output_dense, f"{layer_prefix}.self_attn.out_proj", input_axes=2)
         yield from _layer_norm_specs(layer.feedforward_norm, f"{layer_prefix}.layer_norm2")
         yield from _dense_specs(layer.feedforward.up_dense, f"{layer_prefix}.mlp.fc1")

@@ -133,15 +133,32 @@ def _kernel(layer, shape):
     return _array(layer.kernel).reshape(shape)
 
 
+def _query_key_value(attention, hidden):
+    """`{"query": ..., "key": ..., "value": ...}` kernels `(width, heads * H)`, and `*_bias` `(heads * H,)` if any.
+
+    A fused `query_key_value` kernel's three parts: the graphs keep a product each.
+    """
+    if not attention.fused:
+        width = attention.key_value_dim
+        dense = {"query": attention.query_dense, "key": attention.key_dense, "value": attention.value_dense}
+        weights = {name: _kernel(layer, (hidden if name == "query" else width, -1)) for name, layer in dense.items()}
+        if attention.use_bias:
+            weights.update({f"{name}_bias": _array(layer.bias).reshape(-1) for name, layer in dense.items()})
+        return weights
+    fused = attention.query_key_value_dense
+    kernel = _kernel(fused, (hidden, -1, attention.head_dim))
+    weights = {}
+    for i, name in enumerate(("query", "key", "value")):
+        start, stop = fused.part_span(i)
+        weights[name] = kernel[:, start:stop].reshape(hidden, -1)
+        if attention.use_bias:
+            weights[f"{name}_bias"] = _array(fused.bias)[start:stop].reshape(-1)
+    return weights
+
+
 def _attention_weights(attention, hidden):
     """Numpy weights of an `Attention` whose queries read width `hidden` (its keys/values may read another)."""
-    key_value_width = attention.key_value_dim or hidden
-    weights = {
-        "query": _kernel(attention.query_dense, (hidden, -1)),
-        "key": _kernel(attention.key_dense, (key_value_width, -1)),
-        "value": _kernel(attention.value_dense, (key_value_width, -1)),
-        "output": _kernel(attention.output_dense, (-1, hidden)),
-    }
+    weights = {**_query_key_value(attention, hidden), "output": _kernel(attention.output_dense, (-1, hidden))}
     if attention.use_query_key_norm:
         weights["query_norm"] = _array(attention.query_norm.scale)
         weights["key_norm"] = _array(attention.key_norm.scale)
@@ -186,14 +203,7 @@ def vision_weights(vision_encoder):
     layers = []
     for layer in vision_encoder.vision_layers:
         attention, feedforward = layer.attention, layer.feedforward
-        parts = {}
-        for part, dense in (
-            ("query", attention.query_dense),
-            ("key", attention.key_dense),
-            ("value", attention.value_dense),
-        ):
-            parts[part] = _kernel(dense, (hidden, -1))
-            parts[part + "_bias"] = bias(dense, (-1,))
+        parts = _query_key_value(attention, hidden)
         parts["output"] = _kernel(attention.output_dense, (-1, hidden))
         parts["output_bias"] = bias(attention.output_dense, (-1,))
         layers.append(

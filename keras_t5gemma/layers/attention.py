@@ -13,6 +13,7 @@ from keras_t5gemma.layers.masks import MASKED_LOGIT
 from keras_t5gemma.layers.masks import AttentionMask
 from keras_t5gemma.layers.normalization import RMSNormalization
 from keras_t5gemma.layers.projections import EinsumDense
+from keras_t5gemma.layers.projections import FusedEinsumDense
 from keras_t5gemma.layers.rotary import apply_rotary
 
 
@@ -69,6 +70,15 @@ class Attention(keras.layers.Layer):
     projected from the encoder's width `key_value_dim`); the vision tower uses
     biases and no RoPE.
 
+    A layer that projects its keys and values from its own input (no
+    `key_value_dim`) computes queries, keys and values as one product: the
+    kernel `query_key_value` is `(D, N + 2K, H)`, the query heads then the key
+    heads then the value heads (a step runs one product where it ran three;
+    each part is still a checkpoint tensor of its own to the converters, and
+    weights saved with the three layers load into it). A cross-attention block
+    keeps `query`, `key` and `value` apart, since its queries and keys read
+    different inputs.
+
     Args:
         num_heads: int, query heads N.
         num_key_value_heads: int, key/value heads K; N must be a multiple.
@@ -79,9 +89,9 @@ class Attention(keras.layers.Layer):
         layer_norm_epsilon: float, for the q/k norms.
         soft_cap: optional attention-logit soft cap.
         dropout: float, dropout on the attention probabilities.
-        key_value_dim: optional int, the width keys and values project from
-            when it differs from the queries' (cross-attention from a wider
-            or narrower encoder). Default: the input width.
+        key_value_dim: optional int, set for a cross-attention block: the
+            width its keys and values project from (the encoder's), given to
+            `call` as `key_value`. Default: keys and values of the input.
 
     Example:
     >>> attention = Attention(num_heads=4, num_key_value_heads=2, head_dim=8, query_scale=8**-0.5)
@@ -130,9 +140,23 @@ class Attention(keras.layers.Layer):
                 name=name,
             )
 
-        self.query_dense = projection("query", "btd,dnh->btnh", (None, num_heads, head_dim), "nh")
-        self.key_dense = projection("key", "bsd,dkh->bskh", (None, num_key_value_heads, head_dim), "kh")
-        self.value_dense = projection("value", "bsd,dkh->bskh", (None, num_key_value_heads, head_dim), "kh")
+        if key_value_dim is None:
+            # Saved before the fusion as three layers, `query_dense`, `key_dense` and `value_dense`: they
+            # load as its parts.
+            self.query_key_value_dense = FusedEinsumDense(
+                "btd,dnh->btnh",
+                output_shape=(None, num_heads + 2 * num_key_value_heads, head_dim),
+                parts=("query_dense", "key_dense", "value_dense"),
+                part_sizes=(num_heads, num_key_value_heads, num_key_value_heads),
+                bias_axes="nh" if use_bias else None,
+                kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
+                dtype=self.dtype_policy,
+                name="query_key_value",
+            )
+        else:
+            self.query_dense = projection("query", "btd,dnh->btnh", (None, num_heads, head_dim), "nh")
+            self.key_dense = projection("key", "bsd,dkh->bskh", (None, num_key_value_heads, head_dim), "kh")
+            self.value_dense = projection("value", "bsd,dkh->bskh", (None, num_key_value_heads, head_dim), "kh")
         if use_query_key_norm:
             self.query_norm = RMSNormalization(layer_norm_epsilon, dtype=self.dtype_policy, name="query_norm")
             self.key_norm = RMSNormalization(layer_norm_epsilon, dtype=self.dtype_policy, name="key_norm")
@@ -151,29 +175,51 @@ class Attention(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention_output",
         )
-        self.query_dense.build(input_shape)
-        key_value_shape = input_shape
-        if self.key_value_dim is not None:
+        if self.fused:
+            self.query_key_value_dense.build(input_shape)
+        else:
+            self.query_dense.build(input_shape)
             key_value_shape = (*input_shape[:-1], self.key_value_dim)
-        self.key_dense.build(key_value_shape)
-        self.value_dense.build(key_value_shape)
+            self.key_dense.build(key_value_shape)
+            self.value_dense.build(key_value_shape)
         self.output_dense.build((None, None, self.num_heads, self.head_dim))
         if self.use_query_key_norm:
             self.query_norm.build((None, None, self.num_heads, self.head_dim))
             self.key_norm.build((None, None, self.num_key_value_heads, self.head_dim))
         self.built = True
 
+    @property
+    def fused(self):
+        """Whether queries, keys and values are one product (`query_key_value`): keys from the layer's own input."""
+        return self.key_value_dim is None
+
     def key_value(self, x):
         """Keys `(B, S, K, H)` (normed, no RoPE) and values for `x` `(B, S, D)`.
 
         The decoder appends these, computed from the encoder output, to its own
         keys and values; they depend only on the encoder output, so generation
-        computes them once.
+        computes them once. Of the fused kernel only the key and value parts
+        are multiplied.
         """
-        key = self.key_dense(x)
+        if self.fused:
+            key_value = self.query_key_value_dense.call_parts(x, 1, 2)
+            key, value = key_value[:, :, : self.num_key_value_heads], key_value[:, :, self.num_key_value_heads :]
+        else:
+            key, value = self.key_dense(x), self.value_dense(x)
         if self.use_query_key_norm:
             key = self.key_norm(key)
-        return key, self.value_dense(x)
+        return key, value
+
+    def _query_key_value(self, x):
+        """Queries `(B, T, N, H)` (normed), keys (normed) and values `(B, T, K, H)` of `x`, in one product."""
+        projected = self.query_key_value_dense(x)
+        heads, key_value_heads = self.num_heads, self.num_key_value_heads
+        query = projected[:, :, :heads]
+        key = projected[:, :, heads : heads + key_value_heads]
+        value = projected[:, :, heads + key_value_heads :]
+        if self.use_query_key_norm:
+            query, key = self.query_norm(query), self.key_norm(key)
+        return query, key, value
 
     def call(
         self,
@@ -210,14 +256,19 @@ class Attention(keras.layers.Layer):
         Returns:
             `(B, T, D)`, and the updated cache when one was given.
         """
-        query = self.query_dense(x)
-        if self.use_query_key_norm:
-            query = self.query_norm(query)
         if key_value is None:
-            key, value = self.key_value(x)
+            if not self.fused:
+                raise ValueError("A cross-attention block (`key_value_dim`) attends to the `key_value` it is given.")
+            query, key, value = self._query_key_value(x)
         else:
-            if rope is not None or cache is not None or cross_key_value is not None:
-                raise ValueError("`key_value` (cross-attention) takes no `rope`, `cache` or `cross_key_value`.")
+            if self.fused or rope is not None or cache is not None or cross_key_value is not None:
+                raise ValueError(
+                    "`key_value` goes to a cross-attention block (`key_value_dim`), with no `rope`, `cache` or "
+                    "`cross_key_value`."
+                )
+            query = self.query_dense(x)
+            if self.use_query_key_norm:
+                query = self.query_norm(query)
             key, value = key_value
         if rope is not None:
             query = apply_rotary(query, *rope)

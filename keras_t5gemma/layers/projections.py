@@ -207,13 +207,17 @@ class FusedEinsumDense(EinsumDense):
     One product in place of several (a decoding step's fixed cost is per
     product). `parts` names the layers it replaces, as earlier versions
     saved them (their attribute names): weights saved that way load into it,
-    each part's variables placed along the part axis.
+    each part's variables placed along the part axis. `call_parts` computes
+    some of the parts alone (the decoder's keys and values of the encoder
+    output, without its queries).
 
     Args:
         equation, output_shape, ...: as `EinsumDense`.
         parts: tuple of str, the attribute names of the replaced layers, in
-            their order along the part axis (each one part wide).
+            their order along the part axis.
         part_axis: int, the kernel axis that holds the parts.
+        part_sizes: optional tuple of int, each part's width along that axis
+            (default: 1 each).
 
     Example:
     >>> layer = FusedEinsumDense("btd,dci->btci", (None, 2, 3), parts=("a", "b"))
@@ -221,10 +225,45 @@ class FusedEinsumDense(EinsumDense):
     (1, 1, 2, 3)
     """
 
-    def __init__(self, equation, output_shape, parts, part_axis=1, **kwargs):
+    def __init__(self, equation, output_shape, parts, part_axis=1, part_sizes=None, **kwargs):
         super().__init__(equation, output_shape, **kwargs)
         self.parts = tuple(parts)
         self.part_axis = part_axis
+        self.part_sizes = tuple(part_sizes) if part_sizes is not None else (1,) * len(self.parts)
+        if len(self.part_sizes) != len(self.parts):
+            raise ValueError(f"`part_sizes` {self.part_sizes} must give one width per part of {self.parts}.")
+
+    def part_span(self, first, last=None):
+        """`(start, stop)` along the part axis of parts `first` to `last` (inclusive; default `first`)."""
+        last = first if last is None else last
+        return sum(self.part_sizes[:first]), sum(self.part_sizes[: last + 1])
+
+    def call_parts(self, inputs, first, last=None):
+        """The outputs of parts `first` to `last` (inclusive) alone.
+
+        Unquantized, only the kernel's slice of those parts is multiplied
+        (LoRA included, through `kernel`); a quantized kernel (its scales laid
+        out per mode) computes all the parts, and their slice is returned.
+        """
+        start, stop = self.part_span(first, last)
+        kernel_labels, output_labels = self.equation.split(",")[1].split("->")
+        output_axis = output_labels.index(kernel_labels[self.part_axis])
+        if self.quantization_mode is not None:
+            outputs = self(inputs)
+            return outputs[(slice(None),) * output_axis + (slice(start, stop),)]
+        kernel = ops.cast(self.kernel, self.compute_dtype)[(slice(None),) * self.part_axis + (slice(start, stop),)]
+        inputs = ops.cast(inputs, self.compute_dtype)
+        if self.compute_dtype != "float32" and _single_row_is_slow(self):
+            outputs = ops.cast(self._float32_sums(inputs, kernel), self.compute_dtype)
+        else:
+            outputs = ops.einsum(self.equation, inputs, kernel)
+        if self.bias is not None:
+            bias_axis = self.bias_axes.index(kernel_labels[self.part_axis])
+            bias = ops.cast(self.bias, self.compute_dtype)
+            outputs = ops.add(outputs, bias[(slice(None),) * bias_axis + (slice(start, stop),)])
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
 
     def load_own_variables(self, store):
         if self.built and len(store.keys()) == 0:
@@ -252,9 +291,14 @@ class FusedEinsumDense(EinsumDense):
                 f"its fused kernel in float or int8, not {self.quantization_mode}: load that model unquantized "
                 "and quantize it after."
             )
-        variables = [
-            variable for variable in self.weights if not variable.path.endswith(("lora_kernel_a", "lora_kernel_b"))
+        # In the order Keras saves them (`save_own_variables`), which is not that of `weights`.
+        names = [
+            name
+            for name in self.variable_serialization_spec[self.quantization_mode]
+            if not (name == "bias" and self.bias is None)
+            and (name not in ("kernel_zero", "g_idx") or hasattr(self, name))
         ]
+        variables = [self._kernel if name == "kernel" else getattr(self, name) for name in names]
         if any(len(values) != len(variables) for values in saved):
             return None
         return {
@@ -264,10 +308,13 @@ class FusedEinsumDense(EinsumDense):
 
     def _placed_side_by_side(self, variable, values):
         shape = tuple(variable.shape)
-        # The kernel's parts lie along `part_axis`; a scale's along its first axis as long as the parts.
-        axis = self.part_axis if variable.name == "kernel" else shape.index(len(self.parts))
-        part_shape = (*shape[:axis], shape[axis] // len(self.parts), *shape[axis + 1 :])
+        # The kernel's parts lie along `part_axis`; a bias's or a scale's along its first axis as wide as them all.
+        axis = self.part_axis if variable.name == "kernel" else shape.index(sum(self.part_sizes))
+        part_shape = (*shape[:axis], -1, *shape[axis + 1 :])
         return np.concatenate([np.reshape(value, part_shape) for value in values], axis=axis)
 
     def get_config(self):
-        return {**super().get_config(), "parts": self.parts, "part_axis": self.part_axis}
+        config = {**super().get_config(), "parts": self.parts, "part_axis": self.part_axis}
+        if any(size != 1 for size in self.part_sizes):
+            config["part_sizes"] = self.part_sizes
+        return config

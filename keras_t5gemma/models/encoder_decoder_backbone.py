@@ -206,6 +206,15 @@ class EncoderDecoderBackbone(PresetMixin, Backbone):
         """Keras `quantize`, by default over the float projections and embedding tables (`quantizable`)."""
         quantize_projections(super().quantize, mode, config=config, filters=filters, **kwargs)
 
+    def default_lora_layer_names(self):
+        """KerasHub's names (queries and values), and `query_key_value`, the fused projection holding them here.
+
+        LoRA on the fused `(D, N + 2K, H)` kernel is Keras' `EinsumDense` LoRA:
+        per head a `(D, rank)` factor, and one `(rank, H)` factor the query,
+        key and value heads share; so the keys are adapted too.
+        """
+        return [*super().default_lora_layer_names(), "query_key_value"]
+
     def call(self, inputs, training=None, mask=None):
         # The images are checked with the placeholders, so they are filled in first.
         inputs = self.with_default_segments(self.with_default_images(inputs))

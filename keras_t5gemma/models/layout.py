@@ -63,7 +63,8 @@ def layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_n
     layouts[".*token_embedding/table/embeddings"] = (model, data)
     layouts[".*token_embedding/eoi_embedding"] = (None,)
 
-    # Attention `query` `(D, N, H)`, `key`/`value` `(D, K, H)`, output
+    # Attention `query_key_value` `(D, N + 2K, H)` (the cross-attention blocks' `query` `(D, N, H)`,
+    # `key`/`value` `(D, K, H)`), output
     # `(N, H, D)`: split over the width D, not over heads. The releases have
     # 4 query heads (4 / 1 with one key/value head at 270m and 1b, 8 / 4 at
     # 4b), which a model axis of 8 cannot divide, and the head size carries
@@ -73,9 +74,9 @@ def layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_n
     # attention scores are computed on every model shard. The projections
     # stay whole over the data axis: SigLIP's head size (72) divides no data
     # axis above 8, and they are under a fifth of a 4b layer's weights.
-    kernel(".*attention/(query|key|value)", (model, None, None))
+    kernel(".*attention/(query_key_value|query|key|value)", (model, None, None))
     kernel(".*attention/attention_output", (None, None, model))
-    layouts[".*attention/(query|key|value)/bias"] = (None, None)
+    layouts[".*attention/(query_key_value|query|key|value)/bias"] = (None, None)
     layouts[".*attention/attention_output/bias"] = (None,)
 
     # MLP `gate_up` `(D, 2, I)` (the two products fused), SigLIP's `up`
