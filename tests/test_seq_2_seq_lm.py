@@ -280,6 +280,18 @@ def test_greedy_takes_the_argmax_of_the_logits_as_keras_hub_greedy_does(pair, rn
     np.testing.assert_array_equal(ours, keras_hub)
 
 
+def test_first_argmax_is_numpys_argmax_with_ties_and_nan(rng):
+    """The two-reduction argmax of greedy decoding, streaming and the accuracy metric: the first of equal maxima."""
+    from keras_t5gemma.models.samplers import first_argmax
+
+    x = rng.standard_normal((3, 4, 1000)).astype("float32")
+    x[0, 0, [5, 9]] = np.nan  # the first NaN, as argmax gives
+    x[1, 1] = 0.0  # all equal: index 0
+    x[2, 2, [17, 600]] = 50.0  # a tie: the first
+    x[2, 3, -1] = 50.0  # the last index
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(first_argmax(x)), np.argmax(x, axis=-1))
+
+
 def _pairs_task(rng, examples=16, length=4):
     """Random encoder/target pairs over a 10-token alphabet, for a tiny model to memorise."""
     encoder = rng.integers(3, 13, (examples, length)).astype("int32")

@@ -25,6 +25,8 @@ drops the multiplication by it).
 import keras
 from keras import ops
 
+from keras_t5gemma.models.samplers import first_argmax
+
 # Logits of about this many float32 values (128 MiB) are live at once.
 CHUNK_ELEMENTS = 2**25
 
@@ -89,8 +91,8 @@ def chunked_cross_entropy(token_embedding, table_values, hidden, labels, weights
             logits_gradient = logits_gradient.at[jnp.arange(chunk_tokens), chunk_labels].add(-1.0)
             logits_gradient = (logits_gradient * chunk_weights[:, None]).astype(logits.dtype)
             states_gradient, values_gradient = pullback(logits_gradient)
-            # Keras' argmax, as the accuracy metric takes it from the logits.
-            prediction = logits if predictions == "logits" else ops.argmax(logits, axis=-1)
+            # The argmax the accuracy metric takes from the logits (the same index, faster on CPU).
+            prediction = logits if predictions == "logits" else first_argmax(logits)
             return values_gradient, (loss, states_gradient, prediction)
 
         def add_chunk(table_gradients, inputs):

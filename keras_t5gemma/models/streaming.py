@@ -28,6 +28,7 @@ from keras import ops
 from keras_hub import samplers
 
 from keras_t5gemma.models.samplers import ArgmaxSampler
+from keras_t5gemma.models.samplers import first_argmax
 
 # A decode of an unfinished multi-byte character ends with this (SentencePiece's byte fallback).
 REPLACEMENT_CHARACTER = "\ufffd"
@@ -58,7 +59,7 @@ class DecoderSteps:
         # token_ids (B, T) at positions index + t; the logits of the last one.
         hidden, cache = self.seq_2_seq_lm._decoder_step(token_ids, cache, index)
         logits = ops.cast(self.seq_2_seq_lm.backbone.token_embedding.logits(hidden[:, -1, :]), "float32")
-        return logits, ops.argmax(logits, axis=-1), cache
+        return logits, first_argmax(logits), cache
 
     def _stateless(self, function, donate_cache=False):
         if keras.config.backend() != "jax":
