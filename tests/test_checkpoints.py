@@ -111,7 +111,7 @@ def test_restore_names_a_variable_the_model_lacks(tmp_path):
     checkpoints.save(build(lora=2), 1)
     with pytest.raises(
         ValueError,
-        match=r"does not fit the model .*it holds 52 variable\(s\) the model lacks: non_trainable_variables/decoder/",
+        match=r"does not fit the model .*it holds \d+ variable\(s\) the model lacks: non_trainable_variables/decoder/",
     ):
         checkpoints.restore(build())
     with pytest.raises(ValueError, match="has no complete checkpoint 7"):
