@@ -138,21 +138,22 @@ def _query_key_value(attention, hidden):
 
     A fused `query_key_value` kernel's three parts: the graphs keep a product each.
     """
-    if not attention.fused:
+    if not attention.fused:  # a cross-attention block (no biases): keys and values read the encoder's width
         width = attention.key_value_dim
-        dense = {"query": attention.query_dense, "key": attention.key_dense, "value": attention.value_dense}
-        weights = {name: _kernel(layer, (hidden if name == "query" else width, -1)) for name, layer in dense.items()}
-        if attention.use_bias:
-            weights.update({f"{name}_bias": _array(layer.bias).reshape(-1) for name, layer in dense.items()})
-        return weights
+        return {
+            "query": _kernel(attention.query_dense, (hidden, -1)),
+            "key": _kernel(attention.key_dense, (width, -1)),
+            "value": _kernel(attention.value_dense, (width, -1)),
+        }
     fused = attention.query_key_value_dense
     kernel = _kernel(fused, (hidden, -1, attention.head_dim))
+    bias = _array(fused.bias) if attention.use_bias else None
     weights = {}
     for i, name in enumerate(("query", "key", "value")):
         start, stop = fused.part_span(i)
         weights[name] = kernel[:, start:stop].reshape(hidden, -1)
-        if attention.use_bias:
-            weights[f"{name}_bias"] = _array(fused.bias)[start:stop].reshape(-1)
+        if bias is not None:
+            weights[f"{name}_bias"] = bias[start:stop].reshape(-1)
     return weights
 
 

@@ -130,28 +130,28 @@ class Attention(keras.layers.Layer):
         self.dropout = dropout
         self.key_value_dim = key_value_dim
 
-        def projection(name, equation, output_shape, bias_axes):
-            return EinsumDense(
+        def projection(name, equation, output_shape, bias_axes, layer=EinsumDense, **kwargs):
+            return layer(
                 equation,
                 output_shape=output_shape,
                 bias_axes=bias_axes if use_bias else None,
                 kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
                 dtype=self.dtype_policy,
                 name=name,
+                **kwargs,
             )
 
         if key_value_dim is None:
             # Saved before the fusion as three layers, `query_dense`, `key_dense` and `value_dense`: they
             # load as its parts.
-            self.query_key_value_dense = FusedEinsumDense(
+            self.query_key_value_dense = projection(
+                "query_key_value",
                 "btd,dnh->btnh",
-                output_shape=(None, num_heads + 2 * num_key_value_heads, head_dim),
+                (None, num_heads + 2 * num_key_value_heads, head_dim),
+                "nh",
+                layer=FusedEinsumDense,
                 parts=("query_dense", "key_dense", "value_dense"),
                 part_sizes=(num_heads, num_key_value_heads, num_key_value_heads),
-                bias_axes="nh" if use_bias else None,
-                kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
-                dtype=self.dtype_policy,
-                name="query_key_value",
             )
         else:
             self.query_dense = projection("query", "btd,dnh->btnh", (None, num_heads, head_dim), "nh")
@@ -202,8 +202,7 @@ class Attention(keras.layers.Layer):
         are multiplied.
         """
         if self.fused:
-            key_value = self.query_key_value_dense.call_parts(x, 1, 2)
-            key, value = key_value[:, :, : self.num_key_value_heads], key_value[:, :, self.num_key_value_heads :]
+            key, value = ops.split(self.query_key_value_dense.call_parts(x, 1, 2), [self.num_key_value_heads], axis=2)
         else:
             key, value = self.key_dense(x), self.value_dense(x)
         if self.use_query_key_norm:
@@ -212,11 +211,8 @@ class Attention(keras.layers.Layer):
 
     def _query_key_value(self, x):
         """Queries `(B, T, N, H)` (normed), keys (normed) and values `(B, T, K, H)` of `x`, in one product."""
-        projected = self.query_key_value_dense(x)
-        heads, key_value_heads = self.num_heads, self.num_key_value_heads
-        query = projected[:, :, :heads]
-        key = projected[:, :, heads : heads + key_value_heads]
-        value = projected[:, :, heads + key_value_heads :]
+        splits = [self.num_heads, self.num_heads + self.num_key_value_heads]
+        query, key, value = ops.split(self.query_key_value_dense(x), splits, axis=2)
         if self.use_query_key_norm:
             query, key = self.query_norm(query), self.key_norm(key)
         return query, key, value

@@ -253,7 +253,7 @@ class FusedEinsumDense(EinsumDense):
             return outputs[(slice(None),) * output_axis + (slice(start, stop),)]
         kernel = ops.cast(self.kernel, self.compute_dtype)[(slice(None),) * self.part_axis + (slice(start, stop),)]
         inputs = ops.cast(inputs, self.compute_dtype)
-        if self.compute_dtype != "float32" and _single_row_is_slow(self):
+        if _single_row_is_slow(self):  # 16-bit weights on XLA CPU: float32 sums (see `_float32_sums_call`)
             outputs = ops.cast(self._float32_sums(inputs, kernel), self.compute_dtype)
         else:
             outputs = ops.einsum(self.equation, inputs, kernel)
@@ -295,8 +295,7 @@ class FusedEinsumDense(EinsumDense):
         names = [
             name
             for name in self.variable_serialization_spec[self.quantization_mode]
-            if not (name == "bias" and self.bias is None)
-            and (name not in ("kernel_zero", "g_idx") or hasattr(self, name))
+            if name != "bias" or self.bias is not None
         ]
         variables = [self._kernel if name == "kernel" else getattr(self, name) for name in names]
         if any(len(values) != len(variables) for values in saved):

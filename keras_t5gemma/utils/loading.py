@@ -347,7 +347,7 @@ def _to_tensor(variable, value):
     """
     if keras.backend.backend() == "jax":
         return value if _is_jax_array(value) else _device_copy(value)
-    if isinstance(value, np.ndarray) and views_a_mapped_file(value):
+    if isinstance(value, np.ndarray) and _views_a_mapped_file(value):
         value = np.array(value)
     return variable._convert_to_tensor(value, dtype=variable._dtype)
 
@@ -364,7 +364,7 @@ def _device_copy(array, device=None):
     return tensor
 
 
-def views_a_mapped_file(array):
+def _views_a_mapped_file(array):
     """Whether NumPy `array` views the pages of a mapped file (`mapped_array`, `np.memmap`)."""
     base = array
     while isinstance(base, (np.ndarray, memoryview)) and not isinstance(base, np.memmap):
